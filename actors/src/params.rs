@@ -1,0 +1,118 @@
+//! Engine parameters: what counts as a co-location and how episodes are cut (DESIGN §1).
+
+use serde::{Deserialize, Serialize};
+
+/// The largest radius the hot-path distance is specified for (DESIGN §1: < 1 mm up to 1 km).
+pub const MAX_RADIUS_M: f64 = 1_000.0;
+
+/// Tunables of co-location detection, with the defaults of DESIGN §1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EngineParams {
+    /// Two events are co-located when their geodesic distance is at most this many meters.
+    pub radius_m: f64,
+    /// ... and their event times differ by at most this many seconds.
+    pub window_s: u32,
+    /// How late (in event time) an event may arrive and still be matched in real time.
+    pub lateness_s: u32,
+    /// An episode ends when no co-location with the peer came for this many seconds.
+    pub episode_gap_s: u32,
+}
+
+impl Default for EngineParams {
+    fn default() -> Self {
+        Self {
+            radius_m: 5.0,
+            window_s: 60,
+            lateness_s: 30,
+            episode_gap_s: 600,
+        }
+    }
+}
+
+/// A parameter outside its allowed range; names the parameter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} {reason} (got {value})")]
+pub struct ParamsError {
+    /// The parameter's name, as in the configuration.
+    pub field: &'static str,
+    /// What the value must be.
+    pub reason: &'static str,
+    /// The rejected value, as text.
+    pub value: String,
+}
+
+impl EngineParams {
+    /// Checks every parameter and names the first one out of range.
+    pub fn validate(&self) -> Result<(), ParamsError> {
+        if !(self.radius_m.is_finite() && self.radius_m > 0.0 && self.radius_m <= MAX_RADIUS_M) {
+            return Err(ParamsError {
+                field: "radius_m",
+                reason: "must be greater than 0 and at most 1000 meters",
+                value: self.radius_m.to_string(),
+            });
+        }
+        let positive = [
+            ("window_s", self.window_s),
+            ("episode_gap_s", self.episode_gap_s),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ParamsError {
+                    field,
+                    reason: "must be at least 1 second",
+                    value: value.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_design_defaults_and_valid() {
+        let p = EngineParams::default();
+        assert_eq!(
+            (p.radius_m, p.window_s, p.lateness_s, p.episode_gap_s),
+            (5.0, 60, 30, 600)
+        );
+        assert_eq!(p.validate(), Ok(()));
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_named() {
+        let bad_radius = EngineParams {
+            radius_m: 0.0,
+            ..EngineParams::default()
+        };
+        assert_eq!(bad_radius.validate().unwrap_err().field, "radius_m");
+        let huge_radius = EngineParams {
+            radius_m: 1_000.5,
+            ..EngineParams::default()
+        };
+        assert_eq!(huge_radius.validate().unwrap_err().field, "radius_m");
+        let nan_radius = EngineParams {
+            radius_m: f64::NAN,
+            ..EngineParams::default()
+        };
+        assert_eq!(nan_radius.validate().unwrap_err().field, "radius_m");
+        let no_window = EngineParams {
+            window_s: 0,
+            ..EngineParams::default()
+        };
+        let err = no_window.validate().unwrap_err();
+        assert_eq!(err.field, "window_s");
+        assert_eq!(
+            err.to_string(),
+            "window_s must be at least 1 second (got 0)"
+        );
+        let no_gap = EngineParams {
+            episode_gap_s: 0,
+            ..EngineParams::default()
+        };
+        assert_eq!(no_gap.validate().unwrap_err().field, "episode_gap_s");
+    }
+}

@@ -1,0 +1,148 @@
+//! The `udaconnect` command line: `serve`, `migrate`, `seed poc <dir>`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+use crate::startup::{serve, wait_for_postgres};
+use crate::store;
+
+/// UdaConnect: who met whom at the conference, in real time.
+#[derive(Debug, Parser)]
+#[command(name = "udaconnect", version, about)]
+pub struct Cli {
+    /// TOML configuration file; `UDACONNECT_*` environment variables override it.
+    #[arg(long, global = true, env = "UDACONNECT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: migrations, pipeline, REST and gRPC, until SIGTERM or Ctrl-C.
+    Serve,
+    /// Apply pending schema migrations and exit.
+    Migrate,
+    /// Load seed data.
+    Seed {
+        #[command(subcommand)]
+        source: SeedSource,
+    },
+}
+
+/// Seed data sources.
+#[derive(Debug, Subcommand)]
+pub enum SeedSource {
+    /// The POC's `persons.csv` and `locations.csv` (ids and raw X/Y kept exactly).
+    Poc {
+        /// Folder holding `persons.csv` and `locations.csv`.
+        dir: PathBuf,
+    },
+}
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    tracing::debug!(?config, "configuration loaded");
+    match cli.command {
+        Command::Serve => serve(config, shutdown_signal()).await,
+        Command::Migrate => {
+            let mut client = connect(&config).await?;
+            let report = store::migrate(&mut client)
+                .await
+                .context("failed to migrate")?;
+            println!(
+                "schema at version {} (applied now: {})",
+                report.version,
+                if report.applied.is_empty() {
+                    "none".to_owned()
+                } else {
+                    format!("{:?}", report.applied)
+                }
+            );
+            Ok(())
+        }
+        Command::Seed {
+            source: SeedSource::Poc { dir },
+        } => {
+            let mut client = connect(&config).await?;
+            store::migrate(&mut client)
+                .await
+                .context("failed to migrate")?;
+            let report = store::seed_poc(&mut client, &dir)
+                .await
+                .with_context(|| format!("failed to load the POC seed from {}", dir.display()))?;
+            println!(
+                "persons: {} read, {} inserted; locations: {} read, {} inserted",
+                report.persons_read,
+                report.persons_inserted,
+                report.locations_read,
+                report.locations_inserted
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<deadpool_postgres::Object> {
+    let pool = store::pool(config, Duration::from_secs(5))?;
+    wait_for_postgres(&pool, config).await
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for sigterm");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received, shutting down"),
+        () = terminate => tracing::info!("sigterm received, shutting down"),
+    }
+}

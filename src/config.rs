@@ -1,0 +1,467 @@
+//! Layered configuration: defaults → optional TOML file → `UDACONNECT_*` environment.
+//!
+//! Every default points at the `./dev` stack, so `udaconnect serve` needs no flags there.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use udaconnect_actors::EngineParams;
+
+/// Prefix of every environment variable the service reads.
+pub const ENV_PREFIX: &str = "UDACONNECT_";
+
+/// The whole service configuration (one flat table; every key is also `UDACONNECT_<KEY>`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL (with PostGIS) connection URL.
+    pub database_url: String,
+    /// Largest number of pooled PostgreSQL connections.
+    pub database_pool_size: usize,
+    /// Kafka bootstrap servers, comma separated.
+    pub kafka_brokers: String,
+    /// Topic names are `<topic_prefix>.locations`, `<topic_prefix>.person-updates`, …
+    pub topic_prefix: String,
+    /// Partitions of the locations topic (the zones stage's parallelism).
+    pub locations_partitions: i32,
+    /// Partitions of the person-updates topic (the persons stage's parallelism).
+    pub person_updates_partitions: i32,
+    /// Partitions of the connections (notifications) topic.
+    pub connections_partitions: i32,
+    /// Replication factor of topics the service creates (1 on the dev broker).
+    pub topic_replication: i32,
+    /// REST listen address (the POC's port by default).
+    pub rest_addr: SocketAddr,
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Bearer token the admin API requires; admin calls are refused while unset.
+    pub admin_token: Option<Secret>,
+    /// Co-location radius in meters.
+    pub radius_m: f64,
+    /// Co-location time window in seconds.
+    pub window_s: u32,
+    /// Allowed lateness in event time, seconds.
+    pub lateness_s: u32,
+    /// Gap that ends an episode, seconds.
+    pub episode_gap_s: u32,
+    /// How far in the future a `recorded_at` may be, seconds (clock skew of devices).
+    pub future_skew_s: u32,
+    /// How long a readiness check waits for each dependency, milliseconds.
+    pub readiness_timeout_ms: u64,
+    /// How long start-up waits for PostgreSQL before giving up, seconds.
+    pub startup_wait_s: u64,
+    /// How long a graceful shutdown may take, seconds.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let engine = EngineParams::default();
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:55432/udaconnect".to_owned(),
+            database_pool_size: 16,
+            kafka_brokers: "127.0.0.1:19092".to_owned(),
+            topic_prefix: "udaconnect".to_owned(),
+            locations_partitions: 8,
+            person_updates_partitions: 8,
+            connections_partitions: 4,
+            topic_replication: 1,
+            rest_addr: SocketAddr::from(([127, 0, 0, 1], 30001)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 30005)),
+            admin_token: None,
+            radius_m: engine.radius_m,
+            window_s: engine.window_s,
+            lateness_s: engine.lateness_s,
+            episode_gap_s: engine.episode_gap_s,
+            future_skew_s: 300,
+            readiness_timeout_ms: 2_000,
+            startup_wait_s: 30,
+            shutdown_grace_s: 10,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded; names the key or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file does not exist or cannot be read.
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+    /// A value has the wrong type, or a key is unknown.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// A value has the right type but is out of range.
+    #[error("invalid configuration: {field} {reason}")]
+    OutOfRange { field: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then the process environment.
+    ///
+    /// The environment layer reads only the configuration's keys: another `UDACONNECT_*`
+    /// variable is ignored with a warning (a file's unknown key is an error).
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let known = Self::keys();
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        let env = Env::prefixed(ENV_PREFIX);
+        for (key, _) in env.iter() {
+            // UDACONNECT_CONFIG names the file itself (a CLI flag), not a key.
+            if key != "config" && !known.contains(&key.as_str()) {
+                tracing::warn!(
+                    variable = %format!("{ENV_PREFIX}{}", key.as_str().to_uppercase()),
+                    "ignoring an environment variable that is not a configuration key"
+                );
+            }
+        }
+        Self::load_from(file, env.only(&known))
+    }
+
+    /// Every configuration key, as in a file (the environment variable is its upper case).
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Like [`Config::load`] with an explicit environment provider (tests use this).
+    pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Toml::file silently skips a missing file; a named file must exist.
+            std::fs::metadata(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Invalid(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.engine_params()
+            .validate()
+            .map_err(|e| ConfigError::OutOfRange {
+                field: e.field,
+                reason: format!("{} (got {})", e.reason, e.value),
+            })?;
+        let partitions = [
+            ("locations_partitions", self.locations_partitions),
+            ("person_updates_partitions", self.person_updates_partitions),
+            ("connections_partitions", self.connections_partitions),
+            ("topic_replication", self.topic_replication),
+        ];
+        for (field, value) in partitions {
+            if !(1..=10_000).contains(&value) {
+                return Err(ConfigError::OutOfRange {
+                    field,
+                    reason: format!("must be between 1 and 10000 (got {value})"),
+                });
+            }
+        }
+        if self.database_pool_size == 0 {
+            return Err(ConfigError::OutOfRange {
+                field: "database_pool_size",
+                reason: "must be at least 1 (got 0)".to_owned(),
+            });
+        }
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(ConfigError::OutOfRange {
+                field: "kafka_brokers",
+                reason: "must name at least one host:port".to_owned(),
+            });
+        }
+        let valid_prefix = !self.topic_prefix.is_empty()
+            && self
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid_prefix {
+            return Err(ConfigError::OutOfRange {
+                field: "topic_prefix",
+                reason: format!(
+                    "must be non-empty ASCII letters, digits, '.', '_' or '-' (got {:?})",
+                    self.topic_prefix
+                ),
+            });
+        }
+        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError::OutOfRange {
+                field: "database_url",
+                reason: format!(
+                    "is not a PostgreSQL URL (got {})",
+                    redact_url(&self.database_url)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The engine's tunables from this configuration.
+    pub fn engine_params(&self) -> EngineParams {
+        EngineParams {
+            radius_m: self.radius_m,
+            window_s: self.window_s,
+            lateness_s: self.lateness_s,
+            episode_gap_s: self.episode_gap_s,
+        }
+    }
+
+    /// The Kafka topics of DESIGN §2 under this configuration's prefix.
+    pub fn topics(&self) -> Topics {
+        Topics::new(&self.topic_prefix)
+    }
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e.metadata.as_ref().map(|m| m.name.to_string());
+            match (key.is_empty(), source) {
+                (false, Some(source)) => format!("{key} (from {source}): {}", e.kind),
+                (false, None) => format!("{key}: {}", e.kind),
+                (true, _) => e.kind.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Written by hand so the database password and the admin token never reach a log.
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("database_pool_size", &self.database_pool_size)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("locations_partitions", &self.locations_partitions)
+            .field("person_updates_partitions", &self.person_updates_partitions)
+            .field("connections_partitions", &self.connections_partitions)
+            .field("topic_replication", &self.topic_replication)
+            .field("rest_addr", &self.rest_addr)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("admin_token", &self.admin_token)
+            .field("radius_m", &self.radius_m)
+            .field("window_s", &self.window_s)
+            .field("lateness_s", &self.lateness_s)
+            .field("episode_gap_s", &self.episode_gap_s)
+            .field("future_skew_s", &self.future_skew_s)
+            .field("readiness_timeout_ms", &self.readiness_timeout_ms)
+            .field("startup_wait_s", &self.startup_wait_s)
+            .field("shutdown_grace_s", &self.shutdown_grace_s)
+            .finish()
+    }
+}
+
+/// A configuration value that must never be printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that compares or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Names of the Kafka topics (DESIGN §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Location events, partitioned by zone.
+    pub locations: String,
+    /// Per-person updates and zone watermarks, partitioned by person.
+    pub person_updates: String,
+    /// Connection notifications, keyed by person.
+    pub connections: String,
+    /// Undecodable records of the locations topic, with the reason.
+    pub locations_dlq: String,
+    /// Undecodable records of the person-updates topic, with the reason.
+    pub person_updates_dlq: String,
+}
+
+impl Topics {
+    /// The topic names under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            locations: format!("{prefix}.locations"),
+            person_updates: format!("{prefix}.person-updates"),
+            connections: format!("{prefix}.connections"),
+            locations_dlq: format!("{prefix}.locations.dlq"),
+            person_updates_dlq: format!("{prefix}.person-updates.dlq"),
+        }
+    }
+}
+
+#[cfg(test)]
+// figment's `Jail::expect_with` closures must return its (large) `figment::Error`.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_the_dev_stack() {
+        let c = Config::default();
+        assert_eq!(c.rest_addr.port(), 30001);
+        assert_eq!(c.grpc_addr.port(), 30005);
+        assert_eq!(c.kafka_brokers, "127.0.0.1:19092");
+        assert!(c.database_url.contains("127.0.0.1:55432"));
+        assert_eq!(c.validate().map_err(|e| e.to_string()), Ok(()));
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_environment_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "udaconnect.toml",
+                "radius_m = 7.5\nwindow_s = 90\nrest_addr = \"0.0.0.0:8080\"\n",
+            )?;
+            jail.set_env("UDACONNECT_WINDOW_S", "120");
+            jail.set_env("UDACONNECT_ADMIN_TOKEN", "s3cret");
+            let c = Config::load(Some(Path::new("udaconnect.toml"))).expect("loads");
+            assert_eq!(c.radius_m, 7.5, "from the file");
+            assert_eq!(c.window_s, 120, "the environment wins over the file");
+            assert_eq!(c.rest_addr, "0.0.0.0:8080".parse().unwrap());
+            assert_eq!(c.lateness_s, 30, "untouched keys keep their default");
+            assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("s3cret"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("UDACONNECT_REST_ADDR", "not-an-address");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("rest_addr"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("UDACONNECT_RADIUS_M", "-3");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("radius_m"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("UDACONNECT_LOCATIONS_PARTITIONS", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("locations_partitions"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "radius = 5\n")?;
+            let err = Config::load(Some(Path::new("typo.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("radius"), "an unknown key is named: {err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_prefixed_environment_variables_are_ignored() {
+        Jail::expect_with(|jail| {
+            jail.set_env("UDACONNECT_NOT_A_KEY", "1");
+            jail.set_env("UDACONNECT_CONFIG", "ignored.toml");
+            jail.set_env("UDACONNECT_EPISODE_GAP_S", "900");
+            let c = Config::load(None).expect("loads");
+            assert_eq!(c.episode_gap_s, 900);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_key_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let keys = Config::keys();
+        assert!(keys.iter().any(|k| k == "admin_token"), "{keys:?}");
+        for key in keys {
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README lacks config key {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_naming_it() {
+        let err = Config::load(Some(Path::new("/nonexistent/udaconnect.toml"))).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/udaconnect.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let c = Config {
+            database_url: "postgres://app:hunter2@db:5432/udaconnect".to_owned(),
+            admin_token: Some(Secret::new("tok-123")),
+            ..Config::default()
+        };
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("tok-123"), "{printed}");
+        assert!(
+            printed.contains("postgres://app:***@db:5432/udaconnect"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn redact_url_keeps_urls_without_password() {
+        assert_eq!(
+            redact_url("postgres://postgres@h:1/db"),
+            "postgres://postgres@h:1/db"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@h/db?x=1"),
+            "postgres://u:***@h/db?x=1"
+        );
+        assert_eq!(redact_url("host=h user=u"), "host=h user=u");
+    }
+}

@@ -1,0 +1,13 @@
+//! The `udaconnect` service: configuration, start-up wiring, Kafka I/O, the PostgreSQL store,
+//! the REST and gRPC front ends and the command line (DESIGN §8).
+
+pub mod cli;
+pub mod config;
+pub mod grpc;
+pub mod kafka;
+pub mod rest;
+pub mod startup;
+pub mod store;
+
+pub use config::Config;
+pub use startup::{serve, Server};

@@ -1,0 +1,5 @@
+//! `udaconnect`: the service binary.
+
+fn main() -> std::process::ExitCode {
+    udaconnect::cli::main()
+}

@@ -1,0 +1,120 @@
+//! `/healthz` (the process is alive) and `/readyz` (PostgreSQL and the broker answer).
+
+use std::sync::Arc;
+
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+
+use super::RestState;
+use crate::store;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Liveness and readiness probes.
+    Health,
+}
+
+/// The health endpoints.
+pub struct HealthApi {
+    pub(super) state: Arc<RestState>,
+}
+
+/// Liveness answer.
+#[derive(Debug, Object)]
+struct Liveness {
+    /// Always `alive`.
+    status: String,
+}
+
+/// One dependency's state.
+#[derive(Debug, Object)]
+struct DependencyCheck {
+    /// `postgres` or `kafka`.
+    name: String,
+    /// Whether it answered in time.
+    ok: bool,
+    /// Why not, when it did not.
+    #[oai(skip_serializing_if_is_none)]
+    error: Option<String>,
+}
+
+/// Readiness answer: which dependencies answer.
+#[derive(Debug, Object)]
+struct Readiness {
+    /// `ready` or `unavailable`.
+    status: String,
+    /// Names of the dependencies that did not answer.
+    missing: Vec<String>,
+    /// Every dependency checked.
+    checks: Vec<DependencyCheck>,
+}
+
+#[derive(ApiResponse)]
+enum ReadinessResponse {
+    /// PostgreSQL and the broker both answer.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// At least one dependency does not answer; `missing` names it.
+    #[oai(status = 503)]
+    Unavailable(Json<Readiness>),
+}
+
+#[OpenApi(tag = "ApiTags::Health")]
+impl HealthApi {
+    /// Liveness: 200 while the process serves requests.
+    #[oai(path = "/healthz", method = "get")]
+    async fn healthz(&self) -> Json<Liveness> {
+        Json(Liveness {
+            status: "alive".to_owned(),
+        })
+    }
+
+    /// Readiness: 200 only when PostgreSQL and the Kafka broker answer, else 503 naming
+    /// what is missing.
+    #[oai(path = "/readyz", method = "get")]
+    async fn readyz(&self) -> ReadinessResponse {
+        let timeout = self.state.readiness_timeout;
+        let postgres = async {
+            match tokio::time::timeout(timeout, store::ping(&self.state.pool)).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("postgres did not answer within {timeout:?}")),
+            }
+        };
+        let kafka = async {
+            self.state
+                .broker
+                .ping(timeout)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let (postgres, kafka) = tokio::join!(postgres, kafka);
+
+        let checks: Vec<DependencyCheck> = [("postgres", postgres), ("kafka", kafka)]
+            .into_iter()
+            .map(|(name, result)| DependencyCheck {
+                name: name.to_owned(),
+                ok: result.is_ok(),
+                error: result.err(),
+            })
+            .collect();
+        let missing: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name.clone())
+            .collect();
+        if missing.is_empty() {
+            ReadinessResponse::Ready(Json(Readiness {
+                status: "ready".to_owned(),
+                missing,
+                checks,
+            }))
+        } else {
+            tracing::warn!(missing = missing.join(","), "not ready");
+            ReadinessResponse::Unavailable(Json(Readiness {
+                status: "unavailable".to_owned(),
+                missing,
+                checks,
+            }))
+        }
+    }
+}

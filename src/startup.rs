@@ -1,0 +1,145 @@
+//! Start-up wiring: the one `serve(config, shutdown)` used by `main` and by the tests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use poem::listener::TcpAcceptor;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::{redact_url, Config};
+use crate::kafka::{topic_specs, Broker};
+use crate::rest::{self, RestState};
+use crate::store;
+
+/// A service whose listeners are bound and whose schema is migrated, ready to run.
+pub struct Server {
+    config: Config,
+    pool: Pool,
+    broker: Broker,
+    rest_listener: TcpListener,
+    rest_addr: SocketAddr,
+}
+
+impl Server {
+    /// Waits for PostgreSQL (up to `startup_wait_s`), migrates, builds the pool and the Kafka
+    /// client, and binds the REST listener (port 0 picks a free port).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let connect_timeout = Duration::from_millis(config.readiness_timeout_ms.max(1_000));
+        let pool = store::pool(&config, connect_timeout)?;
+        let mut client = wait_for_postgres(&pool, &config).await?;
+        let report = store::migrate(&mut client)
+            .await
+            .context("failed to migrate the database")?;
+        drop(client);
+        info!(version = report.version, applied = ?report.applied, "schema ready");
+
+        let broker = Broker::new(&config).context("failed to create the kafka client")?;
+        let rest_listener = TcpListener::bind(config.rest_addr)
+            .await
+            .with_context(|| format!("failed to bind rest_addr {}", config.rest_addr))?;
+        let rest_addr = rest_listener.local_addr()?;
+        Ok(Self {
+            config,
+            pool,
+            broker,
+            rest_listener,
+            rest_addr,
+        })
+    }
+
+    /// The address the REST server listens on.
+    pub fn rest_addr(&self) -> SocketAddr {
+        self.rest_addr
+    }
+
+    /// Serves until `shutdown` completes, then drains requests for up to `shutdown_grace_s`.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let topics = tokio::spawn(create_topics_until_done(
+            self.broker.clone(),
+            self.config.clone(),
+        ));
+
+        let state = Arc::new(RestState {
+            pool: self.pool.clone(),
+            broker: self.broker.clone(),
+            readiness_timeout: Duration::from_millis(self.config.readiness_timeout_ms),
+        });
+        let acceptor = TcpAcceptor::from_tokio(self.rest_listener)?;
+        info!(rest_addr = %self.rest_addr, "rest server listening");
+        let result = poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                rest::app(state),
+                shutdown,
+                Some(Duration::from_secs(self.config.shutdown_grace_s)),
+            )
+            .await
+            .context("rest server failed");
+        topics.abort();
+        self.pool.close();
+        info!("shut down");
+        result
+    }
+}
+
+/// Builds and runs the service until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Server::build(config).await?.run(shutdown).await
+}
+
+/// Waits until PostgreSQL hands out a connection, or `startup_wait_s` passed.
+pub async fn wait_for_postgres(
+    pool: &Pool,
+    config: &Config,
+) -> anyhow::Result<deadpool_postgres::Object> {
+    let deadline = Instant::now() + Duration::from_secs(config.startup_wait_s);
+    loop {
+        match pool.get().await {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() < deadline => {
+                warn!(database = %redact_url(&config.database_url), error = %e, "waiting for postgres");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "postgres at {} did not answer within startup_wait_s = {}",
+                        redact_url(&config.database_url),
+                        config.startup_wait_s
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Creates the service's topics, retrying while the broker is away (readiness reports it).
+async fn create_topics_until_done(broker: Broker, config: Config) {
+    let specs = topic_specs(&config);
+    let timeout = Duration::from_secs(5);
+    loop {
+        match broker
+            .ensure_topics(&specs, config.topic_replication, timeout)
+            .await
+        {
+            Ok(created) => {
+                info!(created = created.len(), total = specs.len(), "topics ready");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot create topics yet; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! PostgreSQL + PostGIS persistence: the connection pool, migrations and the POC seed loader.
+
+mod migrate;
+mod seed;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+pub use migrate::{migrate, MigrationReport, MIGRATIONS};
+pub use seed::{seed_poc, SeedReport};
+use tokio_postgres::NoTls;
+
+use crate::config::{redact_url, Config};
+
+/// What can go wrong talking to PostgreSQL or loading data into it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL does not parse.
+    #[error("invalid database_url {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    /// No connection could be had from the pool.
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+    /// A statement failed.
+    #[error("postgres error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// An applied migration no longer matches the one compiled in.
+    #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} in the database, {compiled} compiled in)")]
+    MigrationChanged {
+        version: i32,
+        name: String,
+        applied: String,
+        compiled: String,
+    },
+    /// The database has migrations this binary does not know (a newer binary ran).
+    #[error("the database is at schema version {database}, newer than this binary's {binary}")]
+    SchemaTooNew { database: i32, binary: i32 },
+    /// A seed file is missing, unreadable or has a bad row.
+    #[error("{0}")]
+    Seed(String),
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Builds the connection pool; connections are opened lazily, so this succeeds while the
+/// database is down, and every checkout waits at most `connect_timeout`.
+pub fn pool(config: &Config, connect_timeout: Duration) -> Result<Pool, StoreError> {
+    let mut pg: tokio_postgres::Config =
+        config
+            .database_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::BadUrl {
+                url: redact_url(&config.database_url),
+                reason: e.to_string(),
+            })?;
+    pg.connect_timeout(connect_timeout);
+    pg.application_name("udaconnect");
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.database_pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(connect_timeout))
+        .create_timeout(Some(connect_timeout))
+        .recycle_timeout(Some(connect_timeout))
+        .build()
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Answers whether PostgreSQL takes a query right now.
+pub async fn ping(pool: &Pool) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}

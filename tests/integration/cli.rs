@@ -1,0 +1,89 @@
+//! The `udaconnect` binary as a user runs it.
+
+use std::process::{Command, Output};
+
+use crate::helpers::{poc_seed_dir, TestDb};
+
+fn udaconnect(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_udaconnect"))
+        .args(args)
+        .env("UDACONNECT_DATABASE_URL", &db.url)
+        .env("UDACONNECT_STARTUP_WAIT_S", "5")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run udaconnect")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).trim().to_owned()
+}
+
+#[tokio::test]
+async fn migrate_then_seed_poc_twice() {
+    let db = TestDb::new().await;
+
+    let migrated = udaconnect(&db, &["migrate"]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    assert_eq!(stdout(&migrated), "schema at version 1 (applied now: [1])");
+    let again = udaconnect(&db, &["migrate"]);
+    assert_eq!(stdout(&again), "schema at version 1 (applied now: none)");
+
+    let dir = poc_seed_dir();
+    let dir = dir.to_str().expect("utf-8 path");
+    let seeded = udaconnect(&db, &["seed", "poc", dir]);
+    assert!(seeded.status.success(), "{}", stderr(&seeded));
+    assert_eq!(
+        stdout(&seeded),
+        "persons: 5 read, 5 inserted; locations: 39 read, 39 inserted"
+    );
+    let reseeded = udaconnect(&db, &["seed", "poc", dir]);
+    assert_eq!(
+        stdout(&reseeded),
+        "persons: 5 read, 0 inserted; locations: 39 read, 0 inserted"
+    );
+
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn user_mistakes_get_clear_errors_and_a_failing_exit_code() {
+    let db = TestDb::new().await;
+
+    let no_dir = udaconnect(&db, &["seed", "poc", "/nonexistent/seed"]);
+    assert_eq!(no_dir.status.code(), Some(1));
+    assert!(
+        stderr(&no_dir).contains("cannot read /nonexistent/seed/persons.csv"),
+        "{}",
+        stderr(&no_dir)
+    );
+
+    let bad_env = Command::new(env!("CARGO_BIN_EXE_udaconnect"))
+        .arg("migrate")
+        .env("UDACONNECT_DATABASE_URL", &db.url)
+        .env("UDACONNECT_RADIUS_M", "-1")
+        .output()
+        .expect("run");
+    assert_eq!(bad_env.status.code(), Some(1));
+    assert!(
+        stderr(&bad_env).contains("radius_m"),
+        "{}",
+        stderr(&bad_env)
+    );
+
+    let missing_config = udaconnect(
+        &db,
+        &["--config", "/nonexistent/udaconnect.toml", "migrate"],
+    );
+    assert_eq!(missing_config.status.code(), Some(1));
+    assert!(
+        stderr(&missing_config).contains("/nonexistent/udaconnect.toml"),
+        "{}",
+        stderr(&missing_config)
+    );
+
+    db.drop_db().await;
+}

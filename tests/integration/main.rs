@@ -1,0 +1,8 @@
+//! Integration tests against the real PostgreSQL+PostGIS and the real broker that `./dev`
+//! starts (`./dev test` exports where they are). Each test gets a fresh database and fresh
+//! topic names.
+
+mod cli;
+mod helpers;
+mod service;
+mod store;

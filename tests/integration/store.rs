@@ -1,0 +1,371 @@
+//! Migrations and the POC seed loader against a real PostgreSQL + PostGIS.
+
+use postgis::ewkb;
+use udaconnect::store::{migrate, seed_poc, MIGRATIONS};
+
+use crate::helpers::{poc_seed_dir, TestDb};
+
+async fn index_definitions(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = $1",
+            &[&table],
+        )
+        .await
+        .expect("pg_indexes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrations_build_the_schema_on_a_fresh_database_and_are_idempotent() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+
+    let first = migrate(&mut client).await.expect("first migration run");
+    let newest = MIGRATIONS.last().expect("migrations").version;
+    assert_eq!(
+        first.applied,
+        MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    assert_eq!(first.version, newest);
+
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+             WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for table in [
+        "connection",
+        "location",
+        "person",
+        "schema_migrations",
+        "shard_owner",
+        "shard_snapshot",
+    ] {
+        assert!(
+            tables.iter().any(|t| t == table),
+            "table {table} missing from {tables:?}"
+        );
+    }
+
+    // The raw point column is a 4326 point geometry; the time is a timestamptz.
+    let row = client
+        .query_one(
+            "SELECT type, srid FROM geometry_columns
+             WHERE f_table_name = 'location' AND f_geometry_column = 'coordinate'",
+            &[],
+        )
+        .await
+        .expect("geometry_columns");
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("POINT".to_owned(), 4326)
+    );
+    let recorded_at_type: String = client
+        .query_one(
+            "SELECT data_type::text FROM information_schema.columns
+             WHERE table_name = 'location' AND column_name = 'recorded_at'",
+            &[],
+        )
+        .await
+        .expect("column type")
+        .get(0);
+    assert_eq!(recorded_at_type, "timestamp with time zone");
+
+    let indexes = index_definitions(&client, "location").await;
+    assert!(
+        indexes
+            .iter()
+            .any(|d| d.contains("USING gist (((coordinate)::geography))")),
+        "GiST index on the geography of the point missing: {indexes:#?}"
+    );
+    assert!(
+        indexes
+            .iter()
+            .any(|d| d.contains("USING btree (person_id, recorded_at)")),
+        "btree on (person_id, recorded_at) missing: {indexes:#?}"
+    );
+    assert!(
+        indexes
+            .iter()
+            .any(|d| d.contains("UNIQUE") && d.contains("(event_id)")),
+        "unique event_id missing: {indexes:#?}"
+    );
+
+    // event_id is unique: a second row with the same event_id is refused.
+    client
+        .batch_execute(
+            "INSERT INTO person (id, first_name, last_name, company_name) VALUES (1, 'A', 'B', 'C');
+             INSERT INTO location (event_id, person_id, coordinate, recorded_at)
+             VALUES ('00000000-0000-0000-0000-000000000001', 1,
+                     ST_SetSRID(ST_MakePoint(1, 2), 4326), now())",
+        )
+        .await
+        .expect("first insert");
+    let duplicate = client
+        .batch_execute(
+            "INSERT INTO location (event_id, person_id, coordinate, recorded_at)
+             VALUES ('00000000-0000-0000-0000-000000000001', 1,
+                     ST_SetSRID(ST_MakePoint(3, 4), 4326), now())",
+        )
+        .await
+        .expect_err("duplicate event_id refused");
+    assert_eq!(
+        duplicate.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+
+    // The POC's proximity query can use the GiST index.
+    client
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("set");
+    let plan: Vec<String> = client
+        .query(
+            "EXPLAIN SELECT id FROM location
+             WHERE ST_DWithin(coordinate::geography, ST_SetSRID(ST_MakePoint(1, 2), 4326)::geography, 5)",
+            &[],
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("location_coordinate_geog_idx")),
+        "plan does not use the GiST index: {plan:#?}"
+    );
+
+    // A second run applies nothing and leaves the schema as it is.
+    let second = migrate(&mut client).await.expect("second migration run");
+    assert!(second.applied.is_empty(), "{second:?}");
+    assert_eq!(second.version, newest);
+    let recorded: i64 = client
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(recorded, MIGRATIONS.len() as i64);
+
+    drop(client);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn concurrent_migrators_apply_each_migration_once() {
+    let db = TestDb::new().await;
+    let mut a = db.client().await;
+    let mut b = db.client().await;
+    let (ra, rb) = tokio::join!(migrate(&mut a), migrate(&mut b));
+    let (ra, rb) = (ra.expect("migrator a"), rb.expect("migrator b"));
+    let applied_total = ra.applied.len() + rb.applied.len();
+    assert_eq!(applied_total, MIGRATIONS.len(), "a: {ra:?}, b: {rb:?}");
+    assert_eq!(ra.version, rb.version);
+    drop((a, b));
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_edited_migration_is_refused() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    migrate(&mut client).await.expect("migrate");
+    client
+        .batch_execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        .await
+        .expect("tamper");
+    let err = migrate(&mut client)
+        .await
+        .expect_err("changed migration refused");
+    assert!(
+        err.to_string()
+            .contains("migration 1 (initial) was changed"),
+        "{err}"
+    );
+    drop(client);
+    db.drop_db().await;
+}
+
+/// The seed's rows as the CSV has them: (id, person_id, x, y, creation_time).
+fn csv_locations() -> Vec<(i64, i64, f64, f64, String)> {
+    let mut reader = csv::Reader::from_path(poc_seed_dir().join("locations.csv")).expect("csv");
+    reader
+        .records()
+        .map(|r| {
+            let r = r.expect("record");
+            (
+                r[0].parse().expect("id"),
+                r[1].parse().expect("person_id"),
+                r[2].parse().expect("x"),
+                r[3].parse().expect("y"),
+                r[4].to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn table_digest(client: &tokio_postgres::Client) -> (String, String) {
+    let persons: String = client
+        .query_one(
+            "SELECT md5(string_agg(concat_ws('|', id, first_name, last_name, company_name), ';' ORDER BY id))
+             FROM person",
+            &[],
+        )
+        .await
+        .expect("person digest")
+        .get(0);
+    let locations: String = client
+        .query_one(
+            "SELECT md5(string_agg(concat_ws('|', id, event_id, person_id, ST_AsEWKB(coordinate),
+                                               recorded_at, received_at), ';' ORDER BY id))
+             FROM location",
+            &[],
+        )
+        .await
+        .expect("location digest")
+        .get(0);
+    (persons, locations)
+}
+
+#[tokio::test]
+async fn poc_seed_loads_exactly_and_idempotently() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    migrate(&mut client).await.expect("migrate");
+
+    let report = seed_poc(&mut client, &poc_seed_dir()).await.expect("seed");
+    assert_eq!(
+        (
+            report.persons_read,
+            report.persons_inserted,
+            report.locations_read,
+            report.locations_inserted
+        ),
+        (5, 5, 39, 39)
+    );
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(sql, &[])
+                .await
+                .expect(sql)
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM person").await, 5);
+    assert_eq!(count("SELECT count(*) FROM location").await, 39);
+
+    let person: (String, String, String) = {
+        let row = client
+            .query_one(
+                "SELECT first_name, last_name, company_name FROM person WHERE id = 1",
+                &[],
+            )
+            .await
+            .expect("person 1");
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(
+        person,
+        (
+            "Pam".to_owned(),
+            "Trexler".to_owned(),
+            "Hampton, Hampton and McQuill".to_owned()
+        )
+    );
+
+    // Every stored point is bit-for-bit the CSV's raw X/Y, read back through the postgis crate.
+    let expected = csv_locations();
+    assert_eq!(expected.len(), 39);
+    for (id, person_id, x, y, time) in &expected {
+        let row = client
+            .query_one(
+                "SELECT person_id, coordinate, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS')
+                 FROM location WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("location {id}: {e}"));
+        let point: ewkb::Point = row.get(1);
+        assert_eq!(row.get::<_, i64>(0), *person_id, "location {id}");
+        assert_eq!(point.x.to_bits(), x.to_bits(), "location {id} x");
+        assert_eq!(point.y.to_bits(), y.to_bits(), "location {id} y");
+        assert_eq!(point.srid, Some(4326), "location {id} srid");
+        assert_eq!(row.get::<_, String>(2), *time, "location {id} time");
+    }
+    // And PostGIS prints one of them exactly as the POC's data has it.
+    let text: String = client
+        .query_one(
+            "SELECT ST_AsText(coordinate) FROM location WHERE id = 42",
+            &[],
+        )
+        .await
+        .expect("location 42")
+        .get(0);
+    assert_eq!(text, "POINT(35.0585136 -106.5719566)");
+
+    // A second run changes nothing.
+    let before = table_digest(&client).await;
+    let again = seed_poc(&mut client, &poc_seed_dir())
+        .await
+        .expect("second seed");
+    assert_eq!((again.persons_inserted, again.locations_inserted), (0, 0));
+    assert_eq!(table_digest(&client).await, before);
+
+    // New rows get ids past the seed's.
+    let new_id: i64 = client
+        .query_one(
+            "INSERT INTO person (first_name, last_name, company_name) VALUES ('N', 'E', 'W') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert person")
+        .get(0);
+    assert_eq!(new_id, 10);
+
+    drop(client);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_seed_location_for_an_unknown_person_is_refused_and_nothing_is_loaded() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    migrate(&mut client).await.expect("migrate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("persons.csv"),
+        "id,first_name,last_name,company_name\n1,A,B,C\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("locations.csv"),
+        "id,person_id,x,y,creation_time\n1,1,1.5,2.5,2020-08-18T10:37:06\n2,7,1.5,2.5,2020-08-18T10:37:06\n",
+    )
+    .expect("write");
+    let err = seed_poc(&mut client, dir.path())
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "locations.csv line 3: person_id 7 is not a known person"
+    );
+    let persons: i64 = client
+        .query_one("SELECT count(*) FROM person", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(persons, 0, "the whole seed is one transaction");
+    drop(client);
+    db.drop_db().await;
+}
