@@ -241,47 +241,56 @@ pub fn postgres_addr() -> SocketAddr {
     format!("{host}:{port}").parse().expect("postgres addr")
 }
 
-/// A private tansu broker on a free port with its own storage, which a test may stop.
+/// A private tansu broker on a free port with its own storage, which a test may stop and
+/// start again (same port, same data).
 pub struct PrivateBroker {
     pub addr: SocketAddr,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl PrivateBroker {
     /// Starts `tansu broker` (the binary `./dev setup` installs) and waits until it listens.
     pub async fn start() -> Self {
-        let tansu = std::env::var("UDATEST_TANSU").unwrap_or_else(|_| "tansu".to_owned());
         let dir = tempfile::tempdir().expect("tempdir");
         let port = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             probe.local_addr().expect("addr").port()
         };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let url = format!("tcp://{addr}");
+        let mut broker = Self {
+            addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+            child: None,
+            dir,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// (Re)starts the broker process on the same port and storage; waits until it listens.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let tansu = std::env::var("UDATEST_TANSU").unwrap_or_else(|_| "tansu".to_owned());
+        let url = format!("tcp://{}", self.addr);
         let child = Command::new(&tansu)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             // tansu resolves a sqlite:// path against its working directory.
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(dir.path())
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {tansu} (run ./dev setup): {e}"));
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(addr).await.is_err() {
+        while TcpStream::connect(self.addr).await.is_err() {
             assert!(
                 Instant::now() < deadline,
-                "private tansu broker did not listen on {addr}"
+                "private tansu broker did not listen on {}",
+                self.addr
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Self {
-            addr,
-            child: Some(child),
-            _dir: dir,
         }
     }
 

@@ -104,6 +104,10 @@ async fn readiness_names_the_broker_when_it_stops_and_recovers_when_it_returns()
     // The process itself is still alive.
     assert_eq!(get_json(&app.url("/healthz")).await.0, 200);
 
+    broker.restart().await;
+    let body = wait_for_status(&app.url("/readyz"), 200, Duration::from_secs(20)).await;
+    assert!(missing(&body).is_empty(), "{body}");
+
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
