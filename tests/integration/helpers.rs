@@ -66,6 +66,16 @@ impl TestDb {
         Self { name, url }
     }
 
+    /// A fresh database with the schema migrated, and a client on it.
+    pub async fn migrated() -> (Self, tokio_postgres::Client) {
+        let db = Self::new().await;
+        let mut client = db.client().await;
+        udaconnect::store::migrate(&mut client)
+            .await
+            .expect("migrate");
+        (db, client)
+    }
+
     /// A client on this database.
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.url).await
@@ -82,6 +92,15 @@ impl TestDb {
             .await
             .expect("drop test database");
     }
+}
+
+/// The single `bigint` the query `sql` returns (a `count(*)`, say).
+pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// A configuration for a test: fresh database, fresh topic prefix, REST on a free port.

@@ -3,7 +3,7 @@
 use postgis::ewkb;
 use udaconnect::store::{migrate, seed_poc, MIGRATIONS};
 
-use crate::helpers::{poc_seed_dir, TestDb};
+use crate::helpers::{poc_seed_dir, scalar, TestDb};
 
 async fn index_definitions(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
     client
@@ -149,11 +149,7 @@ async fn migrations_build_the_schema_on_a_fresh_database_and_are_idempotent() {
     let second = migrate(&mut client).await.expect("second migration run");
     assert!(second.applied.is_empty(), "{second:?}");
     assert_eq!(second.version, newest);
-    let recorded: i64 = client
-        .query_one("SELECT count(*) FROM schema_migrations", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let recorded = scalar(&client, "SELECT count(*) FROM schema_migrations").await;
     assert_eq!(recorded, MIGRATIONS.len() as i64);
 
     drop(client);
@@ -176,9 +172,7 @@ async fn concurrent_migrators_apply_each_migration_once() {
 
 #[tokio::test]
 async fn an_edited_migration_is_refused() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    migrate(&mut client).await.expect("migrate");
+    let (db, mut client) = TestDb::migrated().await;
     client
         .batch_execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
         .await
@@ -238,9 +232,7 @@ async fn table_digest(client: &tokio_postgres::Client) -> (String, String) {
 
 #[tokio::test]
 async fn poc_seed_loads_exactly_and_idempotently() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    migrate(&mut client).await.expect("migrate");
+    let (db, mut client) = TestDb::migrated().await;
 
     let report = seed_poc(&mut client, &poc_seed_dir()).await.expect("seed");
     assert_eq!(
@@ -252,18 +244,8 @@ async fn poc_seed_loads_exactly_and_idempotently() {
         ),
         (5, 5, 39, 39)
     );
-    let count = |sql: &'static str| {
-        let client = &client;
-        async move {
-            client
-                .query_one(sql, &[])
-                .await
-                .expect(sql)
-                .get::<_, i64>(0)
-        }
-    };
-    assert_eq!(count("SELECT count(*) FROM person").await, 5);
-    assert_eq!(count("SELECT count(*) FROM location").await, 39);
+    assert_eq!(scalar(&client, "SELECT count(*) FROM person").await, 5);
+    assert_eq!(scalar(&client, "SELECT count(*) FROM location").await, 39);
 
     let person: (String, String, String) = {
         let row = client
@@ -339,9 +321,7 @@ async fn poc_seed_loads_exactly_and_idempotently() {
 
 #[tokio::test]
 async fn a_seed_location_for_an_unknown_person_is_refused_and_nothing_is_loaded() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    migrate(&mut client).await.expect("migrate");
+    let (db, mut client) = TestDb::migrated().await;
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("persons.csv"),
@@ -360,11 +340,7 @@ async fn a_seed_location_for_an_unknown_person_is_refused_and_nothing_is_loaded(
         err.to_string(),
         "locations.csv line 3: person_id 7 is not a known person"
     );
-    let persons: i64 = client
-        .query_one("SELECT count(*) FROM person", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let persons = scalar(&client, "SELECT count(*) FROM person").await;
     assert_eq!(persons, 0, "the whole seed is one transaction");
     drop(client);
     db.drop_db().await;
