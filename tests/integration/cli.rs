@@ -1,8 +1,10 @@
 //! The `udaconnect` binary as a user runs it.
 
-use std::process::{Command, Output};
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::helpers::{poc_seed_dir, TestDb};
+use crate::helpers::{kafka_brokers, poc_seed_dir, wait_for_status, TestDb};
 
 fn udaconnect(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_udaconnect"))
@@ -86,4 +88,71 @@ async fn user_mistakes_get_clear_errors_and_a_failing_exit_code() {
     );
 
     db.drop_db().await;
+}
+
+/// A free local port (bound, then released for the service to take).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.local_addr().expect("addr").port()
+}
+
+#[tokio::test]
+async fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
+    for signal in ["TERM", "INT"] {
+        let db = TestDb::new().await;
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_udaconnect"))
+            .arg("serve")
+            .env("UDACONNECT_DATABASE_URL", &db.url)
+            .env("UDACONNECT_KAFKA_BROKERS", kafka_brokers())
+            .env(
+                "UDACONNECT_TOPIC_PREFIX",
+                format!("test-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start udaconnect serve");
+        wait_for_status(
+            &format!("http://127.0.0.1:{port}/healthz"),
+            200,
+            Duration::from_secs(30),
+        )
+        .await;
+
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve still running 15s after SIG{signal}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut log = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut log)
+            .expect("log");
+        assert!(status.success(), "SIG{signal}: exit {status}: {log}");
+        let announced = if signal == "TERM" {
+            "sigterm received"
+        } else {
+            "ctrl-c received"
+        };
+        assert!(log.contains(announced), "SIG{signal}: {log}");
+        assert!(log.contains("shut down"), "SIG{signal}: {log}");
+        db.drop_db().await;
+    }
 }

@@ -168,18 +168,23 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
     (status, body)
 }
 
-/// Polls `url` until it answers `status`, for up to `within`; returns the last body.
+/// Polls `url` until it answers `status`, for up to `within` (a refused connection counts
+/// as not yet); returns the last body.
 pub async fn wait_for_status(url: &str, status: u16, within: Duration) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
-        let (got, body) = get_json(url).await;
-        if got == status {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} still answers {got} (want {status}): {body}"
-        );
+        let last = match reqwest::get(url).await {
+            Ok(response) => {
+                let got = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.expect("JSON body");
+                if got == status {
+                    return body;
+                }
+                format!("answers {got}: {body}")
+            }
+            Err(e) => format!("does not answer: {e}"),
+        };
+        assert!(Instant::now() < deadline, "{url} {last} (want {status})");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
