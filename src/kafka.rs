@@ -7,6 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{info, warn};
 
@@ -82,20 +83,7 @@ impl Broker {
 
     /// Answers whether the broker serves a metadata request within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
-        let admin = Arc::clone(&self.admin);
-        let brokers = self.brokers.clone();
-        // fetch_metadata blocks its thread until the broker answers or the timeout passes.
-        let answered = tokio::task::spawn_blocking(move || {
-            admin.inner().fetch_metadata(None, timeout).map(|_| ())
-        })
-        .await;
-        match answered {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut))) | Err(_) => {
-                Err(BrokerError::Timeout { brokers, timeout })
-            }
-            Ok(Err(e)) => Err(BrokerError::Kafka(e)),
-        }
+        self.metadata(timeout).await.map(|_| ())
     }
 
     /// Partition count of every topic the broker knows.
@@ -103,19 +91,30 @@ impl Broker {
         &self,
         timeout: Duration,
     ) -> Result<Vec<(String, usize)>, BrokerError> {
-        let admin = Arc::clone(&self.admin);
-        let metadata =
-            tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-                .await
-                .map_err(|_| BrokerError::Timeout {
-                    brokers: self.brokers.clone(),
-                    timeout,
-                })??;
+        let metadata = self.metadata(timeout).await?;
         Ok(metadata
             .topics()
             .iter()
             .map(|t| (t.name().to_owned(), t.partitions().len()))
             .collect())
+    }
+
+    /// The broker's metadata of every topic, or `Timeout` when it does not answer in time.
+    async fn metadata(&self, timeout: Duration) -> Result<Metadata, BrokerError> {
+        let admin = Arc::clone(&self.admin);
+        // fetch_metadata blocks its thread until the broker answers or the timeout passes.
+        let answered =
+            tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout)).await;
+        match answered {
+            Ok(Ok(metadata)) => Ok(metadata),
+            Ok(Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut))) | Err(_) => {
+                Err(BrokerError::Timeout {
+                    brokers: self.brokers.clone(),
+                    timeout,
+                })
+            }
+            Ok(Err(e)) => Err(BrokerError::Kafka(e)),
+        }
     }
 
     /// Creates the topics that do not exist yet; existing ones are left as they are.

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::{kafka_brokers, poc_seed_dir, wait_for_status, TestDb};
+use crate::helpers::{free_port, kafka_brokers, poc_seed_dir, wait_for_status, TestDb};
 
 fn udaconnect(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_udaconnect"))
@@ -88,12 +88,6 @@ async fn user_mistakes_get_clear_errors_and_a_failing_exit_code() {
     );
 
     db.drop_db().await;
-}
-
-/// A free local port (bound, then released for the service to take).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    listener.local_addr().expect("addr").port()
 }
 
 #[tokio::test]

@@ -44,6 +44,12 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A free local port (bound, then released for a server to take).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.local_addr().expect("addr").port()
+}
+
 /// A fresh, empty database in the dev cluster, dropped by [`TestDb::drop_db`].
 pub struct TestDb {
     pub name: String,
@@ -277,12 +283,8 @@ impl PrivateBroker {
     /// Starts `tansu broker` (the binary `./dev setup` installs) and waits until it listens.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            probe.local_addr().expect("addr").port()
-        };
         let mut broker = Self {
-            addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             child: None,
             dir,
         };

@@ -7,7 +7,8 @@ use udaconnect::kafka::Broker;
 use udaconnect::Config;
 
 use crate::helpers::{
-    get_json, postgres_addr, test_config, wait_for_status, PrivateBroker, TcpProxy, TestApp, TestDb,
+    free_port, get_json, postgres_addr, test_config, wait_for_status, PrivateBroker, TcpProxy,
+    TestApp, TestDb,
 };
 
 fn missing(body: &serde_json::Value) -> Vec<String> {
@@ -141,11 +142,7 @@ async fn readiness_names_postgres_when_it_is_cut_off_and_recovers() {
 
 #[tokio::test]
 async fn start_up_fails_with_a_clear_error_when_postgres_never_answers() {
-    let unused_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let unused_port = free_port();
     let config = Config {
         database_url: format!("postgres://postgres@127.0.0.1:{unused_port}/udaconnect"),
         startup_wait_s: 1,
