@@ -48,6 +48,8 @@ pub struct Config {
     pub lateness_s: u32,
     /// Gap that ends an episode, seconds.
     pub episode_gap_s: u32,
+    /// H3 resolution of a zone (the zone stage's shard key).
+    pub zone_resolution: u8,
     /// How far in the future a `recorded_at` may be, seconds (clock skew of devices).
     pub future_skew_s: u32,
     /// How long a readiness check waits for each dependency, milliseconds.
@@ -77,6 +79,7 @@ impl Default for Config {
             window_s: engine.window_s,
             lateness_s: engine.lateness_s,
             episode_gap_s: engine.episode_gap_s,
+            zone_resolution: engine.zone_resolution,
             future_skew_s: 300,
             readiness_timeout_ms: 2_000,
             startup_wait_s: 30,
@@ -214,6 +217,7 @@ impl Config {
             window_s: self.window_s,
             lateness_s: self.lateness_s,
             episode_gap_s: self.episode_gap_s,
+            zone_resolution: self.zone_resolution,
         }
     }
 
@@ -258,6 +262,7 @@ impl fmt::Debug for Config {
             .field("window_s", &self.window_s)
             .field("lateness_s", &self.lateness_s)
             .field("episode_gap_s", &self.episode_gap_s)
+            .field("zone_resolution", &self.zone_resolution)
             .field("future_skew_s", &self.future_skew_s)
             .field("readiness_timeout_ms", &self.readiness_timeout_ms)
             .field("startup_wait_s", &self.startup_wait_s)

@@ -7,3 +7,14 @@
 pub mod params;
 
 pub use params::{EngineParams, ParamsError};
+pub mod domain;
+pub mod engine;
+pub mod episodes;
+pub mod geo;
+pub mod index;
+pub mod messages;
+#[cfg(any(test, feature = "test-support"))]
+pub mod oracle;
+pub mod zones;
+
+pub use engine::{Engine, EngineOptions, EpisodeTable, Router};

@@ -16,6 +16,8 @@ pub struct EngineParams {
     pub lateness_s: u32,
     /// An episode ends when no co-location with the peer came for this many seconds.
     pub episode_gap_s: u32,
+    /// H3 resolution of a zone, the shard key of the zone stage (8 is about a venue, 0.7 km²).
+    pub zone_resolution: u8,
 }
 
 impl Default for EngineParams {
@@ -25,6 +27,7 @@ impl Default for EngineParams {
             window_s: 60,
             lateness_s: 30,
             episode_gap_s: 600,
+            zone_resolution: 8,
         }
     }
 }
@@ -49,6 +52,13 @@ impl EngineParams {
                 field: "radius_m",
                 reason: "must be greater than 0 and at most 1000 meters",
                 value: self.radius_m.to_string(),
+            });
+        }
+        if self.zone_resolution > 15 {
+            return Err(ParamsError {
+                field: "zone_resolution",
+                reason: "must be an H3 resolution from 0 to 15",
+                value: self.zone_resolution.to_string(),
             });
         }
         let positive = [
@@ -114,5 +124,10 @@ mod tests {
             ..EngineParams::default()
         };
         assert_eq!(no_gap.validate().unwrap_err().field, "episode_gap_s");
+        let bad_res = EngineParams {
+            zone_resolution: 16,
+            ..EngineParams::default()
+        };
+        assert_eq!(bad_res.validate().unwrap_err().field, "zone_resolution");
     }
 }

@@ -1,0 +1,419 @@
+//! Domain types of DESIGN §1: persons, location events, co-locations, episodes, notifications.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A person's id, as stored in the `person` table.
+pub type PersonId = i64;
+
+/// A point in time: microseconds since the Unix epoch, UTC (PostgreSQL's `timestamptz` precision).
+pub type Micros = i64;
+
+/// Microseconds in one second.
+pub const MICROS_PER_S: i64 = 1_000_000;
+
+/// The earliest accepted `recorded_at` (2000-01-01T00:00:00Z): earlier values are almost always
+/// seconds or milliseconds sent where microseconds were expected.
+pub const MIN_RECORDED_AT: Micros = 946_684_800 * MICROS_PER_S;
+
+/// Namespace of the deterministic event ids (uuid v5) of events sent without one.
+pub const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5a0e_8d2b_4c47_9a3e_2b7d_41f0_c9a1);
+
+/// An attendee, in the POC's shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Person {
+    pub id: PersonId,
+    pub first_name: String,
+    pub last_name: String,
+    pub company_name: String,
+}
+
+/// A location event as a client sends it, before validation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NewLocationEvent {
+    /// The client's id for the event; derived from the other fields when absent.
+    #[serde(default)]
+    pub event_id: Option<Uuid>,
+    pub person_id: PersonId,
+    /// Degrees north, WGS84.
+    pub lat: f64,
+    /// Degrees east, WGS84.
+    pub lon: f64,
+    pub recorded_at: Micros,
+}
+
+/// A validated location event with its final id.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LocationEvent {
+    pub event_id: Uuid,
+    pub person_id: PersonId,
+    pub lat: f64,
+    pub lon: f64,
+    pub recorded_at: Micros,
+    pub received_at: Micros,
+}
+
+/// Why an event was rejected; names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValidationError {
+    /// The field's name, as in the API.
+    pub field: &'static str,
+    /// What is wrong with it, with the rejected value.
+    pub reason: String,
+}
+
+impl ValidationError {
+    fn new(field: &'static str, reason: String) -> Self {
+        Self { field, reason }
+    }
+}
+
+impl NewLocationEvent {
+    /// Validates the event received at `received_at`, allowing `recorded_at` up to
+    /// `max_future_skew_s` seconds ahead of it, and assigns the final `event_id`.
+    pub fn validate(
+        self,
+        received_at: Micros,
+        max_future_skew_s: u32,
+    ) -> Result<LocationEvent, ValidationError> {
+        if self.person_id <= 0 {
+            return Err(ValidationError::new(
+                "person_id",
+                format!("must be a positive id (got {})", self.person_id),
+            ));
+        }
+        if !(self.lat.is_finite() && (-90.0..=90.0).contains(&self.lat)) {
+            return Err(ValidationError::new(
+                "lat",
+                format!("must be between -90 and 90 degrees (got {})", self.lat),
+            ));
+        }
+        if !(self.lon.is_finite() && (-180.0..=180.0).contains(&self.lon)) {
+            return Err(ValidationError::new(
+                "lon",
+                format!("must be between -180 and 180 degrees (got {})", self.lon),
+            ));
+        }
+        if self.recorded_at < MIN_RECORDED_AT {
+            return Err(ValidationError::new(
+                "recorded_at",
+                format!(
+                    "must not be before 2000-01-01T00:00:00Z (got {} µs since the epoch)",
+                    self.recorded_at
+                ),
+            ));
+        }
+        let limit = received_at.saturating_add(i64::from(max_future_skew_s) * MICROS_PER_S);
+        if self.recorded_at > limit {
+            return Err(ValidationError::new(
+                "recorded_at",
+                format!(
+                    "is {:.1} s in the future; at most {max_future_skew_s} s of clock skew is allowed",
+                    (self.recorded_at - received_at) as f64 / MICROS_PER_S as f64
+                ),
+            ));
+        }
+        // -0.0 and 0.0 are the same place; keep one id for a retried send.
+        let lat = self.lat + 0.0;
+        let lon = self.lon + 0.0;
+        Ok(LocationEvent {
+            event_id: self
+                .event_id
+                .unwrap_or_else(|| derived_event_id(self.person_id, self.recorded_at, lat, lon)),
+            person_id: self.person_id,
+            lat,
+            lon,
+            recorded_at: self.recorded_at,
+            received_at,
+        })
+    }
+}
+
+/// The deterministic id of an event sent without one: a retried send gets the same id.
+pub fn derived_event_id(person_id: PersonId, recorded_at: Micros, lat: f64, lon: f64) -> Uuid {
+    let mut name = [0u8; 32];
+    name[..8].copy_from_slice(&person_id.to_be_bytes());
+    name[8..16].copy_from_slice(&recorded_at.to_be_bytes());
+    name[16..24].copy_from_slice(&lat.to_bits().to_be_bytes());
+    name[24..].copy_from_slice(&lon.to_bits().to_be_bytes());
+    Uuid::new_v5(&EVENT_ID_NAMESPACE, &name)
+}
+
+/// One co-location as one of its two persons hears of it (DESIGN §3's reporting rule).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ColocationReport {
+    /// The person this report is for; `own_event` is theirs.
+    pub person: PersonId,
+    pub own_event: Uuid,
+    pub peer: PersonId,
+    pub peer_event: Uuid,
+    /// The later of the two event times.
+    pub time: Micros,
+    pub distance_m: f64,
+    /// Where the person was (their own event's position).
+    pub lat: f64,
+    pub lon: f64,
+}
+
+impl ColocationReport {
+    /// The unordered pair of events, the co-location's identity.
+    pub fn pair(&self) -> (Uuid, Uuid) {
+        if self.own_event <= self.peer_event {
+            (self.own_event, self.peer_event)
+        } else {
+            (self.peer_event, self.own_event)
+        }
+    }
+}
+
+/// A connection: one person's episode of co-locations with one peer (DESIGN §1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Episode {
+    pub person: PersonId,
+    pub peer: PersonId,
+    pub started_at: Micros,
+    pub last_seen_at: Micros,
+    /// Set once the episode is closed (then equal to `last_seen_at`).
+    pub ended_at: Option<Micros>,
+    /// How many co-locations (pairs of events) the episode holds.
+    pub colocations: u32,
+    pub min_distance_m: f64,
+    /// Where the person was at the closest co-location.
+    pub lat: f64,
+    pub lon: f64,
+}
+
+impl Episode {
+    /// The episode's identity: (person, peer, started_at).
+    pub fn key(&self) -> (PersonId, PersonId, Micros) {
+        (self.person, self.peer, self.started_at)
+    }
+}
+
+/// What a notification announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NotificationKind {
+    #[serde(rename = "connection.started")]
+    Started,
+    #[serde(rename = "connection.updated")]
+    Updated,
+    #[serde(rename = "connection.ended")]
+    Ended,
+}
+
+impl NotificationKind {
+    /// The wire name (`connection.started`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "connection.started",
+            Self::Updated => "connection.updated",
+            Self::Ended => "connection.ended",
+        }
+    }
+}
+
+/// A notification to `episode.person` about one of its connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Deterministic: a replay re-derives the same id, so subscribers can drop repeats.
+    pub id: Uuid,
+    pub kind: NotificationKind,
+    pub episode: Episode,
+    /// For `connection.updated`: the `started_at` of the episodes this one replaces.
+    pub replaces: Vec<Micros>,
+}
+
+impl Notification {
+    pub(crate) fn new(kind: NotificationKind, episode: Episode, replaces: Vec<Micros>) -> Self {
+        let mut name = Vec::with_capacity(48 + 8 * replaces.len());
+        name.extend_from_slice(kind.as_str().as_bytes());
+        name.extend_from_slice(&episode.person.to_be_bytes());
+        name.extend_from_slice(&episode.peer.to_be_bytes());
+        name.extend_from_slice(&episode.started_at.to_be_bytes());
+        match kind {
+            // A `started` is announced once per episode identity.
+            NotificationKind::Started => {}
+            // An update differs by what it replaces and what it grew to.
+            NotificationKind::Updated => {
+                for r in &replaces {
+                    name.extend_from_slice(&r.to_be_bytes());
+                }
+                name.extend_from_slice(&episode.last_seen_at.to_be_bytes());
+                name.extend_from_slice(&episode.colocations.to_be_bytes());
+            }
+            NotificationKind::Ended => {
+                name.extend_from_slice(&episode.last_seen_at.to_be_bytes());
+            }
+        }
+        Self {
+            id: Uuid::new_v5(&EVENT_ID_NAMESPACE, &name),
+            kind,
+            episode,
+            replaces,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Micros = 1_790_000_000 * MICROS_PER_S;
+
+    fn new_event() -> NewLocationEvent {
+        NewLocationEvent {
+            event_id: None,
+            person_id: 7,
+            lat: 35.0585,
+            lon: -106.5719,
+            recorded_at: T0,
+        }
+    }
+
+    #[test]
+    fn valid_event_gets_a_deterministic_id() {
+        let a = new_event().validate(T0, 60).unwrap();
+        let b = new_event().validate(T0 + 5 * MICROS_PER_S, 60).unwrap();
+        assert_eq!(a.event_id, b.event_id, "a retried send is the same event");
+        assert_eq!(a.event_id.get_version_num(), 5);
+        let moved = NewLocationEvent {
+            lat: 35.0586,
+            ..new_event()
+        };
+        assert_ne!(moved.validate(T0, 60).unwrap().event_id, a.event_id);
+        let later = NewLocationEvent {
+            recorded_at: T0 + 1,
+            ..new_event()
+        };
+        assert_ne!(later.validate(T0, 60).unwrap().event_id, a.event_id);
+        let other = NewLocationEvent {
+            person_id: 8,
+            ..new_event()
+        };
+        assert_ne!(other.validate(T0, 60).unwrap().event_id, a.event_id);
+        let zero = NewLocationEvent {
+            lat: 0.0,
+            ..new_event()
+        };
+        let minus_zero = NewLocationEvent {
+            lat: -0.0,
+            ..new_event()
+        };
+        assert_eq!(
+            zero.validate(T0, 60).unwrap().event_id,
+            minus_zero.validate(T0, 60).unwrap().event_id
+        );
+    }
+
+    #[test]
+    fn a_client_id_is_kept() {
+        let id = Uuid::from_u128(42);
+        let e = NewLocationEvent {
+            event_id: Some(id),
+            ..new_event()
+        };
+        assert_eq!(e.validate(T0, 60).unwrap().event_id, id);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (
+                NewLocationEvent {
+                    person_id: 0,
+                    ..new_event()
+                },
+                "person_id",
+            ),
+            (
+                NewLocationEvent {
+                    lat: 90.5,
+                    ..new_event()
+                },
+                "lat",
+            ),
+            (
+                NewLocationEvent {
+                    lat: f64::NAN,
+                    ..new_event()
+                },
+                "lat",
+            ),
+            (
+                NewLocationEvent {
+                    lon: -180.01,
+                    ..new_event()
+                },
+                "lon",
+            ),
+            (
+                NewLocationEvent {
+                    lon: f64::INFINITY,
+                    ..new_event()
+                },
+                "lon",
+            ),
+            (
+                NewLocationEvent {
+                    recorded_at: 1_790_000_000,
+                    ..new_event()
+                },
+                "recorded_at",
+            ),
+            (
+                NewLocationEvent {
+                    recorded_at: T0 + 61 * MICROS_PER_S,
+                    ..new_event()
+                },
+                "recorded_at",
+            ),
+        ];
+        for (event, field) in cases {
+            let err = event.validate(T0, 60).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+        let edge = NewLocationEvent {
+            lat: -90.0,
+            lon: 180.0,
+            recorded_at: T0 + 60 * MICROS_PER_S,
+            ..new_event()
+        };
+        assert!(edge.validate(T0, 60).is_ok());
+    }
+
+    #[test]
+    fn notification_ids_depend_on_what_they_announce() {
+        let e = Episode {
+            person: 1,
+            peer: 2,
+            started_at: T0,
+            last_seen_at: T0 + 10,
+            ended_at: None,
+            colocations: 3,
+            min_distance_m: 1.0,
+            lat: 0.0,
+            lon: 0.0,
+        };
+        let started = Notification::new(NotificationKind::Started, e, vec![]);
+        let again = Notification::new(
+            NotificationKind::Started,
+            Episode {
+                colocations: 9,
+                ..e
+            },
+            vec![],
+        );
+        assert_eq!(started.id, again.id);
+        let ended = Notification::new(NotificationKind::Ended, e, vec![]);
+        assert_ne!(started.id, ended.id);
+        let upd1 = Notification::new(NotificationKind::Updated, e, vec![T0 + 5]);
+        let upd2 = Notification::new(NotificationKind::Updated, e, vec![T0 + 6]);
+        assert_ne!(upd1.id, upd2.id);
+        assert_eq!(
+            serde_json::to_string(&started.kind).unwrap(),
+            "\"connection.started\""
+        );
+    }
+}

@@ -1,0 +1,576 @@
+//! The person stage's core: each person's trajectory and episodes with each peer, closed only
+//! once the minimum watermark over all zone partitions has passed them (DESIGN §1, §3).
+//!
+//! Episodes are the connected components of a (person, peer)'s co-location times, linked when
+//! at most `episode_gap_s` apart. Adding a time only ever merges components, so an open
+//! episode is kept as a summary (start, last, count, closest co-location), whatever the order
+//! in which co-locations arrive. Every co-location a zone partition reports after publishing
+//! watermark `w` has a time at or after `w`; so once the minimum watermark is later than
+//! `last + episode_gap_s`, nothing can touch the episode any more and it is closed. Repeats
+//! (replays after a crash) are dropped: earlier than their source's watermark, or seen already.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, VecDeque};
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{
+    ColocationReport, Episode, LocationEvent, Micros, Notification, NotificationKind, PersonId,
+    MICROS_PER_S,
+};
+use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
+use crate::params::EngineParams;
+use crate::zones::{mix64, ZoneId};
+
+/// How many recent sightings a person keeps for its live view.
+pub const TRAJECTORY_LEN: usize = 32;
+
+/// The closest co-location of an episode; ties broken by time, then event ids, so the choice
+/// does not depend on arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Closest {
+    distance_m: f64,
+    time: Micros,
+    own_event: Uuid,
+    peer_event: Uuid,
+    lat: f64,
+    lon: f64,
+}
+
+impl Closest {
+    fn of(c: &ColocationReport) -> Self {
+        Self {
+            distance_m: c.distance_m,
+            time: c.time,
+            own_event: c.own_event,
+            peer_event: c.peer_event,
+            lat: c.lat,
+            lon: c.lon,
+        }
+    }
+
+    fn cmp_key(&self, other: &Self) -> Ordering {
+        self.distance_m
+            .total_cmp(&other.distance_m)
+            .then(self.time.cmp(&other.time))
+            .then(self.own_event.cmp(&other.own_event))
+            .then(self.peer_event.cmp(&other.peer_event))
+    }
+
+    fn min(self, other: Self) -> Self {
+        if other.cmp_key(&self) == Ordering::Less {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// An open episode with one peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Segment {
+    start: Micros,
+    last: Micros,
+    count: u32,
+    closest: Closest,
+    /// The `started_at` under which the sink last stored it, if it did.
+    stored_start: Option<Micros>,
+    /// Stored rows that merged into this one, to remove at the next flush.
+    absorbed: Vec<Micros>,
+    dirty: bool,
+}
+
+/// One of a person's own events, for the live view.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sighting {
+    pub event_id: Uuid,
+    pub recorded_at: Micros,
+    pub lat: f64,
+    pub lon: f64,
+    pub zone: ZoneId,
+}
+
+/// Counters of one person.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonCounters {
+    pub sightings: u64,
+    pub colocations: u64,
+    /// Co-locations dropped as repeats of ones already counted.
+    pub repeats: u64,
+    pub started: u64,
+    pub updated: u64,
+    pub ended: u64,
+}
+
+/// A copyable view of an open episode.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpenEpisode {
+    pub peer: PersonId,
+    pub started_at: Micros,
+    pub last_seen_at: Micros,
+    pub colocations: u32,
+    pub min_distance_m: f64,
+}
+
+/// One person's state: recent trajectory, open episodes per peer, recent co-location ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonState {
+    person: PersonId,
+    trajectory: VecDeque<Sighting>,
+    peers: FxHashMap<PersonId, Vec<Segment>>,
+    /// Co-locations counted whose time is not yet below every source's watermark.
+    recent: FxHashMap<u64, Micros>,
+    dirty_peers: Vec<PersonId>,
+    counters: PersonCounters,
+}
+
+fn pair_key(c: &ColocationReport) -> u64 {
+    let (a, b) = (c.own_event.as_u64_pair(), c.peer_event.as_u64_pair());
+    mix64(a.0 ^ mix64(a.1 ^ mix64(b.0 ^ mix64(b.1))))
+}
+
+impl PersonState {
+    /// A person with no history.
+    pub fn new(person: PersonId) -> Self {
+        Self {
+            person,
+            trajectory: VecDeque::new(),
+            peers: FxHashMap::default(),
+            recent: FxHashMap::default(),
+            dirty_peers: Vec::new(),
+            counters: PersonCounters::default(),
+        }
+    }
+
+    /// The person.
+    pub fn person(&self) -> PersonId {
+        self.person
+    }
+
+    /// Records one of the person's own events (repeats ignored), keeping the latest few.
+    pub fn sighting(&mut self, event: &LocationEvent, zone: ZoneId) {
+        if self.trajectory.iter().any(|s| s.event_id == event.event_id) {
+            return;
+        }
+        self.counters.sightings += 1;
+        let s = Sighting {
+            event_id: event.event_id,
+            recorded_at: event.recorded_at,
+            lat: event.lat,
+            lon: event.lon,
+            zone,
+        };
+        let at = self
+            .trajectory
+            .partition_point(|x| x.recorded_at <= s.recorded_at);
+        self.trajectory.insert(at, s);
+        if self.trajectory.len() > TRAJECTORY_LEN {
+            self.trajectory.pop_front();
+        }
+    }
+
+    /// Adds a co-location reported by a source whose watermark (as this partition has seen it)
+    /// is `source_watermark`. Returns the new episode's deadline when one was opened.
+    pub fn colocation(
+        &mut self,
+        c: &ColocationReport,
+        source_watermark: Micros,
+        gap_us: Micros,
+        out: &mut PersonOutput,
+        capture: bool,
+    ) -> Option<Micros> {
+        if c.time < source_watermark {
+            self.counters.repeats += 1;
+            return None;
+        }
+        let key = pair_key(c);
+        if self.recent.insert(key, c.time).is_some() {
+            self.counters.repeats += 1;
+            return None;
+        }
+        self.counters.colocations += 1;
+        if capture {
+            out.accepted.push(*c);
+        }
+        let person = self.person;
+        let segments = self.peers.entry(c.peer).or_default();
+        let first = segments.partition_point(|s| s.last.saturating_add(gap_us) < c.time);
+        let mut end = first;
+        while end < segments.len() && segments[end].start.saturating_sub(gap_us) <= c.time {
+            end += 1;
+        }
+        let closest = Closest::of(c);
+        if first == end {
+            segments.insert(
+                first,
+                Segment {
+                    start: c.time,
+                    last: c.time,
+                    count: 1,
+                    closest,
+                    stored_start: None,
+                    absorbed: Vec::new(),
+                    dirty: true,
+                },
+            );
+            self.counters.started += 1;
+            let episode = episode_of(person, c.peer, &segments[first], None);
+            out.notifications.push(Notification::new(
+                NotificationKind::Started,
+                episode,
+                Vec::new(),
+            ));
+            if !self.dirty_peers.contains(&c.peer) {
+                self.dirty_peers.push(c.peer);
+            }
+            return Some(c.time.saturating_add(gap_us));
+        }
+        let mut merged: Vec<Segment> = segments.drain(first + 1..end).collect();
+        let seg = &mut segments[first];
+        let before = seg.start;
+        let mut replaced = Vec::new();
+        seg.start = seg.start.min(c.time);
+        seg.last = seg.last.max(c.time);
+        seg.count += 1;
+        seg.closest = seg.closest.min(closest);
+        for m in merged.drain(..) {
+            replaced.push(m.start);
+            seg.last = seg.last.max(m.last);
+            seg.count += m.count;
+            seg.closest = seg.closest.min(m.closest);
+            seg.absorbed.extend(m.stored_start);
+            seg.absorbed.extend(m.absorbed);
+        }
+        seg.dirty = true;
+        if seg.start != before {
+            replaced.push(before);
+        }
+        if !replaced.is_empty() {
+            replaced.sort_unstable();
+            self.counters.updated += 1;
+            let episode = episode_of(person, c.peer, seg, None);
+            out.notifications.push(Notification::new(
+                NotificationKind::Updated,
+                episode,
+                replaced,
+            ));
+        }
+        if !self.dirty_peers.contains(&c.peer) {
+            self.dirty_peers.push(c.peer);
+        }
+        None
+    }
+
+    /// Emits the changed open episodes for the sink.
+    pub fn flush(&mut self, out: &mut PersonOutput) {
+        for peer in self.dirty_peers.drain(..) {
+            let Some(segments) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            for seg in segments.iter_mut().filter(|s| s.dirty) {
+                out.changes.push(change_of(self.person, peer, seg, None));
+            }
+        }
+    }
+
+    /// Closes the episodes that nothing can extend once every source is past `min_watermark`;
+    /// returns the earliest deadline of those still open.
+    pub fn close(
+        &mut self,
+        min_watermark: Micros,
+        gap_us: Micros,
+        out: &mut PersonOutput,
+    ) -> Option<Micros> {
+        let mut next: Option<Micros> = None;
+        let person = self.person;
+        let mut emptied = Vec::new();
+        for (&peer, segments) in self.peers.iter_mut() {
+            segments.retain_mut(|seg| {
+                let deadline = seg.last.saturating_add(gap_us);
+                if deadline < min_watermark {
+                    let change = change_of(person, peer, seg, Some(seg.last));
+                    self.counters.ended += 1;
+                    out.notifications.push(Notification::new(
+                        NotificationKind::Ended,
+                        change.episode,
+                        Vec::new(),
+                    ));
+                    out.changes.push(change);
+                    false
+                } else {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                    true
+                }
+            });
+            if segments.is_empty() {
+                emptied.push(peer);
+            }
+        }
+        for peer in emptied {
+            self.peers.remove(&peer);
+        }
+        self.recent.retain(|_, t| *t >= min_watermark);
+        next
+    }
+
+    /// Whether any episode is open.
+    pub fn has_open_episodes(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    /// The open episodes, by peer then start.
+    pub fn open_episodes(&self) -> Vec<OpenEpisode> {
+        let mut v: Vec<OpenEpisode> = self
+            .peers
+            .iter()
+            .flat_map(|(&peer, segs)| {
+                segs.iter().map(move |s| OpenEpisode {
+                    peer,
+                    started_at: s.start,
+                    last_seen_at: s.last,
+                    colocations: s.count,
+                    min_distance_m: s.closest.distance_m,
+                })
+            })
+            .collect();
+        v.sort_by_key(|e| (e.peer, e.started_at));
+        v
+    }
+
+    /// The recent trajectory, oldest first.
+    pub fn trajectory(&self) -> Vec<Sighting> {
+        self.trajectory.iter().copied().collect()
+    }
+
+    /// The person's counters.
+    pub fn counters(&self) -> PersonCounters {
+        self.counters
+    }
+}
+
+fn episode_of(
+    person: PersonId,
+    peer: PersonId,
+    seg: &Segment,
+    ended_at: Option<Micros>,
+) -> Episode {
+    Episode {
+        person,
+        peer,
+        started_at: seg.start,
+        last_seen_at: seg.last,
+        ended_at,
+        colocations: seg.count,
+        min_distance_m: seg.closest.distance_m,
+        lat: seg.closest.lat,
+        lon: seg.closest.lon,
+    }
+}
+
+fn change_of(
+    person: PersonId,
+    peer: PersonId,
+    seg: &mut Segment,
+    ended_at: Option<Micros>,
+) -> EpisodeChange {
+    let mut replaces = std::mem::take(&mut seg.absorbed);
+    if let Some(stored) = seg.stored_start {
+        if stored != seg.start {
+            replaces.push(stored);
+        }
+    }
+    replaces.sort_unstable();
+    replaces.dedup();
+    seg.stored_start = Some(seg.start);
+    seg.dirty = false;
+    EpisodeChange {
+        episode: episode_of(person, peer, seg, ended_at),
+        replaces,
+    }
+}
+
+/// Counters of one person partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonPartitionCounters {
+    pub batches: u64,
+    pub updates: u64,
+    /// Co-locations accepted (repeats excluded).
+    pub colocations: u64,
+    pub notifications: u64,
+}
+
+/// Which zone partitions' watermarks a person partition has seen, and their minimum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermarks {
+    by_source: Vec<Micros>,
+}
+
+impl Watermarks {
+    /// Nothing seen from any of `sources` zone partitions.
+    pub fn new(sources: u32) -> Self {
+        Self {
+            by_source: vec![Micros::MIN; sources.max(1) as usize],
+        }
+    }
+
+    /// The watermark of one source (`Micros::MIN` for an unknown one).
+    pub fn of(&self, source: u32) -> Micros {
+        self.by_source
+            .get(source as usize)
+            .copied()
+            .unwrap_or(Micros::MIN)
+    }
+
+    /// Advances one source (watermarks never go back: a replaying source repeats old ones).
+    pub fn advance(&mut self, source: u32, watermark: Micros) {
+        if let Some(w) = self.by_source.get_mut(source as usize) {
+            *w = (*w).max(watermark);
+        }
+    }
+
+    /// The minimum over all sources: no co-location earlier than it can still arrive.
+    pub fn min(&self) -> Micros {
+        self.by_source.iter().copied().min().unwrap_or(Micros::MIN)
+    }
+
+    /// Per source, in source order.
+    pub fn all(&self) -> &[Micros] {
+        &self.by_source
+    }
+}
+
+/// The deadlines at which persons may have episodes to close, earliest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Deadlines {
+    heap: BinaryHeap<Reverse<(Micros, PersonId)>>,
+}
+
+impl Deadlines {
+    /// Schedules a check of `person` once the minimum watermark passes `deadline`.
+    pub fn push(&mut self, deadline: Micros, person: PersonId) {
+        self.heap.push(Reverse((deadline, person)));
+    }
+
+    /// Takes the persons whose deadlines `min_watermark` has passed (each once).
+    pub fn due(&mut self, min_watermark: Micros) -> Vec<PersonId> {
+        let mut due = Vec::new();
+        while let Some(Reverse((deadline, person))) = self.heap.peek().copied() {
+            if deadline >= min_watermark {
+                break;
+            }
+            self.heap.pop();
+            due.push(person);
+        }
+        due.sort_unstable();
+        due.dedup();
+        due
+    }
+
+    /// How many checks are scheduled.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Whether no check is scheduled.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+}
+
+/// The synchronous core of one person partition.
+#[derive(Debug)]
+pub struct PersonPartition {
+    gap_us: Micros,
+    watermarks: Watermarks,
+    persons: FxHashMap<PersonId, PersonState>,
+    deadlines: Deadlines,
+    counters: PersonPartitionCounters,
+    capture: bool,
+}
+
+impl PersonPartition {
+    /// An empty partition fed by `zone_partitions` zone partitions; `capture` keeps every
+    /// accepted co-location in the output (for tests).
+    pub fn new(params: &EngineParams, zone_partitions: u32, capture: bool) -> Self {
+        Self {
+            gap_us: i64::from(params.episode_gap_s) * MICROS_PER_S,
+            watermarks: Watermarks::new(zone_partitions),
+            persons: FxHashMap::default(),
+            deadlines: Deadlines::default(),
+            counters: PersonPartitionCounters::default(),
+            capture,
+        }
+    }
+
+    /// Applies a batch from one zone partition: its updates, then its watermark, closing what
+    /// the new minimum watermark allows.
+    pub fn apply(&mut self, batch: &PersonBatch, out: &mut PersonOutput) {
+        self.counters.batches += 1;
+        let notified_before = out.notifications.len();
+        let source_watermark = self.watermarks.of(batch.source);
+        let mut touched: Vec<PersonId> = Vec::new();
+        for update in &batch.updates {
+            self.counters.updates += 1;
+            let person = update.person();
+            let state = self
+                .persons
+                .entry(person)
+                .or_insert_with(|| PersonState::new(person));
+            match update {
+                PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
+                PersonUpdate::Colocation(c) => {
+                    let before = state.counters.colocations;
+                    if let Some(deadline) =
+                        state.colocation(c, source_watermark, self.gap_us, out, self.capture)
+                    {
+                        self.deadlines.push(deadline, person);
+                    }
+                    self.counters.colocations += state.counters.colocations - before;
+                    if !state.dirty_peers.is_empty() && !touched.contains(&person) {
+                        touched.push(person);
+                    }
+                }
+            }
+        }
+        for person in touched {
+            if let Some(state) = self.persons.get_mut(&person) {
+                state.flush(out);
+            }
+        }
+        let before = self.watermarks.min();
+        self.watermarks.advance(batch.source, batch.watermark);
+        let min = self.watermarks.min();
+        if min > before {
+            for person in self.deadlines.due(min) {
+                if let Some(state) = self.persons.get_mut(&person) {
+                    if let Some(next) = state.close(min, self.gap_us, out) {
+                        self.deadlines.push(next, person);
+                    }
+                }
+            }
+        }
+        self.counters.notifications += (out.notifications.len() - notified_before) as u64;
+    }
+
+    /// A person's state, if the partition knows the person.
+    pub fn person(&self, person: PersonId) -> Option<&PersonState> {
+        self.persons.get(&person)
+    }
+
+    /// How many persons the partition holds.
+    pub fn persons(&self) -> usize {
+        self.persons.len()
+    }
+
+    /// The watermarks seen.
+    pub fn watermarks(&self) -> &Watermarks {
+        &self.watermarks
+    }
+
+    /// The partition's counters.
+    pub fn counters(&self) -> PersonPartitionCounters {
+        self.counters
+    }
+}

@@ -1,0 +1,567 @@
+//! The zone stage's core: a fine-cell index of one zone's recent points, the partition's
+//! event-time watermark, and detection on arrival with the reporting rule (DESIGN §3).
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{ColocationReport, LocationEvent, Micros, PersonId, MICROS_PER_S};
+use crate::geo::Ecef;
+use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent};
+use crate::params::EngineParams;
+use crate::zones::{person_partition, CellCache, FineCell, ZoneGrid, ZoneId};
+
+/// Width of the eviction buckets in event time.
+const BUCKET_US: Micros = MICROS_PER_S;
+
+/// A point a zone keeps while it can still be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetainedPoint {
+    pub ecef: Ecef,
+    pub recorded_at: Micros,
+    pub person: PersonId,
+    pub event_id: Uuid,
+    pub lat: f64,
+    pub lon: f64,
+    /// Whether this zone is the point's home zone (else it is a ghost copy).
+    pub home: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct CellPoints {
+    points: Vec<RetainedPoint>,
+    /// The eviction bucket this cell is filed under: that of its oldest point.
+    bucket: Micros,
+}
+
+/// Counters of one zone, for its state view and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneCounters {
+    pub home_events: u64,
+    pub ghost_events: u64,
+    pub duplicates: u64,
+    pub colocations: u64,
+    pub evicted: u64,
+}
+
+/// One zone's recent points, indexed by fine cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZoneIndex {
+    zone: ZoneId,
+    radius_m: f64,
+    window_us: Micros,
+    cells: FxHashMap<FineCell, CellPoints>,
+    /// Cells to revisit at eviction, by bucket of their points' event time.
+    buckets: BTreeMap<Micros, Vec<FineCell>>,
+    retained: usize,
+    watermark: Micros,
+    counters: ZoneCounters,
+}
+
+/// What happened to an arriving event copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Indexed; it formed this many co-locations with points already there.
+    Indexed { colocations: u32 },
+    /// The same event (same id) is already in the zone: nothing to do.
+    Duplicate,
+}
+
+impl ZoneIndex {
+    /// An empty index for `zone`.
+    pub fn new(zone: ZoneId, params: &EngineParams) -> Self {
+        Self {
+            zone,
+            radius_m: params.radius_m,
+            window_us: i64::from(params.window_s) * MICROS_PER_S,
+            cells: FxHashMap::default(),
+            buckets: BTreeMap::new(),
+            retained: 0,
+            watermark: Micros::MIN,
+            counters: ZoneCounters::default(),
+        }
+    }
+
+    /// The zone this index is for.
+    pub fn zone(&self) -> ZoneId {
+        self.zone
+    }
+
+    /// How many points are retained.
+    pub fn retained(&self) -> usize {
+        self.retained
+    }
+
+    /// Counters since the zone started (restored with snapshots).
+    pub fn counters(&self) -> ZoneCounters {
+        self.counters
+    }
+
+    /// The last watermark applied by [`ZoneIndex::evict`].
+    pub fn watermark(&self) -> Micros {
+        self.watermark
+    }
+
+    /// Matches a copy that is not late against the retained points of `neighbors` (the cells
+    /// near its fine cell), reports each co-location to the person of each event that is home
+    /// here (and a home event as a sighting), then retains it.
+    pub fn insert(
+        &mut self,
+        routed: &RoutedEvent,
+        neighbors: &[FineCell],
+        out: &mut Vec<PersonUpdate>,
+    ) -> Arrival {
+        let e = &routed.event;
+        if let Some(cell) = self.cells.get(&routed.fine_cell) {
+            if cell.points.iter().any(|p| p.event_id == e.event_id) {
+                self.counters.duplicates += 1;
+                return Arrival::Duplicate;
+            }
+        }
+        let ecef = Ecef::from_degrees(e.lat, e.lon);
+        if routed.home {
+            self.counters.home_events += 1;
+            out.push(PersonUpdate::Sighting {
+                event: *e,
+                zone: self.zone,
+            });
+        } else {
+            self.counters.ghost_events += 1;
+        }
+        let mut found = 0u32;
+        for cell in neighbors {
+            let Some(points) = self.cells.get(cell) else {
+                continue;
+            };
+            for p in &points.points {
+                // Nobody to tell when neither event is home here.
+                if !(routed.home || p.home) || p.person == e.person_id {
+                    continue;
+                }
+                if (p.recorded_at - e.recorded_at).abs() > self.window_us {
+                    continue;
+                }
+                let Some(distance_m) = ecef.within(&p.ecef, self.radius_m) else {
+                    continue;
+                };
+                found += 1;
+                let time = p.recorded_at.max(e.recorded_at);
+                if routed.home {
+                    out.push(PersonUpdate::Colocation(ColocationReport {
+                        person: e.person_id,
+                        own_event: e.event_id,
+                        peer: p.person,
+                        peer_event: p.event_id,
+                        time,
+                        distance_m,
+                        lat: e.lat,
+                        lon: e.lon,
+                    }));
+                }
+                if p.home {
+                    out.push(PersonUpdate::Colocation(ColocationReport {
+                        person: p.person,
+                        own_event: p.event_id,
+                        peer: e.person_id,
+                        peer_event: e.event_id,
+                        time,
+                        distance_m,
+                        lat: p.lat,
+                        lon: p.lon,
+                    }));
+                }
+            }
+        }
+        self.counters.colocations += u64::from(found);
+        let bucket = e.recorded_at.div_euclid(BUCKET_US);
+        let cell = self
+            .cells
+            .entry(routed.fine_cell)
+            .or_insert_with(|| CellPoints {
+                points: Vec::new(),
+                bucket: Micros::MAX,
+            });
+        cell.points.push(RetainedPoint {
+            ecef,
+            recorded_at: e.recorded_at,
+            person: e.person_id,
+            event_id: e.event_id,
+            lat: e.lat,
+            lon: e.lon,
+            home: routed.home,
+        });
+        // File the cell under the bucket of its oldest point: it is revisited once that bucket
+        // falls out of the window, then refiled under its new oldest point.
+        if bucket < cell.bucket {
+            cell.bucket = bucket;
+            self.buckets
+                .entry(bucket)
+                .or_default()
+                .push(routed.fine_cell);
+        }
+        self.retained += 1;
+        Arrival::Indexed { colocations: found }
+    }
+
+    /// Drops the points that no event at or after `watermark` can match (older than
+    /// `watermark - window_s`), keeping memory bounded whatever the input rate.
+    pub fn evict(&mut self, watermark: Micros) {
+        if watermark <= self.watermark {
+            return;
+        }
+        self.watermark = watermark;
+        let horizon = watermark.saturating_sub(self.window_us);
+        // A bucket is done when all its times are below the horizon.
+        while let Some(entry) = self.buckets.first_entry() {
+            if (*entry.key() + 1).saturating_mul(BUCKET_US) > horizon {
+                break;
+            }
+            let bucket = *entry.key();
+            for cell_id in entry.remove() {
+                let Some(cell) = self.cells.get_mut(&cell_id) else {
+                    continue;
+                };
+                if cell.bucket != bucket {
+                    continue;
+                }
+                let before = cell.points.len();
+                cell.points.retain(|p| p.recorded_at >= horizon);
+                let evicted = before - cell.points.len();
+                self.retained -= evicted;
+                self.counters.evicted += evicted as u64;
+                if cell.points.is_empty() {
+                    self.cells.remove(&cell_id);
+                } else {
+                    let oldest = cell.points.iter().map(|p| p.recorded_at).min();
+                    let b = oldest.unwrap_or(horizon).div_euclid(BUCKET_US);
+                    cell.bucket = b;
+                    self.buckets.entry(b).or_default().push(cell_id);
+                }
+            }
+        }
+    }
+
+    /// The retained points, oldest first, at most `limit` of them.
+    pub fn points(&self, limit: usize) -> Vec<RetainedPoint> {
+        let mut all: Vec<RetainedPoint> = self
+            .cells
+            .values()
+            .flat_map(|c| c.points.iter().copied())
+            .collect();
+        all.sort_by(|a, b| (a.recorded_at, a.event_id).cmp(&(b.recorded_at, b.event_id)));
+        all.truncate(limit);
+        all
+    }
+
+    /// How many fine cells hold points.
+    pub fn cells(&self) -> usize {
+        self.cells.len()
+    }
+}
+
+/// Counters of one zone partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionCounters {
+    pub batches: u64,
+    pub events: u64,
+    /// Copies that arrived later than the watermark: stored, not matched in real time.
+    pub late: u64,
+}
+
+/// The event-time clock of one zone partition: the watermark is the latest event time seen
+/// minus `lateness_s`; a copy earlier than the watermark on arrival is late.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventClock {
+    lateness_us: Micros,
+    max_seen: Micros,
+    watermark: Micros,
+}
+
+impl EventClock {
+    /// A clock that has seen nothing.
+    pub fn new(params: &EngineParams) -> Self {
+        Self {
+            lateness_us: i64::from(params.lateness_s) * MICROS_PER_S,
+            max_seen: Micros::MIN,
+            watermark: Micros::MIN,
+        }
+    }
+
+    /// Observes an arriving copy's time; `true` when it is late (earlier than the watermark).
+    pub fn observe(&mut self, recorded_at: Micros) -> bool {
+        let late = recorded_at < self.watermark;
+        if recorded_at > self.max_seen {
+            self.max_seen = recorded_at;
+            self.watermark = self
+                .watermark
+                .max(recorded_at.saturating_sub(self.lateness_us));
+        }
+        late
+    }
+
+    /// The current watermark.
+    pub fn watermark(&self) -> Micros {
+        self.watermark
+    }
+
+    /// The end of the input: every time is now in the past.
+    pub fn finish(&mut self) {
+        self.watermark = Micros::MAX;
+    }
+}
+
+/// Splits a zone batch's updates by destination person partition, each followed by the
+/// source's watermark; every destination gets a batch, so watermarks reach all of them.
+pub fn pack_updates(
+    updates: Vec<PersonUpdate>,
+    source: u32,
+    watermark: Micros,
+    person_partitions: u32,
+) -> Vec<PersonBatch> {
+    let mut batches: Vec<PersonBatch> = (0..person_partitions.max(1))
+        .map(|_| PersonBatch {
+            source,
+            updates: Vec::new(),
+            watermark,
+        })
+        .collect();
+    for u in updates {
+        let q = person_partition(u.person(), person_partitions);
+        batches[q as usize].updates.push(u);
+    }
+    batches
+}
+
+/// What a zone partition produced for one batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ZoneBatchOutput {
+    /// One batch per person partition, indexed by partition.
+    pub person_batches: Vec<PersonBatch>,
+    /// The batch's home events (late ones included), for the `location` table.
+    pub home_events: Vec<LocationEvent>,
+}
+
+/// The synchronous core of one zone partition: its zones' indexes and its event clock.
+#[derive(Debug)]
+pub struct ZonePartition {
+    partition: u32,
+    params: EngineParams,
+    person_partitions: u32,
+    cache: CellCache,
+    zones: FxHashMap<ZoneId, ZoneIndex>,
+    clock: EventClock,
+    counters: PartitionCounters,
+}
+
+impl ZonePartition {
+    /// An empty partition.
+    pub fn new(partition: u32, params: &EngineParams, person_partitions: u32) -> Self {
+        Self {
+            partition,
+            params: *params,
+            person_partitions,
+            cache: CellCache::new(ZoneGrid::new(params)),
+            zones: FxHashMap::default(),
+            clock: EventClock::new(params),
+            counters: PartitionCounters::default(),
+        }
+    }
+
+    /// Processes one batch in order and evicts at its end.
+    pub fn process(&mut self, batch: &[RoutedEvent]) -> ZoneBatchOutput {
+        let mut updates = Vec::new();
+        let mut home_events = Vec::new();
+        self.counters.batches += 1;
+        for routed in batch {
+            self.counters.events += 1;
+            if routed.home {
+                home_events.push(routed.event);
+            }
+            if self.clock.observe(routed.event.recorded_at) {
+                self.counters.late += 1;
+                if routed.home {
+                    updates.push(PersonUpdate::Sighting {
+                        event: routed.event,
+                        zone: routed.zone,
+                    });
+                }
+                continue;
+            }
+            let neighbors = self.cache.neighbors(routed.fine_cell);
+            let params = &self.params;
+            let index = self
+                .zones
+                .entry(routed.zone)
+                .or_insert_with(|| ZoneIndex::new(routed.zone, params));
+            index.insert(routed, neighbors, &mut updates);
+        }
+        let watermark = self.clock.watermark();
+        for index in self.zones.values_mut() {
+            index.evict(watermark);
+        }
+        self.zones.retain(|_, z| z.retained() > 0);
+        ZoneBatchOutput {
+            person_batches: pack_updates(
+                updates,
+                self.partition,
+                watermark,
+                self.person_partitions,
+            ),
+            home_events,
+        }
+    }
+
+    /// The end of the input: the watermark jumps to the end of time and everything is evicted.
+    pub fn finish(&mut self) -> ZoneBatchOutput {
+        self.clock.finish();
+        self.zones.clear();
+        ZoneBatchOutput {
+            person_batches: pack_updates(
+                Vec::new(),
+                self.partition,
+                self.clock.watermark(),
+                self.person_partitions,
+            ),
+            home_events: Vec::new(),
+        }
+    }
+
+    /// Points retained over all zones.
+    pub fn retained(&self) -> usize {
+        self.zones.values().map(ZoneIndex::retained).sum()
+    }
+
+    /// The partition's counters.
+    pub fn counters(&self) -> PartitionCounters {
+        self.counters
+    }
+
+    /// The zone indexes, for views.
+    pub fn zones(&self) -> impl Iterator<Item = &ZoneIndex> {
+        self.zones.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::derived_event_id;
+
+    const T0: Micros = 1_790_000_000 * MICROS_PER_S;
+
+    fn event(person: PersonId, lat: f64, lon: f64, t_s: i64) -> LocationEvent {
+        let recorded_at = T0 + t_s * MICROS_PER_S;
+        LocationEvent {
+            event_id: derived_event_id(person, recorded_at, lat, lon),
+            person_id: person,
+            lat,
+            lon,
+            recorded_at,
+            received_at: recorded_at,
+        }
+    }
+
+    fn routed(grid: &ZoneGrid, e: LocationEvent) -> RoutedEvent {
+        let fine_cell = grid.fine_cell(e.lat, e.lon);
+        RoutedEvent {
+            event: e,
+            zone: grid.zone_of(fine_cell),
+            fine_cell,
+            home: true,
+        }
+    }
+
+    fn colocations(out: &[PersonUpdate]) -> Vec<(PersonId, PersonId)> {
+        out.iter()
+            .filter_map(|u| match u {
+                PersonUpdate::Colocation(c) => Some((c.person, c.peer)),
+                PersonUpdate::Sighting { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn detects_within_radius_and_window_and_reports_to_both() {
+        let params = EngineParams::default();
+        let grid = ZoneGrid::new(&params);
+        let mut cache = CellCache::new(grid);
+        let a = routed(&grid, event(1, 48.0, 11.0, 0));
+        // ~3.3 m north 60 s later: co-located; ~6.7 m: not; 61 s later: not; same person: not.
+        for (person, dlat, t, expected) in [
+            (2, 0.00003, 60, vec![(2, 1), (1, 2)]),
+            (2, 0.00003, -60, vec![(2, 1), (1, 2)]),
+            (3, 0.00006, 0, vec![]),
+            (4, 0.00001, 61, vec![]),
+            (1, 0.00001, 1, vec![]),
+        ] {
+            let mut z = ZoneIndex::new(a.zone, &params);
+            let mut out = Vec::new();
+            z.insert(&a, cache.neighbors(a.fine_cell), &mut out);
+            let b = routed(&grid, event(person, 48.0 + dlat, 11.0, t));
+            out.clear();
+            assert!(matches!(
+                z.insert(&b, cache.neighbors(b.fine_cell), &mut out),
+                Arrival::Indexed { .. }
+            ));
+            assert_eq!(colocations(&out), expected, "person {person} at {t} s");
+            out.clear();
+            assert_eq!(
+                z.insert(&a, cache.neighbors(a.fine_cell), &mut out),
+                Arrival::Duplicate
+            );
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_ghost_copy_reports_only_to_the_home_person() {
+        let params = EngineParams::default();
+        let grid = ZoneGrid::new(&params);
+        let mut cache = CellCache::new(grid);
+        let home = routed(&grid, event(1, 48.0, 11.0, 0));
+        let mut ghost = routed(&grid, event(2, 48.00002, 11.0, 5));
+        ghost.home = false;
+        let mut z = ZoneIndex::new(home.zone, &params);
+        let mut out = Vec::new();
+        z.insert(&home, cache.neighbors(home.fine_cell), &mut out);
+        out.clear();
+        z.insert(&ghost, cache.neighbors(ghost.fine_cell), &mut out);
+        assert_eq!(colocations(&out), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn eviction_keeps_what_can_still_match() {
+        let params = EngineParams::default();
+        let grid = ZoneGrid::new(&params);
+        let mut cache = CellCache::new(grid);
+        let mut z = ZoneIndex::new(grid.home_zone(48.0, 11.0), &params);
+        let mut out = Vec::new();
+        for t in 0..100 {
+            let r = routed(&grid, event(1 + t % 3, 48.0, 11.0, t));
+            z.insert(&r, cache.neighbors(r.fine_cell), &mut out);
+        }
+        assert_eq!(z.retained(), 100);
+        // Watermark at 99 s: points before 39 s can match nothing at or after 99 s.
+        z.evict(T0 + 99 * MICROS_PER_S);
+        assert_eq!(z.retained(), 61);
+        assert!(z
+            .points(1000)
+            .iter()
+            .all(|p| p.recorded_at >= T0 + 39 * MICROS_PER_S));
+        z.evict(T0 + 1_000 * MICROS_PER_S);
+        assert_eq!((z.retained(), z.cells()), (0, 0));
+        assert_eq!(z.counters().evicted, 100);
+    }
+
+    #[test]
+    fn the_clock_flags_late_events() {
+        let mut clock = EventClock::new(&EngineParams::default());
+        assert!(!clock.observe(T0));
+        assert!(!clock.observe(T0 + 100 * MICROS_PER_S));
+        assert_eq!(clock.watermark(), T0 + 70 * MICROS_PER_S);
+        assert!(!clock.observe(T0 + 70 * MICROS_PER_S));
+        assert!(clock.observe(T0 + 70 * MICROS_PER_S - 1));
+    }
+}

@@ -1,0 +1,75 @@
+//! What flows between the stages (DESIGN §2): routed events into zones, per-person updates and
+//! zone watermarks into persons, episode changes and notifications out.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ColocationReport, Episode, LocationEvent, Micros, Notification, PersonId};
+use crate::zones::{FineCell, ZoneId};
+
+/// A copy of an event on its way to one zone: its home zone, or a zone of its halo (a ghost).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoutedEvent {
+    pub event: LocationEvent,
+    /// The zone this copy is for.
+    pub zone: ZoneId,
+    /// The event's fine cell (the same for every copy).
+    pub fine_cell: FineCell,
+    /// Whether `zone` is the event's home zone; `false` for a ghost copy.
+    pub home: bool,
+}
+
+/// One update for one person, from the zone stage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum PersonUpdate {
+    /// One of the person's own events, seen in its home zone.
+    Sighting { event: LocationEvent, zone: ZoneId },
+    /// One of the person's co-locations, reported by the person's home zone.
+    Colocation(ColocationReport),
+}
+
+impl PersonUpdate {
+    /// The person the update is for.
+    pub fn person(&self) -> PersonId {
+        match self {
+            Self::Sighting { event, .. } => event.person_id,
+            Self::Colocation(c) => c.person,
+        }
+    }
+}
+
+/// What one zone partition sends one person partition after a batch: the updates for persons
+/// of that partition, then the zone partition's watermark (no later update from `source` will
+/// carry a co-location earlier than it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonBatch {
+    /// The zone partition it comes from.
+    pub source: u32,
+    pub updates: Vec<PersonUpdate>,
+    pub watermark: Micros,
+}
+
+/// A change to one stored episode: upsert `episode`, removing the rows of the same person and
+/// peer whose `started_at` is in `replaces`, in one transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeChange {
+    pub episode: Episode,
+    pub replaces: Vec<Micros>,
+}
+
+/// What a person partition emits after a batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PersonOutput {
+    pub changes: Vec<EpisodeChange>,
+    pub notifications: Vec<Notification>,
+    /// Co-locations accepted (not repeats), when capturing is on (tests, the oracle check).
+    pub accepted: Vec<ColocationReport>,
+}
+
+impl PersonOutput {
+    /// Appends another output.
+    pub fn extend(&mut self, other: PersonOutput) {
+        self.changes.extend(other.changes);
+        self.notifications.extend(other.notifications);
+        self.accepted.extend(other.accepted);
+    }
+}
