@@ -250,7 +250,7 @@ impl ZoneIndex {
             .values()
             .flat_map(|c| c.points.iter().copied())
             .collect();
-        all.sort_by(|a, b| (a.recorded_at, a.event_id).cmp(&(b.recorded_at, b.event_id)));
+        all.sort_by_key(|p| (p.recorded_at, p.event_id));
         all.truncate(limit);
         all
     }

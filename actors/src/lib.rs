@@ -4,9 +4,7 @@
 //! person actors. It talks to the outside only through traits that the `udaconnect` binary
 //! implements with Kafka and PostgreSQL (DESIGN §2, §8).
 
-pub mod params;
-
-pub use params::{EngineParams, ParamsError};
+pub mod actors;
 pub mod domain;
 pub mod engine;
 pub mod episodes;
@@ -15,6 +13,8 @@ pub mod index;
 pub mod messages;
 #[cfg(any(test, feature = "test-support"))]
 pub mod oracle;
+pub mod params;
 pub mod zones;
 
 pub use engine::{Engine, EngineOptions, EpisodeTable, Router};
+pub use params::{EngineParams, ParamsError};

@@ -1,0 +1,514 @@
+//! Stage one: `ZoneSupervisor` (one per zone partition) and `ZoneActor` (one per zone).
+//!
+//! The supervisor decides lateness in arrival order with the partition's event clock, hands
+//! each zone its part of the batch, waits for all of them, then stores home events, sends the
+//! per-person updates packed per person partition followed by its watermark, and only then
+//! takes the next batch: a partition's effects are in input order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::actors::ports::{retry, LocationSink, PersonUpdateSink, SnapshotBlob};
+use crate::actors::SupervisionCounters;
+use crate::domain::Micros;
+use crate::index::{
+    pack_updates, EventClock, PartitionCounters, RetainedPoint, ZoneCounters, ZoneIndex,
+};
+use crate::messages::{PersonUpdate, RoutedEvent};
+use crate::params::EngineParams;
+use crate::zones::{CellCache, ZoneGrid, ZoneId};
+
+/// How long the supervisor waits for a zone actor's answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Snapshot format of a zone partition (postcard of [`ZonePartitionSnapshot`]).
+pub const ZONE_SNAPSHOT_FORMAT: u32 = 1;
+
+/// A zone actor: configuration only; its state is [`ZoneState`].
+pub struct ZoneActor;
+
+/// A zone's state: its index and the fine-cell geometry it searches.
+pub struct ZoneState {
+    index: ZoneIndex,
+    cache: CellCache,
+}
+
+/// Messages of a zone actor.
+pub enum ZoneMsg {
+    /// Copies that are not late, in arrival order; evict at `watermark` afterwards.
+    Batch {
+        events: Vec<RoutedEvent>,
+        watermark: Micros,
+        reply: RpcReplyPort<Vec<PersonUpdate>>,
+    },
+    /// Evict at `watermark` (the partition moved on without input for this zone).
+    Evict {
+        watermark: Micros,
+    },
+    View {
+        limit: usize,
+        reply: RpcReplyPort<ZoneView>,
+    },
+    Snapshot(RpcReplyPort<ZoneIndex>),
+    /// Panics in the handler: exercises the supervisor's restart path.
+    #[doc(hidden)]
+    Crash,
+}
+
+/// A copy of a zone's state for admin APIs and tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneView {
+    pub zone: ZoneId,
+    pub retained: usize,
+    pub cells: usize,
+    pub watermark: Micros,
+    pub counters: ZoneCounters,
+    /// Oldest first, at most the requested number.
+    pub points: Vec<RetainedPoint>,
+}
+
+impl Actor for ZoneActor {
+    type Msg = ZoneMsg;
+    type State = ZoneState;
+    type Arguments = (ZoneIndex, ZoneGrid);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        (index, grid): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ZoneState {
+            index,
+            cache: CellCache::new(grid),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ZoneMsg::Batch {
+                events,
+                watermark,
+                reply,
+            } => {
+                let mut out = Vec::new();
+                for e in &events {
+                    let neighbors = state.cache.neighbors(e.fine_cell);
+                    state.index.insert(e, neighbors, &mut out);
+                }
+                state.index.evict(watermark);
+                // The supervisor may have given up waiting; nothing else to do then.
+                let _ = reply.send(out);
+            }
+            ZoneMsg::Evict { watermark } => state.index.evict(watermark),
+            ZoneMsg::View { limit, reply } => {
+                let _ = reply.send(zone_view(&state.index, limit));
+            }
+            ZoneMsg::Snapshot(reply) => {
+                let _ = reply.send(state.index.clone());
+            }
+            ZoneMsg::Crash => panic!("zone actor asked to crash"),
+        }
+        Ok(())
+    }
+}
+
+fn zone_view(index: &ZoneIndex, limit: usize) -> ZoneView {
+    ZoneView {
+        zone: index.zone(),
+        retained: index.retained(),
+        cells: index.cells(),
+        watermark: index.watermark(),
+        counters: index.counters(),
+        points: index.points(limit),
+    }
+}
+
+/// The serialized state of a zone partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZonePartitionSnapshot {
+    pub partition: u32,
+    pub clock: EventClock,
+    pub counters: PartitionCounters,
+    pub zones: Vec<ZoneIndex>,
+}
+
+/// The zone partition's supervisor: configuration only.
+pub struct ZoneSupervisor;
+
+/// What a zone supervisor starts with.
+pub struct ZoneSupervisorArgs {
+    pub partition: u32,
+    pub params: EngineParams,
+    pub person_partitions: u32,
+    pub locations: Arc<dyn LocationSink>,
+    pub updates: Arc<dyn PersonUpdateSink>,
+    /// State to restore, as stored by a previous snapshot.
+    pub snapshot: Option<SnapshotBlob>,
+}
+
+/// A zone supervisor's state.
+pub struct ZoneSupervisorState {
+    partition: u32,
+    params: EngineParams,
+    grid: ZoneGrid,
+    person_partitions: u32,
+    locations: Arc<dyn LocationSink>,
+    updates: Arc<dyn PersonUpdateSink>,
+    clock: EventClock,
+    counters: PartitionCounters,
+    zones: FxHashMap<ZoneId, ActorRef<ZoneMsg>>,
+    by_actor: FxHashMap<ActorId, ZoneId>,
+    supervision: SupervisionCounters,
+    next_offset: u64,
+    port_retries: u64,
+}
+
+/// Messages of a zone supervisor.
+pub enum ZoneSupervisorMsg {
+    /// The next batch of the partition; `next_offset` is the input offset after it.
+    Batch {
+        events: Vec<RoutedEvent>,
+        next_offset: u64,
+        /// Released when the batch is done: the bounded hand-off in front of the supervisor.
+        permit: Option<OwnedSemaphorePermit>,
+        done: Option<RpcReplyPort<()>>,
+    },
+    /// The end of the input: the watermark jumps to the end of time.
+    Finish(RpcReplyPort<()>),
+    Snapshot(RpcReplyPort<SnapshotBlob>),
+    View(RpcReplyPort<ZonePartitionView>),
+    ZoneView {
+        zone: ZoneId,
+        limit: usize,
+        reply: RpcReplyPort<Option<ZoneView>>,
+    },
+    /// Makes one zone actor panic (tests of the restart path).
+    #[doc(hidden)]
+    CrashZone(ZoneId),
+}
+
+/// A copy of a zone partition's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZonePartitionView {
+    pub partition: u32,
+    pub watermark: Micros,
+    pub next_offset: u64,
+    pub zones: Vec<ZoneId>,
+    pub counters: PartitionCounters,
+    pub supervision: SupervisionCounters,
+    pub port_retries: u64,
+}
+
+impl ZoneSupervisorState {
+    async fn zone(
+        &mut self,
+        myself: &ActorRef<ZoneSupervisorMsg>,
+        zone: ZoneId,
+    ) -> Result<ActorRef<ZoneMsg>, ActorProcessingErr> {
+        if let Some(actor) = self.zones.get(&zone) {
+            return Ok(actor.clone());
+        }
+        self.spawn_zone(myself, ZoneIndex::new(zone, &self.params))
+            .await
+    }
+
+    async fn spawn_zone(
+        &mut self,
+        myself: &ActorRef<ZoneSupervisorMsg>,
+        index: ZoneIndex,
+    ) -> Result<ActorRef<ZoneMsg>, ActorProcessingErr> {
+        let zone = index.zone();
+        let (actor, _) =
+            Actor::spawn_linked(None, ZoneActor, (index, self.grid), myself.get_cell()).await?;
+        self.by_actor.insert(actor.get_id(), zone);
+        self.zones.insert(zone, actor.clone());
+        Ok(actor)
+    }
+
+    async fn process(
+        &mut self,
+        myself: &ActorRef<ZoneSupervisorMsg>,
+        events: Vec<RoutedEvent>,
+    ) -> Result<(), ActorProcessingErr> {
+        self.counters.batches += 1;
+        let mut updates = Vec::new();
+        let mut home_events = Vec::new();
+        let mut per_zone: FxHashMap<ZoneId, Vec<RoutedEvent>> = FxHashMap::default();
+        for routed in events {
+            self.counters.events += 1;
+            if routed.home {
+                home_events.push(routed.event);
+            }
+            if self.clock.observe(routed.event.recorded_at) {
+                self.counters.late += 1;
+                if routed.home {
+                    updates.push(PersonUpdate::Sighting {
+                        event: routed.event,
+                        zone: routed.zone,
+                    });
+                }
+                continue;
+            }
+            per_zone.entry(routed.zone).or_default().push(routed);
+        }
+        let watermark = self.clock.watermark();
+        let mut calls = Vec::with_capacity(per_zone.len());
+        for (zone, events) in per_zone.drain() {
+            let actor = self.zone(myself, zone).await?;
+            calls.push(async move {
+                actor
+                    .call(
+                        |reply| ZoneMsg::Batch {
+                            events,
+                            watermark,
+                            reply,
+                        },
+                        Some(CALL_TIMEOUT),
+                    )
+                    .await
+            });
+        }
+        let called = calls.len();
+        for result in join_all(calls).await {
+            match result {
+                Ok(ractor::rpc::CallResult::Success(out)) => updates.extend(out),
+                Ok(_) | Err(_) => {
+                    // The zone actor died or timed out: its updates for this batch are lost
+                    // until the partition replays from its snapshot, which the view reports.
+                    self.supervision.lost_batches += 1;
+                }
+            }
+        }
+        if called < self.zones.len() {
+            for actor in self.zones.values() {
+                let _ = actor.cast(ZoneMsg::Evict { watermark });
+            }
+        }
+        let partition = self.partition;
+        if !home_events.is_empty() {
+            let locations = &self.locations;
+            let ((), retries) = retry("storing locations", partition, || {
+                locations.store(partition, &home_events)
+            })
+            .await;
+            self.port_retries += retries;
+        }
+        let batches: Vec<(u32, _)> =
+            pack_updates(updates, partition, watermark, self.person_partitions)
+                .into_iter()
+                .enumerate()
+                .map(|(q, b)| (q as u32, b))
+                .collect();
+        let sink = &self.updates;
+        let ((), retries) = retry("publishing person updates", partition, || {
+            sink.publish(batches.clone())
+        })
+        .await;
+        self.port_retries += retries;
+        Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<SnapshotBlob, ActorProcessingErr> {
+        let calls = self
+            .zones
+            .values()
+            .map(|actor| actor.call(ZoneMsg::Snapshot, Some(CALL_TIMEOUT)));
+        let mut zones = Vec::with_capacity(self.zones.len());
+        for result in join_all(calls).await {
+            match result {
+                Ok(ractor::rpc::CallResult::Success(index)) => zones.push(index),
+                _ => return Err("a zone actor did not answer the snapshot request".into()),
+            }
+        }
+        zones.sort_by_key(ZoneIndex::zone);
+        let snapshot = ZonePartitionSnapshot {
+            partition: self.partition,
+            clock: self.clock,
+            counters: self.counters,
+            zones,
+        };
+        Ok(SnapshotBlob {
+            next_offset: self.next_offset,
+            format: ZONE_SNAPSHOT_FORMAT,
+            bytes: postcard::to_stdvec(&snapshot)?,
+        })
+    }
+}
+
+impl Actor for ZoneSupervisor {
+    type Msg = ZoneSupervisorMsg;
+    type State = ZoneSupervisorState;
+    type Arguments = ZoneSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = ZoneSupervisorState {
+            partition: args.partition,
+            params: args.params,
+            grid: ZoneGrid::new(&args.params),
+            person_partitions: args.person_partitions,
+            locations: args.locations,
+            updates: args.updates,
+            clock: EventClock::new(&args.params),
+            counters: PartitionCounters::default(),
+            zones: FxHashMap::default(),
+            by_actor: FxHashMap::default(),
+            supervision: SupervisionCounters::default(),
+            next_offset: 0,
+            port_retries: 0,
+        };
+        if let Some(blob) = args.snapshot {
+            if blob.format != ZONE_SNAPSHOT_FORMAT {
+                return Err(format!(
+                    "zone snapshot format {} is not {}",
+                    blob.format, ZONE_SNAPSHOT_FORMAT
+                )
+                .into());
+            }
+            let snapshot: ZonePartitionSnapshot = postcard::from_bytes(&blob.bytes)?;
+            state.clock = snapshot.clock;
+            state.counters = snapshot.counters;
+            state.next_offset = blob.next_offset;
+            for index in snapshot.zones {
+                state.spawn_zone(&myself, index).await?;
+            }
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ZoneSupervisorMsg::Batch {
+                events,
+                next_offset,
+                permit,
+                done,
+            } => {
+                state.process(&myself, events).await?;
+                state.next_offset = next_offset;
+                drop(permit);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            ZoneSupervisorMsg::Finish(reply) => {
+                state.clock.finish();
+                let watermark = state.clock.watermark();
+                for actor in state.zones.values() {
+                    let _ = actor.cast(ZoneMsg::Evict { watermark });
+                }
+                let partition = state.partition;
+                let batches: Vec<(u32, _)> =
+                    pack_updates(Vec::new(), partition, watermark, state.person_partitions)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(q, b)| (q as u32, b))
+                        .collect();
+                let sink = &state.updates;
+                let ((), retries) = retry("publishing person updates", partition, || {
+                    sink.publish(batches.clone())
+                })
+                .await;
+                state.port_retries += retries;
+                let _ = reply.send(());
+            }
+            ZoneSupervisorMsg::Snapshot(reply) => {
+                let blob = state.snapshot().await?;
+                let _ = reply.send(blob);
+            }
+            ZoneSupervisorMsg::View(reply) => {
+                let mut zones: Vec<ZoneId> = state.zones.keys().copied().collect();
+                zones.sort_unstable();
+                let _ = reply.send(ZonePartitionView {
+                    partition: state.partition,
+                    watermark: state.clock.watermark(),
+                    next_offset: state.next_offset,
+                    zones,
+                    counters: state.counters,
+                    supervision: state.supervision,
+                    port_retries: state.port_retries,
+                });
+            }
+            ZoneSupervisorMsg::ZoneView { zone, limit, reply } => {
+                let view = match state.zones.get(&zone) {
+                    Some(actor) => match actor
+                        .call(|r| ZoneMsg::View { limit, reply: r }, Some(CALL_TIMEOUT))
+                        .await
+                    {
+                        Ok(ractor::rpc::CallResult::Success(v)) => Some(v),
+                        _ => None,
+                    },
+                    None => None,
+                };
+                let _ = reply.send(view);
+            }
+            ZoneSupervisorMsg::CrashZone(zone) => {
+                if let Some(actor) = state.zones.get(&zone) {
+                    let _ = actor.cast(ZoneMsg::Crash);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                let Some(zone) = state.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                state.supervision.panics += 1;
+                state.zones.remove(&zone);
+                tracing::error!(partition = state.partition, zone, %error, "zone actor failed, restarting it empty");
+                // Its points are gone: matches against them are lost until the partition
+                // replays from its last snapshot (the pipeline's job; `lost_batches` tells).
+                state.supervision.lost_batches += 1;
+                state
+                    .spawn_zone(&myself, ZoneIndex::new(zone, &state.params))
+                    .await?;
+                state.supervision.restarts += 1;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(zone) = state.by_actor.remove(&cell.get_id()) {
+                    state.zones.remove(&zone);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for actor in state.zones.values() {
+            actor.stop(None);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! The actor engine: same results as the synchronous engine (and the oracle), snapshot and
+//! restore mid-stream, state views, restarts after a panic.
+
+use udaconnect_actors::actors::engine::{ActorEngine, ActorEngineOptions};
+use udaconnect_actors::domain::{derived_event_id, LocationEvent, Micros, MICROS_PER_S};
+use udaconnect_actors::oracle::oracle;
+use udaconnect_actors::zones::{mix64, ZoneGrid};
+use udaconnect_actors::{Engine, EngineOptions, EngineParams};
+
+const T0: Micros = 1_790_000_000 * MICROS_PER_S;
+
+/// `persons` people drifting between a few spots around a zone border for `minutes`,
+/// reporting every ~10 s, arriving up to 20 s out of order, with some repeats.
+fn crowd(persons: i64, minutes: i64, seed: u64) -> Vec<LocationEvent> {
+    let mut r = seed;
+    let mut next = move || {
+        r = mix64(r.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        r
+    };
+    let mut timed = Vec::new();
+    for p in 1..=persons {
+        let mut t = T0 + (next() % 10_000_000) as i64;
+        while t < T0 + minutes * 60 * MICROS_PER_S {
+            // Spots every 8 m along a line; people hop between neighbouring spots.
+            let spot = ((t / (90 * MICROS_PER_S)) + p * 7 + (next() % 2) as i64) % 12;
+            let dx = spot as f64 * 8.0 + (next() % 400) as f64 / 100.0 - 2.0;
+            let dy = (next() % 400) as f64 / 100.0 - 2.0;
+            let lat = 35.0845 + dy / 110_950.0;
+            let lon = -106.6511 + dx / 91_000.0;
+            let e = LocationEvent {
+                event_id: derived_event_id(p, t, lat, lon),
+                person_id: p,
+                lat,
+                lon,
+                recorded_at: t,
+                received_at: t,
+            };
+            let arrival = t + (next() % 20_000_000) as i64;
+            timed.push((arrival, e));
+            if next() % 50 == 0 {
+                timed.push((t + (next() % 20_000_000) as i64, e));
+            }
+            t += 8 * MICROS_PER_S + (next() % 4_000_000) as i64;
+        }
+    }
+    timed.sort_by_key(|(a, e)| (*a, e.event_id));
+    timed.into_iter().map(|(_, e)| e).collect()
+}
+
+fn params() -> EngineParams {
+    // Zones of resolution 10 (~15,000 m²) so the crowd spans several of them.
+    EngineParams {
+        zone_resolution: 10,
+        episode_gap_s: 120,
+        ..EngineParams::default()
+    }
+}
+
+fn sync_engine(events: &[LocationEvent], zp: u32, pp: u32) -> Engine {
+    let mut engine = Engine::new(
+        &params(),
+        EngineOptions {
+            zone_partitions: zp,
+            person_partitions: pp,
+            capture: true,
+        },
+    )
+    .unwrap();
+    for chunk in events.chunks(97) {
+        engine.ingest(chunk);
+    }
+    engine.finish();
+    engine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actors_equal_the_engine_and_the_oracle() {
+    let events = crowd(60, 30, 1);
+    let zones: std::collections::BTreeSet<u64> = {
+        let g = ZoneGrid::new(&params());
+        events.iter().map(|e| g.home_zone(e.lat, e.lon)).collect()
+    };
+    assert!(zones.len() >= 2, "the crowd must straddle zones: {zones:?}");
+    let expected = oracle(&events, &params());
+    assert!(
+        expected.episodes.len() > 50,
+        "{} episodes",
+        expected.episodes.len()
+    );
+    let sync = sync_engine(&events, 3, 2);
+    assert_eq!(sync.episodes(), expected.episodes);
+
+    let options = ActorEngineOptions {
+        zone_partitions: 3,
+        person_partitions: 2,
+        capacity: 2,
+        passivate_after_s: 120,
+        capture: true,
+    };
+    let mut engine = ActorEngine::start(&params(), options, None).await.unwrap();
+    for chunk in events.chunks(97) {
+        engine.ingest(chunk).await.unwrap();
+    }
+    engine.finish().await.unwrap();
+    assert_eq!(engine.episodes(), expected.episodes);
+    let captured = engine.take_captured().await.unwrap();
+    assert_eq!(captured.accepted.len(), expected.colocations.len());
+    let unique: std::collections::HashSet<_> =
+        engine.notifications().iter().map(|n| n.id).collect();
+    assert_eq!(
+        unique.len() as u64,
+        engine.notification_count(),
+        "notification ids are unique"
+    );
+    let ended = engine
+        .notifications()
+        .iter()
+        .filter(|n| n.kind == udaconnect_actors::domain::NotificationKind::Ended)
+        .count();
+    assert_eq!(
+        ended,
+        expected.episodes.len(),
+        "one connection.ended per episode"
+    );
+    let persons = engine.person_partitions().await.unwrap();
+    assert!(
+        persons.iter().map(|p| p.counters.passivations).sum::<u64>() > 0,
+        "idle persons are passivated: {persons:?}"
+    );
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_restore_mid_stream_give_the_same_result() {
+    let events = crowd(40, 20, 2);
+    let expected = oracle(&events, &params());
+    let options = ActorEngineOptions {
+        zone_partitions: 2,
+        person_partitions: 3,
+        capture: false,
+        ..ActorEngineOptions::default()
+    };
+    let half = events.len() / 2;
+    let mut first = ActorEngine::start(&params(), options, None).await.unwrap();
+    for chunk in events[..half].chunks(50) {
+        first.ingest(chunk).await.unwrap();
+    }
+    let snapshot = first.snapshot().await.unwrap();
+    let table = first.table();
+    first.stop().await;
+    assert!(snapshot
+        .zones
+        .iter()
+        .any(|z| z.next_offset > 0 && !z.bytes.is_empty()));
+    assert!(
+        !table.is_empty(),
+        "episodes were stored before the snapshot"
+    );
+
+    // A new process restores both stages and shares the first one's database.
+    let mut second = ActorEngine::start_with_table(&params(), options, Some(snapshot), table)
+        .await
+        .unwrap();
+    for chunk in events[half..].chunks(50) {
+        second.ingest(chunk).await.unwrap();
+    }
+    second.finish().await.unwrap();
+    assert_eq!(second.episodes(), expected.episodes);
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_and_restarts() {
+    let events = crowd(20, 10, 3);
+    let options = ActorEngineOptions {
+        zone_partitions: 1,
+        person_partitions: 1,
+        capture: false,
+        passivate_after_s: 3_600,
+        ..ActorEngineOptions::default()
+    };
+    let mut engine = ActorEngine::start(&params(), options, None).await.unwrap();
+    engine.ingest(&events).await.unwrap();
+    engine.settle().await.unwrap();
+    let view = engine.person(1).await.unwrap().expect("person 1 is known");
+    assert_eq!(view.person, 1);
+    assert!(!view.trajectory.is_empty());
+    let last = events
+        .iter()
+        .filter(|e| e.person_id == 1)
+        .map(|e| e.recorded_at)
+        .max()
+        .unwrap();
+    assert_eq!(view.last_location.unwrap().recorded_at, last);
+    assert!(!view.open_episodes.is_empty(), "{view:?}");
+    let zone = view.current_zone.unwrap();
+    let zv = engine
+        .zone(zone, 10)
+        .await
+        .unwrap()
+        .expect("the zone is live");
+    assert!(zv.retained > 0 && zv.points.len() <= 10);
+    assert!(engine.person(999_999).await.unwrap().is_none());
+
+    // A panicking zone actor and person actor are restarted and counted.
+    engine
+        .zone_supervisor(0)
+        .cast(udaconnect_actors::actors::zone::ZoneSupervisorMsg::CrashZone(zone))
+        .unwrap();
+    engine
+        .person_supervisor(0)
+        .cast(udaconnect_actors::actors::person::PersonSupervisorMsg::CrashPerson(1))
+        .unwrap();
+    let mut restarted = false;
+    for _ in 0..100 {
+        let z = engine.zone_partitions().await.unwrap();
+        let p = engine.person_partitions().await.unwrap();
+        if z[0].supervision.restarts == 1 && p[0].supervision.restarts == 1 {
+            assert_eq!((z[0].supervision.panics, p[0].supervision.panics), (1, 1));
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(restarted, "supervisors restart failed children");
+    // Both answer again.
+    assert!(engine.zone(zone, 1).await.unwrap().is_some());
+    assert_eq!(
+        engine.person(1).await.unwrap().unwrap().counters.sightings,
+        0
+    );
+    engine.stop().await;
+}
