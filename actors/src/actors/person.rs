@@ -37,11 +37,12 @@ pub struct PersonActor {
 /// Messages of a person actor.
 pub enum PersonMsg {
     /// Updates from zone partition `source`, whose watermark this partition has seen is
-    /// `source_watermark`. Replies with the output and the deadline of any new episode.
+    /// `source_watermark`. Replies with the output, the deadline of any new episode and how
+    /// many co-locations were accepted.
     Apply {
         updates: Vec<PersonUpdate>,
         source_watermark: Micros,
-        reply: RpcReplyPort<(PersonOutput, Option<Micros>)>,
+        reply: RpcReplyPort<(PersonOutput, Option<Micros>, u64)>,
     },
     /// Close what `min_watermark` allows; replies with the output and the next deadline.
     Close {
@@ -110,6 +111,7 @@ impl Actor for PersonActor {
             } => {
                 let mut out = PersonOutput::default();
                 let mut deadline: Option<Micros> = None;
+                let before = state.counters().colocations;
                 for u in &updates {
                     match u {
                         PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
@@ -127,7 +129,8 @@ impl Actor for PersonActor {
                     }
                 }
                 state.flush(&mut out);
-                let _ = reply.send((out, deadline));
+                let accepted = state.counters().colocations - before;
+                let _ = reply.send((out, deadline, accepted));
             }
             PersonMsg::Close {
                 min_watermark,
@@ -164,6 +167,8 @@ pub struct PersonPartitionSnapshot {
 pub struct PersonSupervisorCounters {
     pub batches: u64,
     pub updates: u64,
+    /// Co-locations accepted (repeats excluded).
+    pub colocations: u64,
     pub changes: u64,
     pub notifications: u64,
     pub passivations: u64,
@@ -324,7 +329,8 @@ impl PersonSupervisorState {
         let mut out = PersonOutput::default();
         for (person, result) in join_all(calls).await {
             match result {
-                Some((o, deadline)) => {
+                Some((o, deadline, accepted)) => {
+                    self.counters.colocations += accepted;
                     out.extend(o);
                     if let Some(d) = deadline {
                         self.deadlines.push(d, person);
