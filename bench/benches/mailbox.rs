@@ -41,6 +41,17 @@
 //!   `Some(timeout)`, actix `send(..).timeout(..)`. `multi_call` also spawns one small task per
 //!   actor to await its reply, which is part of ractor's idiomatic cost.
 //! - Actors are started once per case, outside the timed region, and stopped afterwards.
+//!
+//! What explains the differences measured (figures in `docs/mailbox-bench.md`):
+//! - Per message, ractor does more than actix: it waits on four ports in priority order, then
+//!   runs the handler raced against the signal port inside `catch_unwind`, which is what buys
+//!   kill signals, supervision and panic capture. One message per point therefore costs ractor
+//!   a few times what it costs actix; with 256 points per message the difference almost
+//!   disappears, because the per-point work dominates.
+//! - On this virtual machine waking a parked thread costs tens of microseconds, so any layout
+//!   where every round trip crosses threads (`actix-arbiter`, `ractor-mt2-external`) has high
+//!   and noisy latency; tokio's multi-thread scheduler avoids it for `ractor-mt2` by running the
+//!   woken actor on the caller's worker.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
