@@ -312,6 +312,37 @@ impl EventClock {
     }
 }
 
+/// The intake of a zone partition's batch, in arrival order: every home event goes to
+/// `home_events` (for the `location` table, late ones included); a late copy is counted and, if
+/// home, only reported as a sighting; copies on time go to `on_time` for matching.
+pub fn admit(
+    clock: &mut EventClock,
+    counters: &mut PartitionCounters,
+    batch: impl IntoIterator<Item = RoutedEvent>,
+    home_events: &mut Vec<LocationEvent>,
+    updates: &mut Vec<PersonUpdate>,
+    on_time: &mut Vec<RoutedEvent>,
+) {
+    counters.batches += 1;
+    for routed in batch {
+        counters.events += 1;
+        if routed.home {
+            home_events.push(routed.event);
+        }
+        if clock.observe(routed.event.recorded_at) {
+            counters.late += 1;
+            if routed.home {
+                updates.push(PersonUpdate::Sighting {
+                    event: routed.event,
+                    zone: routed.zone,
+                });
+            }
+        } else {
+            on_time.push(routed);
+        }
+    }
+}
+
 /// Splits a zone batch's updates by destination person partition, each followed by the
 /// source's watermark; every destination gets a batch, so watermarks reach all of them.
 pub fn pack_updates(
@@ -373,22 +404,16 @@ impl ZonePartition {
     pub fn process(&mut self, batch: &[RoutedEvent]) -> ZoneBatchOutput {
         let mut updates = Vec::new();
         let mut home_events = Vec::new();
-        self.counters.batches += 1;
-        for routed in batch {
-            self.counters.events += 1;
-            if routed.home {
-                home_events.push(routed.event);
-            }
-            if self.clock.observe(routed.event.recorded_at) {
-                self.counters.late += 1;
-                if routed.home {
-                    updates.push(PersonUpdate::Sighting {
-                        event: routed.event,
-                        zone: routed.zone,
-                    });
-                }
-                continue;
-            }
+        let mut on_time = Vec::new();
+        admit(
+            &mut self.clock,
+            &mut self.counters,
+            batch.iter().copied(),
+            &mut home_events,
+            &mut updates,
+            &mut on_time,
+        );
+        for routed in &on_time {
             let neighbors = self.cache.neighbors(routed.fine_cell);
             let params = &self.params;
             let index = self

@@ -18,7 +18,7 @@ use crate::actors::ports::{retry, LocationSink, PersonUpdateSink, SnapshotBlob};
 use crate::actors::SupervisionCounters;
 use crate::domain::Micros;
 use crate::index::{
-    pack_updates, EventClock, PartitionCounters, RetainedPoint, ZoneCounters, ZoneIndex,
+    admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, ZoneCounters, ZoneIndex,
 };
 use crate::messages::{PersonUpdate, RoutedEvent};
 use crate::params::EngineParams;
@@ -240,25 +240,19 @@ impl ZoneSupervisorState {
         myself: &ActorRef<ZoneSupervisorMsg>,
         events: Vec<RoutedEvent>,
     ) -> Result<(), ActorProcessingErr> {
-        self.counters.batches += 1;
         let mut updates = Vec::new();
         let mut home_events = Vec::new();
+        let mut on_time = Vec::new();
+        admit(
+            &mut self.clock,
+            &mut self.counters,
+            events,
+            &mut home_events,
+            &mut updates,
+            &mut on_time,
+        );
         let mut per_zone: FxHashMap<ZoneId, Vec<RoutedEvent>> = FxHashMap::default();
-        for routed in events {
-            self.counters.events += 1;
-            if routed.home {
-                home_events.push(routed.event);
-            }
-            if self.clock.observe(routed.event.recorded_at) {
-                self.counters.late += 1;
-                if routed.home {
-                    updates.push(PersonUpdate::Sighting {
-                        event: routed.event,
-                        zone: routed.zone,
-                    });
-                }
-                continue;
-            }
+        for routed in on_time {
             per_zone.entry(routed.zone).or_default().push(routed);
         }
         let watermark = self.clock.watermark();
@@ -303,6 +297,14 @@ impl ZoneSupervisorState {
             .await;
             self.port_retries += retries;
         }
+        self.publish(updates, watermark).await;
+        Ok(())
+    }
+
+    /// Sends `updates` packed per person partition, each followed by `watermark`, retrying
+    /// until the sink takes them.
+    async fn publish(&mut self, updates: Vec<PersonUpdate>, watermark: Micros) {
+        let partition = self.partition;
         let batches: Vec<(u32, _)> =
             pack_updates(updates, partition, watermark, self.person_partitions)
                 .into_iter()
@@ -315,7 +317,6 @@ impl ZoneSupervisorState {
         })
         .await;
         self.port_retries += retries;
-        Ok(())
     }
 
     async fn snapshot(&self) -> Result<SnapshotBlob, ActorProcessingErr> {
@@ -415,19 +416,7 @@ impl Actor for ZoneSupervisor {
                 for actor in state.zones.values() {
                     let _ = actor.cast(ZoneMsg::Evict { watermark });
                 }
-                let partition = state.partition;
-                let batches: Vec<(u32, _)> =
-                    pack_updates(Vec::new(), partition, watermark, state.person_partitions)
-                        .into_iter()
-                        .enumerate()
-                        .map(|(q, b)| (q as u32, b))
-                        .collect();
-                let sink = &state.updates;
-                let ((), retries) = retry("publishing person updates", partition, || {
-                    sink.publish(batches.clone())
-                })
-                .await;
-                state.port_retries += retries;
+                state.publish(Vec::new(), watermark).await;
                 let _ = reply.send(());
             }
             ZoneSupervisorMsg::Snapshot(reply) => {
