@@ -1,4 +1,4 @@
-//! The `udaconnect` command line: `serve`, `migrate`, `seed poc <dir>`.
+//! The `udaconnect` command line: `serve`, `migrate`, `ingest --file`, `seed poc <dir>`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +29,17 @@ pub enum Command {
     Serve,
     /// Apply pending schema migrations and exit.
     Migrate,
+    /// Send location events from a JSON-lines file through the ingest path (validated,
+    /// routed, produced; acknowledged by the broker). One object per line:
+    /// `{"event_id"?, "person_id", "lat", "lon", "recorded_at": RFC 3339}`.
+    Ingest {
+        /// The file (`-` for standard input).
+        #[arg(long)]
+        file: PathBuf,
+        /// Events per request to the broker.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+    },
     /// Load seed data.
     Seed {
         #[command(subcommand)]
@@ -94,6 +105,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             );
             Ok(())
+        }
+        Command::Ingest { file, batch } => {
+            crate::pipeline::ingest::ingest_file(&config, &file, batch as usize).await
         }
         Command::Seed {
             source: SeedSource::Poc { dir },

@@ -160,3 +160,84 @@ impl Broker {
         Ok(created)
     }
 }
+
+/// One record to produce.
+#[derive(Debug, Clone)]
+pub struct OutRecord<'a> {
+    pub topic: &'a str,
+    /// `None`: the partitioner picks it from the key.
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    /// Header (name, value) pairs, such as a dead letter's reason.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// The process's one producer (DESIGN §4): idempotent, `acks=all`, shared by every stage.
+#[derive(Clone)]
+pub struct Producer {
+    inner: rdkafka::producer::FutureProducer,
+}
+
+impl Producer {
+    /// Creates the producer; it connects lazily.
+    pub fn new(config: &Config) -> Result<Self, BrokerError> {
+        let inner = client_config(config)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("compression.type", "lz4")
+            .set("message.max.bytes", "4000000")
+            // An unacknowledged send fails after this; callers retry (nothing is lost).
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Self { inner })
+    }
+
+    /// Produces every record and waits until the broker acknowledged all of them.
+    pub async fn send_all(&self, records: &[OutRecord<'_>]) -> Result<(), KafkaError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+
+        let mut pending = Vec::with_capacity(records.len());
+        for r in records {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (name, value) in &r.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let mut record = FutureRecord::to(r.topic)
+                .payload(&r.payload)
+                .headers(headers);
+            if let Some(key) = &r.key {
+                record = record.key(key);
+            }
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            loop {
+                match self.inner.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        }
+        for delivery in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e),
+                Err(_) => return Err(KafkaError::Canceled),
+            }
+        }
+        Ok(())
+    }
+}

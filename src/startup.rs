@@ -13,12 +13,14 @@ use tracing::{info, warn};
 
 use crate::config::{redact_url, Config};
 use crate::kafka::{topic_specs, Broker};
+use crate::pipeline::Pipeline;
 use crate::rest::{self, RestState};
 use crate::store;
 
 /// A service whose listeners are bound and whose schema is migrated, ready to run.
 pub struct Server {
     config: Config,
+    pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
     pool: Pool,
     broker: Broker,
     rest_listener: TcpListener,
@@ -45,11 +47,17 @@ impl Server {
         let rest_addr = rest_listener.local_addr()?;
         Ok(Self {
             config,
+            pipeline: Arc::default(),
             pool,
             broker,
             rest_listener,
             rest_addr,
         })
+    }
+
+    /// The pipeline, once the topics exist and it started (tests and front ends use it).
+    pub fn pipeline(&self) -> Arc<tokio::sync::OnceCell<Arc<Pipeline>>> {
+        Arc::clone(&self.pipeline)
     }
 
     /// The address the REST server listens on.
@@ -62,9 +70,11 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let topics = tokio::spawn(create_topics_until_done(
+        let topics = tokio::spawn(start_pipeline(
             self.broker.clone(),
             self.config.clone(),
+            self.pool.clone(),
+            Arc::clone(&self.pipeline),
         ));
 
         let state = Arc::new(RestState {
@@ -83,6 +93,9 @@ impl Server {
             .await
             .context("rest server failed");
         topics.abort();
+        if let Some(pipeline) = self.pipeline.get() {
+            pipeline.stop().await;
+        }
         self.pool.close();
         info!("shut down");
         result
@@ -123,9 +136,35 @@ pub async fn wait_for_postgres(
     }
 }
 
+/// Creates the topics, then starts the pipeline, retrying while the broker is away.
+async fn start_pipeline(
+    broker: Broker,
+    config: Config,
+    pool: Pool,
+    cell: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
+) {
+    create_topics_until_done(&broker, &config).await;
+    loop {
+        match Pipeline::start(&config, pool.clone(), &broker).await {
+            Ok(pipeline) => {
+                let _ = cell.set(Arc::new(pipeline));
+                info!("pipeline started");
+                return;
+            }
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "cannot start the pipeline yet; retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
 /// Creates the service's topics, retrying while the broker is away (readiness reports it).
-async fn create_topics_until_done(broker: Broker, config: Config) {
-    let specs = topic_specs(&config);
+async fn create_topics_until_done(broker: &Broker, config: &Config) {
+    let specs = topic_specs(config);
     let timeout = Duration::from_secs(5);
     loop {
         match broker

@@ -7,7 +7,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{ColocationReport, LocationEvent, Micros, PersonId, MICROS_PER_S};
+use crate::domain::{ColocationReport, Micros, PersonId, MICROS_PER_S};
 use crate::geo::Ecef;
 use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent};
 use crate::params::EngineParams;
@@ -306,6 +306,13 @@ impl EventClock {
         self.watermark
     }
 
+    /// Moves the clock to at least `max_event_time` without an event: the ingest side's
+    /// promise that nothing later than this arrives earlier than `max_event_time - lateness`
+    /// (a heartbeat). Lets partitions without traffic advance.
+    pub fn advance_to(&mut self, max_event_time: Micros) {
+        self.observe(max_event_time);
+    }
+
     /// The end of the input: every time is now in the past.
     pub fn finish(&mut self) {
         self.watermark = Micros::MAX;
@@ -319,7 +326,7 @@ pub fn admit(
     clock: &mut EventClock,
     counters: &mut PartitionCounters,
     batch: impl IntoIterator<Item = RoutedEvent>,
-    home_events: &mut Vec<LocationEvent>,
+    home_events: &mut Vec<RoutedEvent>,
     updates: &mut Vec<PersonUpdate>,
     on_time: &mut Vec<RoutedEvent>,
 ) {
@@ -327,7 +334,7 @@ pub fn admit(
     for routed in batch {
         counters.events += 1;
         if routed.home {
-            home_events.push(routed.event);
+            home_events.push(routed);
         }
         if clock.observe(routed.event.recorded_at) {
             counters.late += 1;
@@ -371,7 +378,7 @@ pub struct ZoneBatchOutput {
     /// One batch per person partition, indexed by partition.
     pub person_batches: Vec<PersonBatch>,
     /// The batch's home events (late ones included), for the `location` table.
-    pub home_events: Vec<LocationEvent>,
+    pub home_events: Vec<RoutedEvent>,
 }
 
 /// The synchronous core of one zone partition: its zones' indexes and its event clock.
@@ -472,7 +479,7 @@ impl ZonePartition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::derived_event_id;
+    use crate::domain::{derived_event_id, LocationEvent};
 
     const T0: Micros = 1_790_000_000 * MICROS_PER_S;
 

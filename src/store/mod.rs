@@ -1,6 +1,7 @@
 //! PostgreSQL + PostGIS persistence: the connection pool, migrations and the POC seed loader.
 
 mod migrate;
+pub mod pipeline;
 mod seed;
 
 use std::time::Duration;

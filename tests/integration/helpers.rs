@@ -127,6 +127,7 @@ pub fn test_config(db: &TestDb) -> Config {
 /// A service started in-process with `Server::build` + `run`.
 pub struct TestApp {
     pub rest_addr: SocketAddr,
+    pub pipeline: Arc<tokio::sync::OnceCell<Arc<udaconnect::pipeline::Pipeline>>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<anyhow::Result<()>>,
 }
@@ -134,18 +135,36 @@ pub struct TestApp {
 impl TestApp {
     /// Builds and runs the service with `config`.
     pub async fn spawn(config: Config) -> Self {
+        init_tracing();
         let server = udaconnect::Server::build(config)
             .await
             .expect("service builds");
         let rest_addr = server.rest_addr();
+        let pipeline = server.pipeline();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         Self {
             rest_addr,
+            pipeline,
             shutdown: Some(tx),
             handle,
+        }
+    }
+
+    /// The pipeline, waiting up to `within` for it to start.
+    pub async fn pipeline(&self, within: Duration) -> Arc<udaconnect::pipeline::Pipeline> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(p) = self.pipeline.get() {
+                return Arc::clone(p);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline did not start within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -159,9 +178,9 @@ impl TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        tokio::time::timeout(Duration::from_secs(15), &mut self.handle)
+        tokio::time::timeout(Duration::from_secs(60), &mut self.handle)
             .await
-            .expect("service stops within 15s")
+            .expect("service stops within 60s")
             .expect("service task did not panic")
     }
 }
@@ -333,4 +352,14 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Logs of the service under test, filtered by `RUST_LOG` (off when unset).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }

@@ -4,5 +4,6 @@
 
 mod cli;
 mod helpers;
+mod pipeline;
 mod service;
 mod store;

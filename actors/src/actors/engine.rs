@@ -20,7 +20,7 @@ use crate::actors::zone::{
 use crate::actors::PartitionHandle;
 use crate::domain::{Episode, LocationEvent, Notification, PersonId};
 use crate::engine::{EpisodeTable, Router};
-use crate::messages::{EpisodeChange, PersonBatch, PersonOutput};
+use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, RoutedEvent};
 use crate::params::EngineParams;
 use crate::zones::{zone_partition, ZoneId};
 
@@ -66,7 +66,7 @@ impl LocationSink for CountingLocations {
     fn store<'a>(
         &'a self,
         _partition: u32,
-        events: &'a [LocationEvent],
+        events: &'a [RoutedEvent],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         self.stored
             .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -4,8 +4,8 @@
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{LocationEvent, Notification};
-use crate::messages::{EpisodeChange, PersonBatch};
+use crate::domain::Notification;
+use crate::messages::{EpisodeChange, PersonBatch, RoutedEvent};
 
 /// A port's failure; the actors retry until it succeeds (backpressure, never loss).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,11 +14,12 @@ pub struct PortError(pub String);
 
 /// Where the zone stage stores home events (the `location` table; idempotent on event id).
 pub trait LocationSink: Send + Sync + 'static {
-    /// Stores a batch of home events of zone partition `partition`.
+    /// Stores a batch of home events (home copies, with their zone) of zone partition
+    /// `partition`.
     fn store<'a>(
         &'a self,
         partition: u32,
-        events: &'a [LocationEvent],
+        events: &'a [RoutedEvent],
     ) -> BoxFuture<'a, Result<(), PortError>>;
 }
 

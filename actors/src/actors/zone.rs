@@ -183,6 +183,15 @@ pub enum ZoneSupervisorMsg {
         permit: Option<OwnedSemaphorePermit>,
         done: Option<RpcReplyPort<()>>,
     },
+    /// The ingest side's heartbeat: no event arriving after it is earlier than
+    /// `max_event_time - lateness`, so the partition's watermark may move there even without
+    /// traffic; the new watermark goes to every person partition.
+    Advance {
+        max_event_time: Micros,
+        next_offset: u64,
+        permit: Option<OwnedSemaphorePermit>,
+        done: Option<RpcReplyPort<()>>,
+    },
     /// The end of the input: the watermark jumps to the end of time.
     Finish(RpcReplyPort<()>),
     Snapshot(RpcReplyPort<SnapshotBlob>),
@@ -301,6 +310,15 @@ impl ZoneSupervisorState {
         Ok(())
     }
 
+    /// Evicts what the clock's watermark left behind and tells every person partition.
+    async fn publish_watermark(&mut self) {
+        let watermark = self.clock.watermark();
+        for actor in self.zones.values() {
+            let _ = actor.cast(ZoneMsg::Evict { watermark });
+        }
+        self.publish(Vec::new(), watermark).await;
+    }
+
     /// Sends `updates` packed per person partition, each followed by `watermark`, retrying
     /// until the sink takes them.
     async fn publish(&mut self, updates: Vec<PersonUpdate>, watermark: Micros) {
@@ -410,13 +428,23 @@ impl Actor for ZoneSupervisor {
                     let _ = done.send(());
                 }
             }
+            ZoneSupervisorMsg::Advance {
+                max_event_time,
+                next_offset,
+                permit,
+                done,
+            } => {
+                state.clock.advance_to(max_event_time);
+                state.publish_watermark().await;
+                state.next_offset = next_offset;
+                drop(permit);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
             ZoneSupervisorMsg::Finish(reply) => {
                 state.clock.finish();
-                let watermark = state.clock.watermark();
-                for actor in state.zones.values() {
-                    let _ = actor.cast(ZoneMsg::Evict { watermark });
-                }
-                state.publish(Vec::new(), watermark).await;
+                state.publish_watermark().await;
                 let _ = reply.send(());
             }
             ZoneSupervisorMsg::Snapshot(reply) => {

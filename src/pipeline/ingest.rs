@@ -1,0 +1,381 @@
+//! The ingest path (DESIGN §2, §4): validate, assign `event_id`, route each event to its home
+//! zone and halo zones, pack the copies of one locations partition into few records, produce
+//! them, and answer only after the broker acknowledged. Used by the CLI now and by REST and
+//! gRPC later. A heartbeat tells every zone partition how far event time has come.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::watch;
+use tracing::warn;
+use udaconnect_actors::domain::{
+    LocationEvent, Micros, NewLocationEvent, PersonId, ValidationError,
+};
+use udaconnect_actors::engine::Router;
+use udaconnect_actors::messages::RoutedEvent;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::kafka::{OutRecord, Producer};
+use crate::pipeline::codec::LocationRecord;
+use crate::store::StoreError;
+
+/// At most this many routed copies go into one record (about 80 bytes each).
+pub const MAX_COPIES_PER_RECORD: usize = 4_096;
+
+/// Why an ingest call failed as a whole; nothing of it was acknowledged, and a retry is safe
+/// (event ids make it idempotent).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the broker did not acknowledge: {0}")]
+    Broker(#[from] rdkafka::error::KafkaError),
+    #[error("cannot check persons: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One rejected event of a request: its index, and what is wrong with which field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub index: usize,
+    pub error: ValidationError,
+}
+
+/// The outcome of an ingest call: every accepted event's index and id (acknowledged by the
+/// broker), and every rejected one with its reason.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestReport {
+    pub accepted: Vec<(usize, Uuid)>,
+    pub rejected: Vec<Rejection>,
+}
+
+/// Which persons exist, cached (persons are never deleted).
+pub struct PersonDirectory {
+    pool: Pool,
+    known: RwLock<HashSet<PersonId>>,
+}
+
+impl PersonDirectory {
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            known: RwLock::default(),
+        }
+    }
+
+    /// The persons among `ids` that do not exist.
+    pub async fn unknown(&self, ids: &[PersonId]) -> Result<HashSet<PersonId>, StoreError> {
+        let missing: Vec<PersonId> = {
+            let known = self.known.read().expect("not poisoned");
+            let mut m: Vec<PersonId> = ids
+                .iter()
+                .filter(|id| !known.contains(id))
+                .copied()
+                .collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if missing.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query("SELECT id FROM person WHERE id = ANY($1)", &[&missing])
+            .await?;
+        let found: HashSet<PersonId> = rows.iter().map(|r| r.get(0)).collect();
+        self.known
+            .write()
+            .expect("not poisoned")
+            .extend(found.iter().copied());
+        Ok(missing
+            .into_iter()
+            .filter(|id| !found.contains(id))
+            .collect())
+    }
+}
+
+/// The ingest side of one process.
+pub struct Ingestor {
+    producer: Producer,
+    topic: String,
+    router: Mutex<Router>,
+    persons: PersonDirectory,
+    future_skew_s: u32,
+    /// The latest event time accepted so far (the heartbeat's promise).
+    max_event_time: AtomicI64,
+    partitions: u32,
+}
+
+fn now_micros() -> Micros {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl Ingestor {
+    /// An ingestor producing to the locations topic, which has `partitions` partitions.
+    pub fn new(config: &Config, producer: Producer, pool: Pool, partitions: u32) -> Self {
+        Self {
+            producer,
+            topic: config.topics().locations,
+            router: Mutex::new(Router::new(&config.engine_params(), partitions)),
+            persons: PersonDirectory::new(pool),
+            future_skew_s: config.future_skew_s,
+            max_event_time: AtomicI64::new(Micros::MIN),
+            partitions,
+        }
+    }
+
+    /// Validates, routes and produces `events`; returns once the broker acknowledged every
+    /// accepted one.
+    pub async fn ingest(&self, events: &[NewLocationEvent]) -> Result<IngestReport, IngestError> {
+        let received_at = now_micros();
+        let mut report = IngestReport::default();
+        let mut valid: Vec<(usize, LocationEvent)> = Vec::with_capacity(events.len());
+        for (index, e) in events.iter().enumerate() {
+            match e.validate(received_at, self.future_skew_s) {
+                Ok(event) => valid.push((index, event)),
+                Err(error) => report.rejected.push(Rejection { index, error }),
+            }
+        }
+        let ids: Vec<PersonId> = valid.iter().map(|(_, e)| e.person_id).collect();
+        let unknown = self.persons.unknown(&ids).await?;
+        if !unknown.is_empty() {
+            valid.retain(|(index, e)| {
+                let ok = !unknown.contains(&e.person_id);
+                if !ok {
+                    report.rejected.push(Rejection {
+                        index: *index,
+                        error: ValidationError {
+                            field: "person_id",
+                            reason: format!("no person with id {}", e.person_id),
+                        },
+                    });
+                }
+                ok
+            });
+            report.rejected.sort_by_key(|r| r.index);
+        }
+        if valid.is_empty() {
+            return Ok(report);
+        }
+        let mut per_partition: Vec<Vec<RoutedEvent>> = vec![Vec::new(); self.partitions as usize];
+        {
+            let mut router = self.router.lock().expect("not poisoned");
+            for (_, e) in &valid {
+                router.route(e, |p, copy| per_partition[p as usize].push(copy));
+            }
+        }
+        let mut records = Vec::new();
+        for (p, copies) in per_partition.iter().enumerate() {
+            for chunk in copies.chunks(MAX_COPIES_PER_RECORD) {
+                records.push(OutRecord {
+                    topic: &self.topic,
+                    partition: Some(p as i32),
+                    key: None,
+                    payload: LocationRecord::Events(chunk.to_vec()).encode(),
+                    headers: Vec::new(),
+                });
+            }
+        }
+        self.producer.send_all(&records).await?;
+        let latest = valid
+            .iter()
+            .map(|(_, e)| e.recorded_at)
+            .max()
+            .unwrap_or(Micros::MIN);
+        self.max_event_time.fetch_max(latest, Ordering::Relaxed);
+        report.accepted = valid.iter().map(|(i, e)| (*i, e.event_id)).collect();
+        Ok(report)
+    }
+
+    /// The latest event time accepted so far.
+    pub fn max_event_time(&self) -> Micros {
+        self.max_event_time.load(Ordering::Relaxed)
+    }
+
+    /// Sends a heartbeat with the latest event time to every locations partition.
+    pub async fn heartbeat(&self) -> Result<(), IngestError> {
+        let max_event_time = self.max_event_time();
+        if max_event_time == Micros::MIN {
+            return Ok(());
+        }
+        let payload = LocationRecord::Heartbeat { max_event_time }.encode();
+        let records: Vec<OutRecord<'_>> = (0..self.partitions)
+            .map(|p| OutRecord {
+                topic: &self.topic,
+                partition: Some(p as i32),
+                key: None,
+                payload: payload.clone(),
+                headers: Vec::new(),
+            })
+            .collect();
+        self.producer.send_all(&records).await?;
+        Ok(())
+    }
+
+    /// Declares that event time has reached `t` (say, the end of a conference day): no event
+    /// earlier than `t - lateness` will come, so episodes that ended before it close now.
+    pub async fn advance_event_time(&self, t: Micros) -> Result<(), IngestError> {
+        self.max_event_time.fetch_max(t, Ordering::Relaxed);
+        self.heartbeat().await
+    }
+
+    /// Sends heartbeats every `interval` while event time moves, until `shutdown` turns true.
+    pub fn spawn_heartbeats(
+        self: &Arc<Self>,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut sent = Micros::MIN;
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let now = this.max_event_time();
+                if now != sent {
+                    match this.heartbeat().await {
+                        Ok(()) => sent = now,
+                        Err(e) => warn!(error = %e, "heartbeat not sent; retrying"),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// A location event as JSON clients send it (`recorded_at` in RFC 3339).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireLocationEvent {
+    #[serde(default)]
+    pub event_id: Option<Uuid>,
+    pub person_id: PersonId,
+    pub lat: f64,
+    pub lon: f64,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<WireLocationEvent> for NewLocationEvent {
+    fn from(w: WireLocationEvent) -> Self {
+        Self {
+            event_id: w.event_id,
+            person_id: w.person_id,
+            lat: w.lat,
+            lon: w.lon,
+            recorded_at: w.recorded_at.timestamp_micros(),
+        }
+    }
+}
+
+/// `udaconnect ingest --file`: sends a JSON-lines file through the ingest path in batches,
+/// with progress on standard error and a JSON summary last on standard output. Fails when a
+/// line was rejected (each is reported with its line number and field).
+pub async fn ingest_file(
+    config: &Config,
+    file: &std::path::Path,
+    batch: usize,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+
+    use anyhow::Context;
+
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+        ))
+    };
+    let broker = crate::kafka::Broker::new(config).context("failed to create the kafka client")?;
+    broker
+        .ensure_topics(
+            &crate::kafka::topic_specs(config),
+            config.topic_replication,
+            Duration::from_secs(10),
+        )
+        .await
+        .context("failed to create the topics")?;
+    let topics = config.topics();
+    let partitions = broker
+        .partition_counts(Duration::from_secs(10))
+        .await?
+        .into_iter()
+        .find(|(name, _)| *name == topics.locations)
+        .map(|(_, n)| n as u32)
+        .filter(|n| *n > 0)
+        .with_context(|| format!("topic {} has no partitions", topics.locations))?;
+    let pool = crate::store::pool(config, Duration::from_secs(5))?;
+    let producer = Producer::new(config).context("failed to create the kafka producer")?;
+    let ingestor = Ingestor::new(config, producer, pool, partitions);
+
+    let started = std::time::Instant::now();
+    let (mut read, mut accepted, mut rejected) = (0u64, 0u64, 0u64);
+    let mut pending: Vec<(u64, NewLocationEvent)> = Vec::with_capacity(batch);
+    fn report_rejection(rejected: &mut u64, line: u64, what: String) {
+        *rejected += 1;
+        if *rejected <= 20 {
+            eprintln!("line {line}: {what}");
+        }
+    }
+    let mut lines = reader.lines();
+    loop {
+        let next = lines.next();
+        if let Some(line) = next.as_ref() {
+            read += 1;
+            let text = match line {
+                Ok(text) => text,
+                Err(e) => anyhow::bail!("cannot read line {read}: {e}"),
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<WireLocationEvent>(text) {
+                Ok(w) => pending.push((read, w.into())),
+                Err(e) => {
+                    report_rejection(&mut rejected, read, format!("not a location event: {e}"))
+                }
+            }
+        }
+        if pending.len() >= batch || (next.is_none() && !pending.is_empty()) {
+            let events: Vec<NewLocationEvent> = pending.iter().map(|(_, e)| *e).collect();
+            let report = ingestor.ingest(&events).await.context("ingest failed")?;
+            accepted += report.accepted.len() as u64;
+            for r in report.rejected {
+                report_rejection(&mut rejected, pending[r.index].0, r.error.to_string());
+            }
+            pending.clear();
+            eprintln!(
+                "ingested {accepted} events ({rejected} rejected) in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if next.is_none() {
+            break;
+        }
+    }
+    ingestor
+        .heartbeat()
+        .await
+        .context("final heartbeat failed")?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "lines": read,
+            "accepted": accepted,
+            "rejected": rejected,
+            "seconds": seconds,
+            "events_per_s": accepted as f64 / seconds.max(1e-9),
+        })
+    );
+    if rejected > 0 {
+        anyhow::bail!("{rejected} of {read} lines were rejected");
+    }
+    Ok(())
+}

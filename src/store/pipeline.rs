@@ -1,0 +1,291 @@
+//! The pipeline's PostgreSQL effects: home events into `location`, episode changes into
+//! `connection`, partition snapshots into `shard_snapshot`. Every write is idempotent, so a
+//! replayed batch changes nothing (DESIGN §4, §6).
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
+use udaconnect_actors::domain::{Episode, Micros, PersonId};
+use udaconnect_actors::messages::{EpisodeChange, RoutedEvent};
+
+use crate::store::StoreError;
+
+/// A timestamp in microseconds since the epoch as PostgreSQL `timestamptz`.
+pub fn timestamp(micros: Micros) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Microseconds since the epoch of a `timestamptz`.
+pub fn micros(t: DateTime<Utc>) -> Micros {
+    t.timestamp_micros()
+}
+
+fn port(e: impl std::fmt::Display) -> PortError {
+    PortError(e.to_string())
+}
+
+/// Stores home events: one multi-row statement per batch, `ON CONFLICT (event_id) DO NOTHING`.
+/// Events of persons that do not exist are skipped and counted (ingest refuses them, so they
+/// only come from records written to the topic by something else).
+pub async fn store_locations(pool: &Pool, events: &[RoutedEvent]) -> Result<u64, StoreError> {
+    let n = events.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut persons = Vec::with_capacity(n);
+    let mut lats = Vec::with_capacity(n);
+    let mut lons = Vec::with_capacity(n);
+    let mut recorded = Vec::with_capacity(n);
+    let mut received = Vec::with_capacity(n);
+    let mut zones = Vec::with_capacity(n);
+    for r in events {
+        ids.push(r.event.event_id);
+        persons.push(r.event.person_id);
+        lats.push(r.event.lat);
+        lons.push(r.event.lon);
+        recorded.push(timestamp(r.event.recorded_at));
+        received.push(timestamp(r.event.received_at));
+        zones.push(r.zone as i64);
+    }
+    let client = pool.get().await?;
+    // X = latitude, Y = longitude: the POC's axis convention (see the migration).
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone)
+             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone
+             FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[], $5::timestamptz[],
+                         $6::timestamptz[], $7::int8[]) AS e(id, person, lat, lon, rec, recv, zone)
+             JOIN person p ON p.id = e.person
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .await?;
+    let inserted = client
+        .execute(
+            &statement,
+            &[&ids, &persons, &lats, &lons, &recorded, &received, &zones],
+        )
+        .await?;
+    Ok(inserted)
+}
+
+/// The net effect of a sequence of episode changes: rows to delete, rows to upsert. Applying
+/// it equals applying the changes one by one.
+#[derive(Debug, Default, PartialEq)]
+pub struct NetChanges {
+    pub deletes: Vec<(PersonId, PersonId, Micros)>,
+    pub upserts: Vec<Episode>,
+}
+
+/// Folds `changes`, in order, into one delete set and one upsert set (a key appears at most once,
+/// as `ON CONFLICT DO UPDATE` requires).
+pub fn net_changes(changes: &[EpisodeChange]) -> NetChanges {
+    let mut upserts: HashMap<(PersonId, PersonId, Micros), Episode> = HashMap::new();
+    let mut deletes: HashSet<(PersonId, PersonId, Micros)> = HashSet::new();
+    for c in changes {
+        let e = &c.episode;
+        for &start in &c.replaces {
+            let key = (e.person, e.peer, start);
+            upserts.remove(&key);
+            deletes.insert(key);
+        }
+        deletes.remove(&e.key());
+        upserts.insert(e.key(), *e);
+    }
+    let mut deletes: Vec<_> = deletes.into_iter().collect();
+    deletes.sort_unstable();
+    let mut upserts: Vec<_> = upserts.into_values().collect();
+    upserts.sort_unstable_by_key(Episode::key);
+    NetChanges { deletes, upserts }
+}
+
+/// Applies episode changes in one transaction: the replaced rows go, the new ones are upserted.
+pub async fn apply_changes(pool: &Pool, changes: &[EpisodeChange]) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let net = net_changes(changes);
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !net.deletes.is_empty() {
+        let persons: Vec<i64> = net.deletes.iter().map(|k| k.0).collect();
+        let peers: Vec<i64> = net.deletes.iter().map(|k| k.1).collect();
+        let starts: Vec<DateTime<Utc>> = net.deletes.iter().map(|k| timestamp(k.2)).collect();
+        let statement = tx
+            .prepare_cached(
+                "DELETE FROM connection c
+                 USING unnest($1::int8[], $2::int8[], $3::timestamptz[]) AS d(person, peer, start)
+                 WHERE c.person_id = d.person AND c.peer_id = d.peer AND c.started_at = d.start",
+            )
+            .await?;
+        tx.execute(&statement, &[&persons, &peers, &starts]).await?;
+    }
+    let u = &net.upserts;
+    let persons: Vec<i64> = u.iter().map(|e| e.person).collect();
+    let peers: Vec<i64> = u.iter().map(|e| e.peer).collect();
+    let starts: Vec<DateTime<Utc>> = u.iter().map(|e| timestamp(e.started_at)).collect();
+    let lasts: Vec<DateTime<Utc>> = u.iter().map(|e| timestamp(e.last_seen_at)).collect();
+    let ends: Vec<Option<DateTime<Utc>>> = u.iter().map(|e| e.ended_at.map(timestamp)).collect();
+    let counts: Vec<i32> = u
+        .iter()
+        .map(|e| i32::try_from(e.colocations).unwrap_or(i32::MAX))
+        .collect();
+    let distances: Vec<f64> = u.iter().map(|e| e.min_distance_m).collect();
+    let lats: Vec<f64> = u.iter().map(|e| e.lat).collect();
+    let lons: Vec<f64> = u.iter().map(|e| e.lon).collect();
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO connection (person_id, peer_id, started_at, last_seen_at, ended_at,
+                                     colocations, min_distance_m, lat, lon)
+             SELECT u.* FROM unnest($1::int8[], $2::int8[], $3::timestamptz[], $4::timestamptz[],
+                                    $5::timestamptz[], $6::int4[], $7::float8[], $8::float8[],
+                                    $9::float8[])
+                  AS u(person, peer, start, last, ended, n, dist, lat, lon)
+             WHERE EXISTS (SELECT 1 FROM person WHERE id = u.person)
+               AND EXISTS (SELECT 1 FROM person WHERE id = u.peer)
+             ON CONFLICT (person_id, peer_id, started_at) DO UPDATE SET
+                 last_seen_at = EXCLUDED.last_seen_at,
+                 ended_at = EXCLUDED.ended_at,
+                 colocations = EXCLUDED.colocations,
+                 min_distance_m = EXCLUDED.min_distance_m,
+                 lat = EXCLUDED.lat,
+                 lon = EXCLUDED.lon,
+                 updated_at = now()",
+        )
+        .await?;
+    tx.execute(
+        &statement,
+        &[
+            &persons, &peers, &starts, &lasts, &ends, &counts, &distances, &lats, &lons,
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `shard_snapshot` for one topic: snapshots of a stage's partitions.
+#[derive(Clone)]
+pub struct PgSnapshots {
+    pool: Pool,
+    topic: String,
+}
+
+impl PgSnapshots {
+    /// Snapshots of partitions of `topic`.
+    pub fn new(pool: Pool, topic: impl Into<String>) -> Self {
+        Self {
+            pool,
+            topic: topic.into(),
+        }
+    }
+
+    /// Stores (replaces) a partition's snapshot.
+    pub async fn store(
+        &self,
+        stage: Stage,
+        partition: u32,
+        snapshot: &SnapshotBlob,
+    ) -> Result<(), PortError> {
+        let client = self.pool.get().await.map_err(port)?;
+        client
+            .execute(
+                "INSERT INTO shard_snapshot (stage, topic, partition, next_offset, format, state)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (stage, topic, partition) DO UPDATE SET
+                     next_offset = EXCLUDED.next_offset, format = EXCLUDED.format,
+                     state = EXCLUDED.state, taken_at = now()",
+                &[
+                    &stage.as_str(),
+                    &self.topic,
+                    &(partition as i32),
+                    &(snapshot.next_offset as i64),
+                    &(snapshot.format as i32),
+                    &snapshot.bytes,
+                ],
+            )
+            .await
+            .map_err(port)?;
+        Ok(())
+    }
+
+    /// A partition's snapshot, if one was stored.
+    pub async fn load(
+        &self,
+        stage: Stage,
+        partition: u32,
+    ) -> Result<Option<SnapshotBlob>, PortError> {
+        let client = self.pool.get().await.map_err(port)?;
+        let row = client
+            .query_opt(
+                "SELECT next_offset, format, state FROM shard_snapshot
+                 WHERE stage = $1 AND topic = $2 AND partition = $3",
+                &[&stage.as_str(), &self.topic, &(partition as i32)],
+            )
+            .await
+            .map_err(port)?;
+        Ok(row.map(|row| SnapshotBlob {
+            next_offset: row.get::<_, i64>(0) as u64,
+            format: row.get::<_, i32>(1) as u32,
+            bytes: row.get(2),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn episode(started_at: Micros, last: Micros) -> Episode {
+        Episode {
+            person: 1,
+            peer: 2,
+            started_at,
+            last_seen_at: last,
+            ended_at: None,
+            colocations: 1,
+            min_distance_m: 1.0,
+            lat: 0.0,
+            lon: 0.0,
+        }
+    }
+
+    #[test]
+    fn net_changes_equal_applying_one_by_one() {
+        let changes = vec![
+            EpisodeChange {
+                episode: episode(10, 20),
+                replaces: vec![],
+            },
+            // Late data moves the start earlier: 10 is replaced by 5.
+            EpisodeChange {
+                episode: episode(5, 20),
+                replaces: vec![10],
+            },
+            // Then the episode at 5 grows.
+            EpisodeChange {
+                episode: episode(5, 30),
+                replaces: vec![],
+            },
+            // A replaced key comes back.
+            EpisodeChange {
+                episode: episode(40, 40),
+                replaces: vec![],
+            },
+            EpisodeChange {
+                episode: episode(35, 40),
+                replaces: vec![40],
+            },
+            EpisodeChange {
+                episode: episode(40, 45),
+                replaces: vec![35],
+            },
+        ];
+        let net = net_changes(&changes);
+        let mut table = udaconnect_actors::engine::EpisodeTable::default();
+        for c in &changes {
+            table.apply(c);
+        }
+        assert_eq!(net.upserts, table.episodes());
+        assert_eq!(net.deletes, vec![(1, 2, 10), (1, 2, 35)]);
+    }
+}
