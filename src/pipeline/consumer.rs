@@ -79,6 +79,8 @@ struct StageContext<F: WorkerFactory> {
 impl<F: WorkerFactory> ClientContext for StageContext<F> {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            warn!(stage = self.stage, fac, "librdkafka: {log_message}");
+        } else {
             debug!(stage = self.stage, fac, "librdkafka: {log_message}");
         }
     }
@@ -265,7 +267,10 @@ impl StageConsumer {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", "600000")
+            // Also the rebalance timeout: how long a join waits for members that vanished
+            // (kill -9). The poll thread blocks at most while a worker waits for a store that
+            // is down, which this must outlast.
+            .set("max.poll.interval.ms", "45000")
             .set("fetch.wait.max.ms", "20")
             .create_with_context(context)?;
         consumer.subscribe(&[&options.topic])?;

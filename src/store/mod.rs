@@ -63,6 +63,9 @@ pub fn pool(config: &Config, connect_timeout: Duration) -> Result<Pool, StoreErr
             })?;
     pg.connect_timeout(connect_timeout);
     pg.application_name("udaconnect");
+    // PostGIS notices (one per row for the POC-order points in the geography index) would
+    // flood the log and the wire.
+    pg.options("-c client_min_messages=warning");
     let manager = Manager::from_config(
         pg,
         NoTls,
