@@ -228,61 +228,56 @@ impl Pipeline {
         .unwrap_or(-1)
     }
 
+    /// The owned partitions of one stage, with the offset each supervisor has processed.
+    async fn stage_status<M: ractor::Message, V: Send + 'static>(
+        &self,
+        stage: &'static str,
+        topic: &str,
+        owned: &Owned<M>,
+        view: fn(ractor::RpcReplyPort<V>) -> M,
+        next_offset: fn(&V) -> u64,
+    ) -> StageStatus {
+        let actors: Vec<_> = owned
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        let mut partitions = Vec::new();
+        for (p, actor) in actors {
+            let processed = match actor.call(view, Some(Duration::from_secs(30))).await {
+                Ok(CallResult::Success(v)) => next_offset(&v) as i64,
+                _ => -1,
+            };
+            partitions.push(self.partition_status(topic, p, processed).await);
+        }
+        StageStatus {
+            stage,
+            topic: topic.to_owned(),
+            partitions,
+        }
+    }
+
     /// Owned partitions of both stages with processed and end offsets.
     pub async fn status(&self) -> PipelineStatus {
-        let mut stages = Vec::new();
-        let zone_actors: Vec<_> = self
-            .zone_owned
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(p, a)| (*p, a.clone()))
-            .collect();
-        let mut partitions = Vec::new();
-        for (p, actor) in zone_actors {
-            let processed = match actor
-                .call(ZoneSupervisorMsg::View, Some(Duration::from_secs(30)))
-                .await
-            {
-                Ok(CallResult::Success(v)) => v.next_offset as i64,
-                _ => -1,
-            };
-            partitions.push(
-                self.partition_status(&self.topics.locations, p, processed)
-                    .await,
-            );
-        }
-        stages.push(StageStatus {
-            stage: "zones",
-            topic: self.topics.locations.clone(),
-            partitions,
-        });
-        let person_actors: Vec<_> = self
-            .person_owned
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(p, a)| (*p, a.clone()))
-            .collect();
-        let mut partitions = Vec::new();
-        for (p, actor) in person_actors {
-            let processed = match actor
-                .call(PersonSupervisorMsg::View, Some(Duration::from_secs(30)))
-                .await
-            {
-                Ok(CallResult::Success(v)) => v.next_offset as i64,
-                _ => -1,
-            };
-            partitions.push(
-                self.partition_status(&self.topics.person_updates, p, processed)
-                    .await,
-            );
-        }
-        stages.push(StageStatus {
-            stage: "persons",
-            topic: self.topics.person_updates.clone(),
-            partitions,
-        });
+        let stages = vec![
+            self.stage_status(
+                "zones",
+                &self.topics.locations,
+                &self.zone_owned,
+                ZoneSupervisorMsg::View,
+                |v| v.next_offset,
+            )
+            .await,
+            self.stage_status(
+                "persons",
+                &self.topics.person_updates,
+                &self.person_owned,
+                PersonSupervisorMsg::View,
+                |v| v.next_offset,
+            )
+            .await,
+        ];
         let lag_total = stages
             .iter()
             .flat_map(|s| &s.partitions)

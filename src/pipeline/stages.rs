@@ -16,7 +16,7 @@ use udaconnect_actors::actors::person::{
     PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
 };
 use udaconnect_actors::actors::ports::{
-    ConnectionSink, LocationSink, PersonUpdateSink, PortError, SnapshotBlob, Stage,
+    retry, ConnectionSink, LocationSink, PersonUpdateSink, PortError, SnapshotBlob, Stage,
 };
 use udaconnect_actors::actors::zone::{ZoneSupervisor, ZoneSupervisorArgs, ZoneSupervisorMsg};
 use udaconnect_actors::actors::PartitionHandle;
@@ -33,25 +33,6 @@ use crate::store::pipeline::{apply_changes, store_locations, PgSnapshots};
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Batches in flight in front of a supervisor.
 const IN_FLIGHT: usize = 4;
-
-/// Retries `op` until it succeeds, backing off up to two seconds (backpressure, never loss).
-async fn until_ok<T, E: std::fmt::Display, Fut: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    partition: i32,
-    mut op: impl FnMut() -> Fut,
-) -> T {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match op().await {
-            Ok(v) => return v,
-            Err(e) => {
-                warn!(partition, error = %e, "{what} failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
 
 /// Home events into `location`.
 pub struct PgLocations {
@@ -203,7 +184,10 @@ impl DeadLetters {
                 ("source.offset", record.offset.to_string()),
             ],
         }];
-        until_ok("dead-lettering", partition, || self.producer.send_all(&out)).await;
+        retry("dead-lettering", partition as u32, || {
+            self.producer.send_all(&out)
+        })
+        .await;
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -211,37 +195,110 @@ impl DeadLetters {
 /// The supervisors of the partitions this process owns, for status and admin views.
 pub type Owned<M> = Arc<Mutex<BTreeMap<i32, ActorRef<M>>>>;
 
-async fn load_snapshot(
-    snapshots: &PgSnapshots,
+/// What both stages' workers share: the supervisor behind its bounded hand-off, the offsets
+/// handled and snapshotted, and the snapshot and close steps.
+struct PartitionCore<M: ractor::Message> {
     stage: Stage,
     partition: i32,
-) -> Option<SnapshotBlob> {
-    until_ok("loading the snapshot", partition, || {
-        snapshots.load(stage, partition as u32)
-    })
-    .await
+    handle: PartitionHandle<M>,
+    snapshots: PgSnapshots,
+    owned: Owned<M>,
+    snapshot_request: fn(ractor::RpcReplyPort<SnapshotBlob>) -> M,
+    /// The offset after the last record handled.
+    next_offset: i64,
+    snapshotted: i64,
 }
 
-async fn store_snapshot<M: ractor::Message>(
-    snapshots: &PgSnapshots,
-    stage: Stage,
-    partition: i32,
-    actor: &ActorRef<M>,
-    request: impl Fn(ractor::RpcReplyPort<SnapshotBlob>) -> M,
-) -> Option<SnapshotBlob> {
-    // The supervisor answers after every batch sent before, whose effects it awaited.
-    let blob = match actor.call(&request, Some(CALL_TIMEOUT)).await {
-        Ok(CallResult::Success(blob)) => blob,
-        other => {
-            error!(stage = stage.as_str(), partition, result = ?other.map(|_| ()), "snapshot request failed");
+impl<M: ractor::Message> PartitionCore<M> {
+    /// Loads the partition's snapshot and starts its supervisor from it (from nothing when
+    /// there is none, or when it cannot be read: the partition then replays from offset 0).
+    async fn restore<A>(
+        stage: Stage,
+        partition: i32,
+        snapshots: &PgSnapshots,
+        owned: &Owned<M>,
+        supervisor: impl Fn() -> A,
+        args: impl Fn(Option<SnapshotBlob>) -> A::Arguments,
+        snapshot_request: fn(ractor::RpcReplyPort<SnapshotBlob>) -> M,
+    ) -> Self
+    where
+        A: Actor<Msg = M>,
+    {
+        let partition_u32 = partition as u32;
+        let (blob, _) = retry("loading the snapshot", partition_u32, || {
+            snapshots.load(stage, partition_u32)
+        })
+        .await;
+        let restored = blob.as_ref().map_or(0, |b| b.next_offset as i64);
+        let (actor, restored) = match Actor::spawn(None, supervisor(), args(blob)).await {
+            Ok((actor, _)) => (actor, restored),
+            Err(e) => {
+                // An unreadable snapshot (another version's format): start over from offset 0.
+                error!(stage = stage.as_str(), partition, error = %e, "snapshot unusable; replaying the partition from its start");
+                let (actor, _) = Actor::spawn(None, supervisor(), args(None))
+                    .await
+                    .expect("a supervisor without a snapshot starts");
+                (actor, 0)
+            }
+        };
+        info!(
+            stage = stage.as_str(),
+            partition,
+            next_offset = restored,
+            "partition restored"
+        );
+        owned
+            .lock()
+            .expect("not poisoned")
+            .insert(partition, actor.clone());
+        Self {
+            stage,
+            partition,
+            handle: PartitionHandle::new(actor, IN_FLIGHT),
+            snapshots: snapshots.clone(),
+            owned: Arc::clone(owned),
+            snapshot_request,
+            next_offset: restored,
+            snapshotted: restored,
+        }
+    }
+
+    /// Snapshots the partition and stores it, unless nothing was handled since the last one;
+    /// returns the offset the snapshot covers.
+    async fn checkpoint(&mut self) -> Option<i64> {
+        if self.next_offset == self.snapshotted {
             return None;
         }
-    };
-    until_ok("storing the snapshot", partition, || {
-        snapshots.store(stage, partition as u32, &blob)
-    })
-    .await;
-    Some(blob)
+        // The supervisor answers after every batch sent before, whose effects it awaited.
+        let blob = match self
+            .handle
+            .actor()
+            .call(self.snapshot_request, Some(CALL_TIMEOUT))
+            .await
+        {
+            Ok(CallResult::Success(blob)) => blob,
+            other => {
+                error!(stage = self.stage.as_str(), partition = self.partition, result = ?other.map(|_| ()), "snapshot request failed");
+                return None;
+            }
+        };
+        let partition = self.partition as u32;
+        let snapshots = &self.snapshots;
+        retry("storing the snapshot", partition, || {
+            snapshots.store(self.stage, partition, &blob)
+        })
+        .await;
+        self.snapshotted = blob.next_offset as i64;
+        Some(self.snapshotted)
+    }
+
+    fn close(self) {
+        self.owned
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.partition);
+        self.handle.actor().stop(None);
+    }
 }
 
 /// Stage one: a zone partition's worker factory.
@@ -256,57 +313,37 @@ pub struct ZoneStage {
 }
 
 pub struct ZoneWorker {
-    partition: i32,
-    handle: PartitionHandle<ZoneSupervisorMsg>,
-    snapshots: PgSnapshots,
+    core: PartitionCore<ZoneSupervisorMsg>,
     dead_letters: DeadLetters,
-    owned: Owned<ZoneSupervisorMsg>,
-    /// The offset after the last record handled.
-    next_offset: i64,
     /// The offset the supervisor has been told about.
     sent_offset: i64,
-    snapshotted: i64,
 }
 
 impl WorkerFactory for ZoneStage {
     type Worker = ZoneWorker;
 
     async fn open(&self, partition: i32) -> ZoneWorker {
-        let blob = load_snapshot(&self.snapshots, Stage::Zones, partition).await;
-        let restored = blob.as_ref().map_or(0, |b| b.next_offset as i64);
-        let args = |snapshot| ZoneSupervisorArgs {
-            partition: partition as u32,
-            params: self.params,
-            person_partitions: self.person_partitions,
-            locations: self.locations.clone(),
-            updates: self.updates.clone(),
-            snapshot,
-        };
-        let (actor, restored) = match Actor::spawn(None, ZoneSupervisor, args(blob)).await {
-            Ok((actor, _)) => (actor, restored),
-            Err(e) => {
-                // An unreadable snapshot (another version's format): start over from offset 0.
-                error!(partition, error = %e, "zone snapshot unusable; replaying the partition from its start");
-                let (actor, _) = Actor::spawn(None, ZoneSupervisor, args(None))
-                    .await
-                    .expect("a zone supervisor without a snapshot starts");
-                (actor, 0)
-            }
-        };
-        info!(partition, next_offset = restored, "zone partition restored");
-        self.owned
-            .lock()
-            .expect("not poisoned")
-            .insert(partition, actor.clone());
-        ZoneWorker {
+        let core = PartitionCore::restore(
+            Stage::Zones,
             partition,
-            handle: PartitionHandle::new(actor, IN_FLIGHT),
-            snapshots: self.snapshots.clone(),
+            &self.snapshots,
+            &self.owned,
+            || ZoneSupervisor,
+            |snapshot| ZoneSupervisorArgs {
+                partition: partition as u32,
+                params: self.params,
+                person_partitions: self.person_partitions,
+                locations: self.locations.clone(),
+                updates: self.updates.clone(),
+                snapshot,
+            },
+            ZoneSupervisorMsg::Snapshot,
+        )
+        .await;
+        ZoneWorker {
+            sent_offset: core.next_offset,
+            core,
             dead_letters: self.dead_letters.clone(),
-            owned: Arc::clone(&self.owned),
-            next_offset: restored,
-            sent_offset: restored,
-            snapshotted: restored,
         }
     }
 }
@@ -314,6 +351,7 @@ impl WorkerFactory for ZoneStage {
 impl ZoneWorker {
     async fn send_events(&mut self, events: Vec<RoutedEvent>, next_offset: i64) {
         let sent = self
+            .core
             .handle
             .send(|permit| ZoneSupervisorMsg::Batch {
                 events,
@@ -323,7 +361,7 @@ impl ZoneWorker {
             })
             .await;
         if sent.is_err() {
-            error!(partition = self.partition, "zone supervisor is gone");
+            error!(partition = self.core.partition, "zone supervisor is gone");
         }
         self.sent_offset = next_offset;
     }
@@ -334,7 +372,7 @@ impl PartitionWorker for ZoneWorker {
         let mut events: Vec<RoutedEvent> = Vec::new();
         for record in records {
             // Covered by the snapshot the partition was restored from.
-            if record.offset < self.next_offset {
+            if record.offset < self.core.next_offset {
                 continue;
             }
             match LocationRecord::decode(record.payload.as_deref()) {
@@ -346,6 +384,7 @@ impl PartitionWorker for ZoneWorker {
                     }
                     let next_offset = (record.offset + 1) as u64;
                     let _ = self
+                        .core
                         .handle
                         .send(|permit| ZoneSupervisorMsg::Advance {
                             max_event_time,
@@ -358,39 +397,23 @@ impl PartitionWorker for ZoneWorker {
                 }
                 Err(e) => {
                     self.dead_letters
-                        .send(self.partition, &record, &e.to_string())
+                        .send(self.core.partition, &record, &e.to_string())
                         .await
                 }
             }
-            self.next_offset = record.offset + 1;
+            self.core.next_offset = record.offset + 1;
         }
-        if !events.is_empty() || self.sent_offset < self.next_offset {
-            self.send_events(events, self.next_offset).await;
+        if !events.is_empty() || self.sent_offset < self.core.next_offset {
+            self.send_events(events, self.core.next_offset).await;
         }
     }
 
     async fn checkpoint(&mut self) -> Option<i64> {
-        if self.next_offset == self.snapshotted {
-            return None;
-        }
-        let blob = store_snapshot(
-            &self.snapshots,
-            Stage::Zones,
-            self.partition,
-            self.handle.actor(),
-            ZoneSupervisorMsg::Snapshot,
-        )
-        .await?;
-        self.snapshotted = blob.next_offset as i64;
-        Some(self.snapshotted)
+        self.core.checkpoint().await
     }
 
     async fn close(self) {
-        self.owned
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.partition);
-        self.handle.actor().stop(None);
+        self.core.close();
     }
 }
 
@@ -406,57 +429,35 @@ pub struct PersonStage {
 }
 
 pub struct PersonWorker {
-    partition: i32,
-    handle: PartitionHandle<PersonSupervisorMsg>,
-    snapshots: PgSnapshots,
+    core: PartitionCore<PersonSupervisorMsg>,
     dead_letters: DeadLetters,
-    owned: Owned<PersonSupervisorMsg>,
-    next_offset: i64,
-    snapshotted: i64,
 }
 
 impl WorkerFactory for PersonStage {
     type Worker = PersonWorker;
 
     async fn open(&self, partition: i32) -> PersonWorker {
-        let blob = load_snapshot(&self.snapshots, Stage::Persons, partition).await;
-        let restored = blob.as_ref().map_or(0, |b| b.next_offset as i64);
-        let args = |snapshot| PersonSupervisorArgs {
-            partition: partition as u32,
-            params: self.params,
-            zone_partitions: self.zone_partitions,
-            connections: self.connections.clone(),
-            passivate_after_s: self.passivate_after_s,
-            capture: false,
-            snapshot,
-        };
-        let (actor, restored) = match Actor::spawn(None, PersonSupervisor, args(blob)).await {
-            Ok((actor, _)) => (actor, restored),
-            Err(e) => {
-                error!(partition, error = %e, "person snapshot unusable; replaying the partition from its start");
-                let (actor, _) = Actor::spawn(None, PersonSupervisor, args(None))
-                    .await
-                    .expect("a person supervisor without a snapshot starts");
-                (actor, 0)
-            }
-        };
-        info!(
+        let core = PartitionCore::restore(
+            Stage::Persons,
             partition,
-            next_offset = restored,
-            "person partition restored"
-        );
-        self.owned
-            .lock()
-            .expect("not poisoned")
-            .insert(partition, actor.clone());
+            &self.snapshots,
+            &self.owned,
+            || PersonSupervisor,
+            |snapshot| PersonSupervisorArgs {
+                partition: partition as u32,
+                params: self.params,
+                zone_partitions: self.zone_partitions,
+                connections: self.connections.clone(),
+                passivate_after_s: self.passivate_after_s,
+                capture: false,
+                snapshot,
+            },
+            PersonSupervisorMsg::Snapshot,
+        )
+        .await;
         PersonWorker {
-            partition,
-            handle: PartitionHandle::new(actor, IN_FLIGHT),
-            snapshots: self.snapshots.clone(),
+            core,
             dead_letters: self.dead_letters.clone(),
-            owned: Arc::clone(&self.owned),
-            next_offset: restored,
-            snapshotted: restored,
         }
     }
 }
@@ -464,14 +465,14 @@ impl WorkerFactory for PersonStage {
 impl PartitionWorker for PersonWorker {
     async fn handle(&mut self, records: Vec<Record>) {
         for record in records {
-            if record.offset < self.next_offset {
+            if record.offset < self.core.next_offset {
                 continue;
             }
             let batch = match codec::decode_person_batch(record.payload.as_deref()) {
                 Ok(batch) => batch,
                 Err(e) => {
                     self.dead_letters
-                        .send(self.partition, &record, &e.to_string())
+                        .send(self.core.partition, &record, &e.to_string())
                         .await;
                     // Nothing to apply; the supervisor still learns the offset moved.
                     PersonBatch {
@@ -482,6 +483,7 @@ impl PartitionWorker for PersonWorker {
                 }
             };
             let sent = self
+                .core
                 .handle
                 .send(|permit| PersonSupervisorMsg::Batch {
                     batch,
@@ -491,33 +493,17 @@ impl PartitionWorker for PersonWorker {
                 })
                 .await;
             if sent.is_err() {
-                error!(partition = self.partition, "person supervisor is gone");
+                error!(partition = self.core.partition, "person supervisor is gone");
             }
-            self.next_offset = record.offset + 1;
+            self.core.next_offset = record.offset + 1;
         }
     }
 
     async fn checkpoint(&mut self) -> Option<i64> {
-        if self.next_offset == self.snapshotted {
-            return None;
-        }
-        let blob = store_snapshot(
-            &self.snapshots,
-            Stage::Persons,
-            self.partition,
-            self.handle.actor(),
-            PersonSupervisorMsg::Snapshot,
-        )
-        .await?;
-        self.snapshotted = blob.next_offset as i64;
-        Some(self.snapshotted)
+        self.core.checkpoint().await
     }
 
     async fn close(self) {
-        self.owned
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.partition);
-        self.handle.actor().stop(None);
+        self.core.close();
     }
 }

@@ -84,10 +84,11 @@ pub trait SnapshotStore: Send + Sync + 'static {
 }
 
 /// Runs `op` until it succeeds, backing off up to a second; returns how many retries it took.
-pub(crate) async fn retry<T, F, Fut>(what: &'static str, partition: u32, mut op: F) -> (T, u64)
+pub async fn retry<T, E, F, Fut>(what: &'static str, partition: u32, mut op: F) -> (T, u64)
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, PortError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut delay = std::time::Duration::from_millis(10);
     let mut retries = 0;
