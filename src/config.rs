@@ -58,6 +58,9 @@ pub struct Config {
     pub startup_wait_s: u64,
     /// How long a graceful shutdown may take, seconds.
     pub shutdown_grace_s: u64,
+    /// This process's name in the cluster, recorded as the owner of its partitions; unset:
+    /// `POD_NAME` (the StatefulSet pod), else `<hostname>-<pid>`.
+    pub node_name: Option<String>,
 }
 
 impl Default for Config {
@@ -84,6 +87,7 @@ impl Default for Config {
             readiness_timeout_ms: 2_000,
             startup_wait_s: 30,
             shutdown_grace_s: 10,
+            node_name: None,
         }
     }
 }
@@ -208,6 +212,23 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The process's name in the cluster (see [`Config::node_name`]).
+    pub fn node(&self) -> String {
+        if let Some(name) = self.node_name.as_ref().filter(|n| !n.is_empty()) {
+            return name.clone();
+        }
+        if let Some(pod) = std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()) {
+            return pod;
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{host}-{}", std::process::id())
     }
 
     /// The engine's tunables from this configuration.

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod kafka;
+pub mod metrics;
 pub mod pipeline;
 pub mod rest;
 pub mod startup;

@@ -81,6 +81,7 @@ impl Server {
             pool: self.pool.clone(),
             broker: self.broker.clone(),
             readiness_timeout: Duration::from_millis(self.config.readiness_timeout_ms),
+            pipeline: Arc::clone(&self.pipeline),
         });
         let acceptor = TcpAcceptor::from_tokio(self.rest_listener)?;
         info!(rest_addr = %self.rest_addr, "rest server listening");

@@ -3,6 +3,7 @@
 //!
 //! The simulator and the benches arrive with the proximity engine; see `docs/benchmarks.md`.
 
+pub mod produce;
 pub mod sim;
 
 /// One line of `/proc/self/status` in bytes (`VmHWM`, `VmRSS`, …); 0 where it is unavailable.

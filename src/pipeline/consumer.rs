@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,6 +22,20 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::kafka::client_config;
+use crate::metrics::SizeHistogram;
+
+/// What a stage's consumer counts (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    /// Records handed to the partitions' workers.
+    pub records: AtomicU64,
+    /// Time the poll thread waited for room in a worker's channel (backpressure), µs.
+    pub backpressure_us: AtomicU64,
+    /// Records per worker batch.
+    pub batch_records: SizeHistogram,
+    /// Times the member rejoined its group because partitions had no live owner.
+    pub rejoins: AtomicU64,
+}
 
 /// One record of an assigned partition.
 #[derive(Debug, Clone)]
@@ -46,6 +60,8 @@ pub trait WorkerFactory: Send + Sync + 'static {
     type Worker: PartitionWorker;
     /// Restores the partition from its snapshot (retrying until the store answers).
     fn open(&self, partition: i32) -> impl Future<Output = Self::Worker> + Send;
+    /// How many of the stage's partitions no live process owns (from the owner rows).
+    fn orphaned(&self) -> impl Future<Output = Result<u32, String>> + Send;
 }
 
 enum Input {
@@ -74,6 +90,7 @@ struct StageContext<F: WorkerFactory> {
     workers: Mutex<HashMap<i32, mpsc::Sender<Input>>>,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
+    counters: Arc<StageCounters>,
 }
 
 impl<F: WorkerFactory> ClientContext for StageContext<F> {
@@ -122,6 +139,7 @@ impl<F: WorkerFactory> StageContext<F> {
             rx,
             self.commands.clone(),
             self.snapshot_interval,
+            Arc::clone(&self.counters),
         ));
     }
 
@@ -168,6 +186,7 @@ async fn run_worker<F: WorkerFactory>(
     mut rx: mpsc::Receiver<Input>,
     commands: std_mpsc::Sender<Command>,
     snapshot_interval: Duration,
+    counters: Arc<StageCounters>,
 ) {
     let mut worker = factory.open(partition).await;
     let mut ticker = tokio::time::interval_at(
@@ -200,6 +219,7 @@ async fn run_worker<F: WorkerFactory>(
                         Err(_) => break,
                     }
                 }
+                counters.batch_records.observe(records.len() as u64);
                 worker.handle(records).await;
                 if let Some(Input::Revoke(ack)) = control {
                     let offset = worker.checkpoint().await;
@@ -230,6 +250,7 @@ pub struct StageConsumer {
     thread: Option<JoinHandle<()>>,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
+    counters: Arc<StageCounters>,
 }
 
 /// Consumer settings of a stage: the group, no auto-commit, start from the beginning when the
@@ -250,6 +271,7 @@ impl StageConsumer {
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let (commands, command_rx) = std_mpsc::channel();
         let assigned = Arc::new(Mutex::new(Vec::new()));
+        let counters = Arc::new(StageCounters::default());
         let context = StageContext {
             stage: options.stage,
             topic: options.topic.clone(),
@@ -259,6 +281,7 @@ impl StageConsumer {
             workers: Mutex::new(HashMap::new()),
             commands: commands.clone(),
             assigned: Arc::clone(&assigned),
+            counters: Arc::clone(&counters),
         };
         let consumer: BaseConsumer<StageContext<F>> = client_config(config)
             .set("group.id", &options.group)
@@ -296,7 +319,13 @@ impl StageConsumer {
             thread: Some(thread),
             commands,
             assigned,
+            counters,
         })
+    }
+
+    /// What the consumer counted.
+    pub fn counters(&self) -> &Arc<StageCounters> {
+        &self.counters
     }
 
     /// The partitions this process owns in the stage right now.
@@ -325,6 +354,59 @@ impl StageConsumer {
     }
 }
 
+/// A member left without partitions while some partition has no live owner rejoins its group
+/// after this long. It guards against a broker that hands a member an empty assignment and
+/// never rebalances again (tansu 0.6 does when a member is killed while it leads the group:
+/// the replacement's follower SyncGroup is accepted as the leader's).
+const ORPHAN_REJOIN_AFTER: Duration = Duration::from_secs(25);
+/// How often the watchdog asks the owner rows while it waits.
+const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+struct Watchdog {
+    empty_since: Option<Instant>,
+    last_check: Instant,
+}
+
+impl Watchdog {
+    fn new() -> Self {
+        Self {
+            empty_since: None,
+            last_check: Instant::now(),
+        }
+    }
+
+    /// True when this member owned nothing for [`ORPHAN_REJOIN_AFTER`] and the owner rows
+    /// show partitions nobody live owns.
+    fn should_rejoin<F: WorkerFactory>(&mut self, context: &StageContext<F>) -> bool {
+        let empty = context.assigned.lock().expect("not poisoned").is_empty();
+        if !empty {
+            self.empty_since = None;
+            return false;
+        }
+        let since = *self.empty_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < ORPHAN_REJOIN_AFTER || self.last_check.elapsed() < ORPHAN_CHECK_EVERY {
+            return false;
+        }
+        self.last_check = Instant::now();
+        let factory = Arc::clone(&context.factory);
+        let orphaned = context.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), factory.orphaned()).await
+        });
+        match orphaned {
+            Ok(Ok(n)) if n > 0 => {
+                self.empty_since = None;
+                true
+            }
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => {
+                debug!(stage = context.stage, error = %e, "cannot read the owner rows");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 fn poll_loop<F: WorkerFactory>(
     consumer: BaseConsumer<StageContext<F>>,
     topic: &str,
@@ -333,7 +415,23 @@ fn poll_loop<F: WorkerFactory>(
 ) {
     let mut pending_commits: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_commit = Instant::now();
+    let mut watchdog = Watchdog::new();
     while !stop.load(Ordering::Acquire) {
+        if watchdog.should_rejoin(consumer.context()) {
+            warn!(
+                stage = consumer.context().stage,
+                "no partitions while some have no live owner; rejoining the group"
+            );
+            consumer
+                .context()
+                .counters
+                .rejoins
+                .fetch_add(1, Ordering::Relaxed);
+            consumer.unsubscribe();
+            if let Err(e) = consumer.subscribe(&[topic]) {
+                warn!(stage = consumer.context().stage, error = %e, "cannot subscribe again");
+            }
+        }
         while let Ok(command) = commands.try_recv() {
             let mut tpl = TopicPartitionList::new();
             match command {
@@ -392,8 +490,19 @@ fn poll_loop<F: WorkerFactory>(
                     .get(&partition)
                     .cloned();
                 if let Some(tx) = tx {
-                    // Waits while the worker is busy: backpressure reaches the broker.
-                    let _ = tx.blocking_send(Input::Record(record));
+                    let counters = &consumer.context().counters;
+                    counters.records.fetch_add(1, Ordering::Relaxed);
+                    match tx.try_send(Input::Record(record)) {
+                        Err(mpsc::error::TrySendError::Full(input)) => {
+                            // Waits while the worker is busy: backpressure reaches the broker.
+                            let waited = Instant::now();
+                            let _ = tx.blocking_send(input);
+                            counters
+                                .backpressure_us
+                                .fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        }
+                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
                 }
             }
             Some(Err(e)) => warn!(error = %e, "poll error"),

@@ -4,7 +4,7 @@
 //! gRPC later. A heartbeat tells every zone partition how far event time has come.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::kafka::{OutRecord, Producer};
+use crate::metrics::SizeHistogram;
 use crate::pipeline::codec::LocationRecord;
 use crate::store::StoreError;
 
@@ -107,6 +108,18 @@ pub struct Ingestor {
     /// The latest event time accepted so far (the heartbeat's promise).
     max_event_time: AtomicI64,
     partitions: u32,
+    counters: IngestCounters,
+}
+
+/// What the ingest side counted (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Locations records produced (each packs many routed copies).
+    pub records: AtomicU64,
+    /// Routed copies (home and halo) per locations record: the packing.
+    pub copies_per_record: SizeHistogram,
 }
 
 fn now_micros() -> Micros {
@@ -124,12 +137,31 @@ impl Ingestor {
             future_skew_s: config.future_skew_s,
             max_event_time: AtomicI64::new(Micros::MIN),
             partitions,
+            counters: IngestCounters::default(),
         }
     }
 
     /// Validates, routes and produces `events`; returns once the broker acknowledged every
     /// accepted one.
     pub async fn ingest(&self, events: &[NewLocationEvent]) -> Result<IngestReport, IngestError> {
+        let report = self.ingest_uncounted(events).await?;
+        let c = &self.counters;
+        c.accepted
+            .fetch_add(report.accepted.len() as u64, Ordering::Relaxed);
+        c.rejected
+            .fetch_add(report.rejected.len() as u64, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// What the ingest side counted.
+    pub fn counters(&self) -> &IngestCounters {
+        &self.counters
+    }
+
+    async fn ingest_uncounted(
+        &self,
+        events: &[NewLocationEvent],
+    ) -> Result<IngestReport, IngestError> {
         let received_at = now_micros();
         let mut report = IngestReport::default();
         let mut valid: Vec<(usize, LocationEvent)> = Vec::with_capacity(events.len());
@@ -170,6 +202,7 @@ impl Ingestor {
         let mut records = Vec::new();
         for (p, copies) in per_partition.iter().enumerate() {
             for chunk in copies.chunks(MAX_COPIES_PER_RECORD) {
+                self.counters.copies_per_record.observe(chunk.len() as u64);
                 records.push(OutRecord {
                     topic: &self.topic,
                     partition: Some(p as i32),
@@ -180,6 +213,9 @@ impl Ingestor {
             }
         }
         self.producer.send_all(&records).await?;
+        self.counters
+            .records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         let latest = valid
             .iter()
             .map(|(_, e)| e.recorded_at)

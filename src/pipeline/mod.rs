@@ -4,10 +4,12 @@
 
 pub mod codec;
 pub mod consumer;
+pub mod hub;
 pub mod ingest;
 pub mod stages;
 
-use std::sync::atomic::AtomicU64;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,17 +19,22 @@ use ractor::rpc::CallResult;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 use tokio::sync::{watch, Mutex};
-use udaconnect_actors::actors::person::PersonSupervisorMsg;
-use udaconnect_actors::actors::zone::ZoneSupervisorMsg;
+use tracing::warn;
+use udaconnect_actors::actors::person::{PersonPartitionView, PersonSupervisorMsg};
+use udaconnect_actors::actors::ports::Stage;
+use udaconnect_actors::actors::zone::{ZonePartitionView, ZoneSupervisorMsg};
 
 use crate::config::Config;
 use crate::kafka::{client_config, Broker, Producer};
-use crate::pipeline::consumer::{StageConsumer, StageOptions};
+use crate::metrics::{Exposition, Kind};
+use crate::pipeline::consumer::{StageConsumer, StageCounters, StageOptions};
+use crate::pipeline::hub::{HubCounters, NotificationHub};
 use crate::pipeline::ingest::Ingestor;
 use crate::pipeline::stages::{
-    DeadLetters, KafkaPersonUpdates, Owned, PersonStage, PgConnections, PgLocations, ZoneStage,
+    DeadLetters, KafkaPersonUpdates, Owned, PartitionStore, PersonStage, PgConnections,
+    PgLocations, ZoneStage,
 };
-use crate::store::pipeline::PgSnapshots;
+use crate::store::pipeline::{shard_owners, PgOwners, PgSnapshots, ShardOwner};
 
 /// Consumer group of stage one.
 pub const ZONES_GROUP: &str = "udaconnect-zones";
@@ -35,7 +42,7 @@ pub const ZONES_GROUP: &str = "udaconnect-zones";
 pub const PERSONS_GROUP: &str = "udaconnect-persons";
 
 /// One partition of a stage owned by this process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartitionStatus {
     pub partition: i32,
     /// The offset after the last record whose effects are done.
@@ -43,23 +50,90 @@ pub struct PartitionStatus {
     /// The topic's end offset (high watermark).
     pub end_offset: i64,
     pub lag: i64,
+    /// The partition's live figures (from its supervisor's view).
+    #[serde(flatten)]
+    pub figures: PartitionFigures,
+}
+
+/// What a partition's supervisor reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PartitionFigures {
+    /// Zone actors (zones stage) or active person actors (persons stage).
+    pub actors: u64,
+    /// Passivated persons (state kept, no actor running).
+    pub passivated: u64,
+    /// Event-time watermark, µs since the epoch (the minimum over the zone partitions for the
+    /// persons stage).
+    pub watermark: i64,
+    /// Counters since the partition was assigned here, by name.
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+impl PartitionFigures {
+    fn of_zones(v: &ZonePartitionView) -> Self {
+        Self {
+            actors: v.zones.len() as u64,
+            passivated: 0,
+            watermark: v.watermark,
+            counters: BTreeMap::from([
+                ("batches", v.counters.batches),
+                ("events", v.counters.events),
+                ("late_events", v.counters.late),
+                ("panics", v.supervision.panics),
+                ("restarts", v.supervision.restarts),
+                ("port_retries", v.port_retries),
+            ]),
+        }
+    }
+
+    fn of_persons(v: &PersonPartitionView) -> Self {
+        Self {
+            actors: v.active_persons as u64,
+            passivated: v.passivated_persons as u64,
+            watermark: v.watermarks.iter().copied().min().unwrap_or(i64::MIN),
+            counters: BTreeMap::from([
+                ("batches", v.counters.batches),
+                ("updates", v.counters.updates),
+                ("colocations", v.counters.colocations),
+                ("episode_changes", v.counters.changes),
+                ("notifications", v.counters.notifications),
+                ("passivations", v.counters.passivations),
+                ("activations", v.counters.activations),
+                ("panics", v.supervision.panics),
+                ("restarts", v.supervision.restarts),
+                ("port_retries", v.port_retries),
+            ]),
+        }
+    }
 }
 
 /// One stage's partitions in this process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageStatus {
     pub stage: &'static str,
     pub topic: String,
     pub partitions: Vec<PartitionStatus>,
+    /// Records handed to workers, time blocked on full worker channels, group rejoins.
+    pub records: u64,
+    pub backpressure_s: f64,
+    pub rejoins: u64,
 }
 
-/// The pipeline as this process sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The pipeline as this process sees it, and the cluster's owners as `shard_owner` says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineStatus {
+    /// This process's name (`shard_owner.owner`).
+    pub node: String,
     pub stages: Vec<StageStatus>,
     pub lag_total: i64,
     pub dead_letters: u64,
     pub locations_stored: u64,
+    /// Every owned partition of both stages in the cluster, with its snapshot's offset and
+    /// age; empty with `owners_error` set when PostgreSQL did not answer.
+    pub owners: Vec<ShardOwner>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owners_error: Option<String>,
+    pub hub: HubCounters,
 }
 
 /// Both stages, the ingestor and its heartbeats, running in this process.
@@ -69,6 +143,11 @@ pub struct Pipeline {
     persons: Mutex<Option<StageConsumer>>,
     zone_owned: Owned<ZoneSupervisorMsg>,
     person_owned: Owned<PersonSupervisorMsg>,
+    zone_counters: Arc<StageCounters>,
+    person_counters: Arc<StageCounters>,
+    hub: Arc<NotificationHub>,
+    node: String,
+    pool: Pool,
     probe: Arc<BaseConsumer>,
     topics: crate::config::Topics,
     dead_letters: Arc<AtomicU64>,
@@ -107,6 +186,14 @@ impl Pipeline {
             pool: pool.clone(),
             stored: AtomicU64::new(0),
         });
+        let node = config.node();
+        let owner_addr = config.grpc_addr.to_string();
+        let store = |stage: Stage, topic: &str, partitions: u32| PartitionStore {
+            stage,
+            partitions,
+            snapshots: PgSnapshots::new(pool.clone(), topic),
+            owners: PgOwners::new(pool.clone(), topic, &node, &owner_addr),
+        };
         let zone_owned: Owned<ZoneSupervisorMsg> = Arc::default();
         let person_owned: Owned<PersonSupervisorMsg> = Arc::default();
         let zone_stage = ZoneStage {
@@ -117,7 +204,7 @@ impl Pipeline {
                 producer: producer.clone(),
                 topic: topics.person_updates.clone(),
             }),
-            snapshots: PgSnapshots::new(pool.clone(), topics.locations.clone()),
+            store: store(Stage::Zones, &topics.locations, zone_partitions),
             dead_letters: DeadLetters {
                 producer: producer.clone(),
                 source_topic: topics.locations.clone(),
@@ -135,7 +222,7 @@ impl Pipeline {
                 producer: producer.clone(),
                 topic: topics.connections.clone(),
             }),
-            snapshots: PgSnapshots::new(pool.clone(), topics.person_updates.clone()),
+            store: store(Stage::Persons, &topics.person_updates, person_partitions),
             dead_letters: DeadLetters {
                 producer: producer.clone(),
                 source_topic: topics.person_updates.clone(),
@@ -143,6 +230,14 @@ impl Pipeline {
                 count: Arc::clone(&dead_letters),
             },
             owned: Arc::clone(&person_owned),
+        };
+        // Started first, so it reads every notification the stages produce from now on.
+        let hub = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || NotificationHub::start(&config))
+                .await
+                .context("the notification hub's start panicked")?
+                .context("failed to start the notification hub")?
         };
         let group = |base: &str| format!("{}.{base}", config.topic_prefix);
         let persons = StageConsumer::start(
@@ -167,7 +262,12 @@ impl Pipeline {
             Arc::new(zone_stage),
         )
         .context("failed to start the zones stage")?;
-        let ingestor = Arc::new(Ingestor::new(config, producer, pool, zone_partitions));
+        let ingestor = Arc::new(Ingestor::new(
+            config,
+            producer,
+            pool.clone(),
+            zone_partitions,
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, shutdown_rx);
         let probe: BaseConsumer = client_config(config)
@@ -175,10 +275,15 @@ impl Pipeline {
             .context("failed to create the kafka probe")?;
         Ok(Self {
             ingestor,
+            zone_counters: Arc::clone(zones.counters()),
+            person_counters: Arc::clone(persons.counters()),
             zones: Mutex::new(Some(zones)),
             persons: Mutex::new(Some(persons)),
             zone_owned,
             person_owned,
+            hub: Arc::new(hub),
+            node,
+            pool,
             probe: Arc::new(probe),
             topics,
             dead_letters,
@@ -191,6 +296,11 @@ impl Pipeline {
     /// The ingest side.
     pub fn ingestor(&self) -> &Arc<Ingestor> {
         &self.ingestor
+    }
+
+    /// The process's notification hub (live streams subscribe to it).
+    pub fn hub(&self) -> &Arc<NotificationHub> {
+        &self.hub
     }
 
     /// Stops fetching one partition of a stage (operations; the tests of watermark alignment).
@@ -233,9 +343,9 @@ impl Pipeline {
         &self,
         stage: &'static str,
         topic: &str,
-        owned: &Owned<M>,
+        (owned, counters): (&Owned<M>, &StageCounters),
         view: fn(ractor::RpcReplyPort<V>) -> M,
-        next_offset: fn(&V) -> u64,
+        read: fn(&V) -> (u64, PartitionFigures),
     ) -> StageStatus {
         let actors: Vec<_> = owned
             .lock()
@@ -245,16 +355,29 @@ impl Pipeline {
             .collect();
         let mut partitions = Vec::new();
         for (p, actor) in actors {
-            let processed = match actor.call(view, Some(Duration::from_secs(30))).await {
-                Ok(CallResult::Success(v)) => next_offset(&v) as i64,
-                _ => -1,
+            let (processed, figures) = match actor.call(view, Some(Duration::from_secs(30))).await {
+                Ok(CallResult::Success(v)) => {
+                    let (next, figures) = read(&v);
+                    (next as i64, figures)
+                }
+                _ => (-1, PartitionFigures::default()),
             };
-            partitions.push(self.partition_status(topic, p, processed).await);
+            let end = self.end_offset(topic, p).await;
+            partitions.push(PartitionStatus {
+                partition: p,
+                processed_offset: processed,
+                end_offset: end,
+                lag: (end - processed).max(0),
+                figures,
+            });
         }
         StageStatus {
             stage,
             topic: topic.to_owned(),
             partitions,
+            records: counters.records.load(Ordering::Relaxed),
+            backpressure_s: counters.backpressure_us.load(Ordering::Relaxed) as f64 / 1e6,
+            rejoins: counters.rejoins.load(Ordering::Relaxed),
         }
     }
 
@@ -264,48 +387,52 @@ impl Pipeline {
             self.stage_status(
                 "zones",
                 &self.topics.locations,
-                &self.zone_owned,
+                (&self.zone_owned, &self.zone_counters),
                 ZoneSupervisorMsg::View,
-                |v| v.next_offset,
+                |v| (v.next_offset, PartitionFigures::of_zones(v)),
             )
             .await,
             self.stage_status(
                 "persons",
                 &self.topics.person_updates,
-                &self.person_owned,
+                (&self.person_owned, &self.person_counters),
                 PersonSupervisorMsg::View,
-                |v| v.next_offset,
+                |v| (v.next_offset, PartitionFigures::of_persons(v)),
             )
             .await,
         ];
+        let topics = [
+            self.topics.locations.as_str(),
+            self.topics.person_updates.as_str(),
+        ];
+        let (owners, owners_error) =
+            match tokio::time::timeout(Duration::from_secs(2), shard_owners(&self.pool, &topics))
+                .await
+            {
+                Ok(Ok(owners)) => (owners, None),
+                Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
+                Err(_) => (
+                    Vec::new(),
+                    Some("postgres did not answer within 2s".to_owned()),
+                ),
+            };
         let lag_total = stages
             .iter()
             .flat_map(|s| &s.partitions)
             .map(|p| p.lag.max(0))
             .sum();
         PipelineStatus {
+            node: self.node.clone(),
             stages,
             lag_total,
-            dead_letters: self.dead_letters.load(std::sync::atomic::Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
             locations_stored: self
                 .locations
                 .stored
                 .load(std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-
-    async fn partition_status(
-        &self,
-        topic: &str,
-        partition: i32,
-        processed: i64,
-    ) -> PartitionStatus {
-        let end = self.end_offset(topic, partition).await;
-        PartitionStatus {
-            partition,
-            processed_offset: processed,
-            end_offset: end,
-            lag: (end - processed).max(0),
+            owners,
+            owners_error,
+            hub: self.hub.counters(),
         }
     }
 
@@ -323,5 +450,298 @@ impl Pipeline {
         if let Some(persons) = self.persons.lock().await.take() {
             persons.stop().await;
         }
+        self.hub.stop().await;
+    }
+}
+
+/// Help texts of the per-partition counters in `/metrics`.
+const PARTITION_COUNTERS: [(&str, &str); 12] = [
+    ("batches", "Batches the partition's supervisor handled"),
+    (
+        "events",
+        "Routed event copies (home and halo) the zone partition handled",
+    ),
+    (
+        "late_events",
+        "Event copies that arrived later than the watermark (stored, not matched in real time)",
+    ),
+    ("updates", "Per-person updates the person partition handled"),
+    (
+        "colocations",
+        "Co-locations accepted by the person partition (repeats excluded)",
+    ),
+    (
+        "episode_changes",
+        "Episode changes (opened, grown, reshaped, closed) written to connection",
+    ),
+    (
+        "notifications",
+        "Notifications produced to the connections topic",
+    ),
+    ("passivations", "Person actors passivated"),
+    ("activations", "Person actors activated"),
+    ("panics", "Actor panics"),
+    ("restarts", "Actor restarts after a panic"),
+    (
+        "port_retries",
+        "Retries of a failed effect (PostgreSQL or the broker away)",
+    ),
+];
+
+impl Pipeline {
+    /// This process's metrics in the Prometheus text format.
+    pub async fn prometheus(&self) -> String {
+        let status = self.status().await;
+        let mut out = Exposition::default();
+        let ingest = self.ingestor.counters();
+        out.family(
+            "udaconnect_ingest_events_total",
+            Kind::Counter,
+            "Location events the ingest path accepted (acknowledged by the broker) or rejected",
+        )
+        .sample(
+            "udaconnect_ingest_events_total",
+            &[("result", "accepted")],
+            ingest.accepted.load(Ordering::Relaxed) as f64,
+        )
+        .sample(
+            "udaconnect_ingest_events_total",
+            &[("result", "rejected")],
+            ingest.rejected.load(Ordering::Relaxed) as f64,
+        );
+        out.family(
+            "udaconnect_ingest_records_total",
+            Kind::Counter,
+            "Records produced to the locations topic",
+        )
+        .sample(
+            "udaconnect_ingest_records_total",
+            &[],
+            ingest.records.load(Ordering::Relaxed) as f64,
+        );
+        out.family(
+            "udaconnect_ingest_copies_per_record",
+            Kind::Histogram,
+            "Routed event copies packed into one locations record",
+        )
+        .histogram(
+            "udaconnect_ingest_copies_per_record",
+            &[],
+            &ingest.copies_per_record.read(),
+        );
+
+        let stage_counters = [
+            ("zones", &self.zone_counters),
+            ("persons", &self.person_counters),
+        ];
+        out.family(
+            "udaconnect_stage_records_total",
+            Kind::Counter,
+            "Kafka records a stage handed to its partition workers",
+        );
+        for (stage, c) in &stage_counters {
+            out.sample(
+                "udaconnect_stage_records_total",
+                &[("stage", stage)],
+                c.records.load(Ordering::Relaxed) as f64,
+            );
+        }
+        out.family(
+            "udaconnect_stage_backpressure_seconds_total",
+            Kind::Counter,
+            "Time a stage's poll thread waited for room in a partition worker's bounded channel",
+        );
+        for (stage, c) in &stage_counters {
+            out.sample(
+                "udaconnect_stage_backpressure_seconds_total",
+                &[("stage", stage)],
+                c.backpressure_us.load(Ordering::Relaxed) as f64 / 1e6,
+            );
+        }
+        out.family(
+            "udaconnect_stage_rejoins_total",
+            Kind::Counter,
+            "Group rejoins of a stage because partitions had no live owner",
+        );
+        for (stage, c) in &stage_counters {
+            out.sample(
+                "udaconnect_stage_rejoins_total",
+                &[("stage", stage)],
+                c.rejoins.load(Ordering::Relaxed) as f64,
+            );
+        }
+        out.family(
+            "udaconnect_stage_batch_records",
+            Kind::Histogram,
+            "Kafka records per batch a partition worker handled",
+        );
+        for (stage, c) in &stage_counters {
+            out.histogram(
+                "udaconnect_stage_batch_records",
+                &[("stage", stage)],
+                &c.batch_records.read(),
+            );
+        }
+
+        let owned: Vec<(&str, &PartitionStatus)> = status
+            .stages
+            .iter()
+            .flat_map(|s| s.partitions.iter().map(move |p| (s.stage, p)))
+            .collect();
+        type Gauge = (&'static str, &'static str, fn(&PartitionStatus) -> f64);
+        let gauges: [Gauge; 4] = [
+            (
+                "udaconnect_partition_lag",
+                "Records of an owned partition not processed yet",
+                |p| p.lag as f64,
+            ),
+            (
+                "udaconnect_partition_actors",
+                "Zone actors, or active person actors, of an owned partition",
+                |p| p.figures.actors as f64,
+            ),
+            (
+                "udaconnect_partition_passivated_persons",
+                "Passivated persons of an owned person partition",
+                |p| p.figures.passivated as f64,
+            ),
+            (
+                "udaconnect_partition_watermark_seconds",
+                "Event-time watermark of an owned partition, seconds since the epoch",
+                |p| {
+                    if p.figures.watermark == i64::MIN {
+                        f64::NAN
+                    } else {
+                        p.figures.watermark as f64 / 1e6
+                    }
+                },
+            ),
+        ];
+        for (name, help, value) in gauges {
+            out.family(name, Kind::Gauge, help);
+            for (stage, p) in &owned {
+                let partition = p.partition.to_string();
+                out.sample(
+                    name,
+                    &[("stage", stage), ("partition", &partition)],
+                    value(p),
+                );
+            }
+        }
+        for (counter, help) in PARTITION_COUNTERS {
+            let name = format!("udaconnect_partition_{counter}_total");
+            let samples: Vec<(&str, i32, u64)> = owned
+                .iter()
+                .filter_map(|(stage, p)| {
+                    p.figures
+                        .counters
+                        .get(counter)
+                        .map(|v| (*stage, p.partition, *v))
+                })
+                .collect();
+            if samples.is_empty() {
+                continue;
+            }
+            out.family(
+                &name,
+                Kind::Counter,
+                &format!("{help}, since the partition was assigned to this process"),
+            );
+            for (stage, partition, v) in samples {
+                let partition = partition.to_string();
+                out.sample(
+                    &name,
+                    &[("stage", stage), ("partition", &partition)],
+                    v as f64,
+                );
+            }
+        }
+        out.family(
+            "udaconnect_lag_total",
+            Kind::Gauge,
+            "Records of this process's partitions not processed yet",
+        )
+        .sample("udaconnect_lag_total", &[], status.lag_total as f64);
+        out.family(
+            "udaconnect_snapshot_age_seconds",
+            Kind::Gauge,
+            "Age of the stored snapshot of a partition this process owns",
+        );
+        for o in status.owners.iter().filter(|o| o.owner == status.node) {
+            if let Some(age) = o.snapshot_age_s {
+                let partition = o.partition.to_string();
+                out.sample(
+                    "udaconnect_snapshot_age_seconds",
+                    &[("stage", &o.stage), ("partition", &partition)],
+                    age,
+                );
+            }
+        }
+        out.family(
+            "udaconnect_dead_letters_total",
+            Kind::Counter,
+            "Records sent to a dead-letter topic because they could not be read",
+        )
+        .sample(
+            "udaconnect_dead_letters_total",
+            &[],
+            status.dead_letters as f64,
+        );
+        out.family(
+            "udaconnect_locations_stored_total",
+            Kind::Counter,
+            "Home events newly stored in the location table",
+        )
+        .sample(
+            "udaconnect_locations_stored_total",
+            &[],
+            status.locations_stored as f64,
+        );
+        let hub = status.hub;
+        let hub_counters: [(&str, &str, u64, Kind); 6] = [
+            (
+                "udaconnect_hub_received_total",
+                "Records the notification hub read",
+                hub.received,
+                Kind::Counter,
+            ),
+            (
+                "udaconnect_hub_repeats_total",
+                "Notifications the hub dropped as repeats (replays)",
+                hub.repeats,
+                Kind::Counter,
+            ),
+            (
+                "udaconnect_hub_malformed_total",
+                "Records of the connections topic that were not notifications",
+                hub.malformed,
+                Kind::Counter,
+            ),
+            (
+                "udaconnect_hub_delivered_total",
+                "Notifications handed to subscribers",
+                hub.delivered,
+                Kind::Counter,
+            ),
+            (
+                "udaconnect_hub_slow_subscribers_dropped_total",
+                "Subscribers disconnected for falling behind",
+                hub.slow_subscribers_dropped,
+                Kind::Counter,
+            ),
+            (
+                "udaconnect_hub_subscribers",
+                "Live notification subscribers",
+                hub.subscribers,
+                Kind::Gauge,
+            ),
+        ];
+        for (name, help, value, kind) in hub_counters {
+            out.family(name, kind, help).sample(name, &[], value as f64);
+        }
+        if let Some(e) = &status.owners_error {
+            warn!(error = e, "metrics without the owner rows");
+        }
+        out.finish()
     }
 }

@@ -27,7 +27,7 @@ use udaconnect_actors::params::EngineParams;
 use crate::kafka::{OutRecord, Producer};
 use crate::pipeline::codec::{self, LocationRecord};
 use crate::pipeline::consumer::{PartitionWorker, Record, WorkerFactory};
-use crate::store::pipeline::{apply_changes, store_locations, PgSnapshots};
+use crate::store::pipeline::{apply_changes, store_locations, PgOwners, PgSnapshots};
 
 /// How long a call to a supervisor may take (a snapshot of a big partition included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -195,13 +195,37 @@ impl DeadLetters {
 /// The supervisors of the partitions this process owns, for status and admin views.
 pub type Owned<M> = Arc<Mutex<BTreeMap<i32, ActorRef<M>>>>;
 
+/// Where a stage keeps its partitions' snapshots and records their owners.
+#[derive(Clone)]
+pub struct PartitionStore {
+    pub stage: Stage,
+    /// The stage topic's partition count.
+    pub partitions: u32,
+    pub snapshots: PgSnapshots,
+    pub owners: PgOwners,
+}
+
+/// An owner row not confirmed for this long belongs to a process that is gone (live owners
+/// confirm theirs every snapshot interval).
+const OWNER_FRESH_S: f64 = 20.0;
+
+impl PartitionStore {
+    /// How many of the stage's partitions no live process owns.
+    async fn orphaned(&self) -> Result<u32, String> {
+        self.owners
+            .orphaned(self.stage, self.partitions, OWNER_FRESH_S)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// What both stages' workers share: the supervisor behind its bounded hand-off, the offsets
 /// handled and snapshotted, and the snapshot and close steps.
 struct PartitionCore<M: ractor::Message> {
     stage: Stage,
     partition: i32,
     handle: PartitionHandle<M>,
-    snapshots: PgSnapshots,
+    store: PartitionStore,
     owned: Owned<M>,
     snapshot_request: fn(ractor::RpcReplyPort<SnapshotBlob>) -> M,
     /// The offset after the last record handled.
@@ -215,7 +239,7 @@ impl<M: ractor::Message> PartitionCore<M> {
     async fn restore<A>(
         stage: Stage,
         partition: i32,
-        snapshots: &PgSnapshots,
+        store: &PartitionStore,
         owned: &Owned<M>,
         supervisor: impl Fn() -> A,
         args: impl Fn(Option<SnapshotBlob>) -> A::Arguments,
@@ -225,8 +249,12 @@ impl<M: ractor::Message> PartitionCore<M> {
         A: Actor<Msg = M>,
     {
         let partition_u32 = partition as u32;
+        retry("claiming the partition", partition_u32, || {
+            store.owners.claim(stage, partition_u32)
+        })
+        .await;
         let (blob, _) = retry("loading the snapshot", partition_u32, || {
-            snapshots.load(stage, partition_u32)
+            store.snapshots.load(stage, partition_u32)
         })
         .await;
         let restored = blob.as_ref().map_or(0, |b| b.next_offset as i64);
@@ -255,7 +283,7 @@ impl<M: ractor::Message> PartitionCore<M> {
             stage,
             partition,
             handle: PartitionHandle::new(actor, IN_FLIGHT),
-            snapshots: snapshots.clone(),
+            store: store.clone(),
             owned: Arc::clone(owned),
             snapshot_request,
             next_offset: restored,
@@ -267,6 +295,7 @@ impl<M: ractor::Message> PartitionCore<M> {
     /// returns the offset the snapshot covers.
     async fn checkpoint(&mut self) -> Option<i64> {
         if self.next_offset == self.snapshotted {
+            self.confirm_owner().await;
             return None;
         }
         // The supervisor answers after every batch sent before, whose effects it awaited.
@@ -283,21 +312,58 @@ impl<M: ractor::Message> PartitionCore<M> {
             }
         };
         let partition = self.partition as u32;
-        let snapshots = &self.snapshots;
+        let snapshots = &self.store.snapshots;
         retry("storing the snapshot", partition, || {
             snapshots.store(self.stage, partition, &blob)
         })
         .await;
         self.snapshotted = blob.next_offset as i64;
+        self.confirm_owner().await;
         Some(self.snapshotted)
     }
 
-    fn close(self) {
+    /// Refreshes the owner row's heartbeat (best effort: the group decides ownership; the row
+    /// tells the cluster who owns what, and lets a member that was left without partitions
+    /// see that nobody live owns them).
+    async fn confirm_owner(&self) {
+        let partition = self.partition as u32;
+        let heartbeat = self.store.owners.heartbeat(self.stage, partition);
+        match tokio::time::timeout(Duration::from_secs(2), heartbeat).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(stage = self.stage.as_str(), partition, error = %e, "cannot confirm the partition's owner row")
+            }
+            Err(_) => {
+                warn!(
+                    stage = self.stage.as_str(),
+                    partition, "confirming the partition's owner row timed out"
+                )
+            }
+        }
+    }
+
+    /// Stops the supervisor and removes the partition's owner row (best effort: the next
+    /// owner replaces it anyway).
+    async fn close(self) {
         self.owned
             .lock()
             .expect("not poisoned")
             .remove(&self.partition);
         self.handle.actor().stop(None);
+        let release = self.store.owners.release(self.stage, self.partition as u32);
+        match tokio::time::timeout(Duration::from_secs(2), release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(stage = self.stage.as_str(), partition = self.partition, error = %e, "cannot remove the partition's owner row")
+            }
+            Err(_) => {
+                warn!(
+                    stage = self.stage.as_str(),
+                    partition = self.partition,
+                    "removing the partition's owner row timed out"
+                )
+            }
+        }
     }
 }
 
@@ -307,7 +373,7 @@ pub struct ZoneStage {
     pub person_partitions: u32,
     pub locations: Arc<PgLocations>,
     pub updates: Arc<KafkaPersonUpdates>,
-    pub snapshots: PgSnapshots,
+    pub store: PartitionStore,
     pub dead_letters: DeadLetters,
     pub owned: Owned<ZoneSupervisorMsg>,
 }
@@ -322,11 +388,15 @@ pub struct ZoneWorker {
 impl WorkerFactory for ZoneStage {
     type Worker = ZoneWorker;
 
+    async fn orphaned(&self) -> Result<u32, String> {
+        self.store.orphaned().await
+    }
+
     async fn open(&self, partition: i32) -> ZoneWorker {
         let core = PartitionCore::restore(
             Stage::Zones,
             partition,
-            &self.snapshots,
+            &self.store,
             &self.owned,
             || ZoneSupervisor,
             |snapshot| ZoneSupervisorArgs {
@@ -413,7 +483,7 @@ impl PartitionWorker for ZoneWorker {
     }
 
     async fn close(self) {
-        self.core.close();
+        self.core.close().await;
     }
 }
 
@@ -423,7 +493,7 @@ pub struct PersonStage {
     pub zone_partitions: u32,
     pub passivate_after_s: u32,
     pub connections: Arc<PgConnections>,
-    pub snapshots: PgSnapshots,
+    pub store: PartitionStore,
     pub dead_letters: DeadLetters,
     pub owned: Owned<PersonSupervisorMsg>,
 }
@@ -436,11 +506,15 @@ pub struct PersonWorker {
 impl WorkerFactory for PersonStage {
     type Worker = PersonWorker;
 
+    async fn orphaned(&self) -> Result<u32, String> {
+        self.store.orphaned().await
+    }
+
     async fn open(&self, partition: i32) -> PersonWorker {
         let core = PartitionCore::restore(
             Stage::Persons,
             partition,
-            &self.snapshots,
+            &self.store,
             &self.owned,
             || PersonSupervisor,
             |snapshot| PersonSupervisorArgs {
@@ -504,6 +578,6 @@ impl PartitionWorker for PersonWorker {
     }
 
     async fn close(self) {
-        self.core.close();
+        self.core.close().await;
     }
 }

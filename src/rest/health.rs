@@ -1,8 +1,9 @@
-//! `/healthz` (the process is alive) and `/readyz` (PostgreSQL and the broker answer).
+//! `/healthz` (the process is alive), `/readyz` (PostgreSQL and the broker answer) and
+//! `/metrics` (Prometheus).
 
 use std::sync::Arc;
 
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use super::RestState;
@@ -10,7 +11,7 @@ use crate::store;
 
 #[derive(Tags)]
 enum ApiTags {
-    /// Liveness and readiness probes.
+    /// Liveness and readiness probes, metrics.
     Health,
 }
 
@@ -115,6 +116,23 @@ impl HealthApi {
                 missing,
                 checks,
             }))
+        }
+    }
+
+    /// Prometheus metrics (text format 0.0.4): ingest, both stages (records, backpressure,
+    /// batch sizes, lag, actors, watermarks, co-locations, episodes, notifications), dead
+    /// letters, snapshots and the notification hub. `udaconnect_pipeline_up` is 0 until the
+    /// pipeline has started (the broker or its topics are not there yet).
+    #[oai(path = "/metrics", method = "get")]
+    async fn metrics(&self) -> PlainText<String> {
+        let up = "# HELP udaconnect_pipeline_up Whether this process's pipeline runs\n\
+                  # TYPE udaconnect_pipeline_up gauge\n";
+        match self.state.pipeline.get() {
+            Some(pipeline) => PlainText(format!(
+                "{up}udaconnect_pipeline_up 1\n{}",
+                pipeline.prometheus().await
+            )),
+            None => PlainText(format!("{up}udaconnect_pipeline_up 0\n")),
         }
     }
 }

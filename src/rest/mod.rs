@@ -9,6 +9,7 @@ use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
 
 use crate::kafka::Broker;
+use crate::pipeline::Pipeline;
 
 /// What the REST handlers share.
 pub struct RestState {
@@ -18,6 +19,8 @@ pub struct RestState {
     pub broker: Broker,
     /// How long each readiness check may take.
     pub readiness_timeout: Duration,
+    /// The pipeline, once it started.
+    pub pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
 }
 
 /// The OpenAPI service of every documented endpoint.

@@ -111,8 +111,13 @@ pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
 
 /// A configuration for a test: fresh database, fresh topic prefix, REST on a free port.
 pub fn test_config(db: &TestDb) -> Config {
+    test_config_for(&db.url)
+}
+
+/// A test configuration for the database at `url`.
+pub fn test_config_for(url: &str) -> Config {
     Config {
-        database_url: db.url.clone(),
+        database_url: url.to_owned(),
         kafka_brokers: kafka_brokers(),
         topic_prefix: format!("test-{}", Uuid::new_v4().simple()),
         rest_addr: "127.0.0.1:0".parse().expect("addr"),
@@ -362,4 +367,149 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
+}
+
+/// A private PostgreSQL + PostGIS cluster on a free port with its own data directory, which
+/// a test may stop and start again (same port, same data). Runs as the `postgres` user when
+/// the tests run as root, as the server requires.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    running: bool,
+}
+
+impl PrivatePostgres {
+    fn bin(name: &str) -> PathBuf {
+        let dir = std::env::var("UDATEST_PG_BIN")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_owned());
+        PathBuf::from(dir).join(name)
+    }
+
+    fn as_postgres(program: PathBuf) -> Command {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(program)
+                .current_dir("/");
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn run(mut command: Command, what: &str) {
+        let out = command
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: cannot run (./dev setup installs it): {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `initdb`, then starts the server; the database `postgres` has PostGIS available.
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("udaconnect-pg-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let chown = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status();
+        let _ = chown; // Not root: the directory is already ours.
+        let mut initdb = Self::as_postgres(Self::bin("initdb"));
+        initdb.arg("-D").arg(dir.path().join("data")).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]);
+        Self::run(initdb, "initdb");
+        let mut pg = Self {
+            port: free_port(),
+            dir,
+            running: false,
+        };
+        pg.start_again().await;
+        pg
+    }
+
+    /// Whether the server was started and not stopped since.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The URL of database `db` in this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Starts the (stopped) server on its port and waits until it accepts connections.
+    pub async fn start_again(&mut self) {
+        let mut pg_ctl = Self::as_postgres(Self::bin("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-w", "-t", "60", "start", "-o"])
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.dir.path().display()
+            ));
+        Self::run(pg_ctl, "pg_ctl start");
+        self.running = true;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio_postgres::connect(&self.url("postgres"), NoTls)
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "private PostgreSQL did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: connections are cut) and waits until it is
+    /// gone.
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let mut pg_ctl = Self::as_postgres(Self::bin("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "stop"]);
+        Self::run(pg_ctl, "pg_ctl stop");
+        self.running = false;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.running {
+            let mut pg_ctl = Self::as_postgres(Self::bin("pg_ctl"));
+            let _ = pg_ctl
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }

@@ -2,17 +2,21 @@
 //! conference goes through ingest → locations topic → zone stage → person-updates topic →
 //! person stage → `connection`, and the result equals the reference engine's.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use udaconnect::pipeline::hub::{NotificationHub, Subscription};
+use udaconnect::pipeline::ingest::Ingestor;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::store::pipeline::{micros, timestamp};
-use udaconnect_actors::domain::{Episode, LocationEvent, NewLocationEvent, MICROS_PER_S};
+use udaconnect_actors::domain::{
+    Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind, MICROS_PER_S,
+};
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 
-use crate::helpers::{scalar, test_config, TestApp, TestDb};
+use crate::helpers::{scalar, test_config, PrivatePostgres, TestApp, TestDb};
 
 /// A simulated conference's events in arrival order (duplicates and disorder included).
 fn conference(attendees: u32, duration_s: u32) -> (Simulation, Vec<LocationEvent>) {
@@ -137,6 +141,120 @@ async fn wait_until_settled(
     }
 }
 
+/// Event time past every episode's end: the heartbeat that ends the conference.
+fn end_of_conference(events: &[LocationEvent], params: &EngineParams) -> Micros {
+    let last = events.iter().map(|e| e.recorded_at).max().expect("events");
+    last + i64::from(params.episode_gap_s + params.lateness_s + params.window_s + 1) * MICROS_PER_S
+}
+
+/// Ingests `events` in requests of 2,000, as a gateway would; returns the accepted count.
+async fn ingest_all(ingestor: &Ingestor, events: &[LocationEvent]) -> usize {
+    let mut accepted = 0;
+    for chunk in events.chunks(2_000) {
+        let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
+        let report = ingestor
+            .ingest(&wire)
+            .await
+            .expect("the broker acknowledged");
+        assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..1]);
+        accepted += report.accepted.len();
+    }
+    accepted
+}
+
+/// Every notification a subscription receives, collected in the background.
+fn collect(mut subscription: Subscription) -> Arc<Mutex<Vec<Arc<Notification>>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Some(n) = subscription.recv().await {
+            sink.lock().expect("lock").push(n);
+        }
+    });
+    seen
+}
+
+fn episode_key(e: &Episode) -> (i64, i64, Micros) {
+    (e.person, e.peer, e.started_at)
+}
+
+/// What a subscriber saw after the hub's dedupe: every id once, and one `connection.ended`
+/// per final episode, equal to it (so no episode was announced ended twice or wrongly).
+/// Waits up to a minute for the last notifications to arrive.
+async fn assert_notifications(seen: &Mutex<Vec<Arc<Notification>>>, expected: &[Episode]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut want: Vec<Episode> = expected.to_vec();
+    want.sort_by_key(episode_key);
+    loop {
+        let notes = seen.lock().expect("lock").clone();
+        let mut ended: Vec<Episode> = notes
+            .iter()
+            .filter(|n| n.kind == NotificationKind::Ended)
+            .map(|n| n.episode)
+            .collect();
+        ended.sort_by_key(episode_key);
+        if ended.len() >= want.len() || Instant::now() >= deadline {
+            let ids: HashSet<uuid::Uuid> = notes.iter().map(|n| n.id).collect();
+            assert_eq!(ids.len(), notes.len(), "notification ids seen twice");
+            let started = notes
+                .iter()
+                .filter(|n| n.kind == NotificationKind::Started)
+                .count();
+            assert!(
+                started >= want.len(),
+                "{started} started, {} episodes",
+                want.len()
+            );
+            assert_eq!(ended.len(), want.len(), "one connection.ended per episode");
+            for (g, e) in ended.iter().zip(&want) {
+                assert_eq!(g, e);
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls until `connection` equals `expected` and `location` holds `unique` rows, for up to
+/// `within`; panics with the difference and `context()` (a log) otherwise.
+async fn wait_for_reference(
+    client: &tokio_postgres::Client,
+    expected: &[Episode],
+    unique: usize,
+    within: Duration,
+    context: impl FnOnce() -> String,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = stored_episodes(client).await;
+        let stored = scalar(client, "SELECT count(*) FROM location").await;
+        if got == expected && stored as usize == unique {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let missing = expected.iter().filter(|e| !got.contains(e)).count();
+            let extra = got.iter().filter(|e| !expected.contains(e)).count();
+            panic!(
+                "{} episodes stored, {} expected ({missing} missing, {extra} unexpected); \
+                 {stored} of {unique} locations; {}",
+                got.len(),
+                expected.len(),
+                context()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The value of the sample `name` (with its labels, as written) in a Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
 fn wire(e: &LocationEvent) -> NewLocationEvent {
     NewLocationEvent {
         event_id: Some(e.event_id),
@@ -173,26 +291,14 @@ async fn a_simulated_conference_through_kafka_equals_the_reference() {
     let params = config.engine_params();
     let app = TestApp::spawn(config).await;
     let pipeline = wait_for_assignment(&app, 4, 3).await;
+    let seen = collect(pipeline.hub().subscribe_all_queued(1 << 20));
+    let one_person = collect(pipeline.hub().subscribe(&[1]));
 
-    // Ingest in requests of 2,000 events, as a gateway would.
     let ingestor = pipeline.ingestor();
-    let mut accepted = 0;
-    for chunk in events.chunks(2_000) {
-        let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
-        let report = ingestor
-            .ingest(&wire)
-            .await
-            .expect("the broker acknowledged");
-        assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..1]);
-        accepted += report.accepted.len();
-    }
-    assert_eq!(accepted, events.len());
+    assert_eq!(ingest_all(ingestor, &events).await, events.len());
     // The end of the conference: event time moves past every episode's end.
-    let last = events.iter().map(|e| e.recorded_at).max().expect("events");
-    let end = last
-        + i64::from(params.episode_gap_s + params.lateness_s + params.window_s + 1) * MICROS_PER_S;
     ingestor
-        .advance_event_time(end)
+        .advance_event_time(end_of_conference(&events, &params))
         .await
         .expect("heartbeat acknowledged");
 
@@ -244,8 +350,65 @@ async fn a_simulated_conference_through_kafka_equals_the_reference() {
         assert_eq!(g, e);
     }
 
+    // A subscriber of everyone saw each notification once and every episode end; the
+    // subscriber of person 1 only person 1's.
+    assert_notifications(&seen, &expected).await;
+    let mine: Vec<Episode> = expected.iter().filter(|e| e.person == 1).copied().collect();
+    assert!(!mine.is_empty(), "person 1 met somebody");
+    assert_notifications(&one_person, &mine).await;
+
     let status = pipeline.status().await;
     assert_eq!(status.dead_letters, 0);
+    // `shard_owner`: this process owns all 4 + 3 partitions, each with a snapshot.
+    let owners: BTreeMap<(String, i32), &str> = status
+        .owners
+        .iter()
+        .map(|o| ((o.stage.clone(), o.partition), o.owner.as_str()))
+        .collect();
+    assert_eq!(owners.len(), 7, "{:?}", status.owners);
+    assert!(owners.values().all(|o| *o == status.node), "{owners:?}");
+    assert!(status.owners.iter().all(|o| o.snapshot_offset.is_some()));
+
+    // `/metrics` agrees with what happened.
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(metric(&metrics, "udaconnect_pipeline_up"), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "udaconnect_ingest_events_total{result=\"accepted\"}"
+        ),
+        events.len() as f64
+    );
+    assert_eq!(
+        metric(&metrics, "udaconnect_locations_stored_total"),
+        stored.len() as f64
+    );
+    assert_eq!(metric(&metrics, "udaconnect_lag_total"), 0.0);
+    assert_eq!(metric(&metrics, "udaconnect_dead_letters_total"), 0.0);
+    let colocations: f64 = (0..3)
+        .map(|p| {
+            metric(
+                &metrics,
+                &format!(
+                    "udaconnect_partition_colocations_total{{stage=\"persons\",partition=\"{p}\"}}"
+                ),
+            )
+        })
+        .sum();
+    assert!(
+        colocations >= expected.len() as f64,
+        "{colocations} co-locations"
+    );
+    assert!(metrics.contains("# TYPE udaconnect_stage_batch_records histogram"));
+    assert!(
+        metric(&metrics, "udaconnect_hub_delivered_total") >= 2.0 * expected.len() as f64,
+        "both subscribers got their notifications"
+    );
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
@@ -357,12 +520,38 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_keeps_f
     db.drop_db().await;
 }
 
+/// A child process killed when dropped, so a failing test leaves no service behind.
+struct Served(std::process::Child);
+
+impl std::ops::Deref for Served {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Served {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `udaconnect serve` as a child process with the test's configuration.
 fn spawn_serve(
     config: &udaconnect::Config,
     rest_port: u16,
+    node: &str,
     log: &std::path::Path,
-) -> std::process::Child {
+) -> Served {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -387,19 +576,89 @@ fn spawn_serve(
         )
         .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{rest_port}"))
         .env("UDACONNECT_GRPC_ADDR", "127.0.0.1:0")
+        .env("UDACONNECT_NODE_NAME", node)
         .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Served)
         .expect("start udaconnect serve")
 }
 
-// Passes alone and under CPU load (5 of 5 runs, 35-53 s), but it hung once in a full-suite run
-// and once in a run with the oracle tests: after the restart the zones consumer never got
-// its partitions (the persons consumer did, 12 s later). It looks like the broker's group
-// coordinator waiting on the killed member; under investigation. Run it with
-// `cargo nextest run --run-ignored only -E 'test(kill_9)'`.
-#[ignore = "flaky: the restarted zones consumer sometimes never joins its group (tansu)"]
+/// A test that plays the gateway: its own ingestor produces to the topics of a service run
+/// as child processes, once those exist.
+async fn gateway(config: &udaconnect::Config) -> Ingestor {
+    let broker = udaconnect::kafka::Broker::new(config).expect("kafka client");
+    let topics = config.topics();
+    let partitions = config.locations_partitions;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !broker
+        .partition_counts(Duration::from_secs(5))
+        .await
+        .map(|c| {
+            [
+                &topics.locations,
+                &topics.person_updates,
+                &topics.connections,
+            ]
+            .iter()
+            .all(|t| c.iter().any(|(n, k)| n == *t && *k > 0))
+        })
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "topics not created");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pool = udaconnect::store::pool(config, Duration::from_secs(5)).expect("pool");
+    let producer = udaconnect::kafka::Producer::new(config).expect("producer");
+    Ingestor::new(config, producer, pool, partitions as u32)
+}
+
+/// The test's own notification hub on the service's connections topic.
+async fn hub(config: &udaconnect::Config) -> NotificationHub {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || NotificationHub::start(&config))
+        .await
+        .expect("no panic")
+        .expect("hub started")
+}
+
+/// `(stage, partition) → owner` from `shard_owner`.
+async fn owners(client: &tokio_postgres::Client) -> BTreeMap<(String, i32), String> {
+    client
+        .query("SELECT stage, partition, owner FROM shard_owner", &[])
+        .await
+        .expect("read shard_owner")
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect()
+}
+
+/// Waits until `shard_owner` satisfies `ok`, for up to `within`.
+async fn wait_for_owners(
+    client: &tokio_postgres::Client,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&BTreeMap<(String, i32), String>) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = owners(client).await;
+        if ok(&now) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: shard_owner is {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    format!(
+        "log:\n{}",
+        std::fs::read_to_string(path).unwrap_or_default()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
     let (sim, events) = conference(1_000, 600);
@@ -412,36 +671,15 @@ async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
     let params = config.engine_params();
     let log = tempfile::NamedTempFile::new().expect("log file");
     let port = crate::helpers::free_port();
-    let mut child = spawn_serve(&config, port, log.path());
-    crate::helpers::wait_for_status(
-        &format!("http://127.0.0.1:{port}/readyz"),
-        200,
-        Duration::from_secs(60),
-    )
-    .await;
-
-    // This test is the gateway: its own ingestor produces to the service's topics.
-    let broker = udaconnect::kafka::Broker::new(&config).expect("kafka client");
-    let topics = config.topics();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !broker
-        .partition_counts(Duration::from_secs(5))
-        .await
-        .map(|c| c.iter().any(|(n, k)| *n == topics.locations && *k == 4))
-        .unwrap_or(false)
-    {
-        assert!(Instant::now() < deadline, "topics not created");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let pool = udaconnect::store::pool(&config, Duration::from_secs(5)).expect("pool");
-    let producer = udaconnect::kafka::Producer::new(&config).expect("producer");
-    let ingestor = udaconnect::pipeline::ingest::Ingestor::new(&config, producer, pool, 4);
+    let mut child = spawn_serve(&config, port, "first", log.path());
+    let ingestor = gateway(&config).await;
+    // A subscriber in another process: it sees the notifications replayed after the crash
+    // only once.
+    let hub = hub(&config).await;
+    let seen = collect(hub.subscribe_all_queued(1 << 20));
 
     let (first, rest) = events.split_at(events.len() * 3 / 5);
-    for chunk in first.chunks(2_000) {
-        let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
-        ingestor.ingest(&wire).await.expect("ingested");
-    }
+    ingest_all(&ingestor, first).await;
     // Kill once both stages have stored a snapshot and are still busy.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -461,43 +699,320 @@ async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
         first.len()
     );
 
-    let mut child = spawn_serve(&config, port, log.path());
-    for chunk in rest.chunks(2_000) {
-        let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
-        ingestor.ingest(&wire).await.expect("ingested");
-    }
-    let last = events.iter().map(|e| e.recorded_at).max().expect("events");
-    let end = last
-        + i64::from(params.episode_gap_s + params.lateness_s + params.window_s + 1) * MICROS_PER_S;
-    ingestor.advance_event_time(end).await.expect("heartbeat");
+    let mut child = spawn_serve(&config, port, "second", log.path());
+    ingest_all(&ingestor, rest).await;
+    ingestor
+        .advance_event_time(end_of_conference(&events, &params))
+        .await
+        .expect("heartbeat");
 
     let expected = reference(&events, &params);
     let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let got = stored_episodes(&client).await;
-        let stored = scalar(&client, "SELECT count(*) FROM location").await;
-        if got == expected && stored as usize == unique.len() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let missing = expected.iter().filter(|e| !got.contains(e)).count();
-            let extra = got.iter().filter(|e| !expected.contains(e)).count();
-            panic!(
-                "after the restart: {} episodes stored, {} expected ({missing} missing, {extra} \
-                 unexpected); {stored} of {} locations; log:\n{}",
-                got.len(),
-                expected.len(),
-                unique.len(),
-                std::fs::read_to_string(log.path()).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_reference(
+        &client,
+        &expected,
+        unique.len(),
+        Duration::from_secs(240),
+        || read_log(log.path()),
+    )
+    .await;
+    assert_notifications(&seen, &expected).await;
+    // The restarted process owns every partition now.
+    let now = owners(&client).await;
+    assert_eq!(now.len(), 7, "{now:?}");
+    assert!(now.values().all(|o| o == "second"), "{now:?}");
+    hub.stop().await;
     child.kill().expect("stop");
     child.wait().expect("reaped");
     db.drop_db().await;
+}
+
+/// Sends SIGTERM to a child and waits up to a minute for it to exit; returns its status.
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no exit within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
+    let (sim, events) = conference(1_000, 600);
+    let (db, client) = TestDb::migrated().await;
+    insert_persons(&client, &sim).await;
+    let mut config = test_config(&db);
+    config.locations_partitions = 4;
+    config.person_updates_partitions = 3;
+    config.zone_resolution = sim.config().zone_resolution;
+    let params = config.engine_params();
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let (port_a, port_b) = (crate::helpers::free_port(), crate::helpers::free_port());
+    let mut a = spawn_serve(&config, port_a, "node-a", log.path());
+    let mut b = spawn_serve(&config, port_b, "node-b", log.path());
+    let ingestor = gateway(&config).await;
+
+    // Both processes own partitions of both stages.
+    let split = |o: &BTreeMap<(String, i32), String>| {
+        o.len() == 7
+            && ["zones", "persons"].iter().all(|stage| {
+                let of: BTreeSet<&String> = o
+                    .iter()
+                    .filter(|((s, _), _)| s == stage)
+                    .map(|(_, owner)| owner)
+                    .collect();
+                of.len() == 2
+            })
+    };
+    wait_for_owners(&client, Duration::from_secs(120), "split", split).await;
+
+    let (first, rest) = events.split_at(events.len() / 2);
+    ingest_all(&ingestor, first).await;
+    // Let both work on it, then stop `a` gracefully: it flushes, snapshots and commits its
+    // partitions, and `b` takes them over from those snapshots.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scalar(&client, "SELECT count(*) FROM location").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing stored: {}",
+            read_log(log.path())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let of_a: Vec<(String, i32)> = owners(&client)
+        .await
+        .into_iter()
+        .filter(|(_, owner)| owner == "node-a")
+        .map(|(key, _)| key)
+        .collect();
+    let status = terminate(&mut a);
+    assert!(status.success(), "node-a exited with {status}");
+    // node-b restores what node-a owned from the snapshots node-a stored on release.
+    let mut snapshotted = 0;
+    for (stage, partition) in &of_a {
+        snapshotted += client
+            .query_one(
+                "SELECT count(*) FROM shard_snapshot WHERE stage = $1 AND partition = $2",
+                &[stage, partition],
+            )
+            .await
+            .expect("snapshot rows")
+            .get::<_, i64>(0);
+    }
+    // A partition that never received a record has nothing to snapshot (a zone partition
+    // whose zones hold no attendee); node-a worked on some.
+    assert!(
+        snapshotted >= 1,
+        "no snapshot of node-a's partitions {of_a:?}"
+    );
+    wait_for_owners(
+        &client,
+        Duration::from_secs(120),
+        "handover to node-b",
+        |o| o.len() == 7 && o.values().all(|owner| owner == "node-b"),
+    )
+    .await;
+
+    ingest_all(&ingestor, rest).await;
+    ingestor
+        .advance_event_time(end_of_conference(&events, &params))
+        .await
+        .expect("heartbeat");
+    let expected = reference(&events, &params);
+    let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    wait_for_reference(
+        &client,
+        &expected,
+        unique.len(),
+        Duration::from_secs(240),
+        || read_log(log.path()),
+    )
+    .await;
+    let status = terminate(&mut b);
+    assert!(status.success(), "node-b exited with {status}");
+    // A graceful stop releases the owner rows.
+    assert_eq!(owners(&client).await.len(), 0);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_partition_held_back_for_a_minute_still_equals_the_reference() {
+    let (sim, events) = conference(1_000, 600);
+    let (db, client) = TestDb::migrated().await;
+    insert_persons(&client, &sim).await;
+    let mut config = test_config(&db);
+    config.locations_partitions = 4;
+    config.person_updates_partitions = 3;
+    config.zone_resolution = sim.config().zone_resolution;
+    let params = config.engine_params();
+    // Hold back the zone partition that receives the most event copies.
+    let mut copies = [0usize; 4];
+    {
+        let mut router = udaconnect_actors::engine::Router::new(&params, 4);
+        for e in &events {
+            router.route(e, |p, _| copies[p as usize] += 1);
+        }
+    }
+    let held = (0..4).max_by_key(|p| copies[*p]).expect("partitions") as i32;
+    assert!(
+        copies.iter().filter(|c| **c > 0).count() >= 2,
+        "the other partitions have work too: {copies:?}"
+    );
+    let app = TestApp::spawn(config).await;
+    let pipeline = wait_for_assignment(&app, 4, 3).await;
+    pipeline.pause("zones", held).await;
+    let paused_at = Instant::now();
+
+    let ingestor = pipeline.ingestor();
+    ingest_all(ingestor, &events).await;
+    ingestor
+        .advance_event_time(end_of_conference(&events, &params))
+        .await
+        .expect("heartbeat");
+
+    // The others run ahead to the end of their topics while `held` has not moved.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = pipeline.status().await;
+        let zones = &status.stages[0];
+        let others_done = zones
+            .partitions
+            .iter()
+            .filter(|p| p.partition != held)
+            .all(|p| p.end_offset > 0 && p.lag == 0);
+        let behind = zones
+            .partitions
+            .iter()
+            .find(|p| p.partition == held)
+            .expect("held partition owned");
+        if others_done {
+            assert_eq!(behind.processed_offset, 0, "held back: {behind:?}");
+            assert!(behind.lag > 0, "{behind:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "others did not finish: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Watermark alignment: no episode may close while a zone partition lags, so nothing is
+    // ended yet.
+    let ended = scalar(
+        &client,
+        "SELECT count(*) FROM connection WHERE ended_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(
+        ended, 0,
+        "episodes closed while a zone partition was held back"
+    );
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(paused_at.elapsed())).await;
+    pipeline.resume("zones", held).await;
+
+    wait_until_settled(&pipeline, &client, Duration::from_secs(300)).await;
+    let expected = reference(&events, &params);
+    let got = stored_episodes(&client).await;
+    assert_eq!(got.len(), expected.len(), "episode count");
+    assert!(got == expected, "episodes differ from the reference");
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_20_s_mid_stream_loses_nothing() {
+    let (sim, events) = conference(1_000, 600);
+    let mut pg = PrivatePostgres::start().await;
+    let (admin, connection) = tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .expect("private postgres");
+    tokio::spawn(connection);
+    admin
+        .batch_execute("CREATE DATABASE udaconnect")
+        .await
+        .expect("create database");
+    let url = pg.url("udaconnect");
+    let mut config = crate::helpers::test_config_for(&url);
+    config.locations_partitions = 4;
+    config.person_updates_partitions = 3;
+    config.zone_resolution = sim.config().zone_resolution;
+    let params = config.engine_params();
+    let app = TestApp::spawn(config).await;
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        client
+    };
+    let client = connect().await;
+    insert_persons(&client, &sim).await;
+    let pipeline = wait_for_assignment(&app, 4, 3).await;
+    let ingestor = pipeline.ingestor();
+
+    let (first, rest) = events.split_at(events.len() / 2);
+    ingest_all(ingestor, first).await;
+    // PostgreSQL goes away mid-stream for 20 s. Ingest goes on (the persons are known); a
+    // request that needs the database fails and the gateway sends it again, as a client
+    // would (event ids make the resend idempotent).
+    pg.stop();
+    let stopped = Instant::now();
+    let mut resent = 0;
+    for chunk in rest.chunks(2_000) {
+        let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
+        loop {
+            if stopped.elapsed() >= Duration::from_secs(20) && !pg.is_running() {
+                pg.start_again().await;
+            }
+            match ingestor.ingest(&wire).await {
+                Ok(report) => {
+                    assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..1]);
+                    break;
+                }
+                Err(_) => {
+                    resent += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(stopped.elapsed())).await;
+    if !pg.is_running() {
+        pg.start_again().await;
+    }
+    ingestor
+        .advance_event_time(end_of_conference(&events, &params))
+        .await
+        .expect("heartbeat");
+    let client = connect().await;
+    wait_until_settled(&pipeline, &client, Duration::from_secs(300)).await;
+    let expected = reference(&events, &params);
+    let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    wait_for_reference(
+        &client,
+        &expected,
+        unique.len(),
+        Duration::from_secs(10),
+        || format!("{resent} ingest requests were sent again"),
+    )
+    .await;
+    let status = pipeline.status().await;
+    let retries: u64 = status
+        .stages
+        .iter()
+        .flat_map(|s| &s.partitions)
+        .map(|p| p.figures.counters["port_retries"])
+        .sum();
+    assert!(retries > 0, "the stages noticed the outage");
+    app.stop().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

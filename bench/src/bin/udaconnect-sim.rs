@@ -3,6 +3,12 @@
 //!
 //! Events go to `--out` (default stdout) and nothing else does; progress, warnings and the final
 //! summary (one JSON object, the last line) go to stderr.
+//!
+//! With `--produce` it sends them through the service's ingest path instead (see
+//! `udaconnect-sim/produce.rs`); then the summary is the last line of stdout.
+
+#[path = "udaconnect-sim/produce.rs"]
+mod produce;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -145,6 +151,56 @@ struct Cli {
     /// Count events per H3 zone for the summary (one H3 lookup per event).
     #[arg(long, action = ArgAction::Set, default_value_t = true)]
     zone_stats: bool,
+    /// Send the events through the service's ingest path (validated, routed to zones, produced
+    /// to the locations topic, acknowledged by the broker) instead of writing them. Creates the
+    /// topics and inserts missing attendees into `person` first. The database, the broker and
+    /// the topic prefix come from the same configuration as `udaconnect` (defaults: the ./dev
+    /// stack).
+    #[arg(long, conflicts_with_all = ["out", "format"])]
+    produce: bool,
+    /// With --produce: TOML configuration file, as `udaconnect --config`; `UDACONNECT_*`
+    /// environment variables override it.
+    #[arg(
+        long,
+        env = "UDACONNECT_CONFIG",
+        value_name = "FILE",
+        requires = "produce"
+    )]
+    config: Option<PathBuf>,
+    /// With --produce: pace the events as the conference happens, with recorded_at near now,
+    /// so a running `udaconnect serve` sees live traffic. Without it, events go as fast as the
+    /// broker acknowledges them, with their simulated times.
+    #[arg(long, requires = "produce")]
+    realtime: bool,
+    /// With --realtime: simulated seconds per wall-clock second. Above 1 the conference is
+    /// compressed (recorded_at stays near now; attendees walk and report that much faster).
+    #[arg(long, default_value_t = 1.0, requires = "realtime", value_parser = parse_speed)]
+    speed: f64,
+    /// With --produce: events per ingest call (unpaced; paced calls carry what is due).
+    #[arg(long, default_value_t = 2_000, requires = "produce",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+    /// With --produce: ingest calls awaiting the broker's acknowledgement at once.
+    #[arg(long, default_value_t = 4, requires = "produce",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    concurrency: u32,
+    /// With --produce (not --realtime): at the end, declare event time past the conference's
+    /// end, so the service closes every episode and sends the `connection.ended`
+    /// notifications.
+    #[arg(long, requires = "produce", conflicts_with = "realtime")]
+    finish: bool,
+    /// With --produce: how long to wait for PostgreSQL and for the broker, seconds.
+    #[arg(long, default_value_t = 10, requires = "produce",
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    wait_s: u64,
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.01..=10_000.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("must be between 0.01 and 10000 (got {v})")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Cli {
@@ -201,6 +257,9 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.produce {
+        return produce::main(&cli);
+    }
     let config = cli.config();
     let sim = match Simulation::new(config) {
         Ok(sim) => sim,
@@ -236,8 +295,8 @@ fn create(path: &Path) -> anyhow::Result<BufWriter<File>> {
     Ok(BufWriter::with_capacity(1 << 20, file))
 }
 
-fn run(cli: &Cli, sim: &Simulation) -> anyhow::Result<()> {
-    let Format::Jsonl = cli.format;
+/// Writes `--persons-out` and `--venue-out` when given.
+fn write_side_files(cli: &Cli, sim: &Simulation) -> anyhow::Result<()> {
     if let Some(path) = &cli.persons_out {
         let mut out = create(path)?;
         for person in sim.persons() {
@@ -254,6 +313,12 @@ fn run(cli: &Cli, sim: &Simulation) -> anyhow::Result<()> {
         out.flush()
             .with_context(|| format!("failed to write {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn run(cli: &Cli, sim: &Simulation) -> anyhow::Result<()> {
+    let Format::Jsonl = cli.format;
+    write_side_files(cli, sim)?;
     let (mut out, target): (Box<dyn Write>, String) = match &cli.out {
         Some(path) => (Box::new(create(path)?), path.display().to_string()),
         None => (
