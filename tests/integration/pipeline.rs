@@ -585,6 +585,55 @@ fn spawn_serve(
         .expect("start udaconnect serve")
 }
 
+/// A conference of `attendees` over `duration_s`, its persons in a fresh database, and a
+/// configuration with 4 zone and 3 person partitions.
+async fn conference_in_db(
+    attendees: u32,
+    duration_s: u32,
+) -> (
+    Vec<LocationEvent>,
+    TestDb,
+    tokio_postgres::Client,
+    udaconnect::Config,
+) {
+    let (sim, events) = conference(attendees, duration_s);
+    let (db, client) = TestDb::migrated().await;
+    insert_persons(&client, &sim).await;
+    let mut config = test_config(&db);
+    config.locations_partitions = 4;
+    config.person_updates_partitions = 3;
+    config.zone_resolution = sim.config().zone_resolution;
+    (events, db, client, config)
+}
+
+/// Ingests `rest`, ends the conference, and waits until `connection` equals the reference
+/// and `location` holds every distinct event; returns the reference.
+async fn finish_and_compare(
+    ingestor: &Ingestor,
+    rest: &[LocationEvent],
+    events: &[LocationEvent],
+    params: &EngineParams,
+    client: &tokio_postgres::Client,
+    context: impl FnOnce() -> String,
+) -> Vec<Episode> {
+    ingest_all(ingestor, rest).await;
+    ingestor
+        .advance_event_time(end_of_conference(events, params))
+        .await
+        .expect("heartbeat");
+    let expected = reference(events, params);
+    let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    wait_for_reference(
+        client,
+        &expected,
+        unique.len(),
+        Duration::from_secs(240),
+        context,
+    )
+    .await;
+    expected
+}
+
 /// A test that plays the gateway: its own ingestor produces to the topics of a service run
 /// as child processes, once those exist.
 async fn gateway(config: &udaconnect::Config) -> Ingestor {
@@ -661,13 +710,7 @@ fn read_log(path: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
-    let (sim, events) = conference(1_000, 600);
-    let (db, client) = TestDb::migrated().await;
-    insert_persons(&client, &sim).await;
-    let mut config = test_config(&db);
-    config.locations_partitions = 4;
-    config.person_updates_partitions = 3;
-    config.zone_resolution = sim.config().zone_resolution;
+    let (events, db, client, config) = conference_in_db(1_000, 600).await;
     let params = config.engine_params();
     let log = tempfile::NamedTempFile::new().expect("log file");
     let port = crate::helpers::free_port();
@@ -700,21 +743,9 @@ async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
     );
 
     let mut child = spawn_serve(&config, port, "second", log.path());
-    ingest_all(&ingestor, rest).await;
-    ingestor
-        .advance_event_time(end_of_conference(&events, &params))
-        .await
-        .expect("heartbeat");
-
-    let expected = reference(&events, &params);
-    let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-    wait_for_reference(
-        &client,
-        &expected,
-        unique.len(),
-        Duration::from_secs(240),
-        || read_log(log.path()),
-    )
+    let expected = finish_and_compare(&ingestor, rest, &events, &params, &client, || {
+        read_log(log.path())
+    })
     .await;
     assert_notifications(&seen, &expected).await;
     // The restarted process owns every partition now.
@@ -746,13 +777,7 @@ fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
-    let (sim, events) = conference(1_000, 600);
-    let (db, client) = TestDb::migrated().await;
-    insert_persons(&client, &sim).await;
-    let mut config = test_config(&db);
-    config.locations_partitions = 4;
-    config.person_updates_partitions = 3;
-    config.zone_resolution = sim.config().zone_resolution;
+    let (events, db, client, config) = conference_in_db(1_000, 600).await;
     let params = config.engine_params();
     let log = tempfile::NamedTempFile::new().expect("log file");
     let (port_a, port_b) = (crate::helpers::free_port(), crate::helpers::free_port());
@@ -821,20 +846,9 @@ async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
     )
     .await;
 
-    ingest_all(&ingestor, rest).await;
-    ingestor
-        .advance_event_time(end_of_conference(&events, &params))
-        .await
-        .expect("heartbeat");
-    let expected = reference(&events, &params);
-    let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-    wait_for_reference(
-        &client,
-        &expected,
-        unique.len(),
-        Duration::from_secs(240),
-        || read_log(log.path()),
-    )
+    finish_and_compare(&ingestor, rest, &events, &params, &client, || {
+        read_log(log.path())
+    })
     .await;
     let status = terminate(&mut b);
     assert!(status.success(), "node-b exited with {status}");
@@ -845,13 +859,7 @@ async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_partition_held_back_for_a_minute_still_equals_the_reference() {
-    let (sim, events) = conference(1_000, 600);
-    let (db, client) = TestDb::migrated().await;
-    insert_persons(&client, &sim).await;
-    let mut config = test_config(&db);
-    config.locations_partitions = 4;
-    config.person_updates_partitions = 3;
-    config.zone_resolution = sim.config().zone_resolution;
+    let (events, db, client, config) = conference_in_db(1_000, 600).await;
     let params = config.engine_params();
     // Hold back the zone partition that receives the most event copies.
     let mut copies = [0usize; 4];
