@@ -99,6 +99,21 @@ impl Broker {
             .collect())
     }
 
+    /// Partition count of `topic`; `None` when it does not exist (or has no partitions).
+    pub async fn partition_count(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Option<u32>, BrokerError> {
+        Ok(self
+            .partition_counts(timeout)
+            .await?
+            .into_iter()
+            .find(|(name, _)| name == topic)
+            .map(|(_, n)| n as u32)
+            .filter(|n| *n > 0))
+    }
+
     /// The broker's metadata of every topic, or `Timeout` when it does not answer in time.
     async fn metadata(&self, timeout: Duration) -> Result<Metadata, BrokerError> {
         let admin = Arc::clone(&self.admin);

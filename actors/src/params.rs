@@ -45,6 +45,14 @@ pub struct ParamsError {
 }
 
 impl EngineParams {
+    /// How far event time must move past an event before nothing about it can change: its
+    /// co-location window, the allowed lateness and the gap that ends an episode, plus a
+    /// second. Advancing past the last event by this closes every episode.
+    pub fn settle_us(&self) -> crate::domain::Micros {
+        i64::from(self.episode_gap_s + self.lateness_s + self.window_s + 1)
+            * crate::domain::MICROS_PER_S
+    }
+
     /// Checks every parameter and names the first one out of range.
     pub fn validate(&self) -> Result<(), ParamsError> {
         if !(self.radius_m.is_finite() && self.radius_m > 0.0 && self.radius_m <= MAX_RADIUS_M) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use udaconnect::config::redact_url;
-use udaconnect::kafka::{topic_specs, Broker, Producer};
+use udaconnect::kafka::Broker;
 use udaconnect::pipeline::ingest::{IngestError, IngestReport, Ingestor};
 use udaconnect::Config;
 use udaconnect_actors::domain::{LocationEvent, Micros, NewLocationEvent, PersonId};
@@ -75,35 +75,12 @@ impl Services {
         Ok(())
     }
 
-    /// Creates the service's topics that do not exist (as start-up does); returns the
-    /// locations topic's partition count.
-    pub async fn ensure_topics(&self, config: &Config) -> anyhow::Result<u32> {
-        let timeout = Duration::from_secs(10);
-        self.broker
-            .ensure_topics(&topic_specs(config), config.topic_replication, timeout)
-            .await
-            .context("failed to create the topics")?;
-        let locations = config.topics().locations;
-        self.broker
-            .partition_counts(timeout)
-            .await
-            .context("failed to read topic metadata")?
-            .into_iter()
-            .find(|(name, _)| *name == locations)
-            .map(|(_, n)| n as u32)
-            .filter(|n| *n > 0)
-            .with_context(|| format!("topic {locations} has no partitions"))
-    }
-
-    /// An ingestor of its own (no pipeline stages: a running `udaconnect serve` consumes).
-    pub fn ingestor(&self, config: &Config, partitions: u32) -> anyhow::Result<Arc<Ingestor>> {
-        let producer = Producer::new(config).context("failed to create the kafka producer")?;
-        Ok(Arc::new(Ingestor::new(
-            config,
-            producer,
-            self.pool.clone(),
-            partitions,
-        )))
+    /// An ingestor of its own (no pipeline stages: a running `udaconnect serve` consumes),
+    /// after creating the service's topics that do not exist, as start-up does.
+    pub async fn ingestor(&self, config: &Config) -> anyhow::Result<Arc<Ingestor>> {
+        Ok(Arc::new(
+            Ingestor::standalone(config, self.pool.clone()).await?,
+        ))
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Ingestor {
     max_event_time: AtomicI64,
     partitions: u32,
     counters: IngestCounters,
+    /// [`udaconnect_actors::EngineParams::settle_us`] of the configuration.
+    settle_us: Micros,
 }
 
 /// What the ingest side counted (for `/metrics`).
@@ -138,6 +140,7 @@ impl Ingestor {
             max_event_time: AtomicI64::new(Micros::MIN),
             partitions,
             counters: IngestCounters::default(),
+            settle_us: config.engine_params().settle_us(),
         }
     }
 
@@ -226,6 +229,11 @@ impl Ingestor {
         Ok(report)
     }
 
+    /// The locations topic's partition count it routes to.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// The latest event time accepted so far.
     pub fn max_event_time(&self) -> Micros {
         self.max_event_time.load(Ordering::Relaxed)
@@ -256,6 +264,41 @@ impl Ingestor {
     pub async fn advance_event_time(&self, t: Micros) -> Result<(), IngestError> {
         self.max_event_time.fetch_max(t, Ordering::Relaxed);
         self.heartbeat().await
+    }
+
+    /// Declares the end of the stream (the end of a conference): event time moves past the
+    /// latest accepted event by [`udaconnect_actors::EngineParams::settle_us`], so every episode closes. Returns
+    /// the event time declared.
+    pub async fn finish(&self) -> Result<Micros, IngestError> {
+        let end = self.max_event_time().saturating_add(self.settle_us);
+        self.advance_event_time(end).await?;
+        Ok(end)
+    }
+
+    /// An ingestor for a process that runs no stage (the ingest command, the simulator):
+    /// creates the topics that are missing, as start-up does, and produces to the locations
+    /// topic with its actual partition count.
+    pub async fn standalone(config: &Config, pool: Pool) -> anyhow::Result<Self> {
+        use anyhow::Context;
+
+        let timeout = Duration::from_secs(10);
+        let broker =
+            crate::kafka::Broker::new(config).context("failed to create the kafka client")?;
+        broker
+            .ensure_topics(
+                &crate::kafka::topic_specs(config),
+                config.topic_replication,
+                timeout,
+            )
+            .await
+            .context("failed to create the topics")?;
+        let locations = config.topics().locations;
+        let partitions = broker
+            .partition_count(&locations, timeout)
+            .await?
+            .with_context(|| format!("topic {locations} has no partitions"))?;
+        let producer = Producer::new(config).context("failed to create the kafka producer")?;
+        Ok(Self::new(config, producer, pool, partitions))
     }
 
     /// Sends heartbeats every `interval` while event time moves, until `shutdown` turns true.
@@ -328,27 +371,8 @@ pub async fn ingest_file(
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
         ))
     };
-    let broker = crate::kafka::Broker::new(config).context("failed to create the kafka client")?;
-    broker
-        .ensure_topics(
-            &crate::kafka::topic_specs(config),
-            config.topic_replication,
-            Duration::from_secs(10),
-        )
-        .await
-        .context("failed to create the topics")?;
-    let topics = config.topics();
-    let partitions = broker
-        .partition_counts(Duration::from_secs(10))
-        .await?
-        .into_iter()
-        .find(|(name, _)| *name == topics.locations)
-        .map(|(_, n)| n as u32)
-        .filter(|n| *n > 0)
-        .with_context(|| format!("topic {} has no partitions", topics.locations))?;
     let pool = crate::store::pool(config, Duration::from_secs(5))?;
-    let producer = Producer::new(config).context("failed to create the kafka producer")?;
-    let ingestor = Ingestor::new(config, producer, pool, partitions);
+    let ingestor = Ingestor::standalone(config, pool).await?;
 
     let started = std::time::Instant::now();
     let (mut read, mut accepted, mut rejected) = (0u64, 0u64, 0u64);

@@ -165,20 +165,15 @@ impl Pipeline {
     /// Starts the producer, the ingestor and both stage consumers. The topics must exist.
     pub async fn start(config: &Config, pool: Pool, broker: &Broker) -> anyhow::Result<Self> {
         let topics = config.topics();
-        let counts = broker
-            .partition_counts(Duration::from_secs(10))
-            .await
-            .context("failed to read topic metadata")?;
-        let count = |name: &str| {
-            counts
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, c)| *c as u32)
-                .filter(|c| *c > 0)
+        let count = |name: String| async move {
+            broker
+                .partition_count(&name, Duration::from_secs(10))
+                .await
+                .context("failed to read topic metadata")?
                 .with_context(|| format!("topic {name} does not exist"))
         };
-        let zone_partitions = count(&topics.locations)?;
-        let person_partitions = count(&topics.person_updates)?;
+        let zone_partitions = count(topics.locations.clone()).await?;
+        let person_partitions = count(topics.person_updates.clone()).await?;
         let producer = Producer::new(config).context("failed to create the kafka producer")?;
         let params = config.engine_params();
         let dead_letters = Arc::new(AtomicU64::new(0));

@@ -237,7 +237,6 @@ impl<M: ractor::Message> PartitionCore<M> {
     /// Loads the partition's snapshot and starts its supervisor from it (from nothing when
     /// there is none, or when it cannot be read: the partition then replays from offset 0).
     async fn restore<A>(
-        stage: Stage,
         partition: i32,
         store: &PartitionStore,
         owned: &Owned<M>,
@@ -248,6 +247,7 @@ impl<M: ractor::Message> PartitionCore<M> {
     where
         A: Actor<Msg = M>,
     {
+        let stage = store.stage;
         let partition_u32 = partition as u32;
         retry("claiming the partition", partition_u32, || {
             store.owners.claim(stage, partition_u32)
@@ -394,7 +394,6 @@ impl WorkerFactory for ZoneStage {
 
     async fn open(&self, partition: i32) -> ZoneWorker {
         let core = PartitionCore::restore(
-            Stage::Zones,
             partition,
             &self.store,
             &self.owned,
@@ -512,7 +511,6 @@ impl WorkerFactory for PersonStage {
 
     async fn open(&self, partition: i32) -> PersonWorker {
         let core = PartitionCore::restore(
-            Stage::Persons,
             partition,
             &self.store,
             &self.owned,

@@ -11,12 +11,13 @@ use udaconnect::pipeline::ingest::Ingestor;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::store::pipeline::{micros, timestamp};
 use udaconnect_actors::domain::{
-    Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind, MICROS_PER_S,
+    Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind,
 };
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
+use udaconnect_bench::produce::{ensure_persons, wire};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 
-use crate::helpers::{scalar, test_config, PrivatePostgres, TestApp, TestDb};
+use crate::helpers::{scalar, test_config, test_config_for, PrivatePostgres, TestApp, TestDb};
 
 /// A simulated conference's events in arrival order (duplicates and disorder included).
 fn conference(attendees: u32, duration_s: u32) -> (Simulation, Vec<LocationEvent>) {
@@ -46,20 +47,12 @@ fn reference(events: &[LocationEvent], params: &EngineParams) -> Vec<Episode> {
     engine.episodes()
 }
 
-async fn insert_persons(client: &tokio_postgres::Client, sim: &Simulation) {
-    let persons: Vec<_> = sim.persons().collect();
-    let ids: Vec<i64> = persons.iter().map(|p| p.id).collect();
-    let first: Vec<&str> = persons.iter().map(|p| p.first_name.as_str()).collect();
-    let last: Vec<&str> = persons.iter().map(|p| p.last_name.as_str()).collect();
-    let company: Vec<&str> = persons.iter().map(|p| p.company_name.as_str()).collect();
-    client
-        .execute(
-            "INSERT INTO person (id, first_name, last_name, company_name)
-             SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[])",
-            &[&ids, &first, &last, &company],
-        )
-        .await
-        .expect("insert persons");
+/// The simulation's attendees, inserted into the database at `url`.
+async fn insert_persons(url: &str, sim: &Simulation) {
+    let pool =
+        udaconnect::store::pool(&test_config_for(url), Duration::from_secs(5)).expect("pool");
+    let inserted = ensure_persons(&pool, sim).await.expect("insert persons");
+    assert_eq!(inserted, sim.persons().count() as u64);
 }
 
 async fn stored_episodes(client: &tokio_postgres::Client) -> Vec<Episode> {
@@ -139,12 +132,6 @@ async fn wait_until_settled(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// Event time past every episode's end: the heartbeat that ends the conference.
-fn end_of_conference(events: &[LocationEvent], params: &EngineParams) -> Micros {
-    let last = events.iter().map(|e| e.recorded_at).max().expect("events");
-    last + i64::from(params.episode_gap_s + params.lateness_s + params.window_s + 1) * MICROS_PER_S
 }
 
 /// Ingests `events` in requests of 2,000, as a gateway would; returns the accepted count.
@@ -255,16 +242,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .expect("a number")
 }
 
-fn wire(e: &LocationEvent) -> NewLocationEvent {
-    NewLocationEvent {
-        event_id: Some(e.event_id),
-        person_id: e.person_id,
-        lat: e.lat,
-        lon: e.lon,
-        recorded_at: e.recorded_at,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simulated_conference_through_kafka_equals_the_reference() {
     let (sim, events) = conference(2_000, 600);
@@ -283,7 +260,7 @@ async fn a_simulated_conference_through_kafka_equals_the_reference() {
     );
 
     let (db, client) = TestDb::migrated().await;
-    insert_persons(&client, &sim).await;
+    insert_persons(&db.url, &sim).await;
     let mut config = test_config(&db);
     config.locations_partitions = 4;
     config.person_updates_partitions = 3;
@@ -297,10 +274,7 @@ async fn a_simulated_conference_through_kafka_equals_the_reference() {
     let ingestor = pipeline.ingestor();
     assert_eq!(ingest_all(ingestor, &events).await, events.len());
     // The end of the conference: event time moves past every episode's end.
-    ingestor
-        .advance_event_time(end_of_conference(&events, &params))
-        .await
-        .expect("heartbeat acknowledged");
+    ingestor.finish().await.expect("heartbeat acknowledged");
 
     wait_until_settled(&pipeline, &client, Duration::from_secs(600)).await;
 
@@ -459,7 +433,7 @@ fn read_topic(brokers: &str, topic: &str, want: usize) -> Vec<ReadRecord> {
 async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing() {
     let (sim, events) = conference(200, 300);
     let (db, client) = TestDb::migrated().await;
-    insert_persons(&client, &sim).await;
+    insert_persons(&db.url, &sim).await;
     let mut config = test_config(&db);
     config.locations_partitions = 1;
     config.person_updates_partitions = 1;
@@ -484,14 +458,7 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_keeps_f
     let wire: Vec<NewLocationEvent> = events.iter().map(wire).collect();
     let report = pipeline.ingestor().ingest(&wire).await.expect("ingested");
     assert_eq!(report.accepted.len(), events.len());
-    let last = events.iter().map(|e| e.recorded_at).max().expect("events");
-    let end = last
-        + i64::from(params.episode_gap_s + params.lateness_s + params.window_s + 1) * MICROS_PER_S;
-    pipeline
-        .ingestor()
-        .advance_event_time(end)
-        .await
-        .expect("heartbeat");
+    pipeline.ingestor().finish().await.expect("heartbeat");
     wait_until_settled(&pipeline, &client, Duration::from_secs(300)).await;
 
     let expected = reference(&events, &params);
@@ -598,7 +565,7 @@ async fn conference_in_db(
 ) {
     let (sim, events) = conference(attendees, duration_s);
     let (db, client) = TestDb::migrated().await;
-    insert_persons(&client, &sim).await;
+    insert_persons(&db.url, &sim).await;
     let mut config = test_config(&db);
     config.locations_partitions = 4;
     config.person_updates_partitions = 3;
@@ -617,10 +584,7 @@ async fn finish_and_compare(
     context: impl FnOnce() -> String,
 ) -> Vec<Episode> {
     ingest_all(ingestor, rest).await;
-    ingestor
-        .advance_event_time(end_of_conference(events, params))
-        .await
-        .expect("heartbeat");
+    ingestor.finish().await.expect("heartbeat");
     let expected = reference(events, params);
     let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
     wait_for_reference(
@@ -881,10 +845,7 @@ async fn a_zone_partition_held_back_for_a_minute_still_equals_the_reference() {
 
     let ingestor = pipeline.ingestor();
     ingest_all(ingestor, &events).await;
-    ingestor
-        .advance_event_time(end_of_conference(&events, &params))
-        .await
-        .expect("heartbeat");
+    ingestor.finish().await.expect("heartbeat");
 
     // The others run ahead to the end of their topics while `held` has not moved.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -948,7 +909,7 @@ async fn postgres_stopped_for_20_s_mid_stream_loses_nothing() {
         .await
         .expect("create database");
     let url = pg.url("udaconnect");
-    let mut config = crate::helpers::test_config_for(&url);
+    let mut config = test_config_for(&url);
     config.locations_partitions = 4;
     config.person_updates_partitions = 3;
     config.zone_resolution = sim.config().zone_resolution;
@@ -961,8 +922,7 @@ async fn postgres_stopped_for_20_s_mid_stream_loses_nothing() {
         tokio::spawn(connection);
         client
     };
-    let client = connect().await;
-    insert_persons(&client, &sim).await;
+    insert_persons(&url, &sim).await;
     let pipeline = wait_for_assignment(&app, 4, 3).await;
     let ingestor = pipeline.ingestor();
 
@@ -996,10 +956,7 @@ async fn postgres_stopped_for_20_s_mid_stream_loses_nothing() {
     if !pg.is_running() {
         pg.start_again().await;
     }
-    ingestor
-        .advance_event_time(end_of_conference(&events, &params))
-        .await
-        .expect("heartbeat");
+    ingestor.finish().await.expect("heartbeat");
     let client = connect().await;
     wait_until_settled(&pipeline, &client, Duration::from_secs(300)).await;
     let expected = reference(&events, &params);

@@ -382,7 +382,15 @@ async fn start_pipeline(config: &Config, sim: &Simulation) -> anyhow::Result<(Se
     let services = Services::connect(config, Duration::from_secs(10)).await?;
     services.migrate().await?;
     ensure_persons(&services.pool, sim).await?;
-    services.ensure_topics(config).await?;
+    services
+        .broker
+        .ensure_topics(
+            &udaconnect::kafka::topic_specs(config),
+            config.topic_replication,
+            Duration::from_secs(10),
+        )
+        .await
+        .context("failed to create the topics")?;
     let pipeline = Pipeline::start(config, services.pool.clone(), &services.broker)
         .await
         .context("failed to start the pipeline")?;
@@ -695,6 +703,18 @@ impl CpuProbe {
     }
 }
 
+/// Every process's pid and `/proc/<pid>` directory (none when `/proc` cannot be read).
+fn processes() -> impl Iterator<Item = (u32, std::path::PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
 /// The process listening on local TCP `port`, if this user may see it.
 fn listener_pid(port: u16) -> Option<u32> {
     let mut inodes = Vec::new();
@@ -719,15 +739,8 @@ fn listener_pid(port: u16) -> Option<u32> {
     if inodes.is_empty() {
         return None;
     }
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+    for (pid, dir) in processes() {
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
             continue;
         };
         for fd in fds.flatten() {
@@ -763,18 +776,8 @@ impl Cpu {
             ..Cpu::default()
         };
         let me = std::process::id();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return cpu;
-        };
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+        for (pid, dir) in processes() {
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
                 continue;
             };
             let Some((comm, seconds)) = process_cpu(&stat) else {
@@ -787,7 +790,7 @@ impl Cpu {
             } else if comm == "postgres" {
                 // Backends show `postgres: USER DATABASE HOST(PORT) STATE`; auxiliary
                 // processes `postgres: checkpointer` and the like; the postmaster its path.
-                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline);
                 let Some(title) = cmdline.strip_prefix("postgres: ") else {
                     continue;
@@ -902,11 +905,8 @@ async fn pipeline_phase(
         events.len(),
         tally.rejections
     );
-    let last = events.iter().map(|e| e.recorded_at).max().unwrap_or(0);
-    let end = last
-        + i64::from(config.episode_gap_s + config.lateness_s + config.window_s + 1) * MICROS_PER_S;
     ingestor
-        .advance_event_time(end)
+        .finish()
         .await
         .context("the end-of-conference heartbeat was not acknowledged")?;
     let ingested = started.elapsed().as_secs_f64();

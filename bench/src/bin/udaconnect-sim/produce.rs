@@ -159,10 +159,12 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
         ids.end(),
         u64::from(c.attendees) - inserted
     );
-    let partitions = services.ensure_topics(config).await?;
+    let ingestor = services.ingestor(config).await?;
     let topic = config.topics().locations;
-    eprintln!("udaconnect-sim: producing to {topic} ({partitions} partitions)");
-    let ingestor = services.ingestor(config, partitions)?;
+    eprintln!(
+        "udaconnect-sim: producing to {topic} ({} partitions)",
+        ingestor.partitions()
+    );
     let (stop_heartbeats, stop_rx) = watch::channel(false);
     let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, stop_rx);
 
@@ -214,17 +216,12 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
         .await
         .context("the final heartbeat was not acknowledged")?;
     let mut finished_at = None;
-    if cli.finish {
-        if let Some(last) = sender.tally.max_recorded_at {
-            let end = last
-                + i64::from(config.episode_gap_s + config.lateness_s + config.window_s + 1)
-                    * MICROS_PER_S;
-            ingestor
-                .advance_event_time(end)
-                .await
-                .context("the end-of-conference heartbeat was not acknowledged")?;
-            finished_at = Some(end);
-        }
+    if cli.finish && sender.tally.max_recorded_at.is_some() {
+        let end = ingestor
+            .finish()
+            .await
+            .context("the end-of-conference heartbeat was not acknowledged")?;
+        finished_at = Some(end);
     }
     let _ = stop_heartbeats.send(true);
     let _ = heartbeats.await;
@@ -236,7 +233,7 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
         "realtime": cli.realtime,
         "speed": if cli.realtime { Some(cli.speed) } else { None },
         "topic": topic,
-        "partitions": partitions,
+        "partitions": ingestor.partitions(),
         "persons": c.attendees,
         "persons_inserted": inserted,
         "events": stats.events,
