@@ -377,17 +377,22 @@ impl Watchdog {
 
     /// True when this member owned nothing for [`ORPHAN_REJOIN_AFTER`] and the owner rows
     /// show partitions nobody live owns.
+    /// Looks at the assignment only every [`ORPHAN_CHECK_EVERY`]: the poll loop calls this
+    /// once per record.
     fn should_rejoin<F: WorkerFactory>(&mut self, context: &StageContext<F>) -> bool {
+        if self.last_check.elapsed() < ORPHAN_CHECK_EVERY {
+            return false;
+        }
+        self.last_check = Instant::now();
         let empty = context.assigned.lock().expect("not poisoned").is_empty();
         if !empty {
             self.empty_since = None;
             return false;
         }
         let since = *self.empty_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < ORPHAN_REJOIN_AFTER || self.last_check.elapsed() < ORPHAN_CHECK_EVERY {
+        if since.elapsed() < ORPHAN_REJOIN_AFTER {
             return false;
         }
-        self.last_check = Instant::now();
         let factory = Arc::clone(&context.factory);
         let orphaned = context.runtime.block_on(async move {
             tokio::time::timeout(Duration::from_secs(5), factory.orphaned()).await
