@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod grpc;
 pub mod kafka;
 pub mod metrics;

@@ -2,6 +2,7 @@
 
 mod migrate;
 pub mod pipeline;
+pub mod queries;
 mod seed;
 
 use std::time::Duration;
