@@ -40,6 +40,13 @@ pub enum Command {
         #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
     },
+    /// Write the API documents generated from the code: `openapi.yaml` (OpenAPI 3) and
+    /// `postman.json` (Postman v2.1 collection).
+    Docs {
+        /// The folder to write them to.
+        #[arg(long, default_value = "docs")]
+        out: PathBuf,
+    },
     /// Load seed data.
     Seed {
         #[command(subcommand)]
@@ -108,6 +115,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ingest { file, batch } => {
             crate::pipeline::ingest::ingest_file(&config, &file, batch as usize).await
+        }
+        Command::Docs { out } => {
+            for (name, text) in crate::rest::docs::documents()? {
+                let path = out.join(name);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("failed to write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Command::Seed {
             source: SeedSource::Poc { dir },

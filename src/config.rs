@@ -36,6 +36,9 @@ pub struct Config {
     pub topic_replication: i32,
     /// REST listen address (the POC's port by default).
     pub rest_addr: SocketAddr,
+    /// Origins a web page may call the REST API from, comma separated (`*`: any); empty: no
+    /// CORS headers.
+    pub cors_origins: String,
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
     /// Bearer token the admin API requires; admin calls are refused while unset.
@@ -76,6 +79,7 @@ impl Default for Config {
             connections_partitions: 4,
             topic_replication: 1,
             rest_addr: SocketAddr::from(([127, 0, 0, 1], 30001)),
+            cors_origins: String::new(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 30005)),
             admin_token: None,
             radius_m: engine.radius_m,
@@ -277,6 +281,7 @@ impl fmt::Debug for Config {
             .field("connections_partitions", &self.connections_partitions)
             .field("topic_replication", &self.topic_replication)
             .field("rest_addr", &self.rest_addr)
+            .field("cors_origins", &self.cors_origins)
             .field("grpc_addr", &self.grpc_addr)
             .field("admin_token", &self.admin_token)
             .field("radius_m", &self.radius_m)

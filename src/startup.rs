@@ -82,6 +82,14 @@ impl Server {
             broker: self.broker.clone(),
             readiness_timeout: Duration::from_millis(self.config.readiness_timeout_ms),
             pipeline: Arc::clone(&self.pipeline),
+            cors_origins: self
+                .config
+                .cors_origins
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned)
+                .collect(),
         });
         let acceptor = TcpAcceptor::from_tokio(self.rest_listener)?;
         info!(rest_addr = %self.rest_addr, "rest server listening");

@@ -1,15 +1,28 @@
-//! REST front end (poem + poem-openapi): health and readiness now; the POC `/api` and `/v1` later.
+//! REST front end (poem + poem-openapi): the POC contract under `/api`, the `/v1` API, live
+//! streams, health and metrics, `/openapi.json` and Swagger UI at `/docs`.
 
+pub mod docs;
+mod errors;
 mod health;
+mod input;
+mod poc;
+mod streams;
+mod v1;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::{Endpoint, EndpointExt, Route};
+use poem::http::StatusCode;
+use poem::middleware::Cors;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::OpenApiService;
 
+use crate::error::ApiError;
 use crate::kafka::Broker;
 use crate::pipeline::Pipeline;
+
+/// Largest accepted request body: a full batch of 10,000 events fits with room to spare.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// What the REST handlers share.
 pub struct RestState {
@@ -21,26 +34,115 @@ pub struct RestState {
     pub readiness_timeout: Duration,
     /// The pipeline, once it started.
     pub pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
+    /// Origins a browser page may call the API from (`*` for any); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
+impl RestState {
+    /// The pipeline, or a 503 while it has not started (broker or topics not there yet).
+    pub fn pipeline(&self) -> Result<&Arc<Pipeline>, ApiError> {
+        self.pipeline.get().ok_or_else(|| {
+            ApiError::unavailable(
+                "the pipeline has not started yet (the broker or its topics are not available); retry later",
+            )
+        })
+    }
+}
+
+/// Every documented API.
+pub type Apis = (
+    poc::PocApi,
+    v1::V1Api,
+    streams::StreamsApi,
+    health::HealthApi,
+);
+
 /// The OpenAPI service of every documented endpoint.
-pub fn api_service(state: Arc<RestState>) -> OpenApiService<health::HealthApi, ()> {
+pub fn api_service(state: Arc<RestState>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        health::HealthApi { state },
+        (
+            poc::PocApi {
+                state: Arc::clone(&state),
+            },
+            v1::V1Api {
+                state: Arc::clone(&state),
+            },
+            streams::StreamsApi {
+                state: Arc::clone(&state),
+            },
+            health::HealthApi { state },
+        ),
         "UdaConnect",
         env!("CARGO_PKG_VERSION"),
     )
-    .description("Real-time co-location detection for conference attendees.")
+    .description(
+        "Real-time co-location detection for conference attendees. `/api` is the proof of \
+         concept's contract, kept for its frontend; `/v1` is the real API. Every error is \
+         `{code, message, field?}`.",
+    )
 }
 
-/// The whole REST application: the API, `/openapi.json` and Swagger UI at `/docs`.
+/// The whole REST application: the API, `/openapi.json` and Swagger UI at `/docs`; every
+/// error in the JSON shape, bodies above [`MAX_BODY_BYTES`] refused with 413, CORS for the
+/// configured origins.
 pub fn app(state: Arc<RestState>) -> impl Endpoint {
+    let cors = cors(&state.cors_origins);
     let api = api_service(state);
+    let templates = Arc::new(errors::PathTemplates::from_spec(&api.spec()));
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api)
+        .around(limit_body)
+        .around(move |next, req| {
+            let templates = Arc::clone(&templates);
+            async move {
+                let path = req.uri().path().to_owned();
+                Ok(match next.call(req).await {
+                    Ok(response) => response.into_response(),
+                    Err(e) => errors::poem_error_response(e, &templates, &path),
+                })
+            }
+        })
+        .with_if(cors.is_some(), cors.unwrap_or_default())
         .with(poem::middleware::Tracing)
+}
+
+fn cors(origins: &[String]) -> Option<Cors> {
+    if origins.is_empty() {
+        return None;
+    }
+    let cors = Cors::new().allow_methods(["GET", "POST", "OPTIONS"]);
+    Some(if origins.iter().any(|o| o == "*") {
+        cors
+    } else {
+        origins.iter().fold(cors, |c, o| c.allow_origin(o.as_str()))
+    })
+}
+
+/// Refuses a body whose declared length is above [`MAX_BODY_BYTES`] with 413, before it is
+/// read; a body sent without a length is cut there (and then fails to parse as JSON).
+async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result<Response> {
+    let declared = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match declared {
+        Some(n) if n > MAX_BODY_BYTES => {
+            return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE));
+        }
+        Some(_) => {}
+        None => {
+            use tokio::io::AsyncReadExt;
+            let body = req
+                .take_body()
+                .into_async_read()
+                .take(MAX_BODY_BYTES as u64);
+            req.set_body(poem::Body::from_async_read(body));
+        }
+    }
+    next.call(req).await.map(IntoResponse::into_response)
 }

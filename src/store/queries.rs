@@ -63,6 +63,22 @@ pub async fn person(pool: &Pool, id: i64) -> Result<Option<Person>, StoreError> 
     Ok(row.map(|r| person_of(&r, 0)))
 }
 
+/// The ids among `ids` with no person, in order.
+pub async fn missing_persons(pool: &Pool, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT i FROM unnest($1::bigint[]) AS i
+             WHERE NOT EXISTS (SELECT 1 FROM person WHERE id = i) ORDER BY i",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Every person, by id (the POC's `GET /api/persons`).
 pub async fn all_persons(pool: &Pool) -> Result<Vec<Person>, StoreError> {
     let client = pool.get().await?;

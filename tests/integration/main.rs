@@ -5,5 +5,6 @@
 mod cli;
 mod helpers;
 mod pipeline;
+mod rest;
 mod service;
 mod store;

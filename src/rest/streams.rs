@@ -1,0 +1,308 @@
+//! Live notification streams from the process's NotificationHub: Server-Sent Events for one
+//! person, and a WebSocket on which a client subscribes to several persons.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::{SinkExt, StreamExt};
+use poem::web::websocket::{Message, WebSocket, WebSocketStream, WebSocketUpgraded};
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::EventStream;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use serde::Deserialize;
+use udaconnect_actors::domain::{Notification, PersonId};
+use uuid::Uuid;
+
+use super::errors::{ErrorBody, RestResult};
+use super::v1::unknown_person;
+use super::RestState;
+use crate::error::ApiError;
+use crate::pipeline::hub::Subscription;
+use crate::store::pipeline::timestamp;
+use crate::store::queries;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Connection history and live streams.
+    Connections,
+}
+
+/// The streaming endpoints.
+pub struct StreamsApi {
+    pub(super) state: Arc<RestState>,
+}
+
+/// `connection.started`, `connection.updated` or `connection.ended` for one person.
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct ConnectionEvent {
+    /// Deterministic: a replay carries the same id, so repeats can be dropped.
+    id: Uuid,
+    /// `connection.started`, `connection.updated` or `connection.ended`.
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    kind: String,
+    /// Whom the notification is for.
+    person_id: i64,
+    /// Whom they met.
+    peer_id: i64,
+    started_at: DateTime<Utc>,
+    last_seen_at: DateTime<Utc>,
+    /// Set on `connection.ended`.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended_at: Option<DateTime<Utc>>,
+    colocations: u32,
+    min_distance_m: f64,
+    /// Where the person was at the closest co-location.
+    lat: f64,
+    lon: f64,
+    /// For `connection.updated`: the `started_at` of the episodes it replaces.
+    replaces: Vec<DateTime<Utc>>,
+}
+
+impl From<&Notification> for ConnectionEvent {
+    fn from(n: &Notification) -> Self {
+        let e = &n.episode;
+        Self {
+            id: n.id,
+            kind: n.kind.as_str().to_owned(),
+            person_id: e.person,
+            peer_id: e.peer,
+            started_at: timestamp(e.started_at),
+            last_seen_at: timestamp(e.last_seen_at),
+            ended_at: e.ended_at.map(timestamp),
+            colocations: e.colocations,
+            min_distance_m: e.min_distance_m,
+            lat: e.lat,
+            lon: e.lon,
+            replaces: n.replaces.iter().map(|t| timestamp(*t)).collect(),
+        }
+    }
+}
+
+type Events = BoxStream<'static, ConnectionEvent>;
+
+#[derive(ApiResponse)]
+enum StreamOk {
+    /// Server-Sent Events: each `event:` is the notification's type, `id:` its id, `data:`
+    /// a `ConnectionEvent`; a comment every 15 s keeps the connection open.
+    #[oai(status = 200)]
+    Events(EventStream<Events>),
+}
+
+type Upgrade = WebSocketUpgraded<
+    Box<dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+>;
+
+fn events(sub: Subscription) -> Events {
+    futures::stream::unfold(sub, |mut sub| async move {
+        sub.recv()
+            .await
+            .map(|n| (ConnectionEvent::from(n.as_ref()), sub))
+    })
+    .boxed()
+}
+
+/// What a WebSocket client may send.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientMessage {
+    #[serde(default)]
+    subscribe: Vec<PersonId>,
+    #[serde(default)]
+    unsubscribe: Vec<PersonId>,
+}
+
+/// The server's answer to a (un)subscription.
+#[derive(Debug, serde::Serialize)]
+struct Subscribed<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    person_ids: &'a BTreeSet<PersonId>,
+}
+
+/// Most persons one WebSocket may follow.
+pub const MAX_WS_PERSONS: usize = 1_000;
+
+fn parse_ids(text: &str) -> Result<Vec<PersonId>, ApiError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<PersonId>().map_err(|_| {
+                ApiError::invalid(
+                    "person_ids",
+                    format!("must be comma-separated ids (got {s:?})"),
+                )
+            })
+        })
+        .collect()
+}
+
+#[OpenApi(prefix_path = "/v1", tag = "ApiTags::Connections")]
+impl StreamsApi {
+    /// Live `connection.started` / `connection.updated` / `connection.ended` notifications for
+    /// one person, as Server-Sent Events, from now on.
+    #[oai(path = "/persons/:person_id/connections/stream", method = "get")]
+    async fn stream(&self, person_id: Path<i64>) -> RestResult<StreamOk> {
+        let pipeline = self.state.pipeline()?;
+        if queries::person(&self.state.pool, person_id.0)
+            .await?
+            .is_none()
+        {
+            return Err(unknown_person(person_id.0));
+        }
+        let sub = pipeline.hub().subscribe(&[person_id.0]);
+        Ok(StreamOk::Events(
+            EventStream::new(events(sub))
+                .keep_alive(Duration::from_secs(15))
+                .to_event(|e| {
+                    let data = serde_json::to_string(&e).unwrap_or_default();
+                    poem::web::sse::Event::message(data)
+                        .event_type(e.kind.clone())
+                        .id(e.id.to_string())
+                }),
+        ))
+    }
+
+    /// A WebSocket of live notifications for several persons. Subscribe at connect time with
+    /// `?person_ids=1,2` and later by sending `{"subscribe": [3]}` or `{"unsubscribe": [1]}`;
+    /// the server answers `{"type": "subscribed", "person_ids": [...]}`, sends each
+    /// notification as a `ConnectionEvent` JSON text message, and reports a bad message as
+    /// `{"type": "error", "code", "message", "field"}` without closing.
+    #[oai(path = "/ws", method = "get")]
+    async fn ws(
+        &self,
+        websocket: WebSocket,
+        /// Comma-separated person ids to follow from the start.
+        person_ids: Query<Option<String>>,
+    ) -> RestResult<Upgrade> {
+        let pipeline = self.state.pipeline()?.clone();
+        let initial = match person_ids.0.as_deref() {
+            Some(text) => parse_ids(text)?,
+            None => Vec::new(),
+        };
+        let missing = queries::missing_persons(&self.state.pool, &initial).await?;
+        if let Some(id) = missing.first() {
+            return Err(
+                ApiError::not_found(Some("person_ids"), format!("no person with id {id}")).into(),
+            );
+        }
+        if initial.len() > MAX_WS_PERSONS {
+            return Err(ApiError::invalid(
+                "person_ids",
+                format!("at most {MAX_WS_PERSONS} persons per socket"),
+            )
+            .into());
+        }
+        let state = Arc::clone(&self.state);
+        let run: Box<
+            dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
+        > = Box::new(move |socket| {
+            Box::pin(async move {
+                serve_socket(socket, state, pipeline, initial.into_iter().collect()).await;
+            })
+        });
+        Ok(websocket.on_upgrade(run))
+    }
+}
+
+fn error_text(e: &ApiError) -> String {
+    let mut v = serde_json::to_value(ErrorBody::from(e)).unwrap_or_default();
+    v["type"] = serde_json::json!("error");
+    v.to_string()
+}
+
+async fn serve_socket(
+    socket: WebSocketStream,
+    state: Arc<RestState>,
+    pipeline: Arc<crate::pipeline::Pipeline>,
+    mut persons: BTreeSet<PersonId>,
+) {
+    let (mut sink, mut incoming) = socket.split();
+    let subscribe = |persons: &BTreeSet<PersonId>| {
+        let ids: Vec<PersonId> = persons.iter().copied().collect();
+        pipeline.hub().subscribe(&ids)
+    };
+    let mut sub = subscribe(&persons);
+    let ack = |persons: &BTreeSet<PersonId>| {
+        serde_json::to_string(&Subscribed {
+            kind: "subscribed",
+            person_ids: persons,
+        })
+        .unwrap_or_default()
+    };
+    if sink.send(Message::Text(ack(&persons))).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            message = incoming.next() => {
+                let text = match message {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => continue,
+                };
+                let reply = match change(&state, &mut persons, &text).await {
+                    Ok(()) => {
+                        sub = subscribe(&persons);
+                        ack(&persons)
+                    }
+                    Err(e) => error_text(&e),
+                };
+                if sink.send(Message::Text(reply)).await.is_err() {
+                    return;
+                }
+            }
+            notification = sub.recv() => {
+                let Some(n) = notification else {
+                    // The hub stopped or dropped this subscriber for being too slow.
+                    let e = ApiError::unavailable("the notification stream ended; reconnect");
+                    let _ = sink.send(Message::Text(error_text(&e))).await;
+                    return;
+                };
+                let text = serde_json::to_string(&ConnectionEvent::from(n.as_ref())).unwrap_or_default();
+                if sink.send(Message::Text(text)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Applies one client message to the subscribed set.
+async fn change(
+    state: &RestState,
+    persons: &mut BTreeSet<PersonId>,
+    text: &str,
+) -> Result<(), ApiError> {
+    let message: ClientMessage = serde_json::from_str(text).map_err(|e| {
+        ApiError::invalid(
+            "message",
+            format!("must be {{\"subscribe\": [ids]}} or {{\"unsubscribe\": [ids]}}: {e}"),
+        )
+    })?;
+    let missing = queries::missing_persons(&state.pool, &message.subscribe).await?;
+    if let Some(id) = missing.first() {
+        return Err(ApiError::not_found(
+            Some("subscribe"),
+            format!("no person with id {id}"),
+        ));
+    }
+    let mut next = persons.clone();
+    next.extend(message.subscribe);
+    for id in message.unsubscribe {
+        next.remove(&id);
+    }
+    if next.len() > MAX_WS_PERSONS {
+        return Err(ApiError::invalid(
+            "subscribe",
+            format!("at most {MAX_WS_PERSONS} persons per socket"),
+        ));
+    }
+    *persons = next;
+    Ok(())
+}

@@ -1,0 +1,658 @@
+//! The `/v1` API: persons, location ingest (single and batch, 202 after the broker
+//! acknowledged), stored locations, connection history (time-aware, paginated) and the
+//! pipeline's status.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use serde_json::Value;
+use udaconnect_actors::domain::NewLocationEvent;
+use uuid::Uuid;
+
+use super::errors::{ErrorResponse, RestResult};
+use super::input::{parse_rfc3339, Checked, Fields, FromJson};
+use super::poc::MAX_NAME_CHARS;
+use super::RestState;
+use crate::error::{ApiError, ErrorCode};
+use crate::pipeline::ingest::{IngestError, IngestReport};
+use crate::store::queries::{self, HistoryCursor, HistoryQuery, NewPerson};
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Attendees.
+    Persons,
+    /// Location reports: ingest and stored events.
+    Locations,
+    /// Connection history and live streams.
+    Connections,
+    /// The pipeline's partitions, owners, offsets and lag.
+    Status,
+}
+
+/// The `/v1` endpoints.
+pub struct V1Api {
+    pub(super) state: Arc<RestState>,
+}
+
+/// An attendee.
+#[derive(Debug, Clone, Object)]
+pub struct Person {
+    pub id: i64,
+    pub first_name: String,
+    pub last_name: String,
+    pub company_name: String,
+}
+
+impl From<queries::Person> for Person {
+    fn from(p: queries::Person) -> Self {
+        Self {
+            id: p.id,
+            first_name: p.first_name,
+            last_name: p.last_name,
+            company_name: p.company_name,
+        }
+    }
+}
+
+/// A person to create.
+#[derive(Debug, Clone, Object)]
+pub struct PersonIn {
+    /// Required, 1 to 200 characters.
+    first_name: String,
+    /// Required, 1 to 200 characters.
+    last_name: String,
+    /// Required, 1 to 200 characters.
+    company_name: String,
+}
+
+/// A page of persons.
+#[derive(Debug, Clone, Object)]
+pub struct PersonPage {
+    items: Vec<Person>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
+    next_cursor: Option<String>,
+}
+
+/// A location report from a device.
+#[derive(Debug, Clone, Object)]
+pub struct LocationIn {
+    /// The client's id for the event; when absent, derived from (person_id, recorded_at,
+    /// lat, lon), so a retried send is the same event.
+    event_id: Option<Uuid>,
+    person_id: i64,
+    /// Degrees, -90 to 90.
+    lat: f64,
+    /// Degrees, -180 to 180.
+    lon: f64,
+    /// RFC 3339 with an offset; at most `future_skew_s` ahead of the server's clock.
+    recorded_at: DateTime<Utc>,
+}
+
+impl FromJson for NewLocationEvent {
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        let f = Fields::of(value, "body")?;
+        Ok(NewLocationEvent {
+            event_id: f.uuid("event_id")?,
+            person_id: f.integer("person_id")?,
+            lat: f.number("lat")?,
+            lon: f.number("lon")?,
+            recorded_at: f.time("recorded_at")?.timestamp_micros(),
+        })
+    }
+}
+
+/// The broker acknowledged the event.
+#[derive(Debug, Clone, Object)]
+pub struct Accepted {
+    event_id: Uuid,
+}
+
+/// Up to 10,000 location reports.
+#[derive(Debug, Clone, Object)]
+pub struct LocationBatch {
+    events: Vec<LocationIn>,
+}
+
+/// One accepted item of a batch.
+#[derive(Debug, Clone, Object)]
+pub struct AcceptedItem {
+    /// Its position in `events`.
+    index: u32,
+    event_id: Uuid,
+}
+
+/// One rejected item of a batch.
+#[derive(Debug, Clone, Object)]
+pub struct RejectedItem {
+    /// Its position in `events`.
+    index: u32,
+    /// The field at fault.
+    #[oai(skip_serializing_if_is_none)]
+    field: Option<String>,
+    /// What is wrong with it.
+    error: String,
+}
+
+/// What became of a batch: every valid item was acknowledged by the broker, whatever the
+/// others.
+#[derive(Debug, Clone, Object)]
+pub struct BatchReport {
+    /// How many items were accepted.
+    accepted: u32,
+    /// The accepted items and their event ids, in order.
+    items: Vec<AcceptedItem>,
+    /// The rejected items, in order.
+    rejected: Vec<RejectedItem>,
+}
+
+/// A stored location event.
+#[derive(Debug, Clone, Object)]
+pub struct Location {
+    event_id: Uuid,
+    person_id: i64,
+    lat: f64,
+    lon: f64,
+    recorded_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    /// The H3 cell of its home zone (hex); absent for POC rows.
+    #[oai(skip_serializing_if_is_none)]
+    zone: Option<String>,
+}
+
+/// One episode of the person with a peer.
+#[derive(Debug, Clone, Object)]
+pub struct ConnectionItem {
+    peer: Person,
+    /// The first co-location.
+    started_at: DateTime<Utc>,
+    /// Absent while the episode is open.
+    #[oai(skip_serializing_if_is_none)]
+    ended_at: Option<DateTime<Utc>>,
+    /// The latest co-location.
+    last_seen_at: DateTime<Utc>,
+    /// How many co-locations (pairs of events) it holds.
+    colocations: i32,
+    min_distance_m: f64,
+    /// Where the person was at the closest co-location.
+    lat: f64,
+    lon: f64,
+}
+
+/// A page of connection history.
+#[derive(Debug, Clone, Object)]
+pub struct ConnectionPage {
+    items: Vec<ConnectionItem>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
+    next_cursor: Option<String>,
+}
+
+/// One partition of a stage.
+#[derive(Debug, Clone, Object)]
+pub struct PartitionRow {
+    /// `zones` or `persons`.
+    stage: String,
+    topic: String,
+    partition: i32,
+    /// The process owning it (`shard_owner`), when one does.
+    #[oai(skip_serializing_if_is_none)]
+    owner: Option<String>,
+    /// Where the owner answers gRPC.
+    #[oai(skip_serializing_if_is_none)]
+    owner_addr: Option<String>,
+    /// Whether this process owns it (then the offsets below are live).
+    local: bool,
+    /// The next offset processed: live when local, else the owner's last snapshot.
+    #[oai(skip_serializing_if_is_none)]
+    processed_offset: Option<i64>,
+    /// The partition's end offset (local partitions).
+    #[oai(skip_serializing_if_is_none)]
+    end_offset: Option<i64>,
+    /// `end_offset - processed_offset` (local partitions).
+    #[oai(skip_serializing_if_is_none)]
+    lag: Option<i64>,
+    /// Age of the last snapshot, seconds.
+    #[oai(skip_serializing_if_is_none)]
+    snapshot_age_s: Option<f64>,
+}
+
+/// The pipeline as this process sees it.
+#[derive(Debug, Clone, Object)]
+pub struct PipelineStatusOut {
+    /// This process's node name.
+    node: String,
+    /// Sum of the lag of this process's partitions.
+    lag_total: i64,
+    /// Every partition with an owner, and this process's own.
+    partitions: Vec<PartitionRow>,
+    /// Records sent to a dead-letter topic by this process.
+    dead_letters: u64,
+    /// Why the owners could not be read, if they could not.
+    #[oai(skip_serializing_if_is_none)]
+    owners_error: Option<String>,
+}
+
+#[derive(ApiResponse)]
+enum Created {
+    /// The person, with its id.
+    #[oai(status = 201)]
+    Person(Json<Person>),
+}
+
+#[derive(ApiResponse)]
+enum PersonOk {
+    /// The person.
+    #[oai(status = 200)]
+    Ok(Json<Person>),
+}
+
+#[derive(ApiResponse)]
+enum PersonsOk {
+    /// A page of persons, by id.
+    #[oai(status = 200)]
+    Ok(Json<PersonPage>),
+}
+
+#[derive(ApiResponse)]
+enum AcceptedOk {
+    /// The broker acknowledged the event; it is processed asynchronously.
+    #[oai(status = 202)]
+    Accepted(Json<Accepted>),
+}
+
+#[derive(ApiResponse)]
+enum BatchOk {
+    /// The valid items were acknowledged by the broker; the invalid ones are listed.
+    #[oai(status = 202)]
+    Accepted(Json<BatchReport>),
+}
+
+#[derive(ApiResponse)]
+enum LocationOk {
+    /// The stored event.
+    #[oai(status = 200)]
+    Ok(Json<Location>),
+}
+
+#[derive(ApiResponse)]
+enum ConnectionsOk {
+    /// A page of episodes, by start time.
+    #[oai(status = 200)]
+    Ok(Json<ConnectionPage>),
+}
+
+#[derive(ApiResponse)]
+enum StatusOk {
+    /// The pipeline's status.
+    #[oai(status = 200)]
+    Ok(Json<PipelineStatusOut>),
+}
+
+/// Most items in one batch.
+pub const MAX_BATCH: usize = 10_000;
+/// Default and largest page sizes.
+pub const DEFAULT_LIMIT: i64 = 100;
+pub const MAX_LIMIT: i64 = 1_000;
+
+/// A page size from the query string.
+pub fn limit(value: Option<i64>) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(DEFAULT_LIMIT as u32),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n as u32),
+        Some(n) => Err(ApiError::invalid(
+            "limit",
+            format!("must be from 1 to {MAX_LIMIT} (got {n})"),
+        )),
+    }
+}
+
+fn time_param(name: &str, value: Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    value
+        .map(|text| {
+            parse_rfc3339(&text).ok_or_else(|| {
+                ApiError::invalid(
+                    name,
+                    format!("must be an RFC 3339 time such as 2020-08-18T10:37:06Z (got {text:?})"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn bad_cursor(text: &str) -> ApiError {
+    ApiError::invalid(
+        "cursor",
+        format!("is not a cursor this endpoint returned (got {text:?})"),
+    )
+}
+
+/// Whether a rejection is about a person that does not exist.
+fn is_unknown_person(field: &str, reason: &str) -> bool {
+    field == "person_id" && reason.starts_with("no person with id")
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Broker(e) => {
+                ApiError::unavailable(format!("the broker did not acknowledge: {e}"))
+            }
+            IngestError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl V1Api {
+    async fn ingest(&self, events: &[NewLocationEvent]) -> Result<IngestReport, ApiError> {
+        let pipeline = self.state.pipeline()?;
+        Ok(pipeline.ingestor().ingest(events).await?)
+    }
+}
+
+#[OpenApi(prefix_path = "/v1")]
+impl V1Api {
+    /// Creates a person.
+    #[oai(path = "/persons", method = "post", tag = "ApiTags::Persons")]
+    async fn create_person(&self, body: Json<Checked<PersonIn>>) -> RestResult<Created> {
+        let new: NewPerson = body.0.parse_as()?;
+        let person = queries::create_person(&self.state.pool, &new).await?;
+        Ok(Created::Person(Json(person.into())))
+    }
+
+    /// Persons by id, a page at a time; `q` keeps those whose name or company contains it.
+    #[oai(path = "/persons", method = "get", tag = "ApiTags::Persons")]
+    async fn list_persons(
+        &self,
+        /// Case-insensitive text to look for in first, last or company name.
+        q: Query<Option<String>>,
+        /// Page size, 1 to 1000; default 100.
+        limit: Query<Option<i64>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> RestResult<PersonsOk> {
+        let limit = self::limit(limit.0)?;
+        let after = match cursor.0.as_deref() {
+            None => None,
+            Some(text) => {
+                Some(queries::decode_person_cursor(text).ok_or_else(|| bad_cursor(text))?)
+            }
+        };
+        let q = q.0.as_deref().map(str::trim).filter(|q| !q.is_empty());
+        if q.is_some_and(|q| q.chars().count() > MAX_NAME_CHARS) {
+            return Err(ApiError::invalid(
+                "q",
+                format!("must be at most {MAX_NAME_CHARS} characters"),
+            )
+            .into());
+        }
+        // One more row than asked tells whether another page follows.
+        let mut items = queries::search_persons(&self.state.pool, q, limit + 1, after).await?;
+        let next_cursor = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|p| queries::encode_person_cursor(p.id))
+        } else {
+            None
+        };
+        Ok(PersonsOk::Ok(Json(PersonPage {
+            items: items.into_iter().map(Person::from).collect(),
+            next_cursor,
+        })))
+    }
+
+    /// One person.
+    #[oai(path = "/persons/:person_id", method = "get", tag = "ApiTags::Persons")]
+    async fn get_person(&self, person_id: Path<i64>) -> RestResult<PersonOk> {
+        match queries::person(&self.state.pool, person_id.0).await? {
+            Some(p) => Ok(PersonOk::Ok(Json(p.into()))),
+            None => Err(unknown_person(person_id.0)),
+        }
+    }
+
+    /// Ingests one location report; answers 202 once the broker acknowledged it. Unknown
+    /// person: 404.
+    #[oai(path = "/locations", method = "post", tag = "ApiTags::Locations")]
+    async fn post_location(&self, body: Json<Checked<LocationIn>>) -> RestResult<AcceptedOk> {
+        let event: NewLocationEvent = body.0.parse_as()?;
+        let report = self.ingest(&[event]).await?;
+        if let Some((_, event_id)) = report.accepted.first() {
+            return Ok(AcceptedOk::Accepted(Json(Accepted {
+                event_id: *event_id,
+            })));
+        }
+        let rejection = report.rejected.into_iter().next().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Internal,
+                "the event was neither accepted nor rejected",
+            )
+        })?;
+        let e = rejection.error;
+        Err(if is_unknown_person(e.field, &e.reason) {
+            ApiError::not_found(Some(e.field), e.reason)
+        } else {
+            ApiError::invalid(e.field, e.reason)
+        }
+        .into())
+    }
+
+    /// Ingests up to 10,000 location reports; answers 202 once the broker acknowledged every
+    /// valid one, listing the invalid ones by index (they never hold back the others).
+    #[oai(path = "/locations/batch", method = "post", tag = "ApiTags::Locations")]
+    async fn post_batch(&self, body: Json<Checked<LocationBatch>>) -> RestResult<BatchOk> {
+        let f = Fields::of(body.0.raw(), "body")?;
+        let items = match f.get_raw("events") {
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                return Err(
+                    ApiError::invalid("events", "must be an array of location reports").into(),
+                )
+            }
+            None => return Err(ApiError::invalid("events", "is required").into()),
+        };
+        if items.len() > MAX_BATCH {
+            return Err(ApiError {
+                code: ErrorCode::PayloadTooLarge,
+                message: format!(
+                    "holds {} items; at most {MAX_BATCH} are accepted per batch",
+                    items.len()
+                ),
+                field: Some("events".to_owned()),
+            }
+            .into());
+        }
+        let mut rejected = Vec::new();
+        let mut valid = Vec::with_capacity(items.len());
+        let mut positions = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let parsed = Fields::of(item, &format!("events[{index}]"))
+                .and_then(|_| NewLocationEvent::from_json(item));
+            match parsed {
+                Ok(event) => {
+                    positions.push(index);
+                    valid.push(event);
+                }
+                Err(e) => rejected.push(RejectedItem {
+                    index: index as u32,
+                    field: e.field,
+                    error: e.message,
+                }),
+            }
+        }
+        let report = if valid.is_empty() {
+            IngestReport::default()
+        } else {
+            self.ingest(&valid).await?
+        };
+        rejected.extend(report.rejected.into_iter().map(|r| RejectedItem {
+            index: positions[r.index] as u32,
+            field: Some(r.error.field.to_owned()),
+            error: r.error.reason,
+        }));
+        rejected.sort_by_key(|r| r.index);
+        let accepted: Vec<AcceptedItem> = report
+            .accepted
+            .into_iter()
+            .map(|(i, event_id)| AcceptedItem {
+                index: positions[i] as u32,
+                event_id,
+            })
+            .collect();
+        Ok(BatchOk::Accepted(Json(BatchReport {
+            accepted: accepted.len() as u32,
+            items: accepted,
+            rejected,
+        })))
+    }
+
+    /// One stored location event. Events are stored asynchronously: a 404 shortly after the
+    /// 202 means "not yet".
+    #[oai(
+        path = "/locations/:event_id",
+        method = "get",
+        tag = "ApiTags::Locations"
+    )]
+    async fn get_location(&self, event_id: Path<String>) -> RestResult<LocationOk> {
+        let id = Uuid::parse_str(event_id.0.trim()).map_err(|_| {
+            ApiError::invalid("event_id", format!("must be a UUID (got {:?})", event_id.0))
+        })?;
+        match queries::location_by_event(&self.state.pool, id).await? {
+            Some(l) => Ok(LocationOk::Ok(Json(Location {
+                event_id: l.event_id,
+                person_id: l.person_id,
+                // Stored as the POC did: X is the latitude.
+                lat: l.x,
+                lon: l.y,
+                recorded_at: l.recorded_at,
+                received_at: l.received_at,
+                zone: l.zone.map(|z| format!("{:x}", z as u64)),
+            }))),
+            None => Err(ApiError::not_found(
+                Some("event_id"),
+                format!("no location event {id} is stored"),
+            )
+            .into()),
+        }
+    }
+
+    /// The person's connection episodes that overlap `[from, to)`, by start time, a page at a
+    /// time; open episodes have no `ended_at`.
+    #[oai(
+        path = "/persons/:person_id/connections",
+        method = "get",
+        tag = "ApiTags::Connections"
+    )]
+    async fn connections(
+        &self,
+        person_id: Path<i64>,
+        /// RFC 3339; episodes whose last co-location is at or after it.
+        from: Query<Option<String>>,
+        /// RFC 3339; episodes that started before it.
+        to: Query<Option<String>>,
+        /// Page size, 1 to 1000; default 100.
+        limit: Query<Option<i64>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> RestResult<ConnectionsOk> {
+        let from = time_param("from", from.0)?;
+        let to = time_param("to", to.0)?;
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                return Err(ApiError::invalid("to", "must not be before from").into());
+            }
+        }
+        let limit = self::limit(limit.0)?;
+        let cursor = match cursor.0.as_deref() {
+            None => None,
+            Some(text) => Some(HistoryCursor::decode(text).ok_or_else(|| bad_cursor(text))?),
+        };
+        let query = HistoryQuery {
+            person_id: person_id.0,
+            from,
+            to,
+            limit,
+            cursor,
+        };
+        let page = queries::connection_history(&self.state.pool, &query)
+            .await?
+            .ok_or_else(|| unknown_person(person_id.0))?;
+        Ok(ConnectionsOk::Ok(Json(ConnectionPage {
+            items: page
+                .items
+                .into_iter()
+                .map(|i| ConnectionItem {
+                    peer: i.peer.into(),
+                    started_at: i.started_at,
+                    ended_at: i.ended_at,
+                    last_seen_at: i.last_seen_at,
+                    colocations: i.colocations,
+                    min_distance_m: i.min_distance_m,
+                    lat: i.lat,
+                    lon: i.lon,
+                })
+                .collect(),
+            next_cursor: page.next_cursor.map(|c| c.encode()),
+        })))
+    }
+
+    /// The pipeline: every owned partition with its owner, offsets and lag, and `lag_total`.
+    #[oai(path = "/status", method = "get", tag = "ApiTags::Status")]
+    async fn status(&self) -> RestResult<StatusOk> {
+        let status = self.state.pipeline()?.status().await;
+        let mut partitions: Vec<PartitionRow> = Vec::new();
+        for stage in &status.stages {
+            for p in &stage.partitions {
+                let owner = status
+                    .owners
+                    .iter()
+                    .find(|o| o.topic == stage.topic && o.partition == p.partition);
+                partitions.push(PartitionRow {
+                    stage: stage.stage.to_owned(),
+                    topic: stage.topic.clone(),
+                    partition: p.partition,
+                    owner: Some(status.node.clone()),
+                    owner_addr: owner.map(|o| o.owner_addr.clone()),
+                    local: true,
+                    processed_offset: (p.processed_offset >= 0).then_some(p.processed_offset),
+                    end_offset: (p.end_offset >= 0).then_some(p.end_offset),
+                    lag: Some(p.lag),
+                    snapshot_age_s: owner.and_then(|o| o.snapshot_age_s),
+                });
+            }
+        }
+        for o in &status.owners {
+            let known = partitions
+                .iter()
+                .any(|p| p.topic == o.topic && p.partition == o.partition);
+            if !known {
+                partitions.push(PartitionRow {
+                    stage: o.stage.clone(),
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    owner: Some(o.owner.clone()),
+                    owner_addr: Some(o.owner_addr.clone()),
+                    local: false,
+                    processed_offset: o.snapshot_offset,
+                    end_offset: None,
+                    lag: None,
+                    snapshot_age_s: o.snapshot_age_s,
+                });
+            }
+        }
+        partitions.sort_by(|a, b| (&a.stage, a.partition).cmp(&(&b.stage, b.partition)));
+        Ok(StatusOk::Ok(Json(PipelineStatusOut {
+            node: status.node,
+            lag_total: status.lag_total,
+            partitions,
+            dead_letters: status.dead_letters,
+            owners_error: status.owners_error,
+        })))
+    }
+}
+
+/// The 404 of a person that does not exist.
+pub fn unknown_person(id: i64) -> ErrorResponse {
+    ApiError::not_found(Some("person_id"), format!("no person with id {id}")).into()
+}

@@ -1,0 +1,996 @@
+//! The REST API against the running service with the real PostgreSQL and broker: the POC
+//! contract on the POC seed, every `/v1` endpoint with its bad-input cases, live SSE and
+//! WebSocket streams, and the API documents in sync with the code.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use udaconnect::store;
+
+use crate::helpers::{poc_seed_dir, test_config, TestApp, TestDb};
+
+async fn send(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut request = client.request(method, url);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, body)
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    send(reqwest::Method::GET, url, None).await
+}
+
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    send(reqwest::Method::POST, url, Some(body)).await
+}
+
+/// Asserts the shared error shape, its status, code and field.
+#[track_caller]
+fn assert_error(got: &(u16, Value), status: u16, code: &str, field: Option<&str>) {
+    let (s, body) = got;
+    assert_eq!(*s, status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(body["field"].as_str(), field, "{body}");
+    let keys: BTreeSet<&str> = body
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert!(
+        keys.is_subset(&BTreeSet::from(["code", "message", "field"])),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn the_api_documents_match_the_code() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for (name, generated) in udaconnect::rest::docs::documents().expect("documents") {
+        let stored = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        assert!(
+            stored == generated,
+            "docs/{name} is out of date with the code: run `cargo run -- docs --out docs`"
+        );
+    }
+    // The collection covers every operation of the OpenAPI document, each with its method.
+    let spec = udaconnect::rest::docs::openapi_json().expect("spec");
+    let collection = udaconnect::rest::docs::postman_collection(&spec).expect("collection");
+    let mut in_collection = BTreeSet::new();
+    for folder in collection["item"].as_array().expect("folders") {
+        for item in folder["item"].as_array().expect("items") {
+            let r = &item["request"];
+            let path: Vec<String> = r["url"]["path"]
+                .as_array()
+                .expect("path")
+                .iter()
+                .map(|s| {
+                    let s = s.as_str().expect("segment");
+                    s.strip_prefix(':')
+                        .map_or_else(|| s.to_owned(), |n| format!("{{{n}}}"))
+                })
+                .collect();
+            in_collection.insert((
+                r["method"].as_str().expect("method").to_lowercase(),
+                format!("/{}", path.join("/")),
+            ));
+            if r.get("body").is_some() {
+                let raw = r["body"]["raw"].as_str().expect("raw body");
+                serde_json::from_str::<Value>(raw).expect("example body is JSON");
+            }
+        }
+    }
+    let mut in_spec = BTreeSet::new();
+    for (path, ops) in spec["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("ops").keys() {
+            in_spec.insert((method.clone(), path.clone()));
+        }
+    }
+    assert_eq!(in_collection, in_spec);
+    for op in [
+        ("get", "/api/persons/{person_id}/connection"),
+        ("post", "/v1/locations/batch"),
+        ("get", "/v1/persons/{person_id}/connections/stream"),
+        ("get", "/v1/ws"),
+        ("get", "/v1/status"),
+    ] {
+        assert!(
+            in_spec.contains(&(op.0.to_owned(), op.1.to_owned())),
+            "{op:?} missing"
+        );
+    }
+}
+
+/// The (person, location) pairs the POC's semantics give, derived the POC's way: one query per
+/// own location, then duplicates removed.
+async fn poc_expected(
+    client: &tokio_postgres::Client,
+    person: i64,
+    start: &str,
+    end: &str,
+    meters: f64,
+) -> BTreeSet<(i64, i64)> {
+    let own = client
+        .query(
+            "SELECT ST_X(coordinate), ST_Y(coordinate) FROM location
+             WHERE person_id = $1
+               AND recorded_at >= to_date($2, 'YYYY-MM-DD')::timestamp AT TIME ZONE 'UTC'
+               AND recorded_at < to_date($3, 'YYYY-MM-DD')::timestamp AT TIME ZONE 'UTC'",
+            &[&person, &start, &end],
+        )
+        .await
+        .expect("own locations");
+    let mut expected = BTreeSet::new();
+    for row in own {
+        let (x, y): (f64, f64) = (row.get(0), row.get(1));
+        let near = client
+            .query(
+                "SELECT person_id, id FROM location
+                 WHERE ST_DWithin(coordinate::geography,
+                                  ST_SetSRID(ST_MakePoint($1, $2), 4326)::geography, $3)
+                   AND person_id <> $4
+                   AND to_date($5, 'YYYY-MM-DD')::timestamp AT TIME ZONE 'UTC' <= recorded_at
+                   AND (to_date($6, 'YYYY-MM-DD') + 1)::timestamp AT TIME ZONE 'UTC' > recorded_at",
+                &[&x, &y, &meters, &person, &start, &end],
+            )
+            .await
+            .expect("near locations");
+        expected.extend(
+            near.iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))),
+        );
+    }
+    expected
+}
+
+#[tokio::test]
+async fn the_poc_contract_on_the_poc_seed() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    let mut client = db.client().await;
+    store::seed_poc(&mut client, &poc_seed_dir())
+        .await
+        .expect("seed");
+
+    // Persons, in the POC's shape.
+    let (status, persons) = get(&app.url("/api/persons")).await;
+    assert_eq!(status, 200);
+    let ids: Vec<i64> = persons
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|p| p["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(ids, vec![1, 5, 6, 8, 9]);
+    assert_eq!(
+        get(&app.url("/api/persons/5")).await,
+        (
+            200,
+            json!({"id": 5, "first_name": "Taco", "last_name": "Fargo", "company_name": "Alpha Omega Upholstery"})
+        )
+    );
+    assert_error(
+        &get(&app.url("/api/persons/404")).await,
+        404,
+        "not_found",
+        Some("person_id"),
+    );
+    assert_error(
+        &get(&app.url("/api/persons/abc")).await,
+        400,
+        "invalid_argument",
+        Some("person_id"),
+    );
+
+    // Locations: raw X as `latitude`, Y as `longitude`, strings; UTC time without offset.
+    assert_eq!(
+        get(&app.url("/api/locations/29")).await,
+        (
+            200,
+            json!({"id": 29, "person_id": 1, "latitude": "-122.290524", "longitude": "37.553441", "creation_time": "2020-08-18T10:37:06"})
+        )
+    );
+    assert_error(
+        &get(&app.url("/api/locations/999999")).await,
+        404,
+        "not_found",
+        Some("location_id"),
+    );
+
+    // The connection query: for each of the 5 persons, exactly the POC's set, each pair once.
+    let mut total = 0;
+    for person in [1i64, 5, 6, 8, 9] {
+        let url = app.url(&format!(
+            "/api/persons/{person}/connection?start_date=2020-01-01&end_date=2020-12-30&distance=5"
+        ));
+        let (status, rows) = get(&url).await;
+        assert_eq!(status, 200, "{rows}");
+        let rows = rows.as_array().expect("list").clone();
+        let got: Vec<(i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                assert_eq!(r["person"]["id"], r["location"]["person_id"], "{r}");
+                assert!(r["location"]["latitude"].is_string(), "{r}");
+                assert!(r["person"]["company_name"].is_string(), "{r}");
+                (
+                    r["person"]["id"].as_i64().expect("id"),
+                    r["location"]["id"].as_i64().expect("id"),
+                )
+            })
+            .collect();
+        let unique: BTreeSet<(i64, i64)> = got.iter().copied().collect();
+        assert_eq!(unique.len(), got.len(), "person {person}: repeated rows");
+        let expected = poc_expected(&client, person, "2020-01-01", "2020-12-30", 5.0).await;
+        assert_eq!(unique, expected, "person {person}");
+        assert!(unique.iter().all(|(p, _)| *p != person));
+        total += unique.len();
+    }
+    assert!(total > 0, "the seed has co-located persons");
+
+    // Bad input names the parameter; unknown persons are 404.
+    let bad = [
+        ("start_date=2020-13-01&end_date=2020-12-30", "start_date"),
+        ("end_date=2020-12-30", "start_date"),
+        ("start_date=2020-01-01&end_date=tomorrow", "end_date"),
+        ("start_date=2020-02-01&end_date=2020-01-01", "end_date"),
+        (
+            "start_date=2020-01-01&end_date=2020-12-30&distance=abc",
+            "distance",
+        ),
+        (
+            "start_date=2020-01-01&end_date=2020-12-30&distance=-1",
+            "distance",
+        ),
+    ];
+    for (query, field) in bad {
+        let url = app.url(&format!("/api/persons/5/connection?{query}"));
+        assert_error(&get(&url).await, 400, "invalid_argument", Some(field));
+    }
+    let url = app.url("/api/persons/77/connection?start_date=2020-01-01&end_date=2020-12-30");
+    assert_error(&get(&url).await, 404, "not_found", Some("person_id"));
+
+    // Writes in the POC's shape.
+    let (status, created) = post(
+        &app.url("/api/persons"),
+        &json!({"first_name": "Ada", "last_name": "Byron", "company_name": "Engines"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let new_id = created["id"].as_i64().expect("id");
+    assert_eq!(
+        get(&app.url(&format!("/api/persons/{new_id}"))).await,
+        (200, created)
+    );
+    let body = json!({"person_id": new_id, "latitude": "-122.290524", "longitude": "37.553441", "creation_time": "2020-08-18T10:37:07"});
+    let (status, location) = post(&app.url("/api/locations"), &body).await;
+    assert_eq!(status, 200, "{location}");
+    assert_eq!(
+        (
+            &location["latitude"],
+            &location["longitude"],
+            &location["creation_time"]
+        ),
+        (
+            &json!("-122.290524"),
+            &json!("37.553441"),
+            &json!("2020-08-18T10:37:07")
+        )
+    );
+    let id = location["id"].as_i64().expect("id");
+    assert_eq!(
+        get(&app.url(&format!("/api/locations/{id}"))).await,
+        (200, location.clone())
+    );
+    // A retried post is the same location.
+    assert_eq!(
+        post(&app.url("/api/locations"), &body).await,
+        (200, location)
+    );
+    // The new location is 0 m from location 29 (person 1), so person 1 now meets the new person.
+    let url =
+        app.url("/api/persons/1/connection?start_date=2020-08-18&end_date=2020-08-19&distance=1");
+    let (_, rows) = get(&url).await;
+    assert!(
+        rows.as_array()
+            .expect("list")
+            .iter()
+            .any(|r| r["location"]["id"] == id),
+        "{rows}"
+    );
+    for (body, field) in [
+        (
+            json!({"person_id": new_id, "latitude": "north", "longitude": "1", "creation_time": "2020-08-18T10:37:07"}),
+            "latitude",
+        ),
+        (
+            json!({"person_id": new_id, "latitude": "1", "longitude": "500", "creation_time": "2020-08-18T10:37:07"}),
+            "longitude",
+        ),
+        (
+            json!({"person_id": new_id, "latitude": "1", "longitude": "1", "creation_time": "18/08/2020"}),
+            "creation_time",
+        ),
+        (
+            json!({"person_id": "five", "latitude": "1", "longitude": "1", "creation_time": "2020-08-18T10:37:07"}),
+            "person_id",
+        ),
+        (json!({"first_name": "x"}), "person_id"),
+    ] {
+        assert_error(
+            &post(&app.url("/api/locations"), &body).await,
+            400,
+            "invalid_argument",
+            Some(field),
+        );
+    }
+    let body = json!({"person_id": 4040, "latitude": "1", "longitude": "1", "creation_time": "2020-08-18T10:37:07"});
+    assert_error(
+        &post(&app.url("/api/locations"), &body).await,
+        404,
+        "not_found",
+        Some("person_id"),
+    );
+    assert_error(
+        &post(
+            &app.url("/api/persons"),
+            &json!({"first_name": "x", "last_name": 3, "company_name": "y"}),
+        )
+        .await,
+        400,
+        "invalid_argument",
+        Some("last_name"),
+    );
+
+    // Unknown paths and malformed bodies get the same shape.
+    assert_error(&get(&app.url("/api/nothing")).await, 404, "not_found", None);
+    let response = reqwest::Client::new()
+        .post(app.url("/api/persons"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("sent");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.expect("JSON error");
+    assert_error(&(status, body), 400, "invalid_argument", Some("body"));
+
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+async fn create_person(app: &TestApp, first: &str) -> i64 {
+    let (status, body) = post(
+        &app.url("/v1/persons"),
+        &json!({"first_name": first, "last_name": "Tester", "company_name": "UdaConnect"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_i64().expect("id")
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[tokio::test]
+async fn v1_persons_locations_and_status() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+
+    // Persons: create, read, search, paginate with cursors.
+    let mut ids = Vec::new();
+    for name in ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus"] {
+        ids.push(create_person(&app, name).await);
+    }
+    let (status, ann) = get(&app.url(&format!("/v1/persons/{}", ids[0]))).await;
+    assert_eq!(
+        (status, ann),
+        (
+            200,
+            json!({"id": ids[0], "first_name": "Ann", "last_name": "Tester", "company_name": "UdaConnect"})
+        )
+    );
+    let mut seen = Vec::new();
+    let mut url = app.url("/v1/persons?limit=3");
+    let mut pages = 0;
+    loop {
+        let (status, page) = get(&url).await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        let items = page["items"].as_array().expect("items");
+        assert!(items.len() <= 3);
+        seen.extend(items.iter().map(|p| p["id"].as_i64().expect("id")));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => url = app.url(&format!("/v1/persons?limit=3&cursor={cursor}")),
+            None => break,
+        }
+    }
+    assert_eq!((seen, pages), (ids.clone(), 3));
+    let (_, found) = get(&app.url("/v1/persons?q=EV")).await;
+    assert_eq!(found["items"][0]["first_name"], "Eve", "{found}");
+    assert_eq!(found["items"].as_array().map(Vec::len), Some(1), "{found}");
+    assert_error(
+        &get(&app.url("/v1/persons?limit=0")).await,
+        400,
+        "invalid_argument",
+        Some("limit"),
+    );
+    assert_error(
+        &get(&app.url("/v1/persons?limit=1001")).await,
+        400,
+        "invalid_argument",
+        Some("limit"),
+    );
+    assert_error(
+        &get(&app.url("/v1/persons?limit=ten")).await,
+        400,
+        "invalid_argument",
+        Some("limit"),
+    );
+    assert_error(
+        &get(&app.url("/v1/persons?cursor=bogus")).await,
+        400,
+        "invalid_argument",
+        Some("cursor"),
+    );
+    assert_error(
+        &get(&app.url("/v1/persons/999999")).await,
+        404,
+        "not_found",
+        Some("person_id"),
+    );
+    assert_error(
+        &get(&app.url("/v1/persons/x1")).await,
+        400,
+        "invalid_argument",
+        Some("person_id"),
+    );
+    for (body, field) in [
+        (
+            json!({"first_name": 5, "last_name": "a", "company_name": "b"}),
+            "first_name",
+        ),
+        (
+            json!({"first_name": "a", "last_name": " ", "company_name": "b"}),
+            "last_name",
+        ),
+        (json!({"first_name": "a", "last_name": "b"}), "company_name"),
+        (
+            json!({"first_name": "a", "last_name": "b", "company_name": "c".repeat(201)}),
+            "company_name",
+        ),
+        (json!(["a"]), "body"),
+    ] {
+        assert_error(
+            &post(&app.url("/v1/persons"), &body).await,
+            400,
+            "invalid_argument",
+            Some(field),
+        );
+    }
+
+    // One location: 202 with its id once the broker acknowledged, then stored.
+    let recorded_at = now_rfc3339();
+    let body = json!({"person_id": ids[0], "lat": 37.553441, "lon": -122.290524, "recorded_at": recorded_at});
+    let (status, accepted) = post(&app.url("/v1/locations"), &body).await;
+    assert_eq!(status, 202, "{accepted}");
+    let event_id = accepted["event_id"].as_str().expect("event id").to_owned();
+    // A retried send without an id is the same event.
+    assert_eq!(
+        post(&app.url("/v1/locations"), &body).await,
+        (202, accepted.clone())
+    );
+    let location = wait_for_location(&app, &event_id).await;
+    assert_eq!(
+        (&location["person_id"], &location["lat"], &location["lon"]),
+        (&json!(ids[0]), &json!(37.553441), &json!(-122.290524))
+    );
+    let stored_at =
+        chrono::DateTime::parse_from_rfc3339(location["recorded_at"].as_str().expect("time"))
+            .expect("rfc3339");
+    assert_eq!(
+        stored_at,
+        chrono::DateTime::parse_from_rfc3339(&recorded_at).expect("rfc3339")
+    );
+    assert!(location["zone"].is_string(), "{location}");
+    let client_id = uuid::Uuid::new_v4();
+    let (status, accepted) = post(
+        &app.url("/v1/locations"),
+        &json!({"event_id": client_id, "person_id": ids[1], "lat": 1.0, "lon": 2.0, "recorded_at": now_rfc3339()}),
+    )
+    .await;
+    assert_eq!((status, accepted), (202, json!({"event_id": client_id})));
+
+    let good = |person: i64| json!({"person_id": person, "lat": 10.0, "lon": 20.0, "recorded_at": now_rfc3339()});
+    let with = |key: &str, value: Value| {
+        let mut v = good(ids[0]);
+        v[key] = value;
+        v
+    };
+    let without = |key: &str| {
+        let mut v = good(ids[0]);
+        v.as_object_mut().expect("object").remove(key);
+        v
+    };
+    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    for (body, field) in [
+        (with("lat", json!(90.5)), "lat"),
+        (with("lat", json!("37.5")), "lat"),
+        (with("lon", json!(-180.01)), "lon"),
+        (without("lon"), "lon"),
+        (
+            with("recorded_at", json!("2020-08-18 10:37")),
+            "recorded_at",
+        ),
+        (with("recorded_at", json!(in_an_hour)), "recorded_at"),
+        (without("recorded_at"), "recorded_at"),
+        (with("person_id", json!(1.5)), "person_id"),
+        (with("person_id", json!(-3)), "person_id"),
+        (with("event_id", json!("not-a-uuid")), "event_id"),
+        (json!("text"), "body"),
+    ] {
+        let got = post(&app.url("/v1/locations"), &body).await;
+        assert_error(&got, 400, "invalid_argument", Some(field));
+    }
+    assert_error(
+        &post(&app.url("/v1/locations"), &good(987_654)).await,
+        404,
+        "not_found",
+        Some("person_id"),
+    );
+    assert_error(
+        &get(&app.url("/v1/locations/not-a-uuid")).await,
+        400,
+        "invalid_argument",
+        Some("event_id"),
+    );
+    let unknown = uuid::Uuid::new_v4();
+    assert_error(
+        &get(&app.url(&format!("/v1/locations/{unknown}"))).await,
+        404,
+        "not_found",
+        Some("event_id"),
+    );
+
+    // A batch keeps its valid items whatever the others are.
+    let batch = json!({"events": [
+        good(ids[2]),
+        with("lat", json!(-91)),
+        json!({"person_id": "x"}),
+        good(424_242),
+        good(ids[3]),
+        7,
+    ]});
+    let (status, report) = post(&app.url("/v1/locations/batch"), &batch).await;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["accepted"], 2, "{report}");
+    let rejected: Vec<(i64, &str)> = report["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .map(|r| {
+            (
+                r["index"].as_i64().expect("index"),
+                r["field"].as_str().expect("field"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (1, "lat"),
+            (2, "person_id"),
+            (3, "person_id"),
+            (5, "events[5]")
+        ]
+    );
+    for item in report["items"].as_array().expect("items") {
+        wait_for_location(&app, item["event_id"].as_str().expect("id")).await;
+    }
+    let indexes: Vec<i64> = report["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["index"].as_i64().expect("index"))
+        .collect();
+    assert_eq!(indexes, vec![0, 4]);
+    let oversize = json!({"events": vec![good(ids[0]); 10_001]});
+    assert_error(
+        &post(&app.url("/v1/locations/batch"), &oversize).await,
+        413,
+        "payload_too_large",
+        Some("events"),
+    );
+    assert_error(
+        &post(&app.url("/v1/locations/batch"), &json!({"events": 3})).await,
+        400,
+        "invalid_argument",
+        Some("events"),
+    );
+    assert_error(
+        &post(&app.url("/v1/locations/batch"), &json!({})).await,
+        400,
+        "invalid_argument",
+        Some("events"),
+    );
+    // A body over the limit is refused before it is read.
+    let huge = format!(
+        "{{\"events\": [\"{}\"]}}",
+        "x".repeat(udaconnect::rest::MAX_BODY_BYTES)
+    );
+    let response = reqwest::Client::new()
+        .post(app.url("/v1/locations/batch"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("sent");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.expect("JSON error");
+    assert_error(&(status, body), 413, "payload_too_large", None);
+
+    // Status: this process owns every partition; lag drains to 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (code, status) = get(&app.url("/v1/status")).await;
+        assert_eq!(code, 200, "{status}");
+        if status["lag_total"] == 0 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "lag never drained: {status}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let partitions = status["partitions"].as_array().expect("partitions");
+    let config = test_config(&db);
+    let zones = partitions.iter().filter(|p| p["stage"] == "zones").count();
+    let persons = partitions
+        .iter()
+        .filter(|p| p["stage"] == "persons")
+        .count();
+    assert_eq!(
+        (zones, persons),
+        (
+            config.locations_partitions as usize,
+            config.person_updates_partitions as usize
+        ),
+        "{status}"
+    );
+    for p in partitions {
+        assert_eq!(
+            (&p["owner"], &p["local"], &p["lag"]),
+            (&status["node"], &json!(true), &json!(0)),
+            "{p}"
+        );
+        assert!(
+            p["end_offset"].as_i64().is_some() && p["processed_offset"] == p["end_offset"],
+            "{p}"
+        );
+    }
+
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+async fn wait_for_location(app: &TestApp, event_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(&app.url(&format!("/v1/locations/{event_id}"))).await;
+        if status == 200 {
+            assert_eq!(body["event_id"], event_id);
+            return body;
+        }
+        assert_eq!(status, 404, "{body}");
+        assert!(Instant::now() < deadline, "event {event_id} never stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn v1_connection_history_overlaps_and_pages() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    let me = create_person(&app, "Me").await;
+    let mut peers = Vec::new();
+    for name in ["P1", "P2", "P3", "P4"] {
+        peers.push(create_person(&app, name).await);
+    }
+    // Episodes written as the person stage writes them (one open).
+    let client = db.client().await;
+    let episodes = [
+        (
+            peers[0],
+            "2020-08-18T10:00:00Z",
+            "2020-08-18T10:05:00Z",
+            Some("2020-08-18T10:05:00Z"),
+        ),
+        (
+            peers[1],
+            "2020-08-18T10:00:00Z",
+            "2020-08-18T11:00:00Z",
+            Some("2020-08-18T11:00:00Z"),
+        ),
+        (
+            peers[2],
+            "2020-08-18T12:00:00Z",
+            "2020-08-18T12:01:00Z",
+            Some("2020-08-18T12:01:00Z"),
+        ),
+        (
+            peers[3],
+            "2020-08-18T13:00:00Z",
+            "2020-08-18T13:30:00Z",
+            None,
+        ),
+        (
+            peers[0],
+            "2020-08-19T09:00:00Z",
+            "2020-08-19T09:10:00Z",
+            Some("2020-08-19T09:10:00Z"),
+        ),
+    ];
+    for (peer, start, last, end) in episodes {
+        client
+            .execute(
+                "INSERT INTO connection (person_id, peer_id, started_at, last_seen_at, ended_at,
+                                         colocations, min_distance_m, lat, lon)
+                 VALUES ($1, $2, $3::text::timestamptz, $4::text::timestamptz, $5::text::timestamptz, 3, 1.25, 37.5, -122.3)",
+                &[&me, &peer, &start, &last, &end],
+            )
+            .await
+            .expect("episode");
+    }
+    let page = |query: String| {
+        let url = app.url(&format!("/v1/persons/{me}/connections{query}"));
+        async move { get(&url).await }
+    };
+    let starts = |body: &Value| -> Vec<(i64, String)> {
+        body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| {
+                (
+                    i["peer"]["id"].as_i64().expect("peer"),
+                    i["started_at"].as_str().expect("start").to_owned(),
+                )
+            })
+            .collect()
+    };
+    // Everything, in (started_at, peer) order, the peer as a Person.
+    let (status, all) = page(String::new()).await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(5), "{all}");
+    assert_eq!(all["items"][0]["peer"]["first_name"], "P1");
+    assert_eq!(all["items"][0]["colocations"], 3);
+    assert_eq!(
+        all["items"][3]["ended_at"],
+        Value::Null,
+        "the open episode has no end"
+    );
+    assert!(all.get("next_cursor").is_none(), "{all}");
+    // Overlap with [10:30, 12:00.5): the 10:00–11:00 episode and the one starting 12:00.
+    let (_, some) = page("?from=2020-08-18T10:30:00Z&to=2020-08-18T12:00:00.5Z".to_owned()).await;
+    let got: Vec<i64> = starts(&some).iter().map(|(p, _)| *p).collect();
+    assert_eq!(got, vec![peers[1], peers[2]], "{some}");
+    // Pages of 2 walk the same sequence as one page.
+    let mut walked = Vec::new();
+    let mut query = "?limit=2".to_owned();
+    loop {
+        let (status, body) = page(query.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        walked.extend(starts(&body));
+        match body["next_cursor"].as_str() {
+            Some(c) => query = format!("?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(walked, starts(&all));
+    // Bad input.
+    for (query, field) in [
+        ("?from=yesterday", "from"),
+        ("?to=2020-08-18", "to"),
+        ("?from=2020-08-19T00:00:00Z&to=2020-08-18T00:00:00Z", "to"),
+        ("?limit=-1", "limit"),
+        ("?cursor=AAAA", "cursor"),
+    ] {
+        assert_error(
+            &page(query.to_owned()).await,
+            400,
+            "invalid_argument",
+            Some(field),
+        );
+    }
+    let url = app.url("/v1/persons/55555/connections");
+    assert_error(&get(&url).await, 404, "not_found", Some("person_id"));
+
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// The next text message of a WebSocket, as JSON.
+async fn next_text<S>(ws: &mut S) -> Value
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match ws.next().await.expect("open").expect("message") {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON message"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Reads Server-Sent Events until one of `kind` arrives; returns its data.
+async fn next_sse<B: AsRef<[u8]>>(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
+    buffer: &mut String,
+    kind: &str,
+) -> Value {
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let mut name = None;
+            let mut data = String::new();
+            for line in event.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if name.as_deref() == Some(kind) {
+                return serde_json::from_str(&data).expect("event data is JSON");
+            }
+        }
+        let chunk = stream.next().await.expect("stream open").expect("chunk");
+        buffer.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+    }
+}
+
+#[tokio::test]
+async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let a = create_person(&app, "Alice").await;
+    let b = create_person(&app, "Bob").await;
+    let c = create_person(&app, "Carol").await;
+
+    // Bad subscriptions first.
+    let url = app.url(&format!("/v1/persons/{}/connections/stream", 777_777));
+    assert_error(&get(&url).await, 404, "not_found", Some("person_id"));
+    let ws_base = format!("ws://{}/v1/ws", app.rest_addr);
+    let refused = tokio_tungstenite::connect_async(format!("{ws_base}?person_ids=1,x")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 400);
+        }
+        other => panic!("a bad person_ids must be refused: {:?}", other.map(|_| ())),
+    }
+
+    // SSE for Alice.
+    let response = reqwest::get(app.url(&format!("/v1/persons/{a}/connections/stream")))
+        .await
+        .expect("sse");
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/event-stream"));
+    let mut sse = response.bytes_stream();
+    let mut sse_buffer = String::new();
+
+    // WebSocket for Bob (at connect time) and Carol (subscribed later).
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}?person_ids={b}"))
+        .await
+        .expect("websocket");
+    assert_eq!(
+        next_text(&mut ws).await,
+        json!({"type": "subscribed", "person_ids": [b]})
+    );
+    ws.send(Message::Text(json!({"subscribe": [c]}).to_string().into()))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_text(&mut ws).await,
+        json!({"type": "subscribed", "person_ids": [b, c]})
+    );
+    ws.send(Message::Text("{\"subscribe\": \"all\"}".into()))
+        .await
+        .expect("send");
+    let error = next_text(&mut ws).await;
+    assert_eq!(
+        (&error["type"], &error["code"], &error["field"]),
+        (
+            &json!("error"),
+            &json!("invalid_argument"),
+            &json!("message")
+        ),
+        "{error}"
+    );
+    ws.send(Message::Text(
+        json!({"subscribe": [888_888]}).to_string().into(),
+    ))
+    .await
+    .expect("send");
+    let error = next_text(&mut ws).await;
+    assert_eq!(
+        (&error["code"], &error["field"]),
+        (&json!("not_found"), &json!("subscribe")),
+        "{error}"
+    );
+
+    // Alice and Bob, 1 m apart at the same time, through /v1/locations.
+    let t = now_rfc3339();
+    let sent = Instant::now();
+    for (person, lat) in [(a, 37.553441), (b, 37.553450)] {
+        let body = json!({"person_id": person, "lat": lat, "lon": -122.290524, "recorded_at": t});
+        let (status, body) = post(&app.url("/v1/locations"), &body).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let acked = sent.elapsed();
+    let within = Duration::from_secs(30);
+    let heard = tokio::time::timeout(
+        within,
+        next_sse(&mut sse, &mut sse_buffer, "connection.started"),
+    )
+    .await
+    .expect("SSE hears connection.started");
+    let sse_latency = sent.elapsed();
+    assert_eq!(
+        (heard["person_id"].as_i64(), heard["peer_id"].as_i64()),
+        (Some(a), Some(b)),
+        "{heard}"
+    );
+    assert_eq!(heard["type"], "connection.started");
+    assert!(
+        heard["min_distance_m"]
+            .as_f64()
+            .is_some_and(|d| d > 0.5 && d < 1.5),
+        "{heard}"
+    );
+    let on_ws = tokio::time::timeout(within, next_text(&mut ws))
+        .await
+        .expect("WebSocket hears it");
+    let ws_latency = sent.elapsed();
+    assert_eq!(
+        (
+            on_ws["type"].as_str(),
+            on_ws["person_id"].as_i64(),
+            on_ws["peer_id"].as_i64()
+        ),
+        (Some("connection.started"), Some(b), Some(a)),
+        "{on_ws}"
+    );
+    // The two sides of one episode start at the same co-location.
+    assert_eq!(on_ws["started_at"], heard["started_at"]);
+    eprintln!(
+        "acknowledged after {acked:?}; SSE heard connection.started after {sse_latency:?}, WebSocket after {ws_latency:?}"
+    );
+    // The pipeline bench's p99 from ingest-ack to notification at half the sustainable rate.
+    let bench_p99 = Duration::from_millis(5_200);
+    assert!(
+        sse_latency <= bench_p99 && ws_latency <= bench_p99,
+        "{sse_latency:?} / {ws_latency:?}"
+    );
+
+    ws.close(None).await.expect("close");
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
