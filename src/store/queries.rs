@@ -230,22 +230,27 @@ pub async fn poc_connections(
     let client = pool.get().await?;
     let rows = client
         .query(
-            "WITH mine AS (
+            // Driven by the person's own locations (few), each probing the GiST index on the
+            // geography of the points; DISTINCT ON keeps each (person, location) once.
+            "WITH mine AS MATERIALIZED (
                  SELECT coordinate::geography AS g FROM location
                  WHERE person_id = $1
                    AND recorded_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
                    AND recorded_at <  ($3::date)::timestamp AT TIME ZONE 'UTC'
              )
-             SELECT p.id, p.first_name, p.last_name, p.company_name,
+             SELECT DISTINCT ON (p.id, l.id)
+                    p.id, p.first_name, p.last_name, p.company_name,
                     l.id, l.event_id, l.person_id, ST_X(l.coordinate), ST_Y(l.coordinate),
                     l.recorded_at, l.received_at, l.zone
-             FROM location l
+             FROM mine
+             CROSS JOIN LATERAL (
+                 SELECT * FROM location o
+                 WHERE ST_DWithin(o.coordinate::geography, mine.g, $4)
+                   AND o.person_id <> $1
+                   AND o.recorded_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+                   AND o.recorded_at <  ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
+             ) l
              JOIN person p ON p.id = l.person_id
-             WHERE l.person_id <> $1
-               AND l.recorded_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
-               AND l.recorded_at <  ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
-               AND EXISTS (SELECT 1 FROM mine
-                           WHERE ST_DWithin(l.coordinate::geography, mine.g, $4))
              ORDER BY p.id, l.id",
             &[&person_id, &start, &end, &meters],
         )

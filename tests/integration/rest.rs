@@ -211,33 +211,51 @@ async fn the_poc_contract_on_the_poc_seed() {
         Some("location_id"),
     );
 
-    // The connection query: for each of the 5 persons, exactly the POC's set, each pair once.
+    // The connection query: for each of the 5 persons, exactly the POC's set, each pair once;
+    // also on windows where the other persons' extra day matters.
     let mut total = 0;
-    for person in [1i64, 5, 6, 8, 9] {
-        let url = app.url(&format!(
-            "/api/persons/{person}/connection?start_date=2020-01-01&end_date=2020-12-30&distance=5"
-        ));
-        let (status, rows) = get(&url).await;
-        assert_eq!(status, 200, "{rows}");
-        let rows = rows.as_array().expect("list").clone();
-        let got: Vec<(i64, i64)> = rows
-            .iter()
-            .map(|r| {
-                assert_eq!(r["person"]["id"], r["location"]["person_id"], "{r}");
-                assert!(r["location"]["latitude"].is_string(), "{r}");
-                assert!(r["person"]["company_name"].is_string(), "{r}");
-                (
-                    r["person"]["id"].as_i64().expect("id"),
-                    r["location"]["id"].as_i64().expect("id"),
-                )
-            })
-            .collect();
-        let unique: BTreeSet<(i64, i64)> = got.iter().copied().collect();
-        assert_eq!(unique.len(), got.len(), "person {person}: repeated rows");
-        let expected = poc_expected(&client, person, "2020-01-01", "2020-12-30", 5.0).await;
-        assert_eq!(unique, expected, "person {person}");
-        assert!(unique.iter().all(|(p, _)| *p != person));
-        total += unique.len();
+    let windows = [
+        ("2020-01-01", "2020-12-30", "5"),
+        ("2020-08-15", "2020-08-18", "5"),
+        ("2020-08-18", "2020-08-19", "5"),
+        ("2020-08-15", "2020-08-16", "1000"),
+    ];
+    for (start, end, distance) in windows {
+        for person in [1i64, 5, 6, 8, 9] {
+            let url = app.url(&format!(
+                "/api/persons/{person}/connection?start_date={start}&end_date={end}&distance={distance}"
+            ));
+            let (status, rows) = get(&url).await;
+            assert_eq!(status, 200, "{rows}");
+            let rows = rows.as_array().expect("list").clone();
+            let got: Vec<(i64, i64)> = rows
+                .iter()
+                .map(|r| {
+                    assert_eq!(r["person"]["id"], r["location"]["person_id"], "{r}");
+                    assert!(r["location"]["latitude"].is_string(), "{r}");
+                    assert!(r["person"]["company_name"].is_string(), "{r}");
+                    (
+                        r["person"]["id"].as_i64().expect("id"),
+                        r["location"]["id"].as_i64().expect("id"),
+                    )
+                })
+                .collect();
+            let unique: BTreeSet<(i64, i64)> = got.iter().copied().collect();
+            assert_eq!(unique.len(), got.len(), "person {person}: repeated rows");
+            let meters: f64 = distance.parse().expect("number");
+            let expected = poc_expected(&client, person, start, end, meters).await;
+            assert_eq!(
+                unique, expected,
+                "person {person}, {start}..{end}, {distance} m"
+            );
+            assert!(unique.iter().all(|(p, _)| *p != person));
+            if (person, start, end) == (5, "2020-08-15", "2020-08-18") {
+                // Location 29 (person 1, 2020-08-18) is at the point of person 5's location 31
+                // (2020-08-15): in, because others are searched up to end_date + 1 day.
+                assert!(unique.contains(&(1, 29)), "{unique:?}");
+            }
+            total += unique.len();
+        }
     }
     assert!(total > 0, "the seed has co-located persons");
 
