@@ -3,6 +3,8 @@
 //!
 //! The simulator and the benches arrive with the proximity engine; see `docs/benchmarks.md`.
 
+use udaconnect::config::redact_url;
+
 pub mod produce;
 pub mod sim;
 
@@ -26,4 +28,32 @@ pub fn peak_rss_bytes() -> u64 {
 /// The process's resident set size now, bytes (0 where `/proc` is unavailable).
 pub fn rss_bytes() -> u64 {
     proc_status_bytes("VmRSS")
+}
+
+/// The value below which a fraction `q` of the sorted `values` lie (nearest rank).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// `url` with its database replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (url, None),
+    };
+    let Some((scheme, rest)) = path.split_once("://") else {
+        anyhow::bail!(
+            "database_url {} is not a URL; pass --admin-url",
+            redact_url(url)
+        );
+    };
+    let server = rest.split_once('/').map_or(rest, |(s, _)| s);
+    Ok(match query {
+        Some(q) => format!("{scheme}://{server}/{database}?{q}"),
+        None => format!("{scheme}://{server}/{database}"),
+    })
 }

@@ -51,6 +51,7 @@ use udaconnect_actors::domain::{
 };
 use udaconnect_bench::produce::{ensure_persons, wire, Acked, IngestPipe, IngestTally, Services};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
+use udaconnect_bench::{percentile, with_database};
 use uuid::Uuid;
 
 /// Phases to run.
@@ -295,25 +296,6 @@ fn conference(cli: &Cli, seed: u64, duration_s: u32, disorder_s: Option<u32>) ->
         c.duplicate_rate = 0.0;
     }
     c
-}
-
-/// `url` with its database replaced by `database`.
-fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
-    let (path, query) = match url.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (url, None),
-    };
-    let Some((scheme, rest)) = path.split_once("://") else {
-        anyhow::bail!(
-            "database_url {} is not a URL; pass --admin-url",
-            redact_url(url)
-        );
-    };
-    let server = rest.split_once('/').map_or(rest, |(s, _)| s);
-    Ok(match query {
-        Some(q) => format!("{scheme}://{server}/{database}?{q}"),
-        None => format!("{scheme}://{server}/{database}"),
-    })
 }
 
 async fn admin_client(admin_url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -1276,15 +1258,6 @@ struct LatencyRun {
     p50_ms: f64,
     p99_ms: f64,
     figures: serde_json::Value,
-}
-
-/// The value below which a fraction `q` of the sorted `values` lie (nearest rank).
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 async fn latency_phase(
