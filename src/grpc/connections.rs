@@ -58,17 +58,18 @@ pub fn history_query(r: &HistoryRequest) -> Result<HistoryQuery, ApiError> {
             ));
         }
     }
-    let limit =
-        match r.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n <= MAX_PAGE_SIZE => n,
-            n => return Err(ApiError::invalid(
+    let limit = match r.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n <= MAX_PAGE_SIZE => n,
+        n => {
+            return Err(ApiError::invalid(
                 "page_size",
                 format!(
                     "must be between 1 and {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE} (got {n})"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let cursor = match r.page_token.trim() {
         "" => None,
         token => Some(HistoryCursor::decode(token).ok_or_else(|| {

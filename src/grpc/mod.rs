@@ -102,6 +102,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // The reporter starts with the server SERVING; nothing is until readiness says so.
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    for service in SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     let health_task = tokio::spawn(report_health(health, Arc::clone(&state)));
     let admin = v1::admin_server::AdminServer::with_interceptor(
         admin::AdminService::new(Arc::clone(&state)),
