@@ -98,10 +98,14 @@ pub async fn serve(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1, and v1alpha for clients (older grpcurl) that only speak that.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     // The reporter starts with the server SERVING; nothing is until readiness says so.
     health
         .set_service_status("", ServingStatus::NotServing)
@@ -120,7 +124,8 @@ pub async fn serve(
     let (stopped_tx, mut stopped_rx) = watch::channel(false);
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(v1::ingest_server::IngestServer::new(
             ingest::IngestService::new(Arc::clone(&state)),
         ))

@@ -191,6 +191,7 @@ async fn health_follows_readiness_and_reflection_lists_every_service() {
         .expect_err("unknown service");
     assert_eq!(unknown.code(), Code::NotFound);
 
+    let channel_for_alpha = channel.clone();
     let mut reflection = ServerReflectionClient::new(channel);
     let ask = |request: MessageRequest| ServerReflectionRequest {
         host: String::new(),
@@ -254,6 +255,43 @@ async fn health_follows_readiness_and_reflection_lists_every_service() {
             );
         }
         other => panic!("not a file descriptor: {other:?}"),
+    }
+
+    // v1alpha too, for clients (older grpcurl) that only speak that.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+        let mut client = ServerReflectionClient::new(channel_for_alpha);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = client
+            .server_reflection_info(futures::stream::iter(vec![request]))
+            .await
+            .expect("v1alpha reflection answers")
+            .into_inner();
+        let listed: BTreeSet<String> = match answers
+            .message()
+            .await
+            .expect("stream")
+            .and_then(|r| r.message_response)
+        {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("not a service list: {other:?}"),
+        };
+        for service in [
+            "udaconnect.v1.Admin",
+            "udaconnect.v1.Connections",
+            "udaconnect.v1.Ingest",
+        ] {
+            assert!(listed.contains(service), "{listed:?}");
+        }
     }
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
