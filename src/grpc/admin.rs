@@ -43,7 +43,9 @@ pub fn authorize(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| {
                 Status::from(ApiError {
                     field: Some("authorization".to_owned()),
@@ -524,6 +526,10 @@ mod tests {
     #[test]
     fn admin_needs_the_configured_bearer_token() {
         assert!(call(Some("s3cret"), Some("Bearer s3cret")).is_ok());
+        assert!(
+            call(Some("s3cret"), Some("bearer s3cret")).is_ok(),
+            "the scheme is case-insensitive"
+        );
         for (token, header) in [
             (Some("s3cret"), None),
             (Some("s3cret"), Some("Bearer wrong")),
