@@ -28,8 +28,11 @@ use crate::store::pipeline::{shard_owners, ShardOwner};
 
 /// Metadata key marking a request one process forwarded to another: answer it locally.
 pub const FORWARDED: &str = "x-udaconnect-forwarded";
-/// How long a forwarded request may take, connecting included.
+/// How long a forwarded request may take (its `grpc-timeout`, which the owner enforces).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The client-side bound of any forwarded request, for an owner that hangs (a forwarded
+/// snapshot may take up to a minute).
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -238,7 +241,7 @@ impl Cluster {
         })?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(FORWARD_TIMEOUT)
+            .timeout(CHANNEL_TIMEOUT)
             .connect_lazy();
         debug!(addr, "channel to a peer created");
         channels.insert(addr.to_owned(), channel.clone());

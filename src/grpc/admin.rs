@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
 use tonic::{Request, Response, Status};
@@ -496,7 +497,9 @@ impl Admin for AdminService {
             Err(e @ LocalError::NotOwned { .. }) if forwarded => Err(local_error(e).into()),
             Err(LocalError::NotOwned { .. }) => {
                 let owner = cluster.owner(&pipeline, stage, r.partition).await?;
-                let request = cluster.forwarded(r)?;
+                let mut request = cluster.forwarded(r)?;
+                // The owner bounds its snapshot at a minute.
+                request.set_timeout(Duration::from_secs(70));
                 let answer = cluster
                     .admin(&owner.owner_addr)?
                     .trigger_snapshot(request)

@@ -16,6 +16,8 @@ use crate::config::Topics;
 
 /// How long a supervisor may take to answer a view request.
 const VIEW_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot on demand may take (a big partition's included).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a local lookup has no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,7 +173,15 @@ impl Pipeline {
             stage: stage.as_str(),
             partition,
         })?;
-        consumer.checkpoint(partition).await.map_err(not_owned)
+        // A partition held up by backpressure (PostgreSQL away) answers when it can; bounded.
+        match tokio::time::timeout(SNAPSHOT_TIMEOUT, consumer.checkpoint(partition)).await {
+            Ok(result) => result.map_err(not_owned),
+            Err(_) => Err(LocalError::NoAnswer {
+                stage: stage.as_str(),
+                partition,
+                reason: format!("no snapshot within {SNAPSHOT_TIMEOUT:?}"),
+            }),
+        }
     }
 }
 
