@@ -1272,6 +1272,37 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
             assert_eq!(p.owner, split[&(p.stage.clone(), p.partition)], "{p:?}");
             assert!(p.processed_offset >= 0 && p.end_offset >= 0, "{p:?}");
         }
+
+        // ListZones from either process lists every zone, each partition from its owner.
+        let listed = AdminClient::new(clients[node].clone())
+            .list_zones(admin(ListZonesRequest { partition: None }))
+            .await
+            .expect("zones")
+            .into_inner();
+        let mut listed_zones = BTreeSet::new();
+        for p in &listed.partitions {
+            assert!(p.error.is_empty(), "{p:?}");
+            assert_eq!(p.owner, split[&("zones".to_owned(), p.partition)], "{p:?}");
+            listed_zones.extend(p.zones.iter().map(|z| z.zone));
+        }
+        assert_eq!(listed_zones, zones, "from {node}");
+
+        // TriggerSnapshot of each zone partition runs on its owner.
+        for partition in 0..2 {
+            let snapshot = AdminClient::new(clients[node].clone())
+                .trigger_snapshot(admin(TriggerSnapshotRequest {
+                    stage: "zones".to_owned(),
+                    partition,
+                }))
+                .await
+                .expect("snapshot")
+                .into_inner();
+            assert_eq!(snapshot.owner, split[&("zones".to_owned(), partition)]);
+            assert!(
+                snapshot.snapshot_offset.is_some_and(|o| o >= 1),
+                "{snapshot:?}"
+            );
+        }
     }
     db.drop_db().await;
 }
