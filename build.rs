@@ -17,7 +17,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     protos.sort();
     println!("cargo:rerun-if-changed=proto");
+    // The descriptor set serves gRPC reflection (grpcurl without .proto files).
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("udaconnect_v1_descriptor.bin"))
+        // Maps (counters by name) in a stable order.
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_protos(&protos, &[PathBuf::from("proto"), include])?;

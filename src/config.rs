@@ -41,6 +41,9 @@ pub struct Config {
     pub cors_origins: String,
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
+    /// `host:port` where the other processes reach this one's gRPC server (recorded as
+    /// `shard_owner.owner_addr` for forwarding); unset: the bound gRPC address.
+    pub grpc_advertise_addr: Option<String>,
     /// Bearer token the admin API requires; admin calls are refused while unset.
     pub admin_token: Option<Secret>,
     /// Co-location radius in meters.
@@ -81,6 +84,7 @@ impl Default for Config {
             rest_addr: SocketAddr::from(([127, 0, 0, 1], 30001)),
             cors_origins: String::new(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 30005)),
+            grpc_advertise_addr: None,
             admin_token: None,
             radius_m: engine.radius_m,
             window_s: engine.window_s,
@@ -206,6 +210,17 @@ impl Config {
                 ),
             });
         }
+        if let Some(addr) = &self.grpc_advertise_addr {
+            let valid = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(ConfigError::OutOfRange {
+                    field: "grpc_advertise_addr",
+                    reason: format!("must be host:port (got {addr:?})"),
+                });
+            }
+        }
         if self.database_url.parse::<tokio_postgres::Config>().is_err() {
             return Err(ConfigError::OutOfRange {
                 field: "database_url",
@@ -283,6 +298,7 @@ impl fmt::Debug for Config {
             .field("rest_addr", &self.rest_addr)
             .field("cors_origins", &self.cors_origins)
             .field("grpc_addr", &self.grpc_addr)
+            .field("grpc_advertise_addr", &self.grpc_advertise_addr)
             .field("admin_token", &self.admin_token)
             .field("radius_m", &self.radius_m)
             .field("window_s", &self.window_s)

@@ -2,6 +2,7 @@
 //! the REST and gRPC front ends and the command line (DESIGN §8).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grpc;

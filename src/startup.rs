@@ -11,7 +11,9 @@ use poem::listener::TcpAcceptor;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::cluster::Cluster;
 use crate::config::{redact_url, Config};
+use crate::grpc::{self, GrpcState};
 use crate::kafka::{topic_specs, Broker};
 use crate::pipeline::Pipeline;
 use crate::rest::{self, RestState};
@@ -25,12 +27,15 @@ pub struct Server {
     broker: Broker,
     rest_listener: TcpListener,
     rest_addr: SocketAddr,
+    grpc_listener: TcpListener,
+    grpc_addr: SocketAddr,
+    cluster: Cluster,
 }
 
 impl Server {
     /// Waits for PostgreSQL (up to `startup_wait_s`), migrates, builds the pool and the Kafka
-    /// client, and binds the REST listener (port 0 picks a free port).
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    /// client, and binds the REST and gRPC listeners (port 0 picks a free port).
+    pub async fn build(mut config: Config) -> anyhow::Result<Self> {
         let connect_timeout = Duration::from_millis(config.readiness_timeout_ms.max(1_000));
         let pool = store::pool(&config, connect_timeout)?;
         let mut client = wait_for_postgres(&pool, &config).await?;
@@ -45,13 +50,30 @@ impl Server {
             .await
             .with_context(|| format!("failed to bind rest_addr {}", config.rest_addr))?;
         let rest_addr = rest_listener.local_addr()?;
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("failed to bind grpc_addr {}", config.grpc_addr))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        // The pipeline records this as the owner address of its partitions (port 0 resolved).
+        if config.grpc_advertise_addr.is_none() {
+            config.grpc_advertise_addr = Some(grpc_addr.to_string());
+        }
+        let pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>> = Arc::default();
+        let cluster = Cluster::new(
+            Arc::clone(&pipeline),
+            pool.clone(),
+            config.admin_token.clone(),
+        );
         Ok(Self {
             config,
-            pipeline: Arc::default(),
+            pipeline,
             pool,
             broker,
             rest_listener,
             rest_addr,
+            grpc_listener,
+            grpc_addr,
+            cluster,
         })
     }
 
@@ -63,6 +85,16 @@ impl Server {
     /// The address the REST server listens on.
     pub fn rest_addr(&self) -> SocketAddr {
         self.rest_addr
+    }
+
+    /// The address the gRPC server listens on.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Live actor state across the cluster (local, or forwarded to the owner).
+    pub fn cluster(&self) -> Cluster {
+        self.cluster.clone()
     }
 
     /// Serves until `shutdown` completes, then drains requests for up to `shutdown_grace_s`.
@@ -91,16 +123,51 @@ impl Server {
                 .map(str::to_owned)
                 .collect(),
         });
+        // One shutdown signal for both servers (and the live streams).
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let trigger = {
+            let stop_tx = Arc::clone(&stop_tx);
+            tokio::spawn(async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            })
+        };
+        let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let grace = Duration::from_secs(self.config.shutdown_grace_s);
+        let grpc_state = Arc::new(GrpcState {
+            pool: self.pool.clone(),
+            broker: self.broker.clone(),
+            pipeline: Arc::clone(&self.pipeline),
+            cluster: self.cluster.clone(),
+            admin_token: self.config.admin_token.clone(),
+            zone_resolution: self.config.zone_resolution,
+            readiness_timeout: Duration::from_millis(self.config.readiness_timeout_ms),
+            shutdown: stop_rx.clone(),
+        });
+        let grpc = tokio::spawn(grpc::serve(
+            self.grpc_listener,
+            grpc_state,
+            signal(stop_rx.clone()),
+            grace,
+        ));
+
         let acceptor = TcpAcceptor::from_tokio(self.rest_listener)?;
         info!(rest_addr = %self.rest_addr, "rest server listening");
-        let result = poem::Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(
-                rest::app(state),
-                shutdown,
-                Some(Duration::from_secs(self.config.shutdown_grace_s)),
-            )
+        let rest_result = poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(rest::app(state), signal(stop_rx), Some(grace))
             .await
             .context("rest server failed");
+        // The REST server may also have ended on an error: stop gRPC as well.
+        let _ = stop_tx.send(true);
+        trigger.abort();
+        let grpc_result = match grpc.await {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("grpc server task failed: {e}")),
+        };
+        let result = rest_result.and(grpc_result);
         topics.abort();
         if let Some(pipeline) = self.pipeline.get() {
             pipeline.stop().await;

@@ -68,6 +68,9 @@ enum Input {
     Record(Record),
     /// Flush, snapshot, stop; answer with the offset to commit.
     Revoke(oneshot::Sender<Option<i64>>),
+    /// Snapshot now (admin), as the periodic snapshot does; answer with the offset of the new
+    /// snapshot, `None` when nothing changed since the last one.
+    Checkpoint(oneshot::Sender<Option<i64>>),
 }
 
 enum Command {
@@ -75,6 +78,9 @@ enum Command {
     Pause(i32),
     Resume(i32),
 }
+
+/// The hand-off of each partition worker, by partition (shared with [`StageConsumer`]).
+type Workers = Arc<Mutex<HashMap<i32, mpsc::Sender<Input>>>>;
 
 /// Records handed to a partition's worker before the poll thread waits for room.
 const CHANNEL_RECORDS: usize = 64;
@@ -87,7 +93,7 @@ struct StageContext<F: WorkerFactory> {
     factory: Arc<F>,
     runtime: tokio::runtime::Handle,
     snapshot_interval: Duration,
-    workers: Mutex<HashMap<i32, mpsc::Sender<Input>>>,
+    workers: Workers,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
     counters: Arc<StageCounters>,
@@ -221,12 +227,21 @@ async fn run_worker<F: WorkerFactory>(
                 }
                 counters.batch_records.observe(records.len() as u64);
                 worker.handle(records).await;
-                if let Some(Input::Revoke(ack)) = control {
-                    let offset = worker.checkpoint().await;
-                    worker.close().await;
-                    let _ = ack.send(offset);
-                    return;
+                match control {
+                    Some(Input::Revoke(ack)) => {
+                        let offset = worker.checkpoint().await;
+                        worker.close().await;
+                        let _ = ack.send(offset);
+                        return;
+                    }
+                    Some(Input::Checkpoint(ack)) => {
+                        checkpoint_now(&mut worker, partition, &commands, ack).await
+                    }
+                    _ => {}
                 }
+            }
+            Some(Input::Checkpoint(ack)) => {
+                checkpoint_now(&mut worker, partition, &commands, ack).await
             }
             Some(Input::Revoke(ack)) => {
                 let offset = worker.checkpoint().await;
@@ -243,6 +258,25 @@ async fn run_worker<F: WorkerFactory>(
     }
 }
 
+/// Snapshots now and has the offset committed, as the periodic snapshot does.
+async fn checkpoint_now<W: PartitionWorker>(
+    worker: &mut W,
+    partition: i32,
+    commands: &std_mpsc::Sender<Command>,
+    ack: oneshot::Sender<Option<i64>>,
+) {
+    let offset = worker.checkpoint().await;
+    if let Some(offset) = offset {
+        let _ = commands.send(Command::Commit(partition, offset));
+    }
+    let _ = ack.send(offset);
+}
+
+/// The partition is not (or no longer) owned by this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the partition is not owned by this process")]
+pub struct NotOwned;
+
 /// A running stage consumer.
 pub struct StageConsumer {
     stage: &'static str,
@@ -251,6 +285,7 @@ pub struct StageConsumer {
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
     counters: Arc<StageCounters>,
+    workers: Workers,
 }
 
 /// Consumer settings of a stage: the group, no auto-commit, start from the beginning when the
@@ -272,13 +307,14 @@ impl StageConsumer {
         let (commands, command_rx) = std_mpsc::channel();
         let assigned = Arc::new(Mutex::new(Vec::new()));
         let counters = Arc::new(StageCounters::default());
+        let workers: Workers = Arc::default();
         let context = StageContext {
             stage: options.stage,
             topic: options.topic.clone(),
             factory,
             runtime: tokio::runtime::Handle::current(),
             snapshot_interval: options.snapshot_interval,
-            workers: Mutex::new(HashMap::new()),
+            workers: Arc::clone(&workers),
             commands: commands.clone(),
             assigned: Arc::clone(&assigned),
             counters: Arc::clone(&counters),
@@ -320,6 +356,7 @@ impl StageConsumer {
             commands,
             assigned,
             counters,
+            workers,
         })
     }
 
@@ -331,6 +368,23 @@ impl StageConsumer {
     /// The partitions this process owns in the stage right now.
     pub fn assigned(&self) -> Vec<i32> {
         self.assigned.lock().expect("not poisoned").clone()
+    }
+
+    /// Snapshots `partition` now (see [`Input::Checkpoint`]); `Err` when this process does not
+    /// own it.
+    pub async fn checkpoint(&self, partition: i32) -> Result<Option<i64>, NotOwned> {
+        let tx = self
+            .workers
+            .lock()
+            .expect("not poisoned")
+            .get(&partition)
+            .cloned()
+            .ok_or(NotOwned)?;
+        let (ack, done) = oneshot::channel();
+        tx.send(Input::Checkpoint(ack))
+            .await
+            .map_err(|_| NotOwned)?;
+        done.await.map_err(|_| NotOwned)
     }
 
     /// Stops fetching a partition (its worker keeps what it has); for operations and tests.

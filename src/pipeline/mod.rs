@@ -6,6 +6,7 @@ pub mod codec;
 pub mod consumer;
 pub mod hub;
 pub mod ingest;
+pub mod live;
 pub mod stages;
 
 use std::collections::BTreeMap;
@@ -154,6 +155,8 @@ pub struct Pipeline {
     locations: Arc<PgLocations>,
     shutdown: watch::Sender<bool>,
     heartbeats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    zone_partitions: u32,
+    person_partitions: u32,
 }
 
 /// How often each partition snapshots while records flow.
@@ -182,7 +185,11 @@ impl Pipeline {
             stored: AtomicU64::new(0),
         });
         let node = config.node();
-        let owner_addr = config.grpc_addr.to_string();
+        // Where peers reach this process's gRPC server (start-up fills in the bound address).
+        let owner_addr = config
+            .grpc_advertise_addr
+            .clone()
+            .unwrap_or_else(|| config.grpc_addr.to_string());
         let store = |stage: Stage, topic: &str, partitions: u32| PartitionStore {
             stage,
             partitions,
@@ -285,6 +292,8 @@ impl Pipeline {
             locations,
             shutdown,
             heartbeats: std::sync::Mutex::new(Some(heartbeats)),
+            zone_partitions,
+            person_partitions,
         })
     }
 

@@ -104,6 +104,7 @@ async fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
                 format!("test-{}", uuid::Uuid::new_v4().simple()),
             )
             .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{port}"))
+            .env("UDACONNECT_GRPC_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

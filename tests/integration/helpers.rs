@@ -132,6 +132,7 @@ pub fn test_config_for(url: &str) -> Config {
 /// A service started in-process with `Server::build` + `run`.
 pub struct TestApp {
     pub rest_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
     pub pipeline: Arc<tokio::sync::OnceCell<Arc<udaconnect::pipeline::Pipeline>>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<anyhow::Result<()>>,
@@ -145,6 +146,7 @@ impl TestApp {
             .await
             .expect("service builds");
         let rest_addr = server.rest_addr();
+        let grpc_addr = server.grpc_addr();
         let pipeline = server.pipeline();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async {
@@ -152,6 +154,7 @@ impl TestApp {
         }));
         Self {
             rest_addr,
+            grpc_addr,
             pipeline,
             shutdown: Some(tx),
             handle,

@@ -3,6 +3,7 @@
 //! topic names.
 
 mod cli;
+mod grpc;
 mod helpers;
 mod pipeline;
 mod rest;

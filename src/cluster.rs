@@ -1,0 +1,325 @@
+//! Live state across the cluster (DESIGN §5): a question about a person's or a zone's actor
+//! is answered by this process when it owns the actor's partition, and forwarded over gRPC
+//! (`udaconnect.v1.Admin`) to the owner otherwise, whose address is the `owner_addr` of the
+//! partition's `shard_owner` row. A forwarded request carries [`FORWARDED`] and is answered
+//! locally only, so forwarding never loops. Used by the gRPC Admin service and by REST.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, warn};
+use udaconnect_actors::actors::person::PersonView;
+use udaconnect_actors::actors::ports::Stage;
+use udaconnect_actors::actors::zone::ZoneView;
+use udaconnect_actors::domain::PersonId;
+use udaconnect_actors::zones::ZoneId;
+
+use crate::config::Secret;
+use crate::error::{ApiError, ErrorCode};
+use crate::grpc::convert;
+use crate::grpc::v1::admin_client::AdminClient;
+use crate::grpc::v1::{GetPersonRequest, GetZoneRequest};
+use crate::pipeline::live::LocalError;
+use crate::pipeline::Pipeline;
+use crate::store::pipeline::{shard_owners, ShardOwner};
+
+/// Metadata key marking a request one process forwarded to another: answer it locally.
+pub const FORWARDED: &str = "x-udaconnect-forwarded";
+/// How long a forwarded request may take (its `grpc-timeout`, which the owner enforces).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The client-side bound of any forwarded request, for an owner that hangs (a forwarded
+/// snapshot may take up to a minute).
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An answer and where it came from: the partition and the process that owns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FromOwner<T> {
+    pub value: T,
+    pub partition: i32,
+    pub owner: String,
+}
+
+/// This process's entry to the cluster's live state; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
+    pool: Pool,
+    admin_token: Option<Secret>,
+    /// One lazily connected channel per peer address, reused.
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Cluster {
+    /// A cluster view over this process's pipeline (once started) and the `shard_owner` rows.
+    pub fn new(
+        pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
+        pool: Pool,
+        admin_token: Option<Secret>,
+    ) -> Self {
+        Self {
+            pipeline,
+            pool,
+            admin_token,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The pipeline; UNAVAILABLE until it started.
+    pub fn pipeline(&self) -> Result<Arc<Pipeline>, ApiError> {
+        self.pipeline.get().cloned().ok_or_else(|| {
+            ApiError::unavailable("the pipeline has not started yet (broker or topics missing)")
+        })
+    }
+
+    /// The person's actor state, wherever it lives. NOT_FOUND when its partition has no state
+    /// for the person; UNAVAILABLE when the owner does not answer or the pipeline has not
+    /// started.
+    pub async fn person_view(&self, person: PersonId) -> Result<PersonView, ApiError> {
+        self.person(person, false).await.map(|a| a.value)
+    }
+
+    /// The zone's actor state with at most `limit` points, wherever it lives; NOT_FOUND and
+    /// UNAVAILABLE as for [`Cluster::person_view`].
+    pub async fn zone_view(&self, zone: ZoneId, limit: usize) -> Result<ZoneView, ApiError> {
+        self.zone(zone, limit, false).await.map(|a| a.value)
+    }
+
+    /// The person's actor state and its owner; with `local_only` (a forwarded request) only
+    /// this process's partitions are asked.
+    pub async fn person(
+        &self,
+        person: PersonId,
+        local_only: bool,
+    ) -> Result<FromOwner<PersonView>, ApiError> {
+        let pipeline = self.pipeline()?;
+        let partition = pipeline.person_partition_of(person);
+        let not_found = || {
+            ApiError::not_found(
+                Some("person_id"),
+                format!("no actor state for person {person} (never seen, or idle past the window)"),
+            )
+        };
+        match pipeline.person_view(person).await {
+            Ok(view) => {
+                return view
+                    .map(|value| FromOwner {
+                        value,
+                        partition,
+                        owner: pipeline.node().to_owned(),
+                    })
+                    .ok_or_else(not_found)
+            }
+            Err(e @ LocalError::NoAnswer { .. }) => {
+                return Err(ApiError::unavailable(e.to_string()))
+            }
+            Err(e @ LocalError::NotOwned { .. }) if local_only => {
+                return Err(ApiError::unavailable(e.to_string()))
+            }
+            Err(LocalError::NotOwned { .. }) => {}
+        }
+        let owner = self.owner(&pipeline, Stage::Persons, partition).await?;
+        let request = self.forwarded(GetPersonRequest { person_id: person })?;
+        let answer = self
+            .admin(&owner.owner_addr)?
+            .get_person(request)
+            .await
+            .map_err(|s| forward_error(&owner, s))?
+            .into_inner();
+        Ok(FromOwner {
+            value: convert::person_view(&answer).map_err(|e| bad_answer(&owner, e))?,
+            partition,
+            owner: owner.owner,
+        })
+    }
+
+    /// The zone's actor state and its owner; with `local_only` only this process's
+    /// partitions are asked.
+    pub async fn zone(
+        &self,
+        zone: ZoneId,
+        limit: usize,
+        local_only: bool,
+    ) -> Result<FromOwner<ZoneView>, ApiError> {
+        let pipeline = self.pipeline()?;
+        let partition = pipeline.zone_partition_of(zone);
+        let not_found = || {
+            ApiError::not_found(
+                Some("zone"),
+                format!(
+                    "zone {zone} ({}) has no actor (no recent points)",
+                    convert::h3(zone)
+                ),
+            )
+        };
+        match pipeline.zone_view(zone, limit).await {
+            Ok(view) => {
+                return view
+                    .map(|value| FromOwner {
+                        value,
+                        partition,
+                        owner: pipeline.node().to_owned(),
+                    })
+                    .ok_or_else(not_found)
+            }
+            Err(e @ LocalError::NoAnswer { .. }) => {
+                return Err(ApiError::unavailable(e.to_string()))
+            }
+            Err(e @ LocalError::NotOwned { .. }) if local_only => {
+                return Err(ApiError::unavailable(e.to_string()))
+            }
+            Err(LocalError::NotOwned { .. }) => {}
+        }
+        let owner = self.owner(&pipeline, Stage::Zones, partition).await?;
+        let request = self.forwarded(GetZoneRequest {
+            zone,
+            point_limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        })?;
+        let answer = self
+            .admin(&owner.owner_addr)?
+            .get_zone(request)
+            .await
+            .map_err(|s| forward_error(&owner, s))?
+            .into_inner();
+        Ok(FromOwner {
+            value: convert::zone_view(&answer).map_err(|e| bad_answer(&owner, e))?,
+            partition,
+            owner: owner.owner,
+        })
+    }
+
+    /// The `shard_owner` rows of both stages' topics.
+    pub async fn owners(&self, pipeline: &Pipeline) -> Result<Vec<ShardOwner>, ApiError> {
+        let topics = [
+            pipeline.stage_topic(Stage::Zones),
+            pipeline.stage_topic(Stage::Persons),
+        ];
+        Ok(shard_owners(&self.pool, &topics).await?)
+    }
+
+    /// Who owns `partition` of `stage`, when it is another process; UNAVAILABLE when nobody
+    /// does, or when the row names this process, which does not hold it (a hand-over under
+    /// way).
+    pub async fn owner(
+        &self,
+        pipeline: &Pipeline,
+        stage: Stage,
+        partition: i32,
+    ) -> Result<ShardOwner, ApiError> {
+        let owner = self
+            .owners(pipeline)
+            .await?
+            .into_iter()
+            .find(|o| o.stage == stage.as_str() && o.partition == partition)
+            .ok_or_else(|| {
+                ApiError::unavailable(format!(
+                    "partition {partition} of the {} stage has no owner right now; retry",
+                    stage.as_str()
+                ))
+            })?;
+        if owner.owner == pipeline.node() {
+            return Err(ApiError::unavailable(format!(
+                "partition {partition} of the {} stage is being handed over; retry",
+                stage.as_str()
+            )));
+        }
+        Ok(owner)
+    }
+
+    /// An Admin client of the process at `addr` (a reused, lazily connected channel).
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, ApiError> {
+        let mut channels = self.channels.lock().expect("not poisoned");
+        if let Some(channel) = channels.get(addr) {
+            return Ok(AdminClient::new(channel.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| {
+            ApiError::unavailable(format!("the owner's address {addr:?} is not usable: {e}"))
+        })?;
+        let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CHANNEL_TIMEOUT)
+            .connect_lazy();
+        debug!(addr, "channel to a peer created");
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(AdminClient::new(channel))
+    }
+
+    /// `message` as a request to a peer: marked forwarded, with the admin token.
+    pub fn forwarded<T>(&self, message: T) -> Result<tonic::Request<T>, ApiError> {
+        let token = self.admin_token.as_ref().ok_or_else(|| {
+            ApiError::unavailable(
+                "the state is on another process, and forwarding needs admin_token to be set",
+            )
+        })?;
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(FORWARD_TIMEOUT);
+        let metadata = request.metadata_mut();
+        metadata.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let bearer = format!("Bearer {}", token.expose())
+            .parse()
+            .map_err(|_| ApiError::unavailable("admin_token is not a valid header value"))?;
+        metadata.insert("authorization", bearer);
+        Ok(request)
+    }
+}
+
+/// What a failed forwarded call means here: the owner's NOT_FOUND and INVALID_ARGUMENT stand,
+/// anything else is the owner being unavailable.
+pub fn forward_error(owner: &ShardOwner, status: tonic::Status) -> ApiError {
+    peer_error(&owner.owner, &owner.owner_addr, status)
+}
+
+/// [`forward_error`] for the process `node` at `addr`.
+pub fn peer_error(node: &str, addr: &str, status: tonic::Status) -> ApiError {
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument => {
+            let field = status
+                .metadata()
+                .get("x-error-field")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let message = match &field {
+                Some(f) => status
+                    .message()
+                    .strip_prefix(&format!("{f}: "))
+                    .unwrap_or(status.message())
+                    .to_owned(),
+                None => status.message().to_owned(),
+            };
+            let code = if status.code() == tonic::Code::NotFound {
+                ErrorCode::NotFound
+            } else {
+                ErrorCode::InvalidArgument
+            };
+            ApiError {
+                code,
+                message,
+                field,
+            }
+        }
+        code => {
+            warn!(
+                node,
+                addr,
+                ?code,
+                error = status.message(),
+                "forwarded request failed"
+            );
+            ApiError::unavailable(format!(
+                "{node} at {addr} did not answer: {} ({code:?})",
+                status.message()
+            ))
+        }
+    }
+}
+
+fn bad_answer(owner: &ShardOwner, e: ApiError) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("the owner {} sent an unreadable answer: {e}", owner.owner),
+    )
+}

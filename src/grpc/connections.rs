@@ -1,0 +1,265 @@
+//! `udaconnect.v1.Connections`: the connection history (the same query as REST) and live
+//! notifications from the process's NotificationHub.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use udaconnect_actors::domain::PersonId;
+
+use super::v1::connections_server::Connections;
+use super::v1::{ConnectionEvent, HistoryPage, HistoryRequest, SubscribeRequest};
+use super::{convert, GrpcState};
+use crate::error::ApiError;
+use crate::store::queries::{connection_history, HistoryCursor, HistoryQuery};
+
+/// Page size when the request names none.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest page size.
+pub const MAX_PAGE_SIZE: u32 = 1_000;
+/// Most persons one subscription may follow.
+pub const MAX_SUBSCRIBED_PERSONS: usize = 1_000;
+
+/// The Connections service.
+pub struct ConnectionsService {
+    state: Arc<GrpcState>,
+}
+
+impl ConnectionsService {
+    /// The service over the shared state.
+    pub fn new(state: Arc<GrpcState>) -> Self {
+        Self { state }
+    }
+}
+
+/// Checks a history request and turns it into the store's query.
+pub fn history_query(r: &HistoryRequest) -> Result<HistoryQuery, ApiError> {
+    if r.person_id <= 0 {
+        return Err(ApiError::invalid(
+            "person_id",
+            format!("must be a positive id (got {})", r.person_id),
+        ));
+    }
+    let from = r
+        .from
+        .as_ref()
+        .map(|t| convert::chrono_time(t, "from"))
+        .transpose()?;
+    let to =
+        r.to.as_ref()
+            .map(|t| convert::chrono_time(t, "to"))
+            .transpose()?;
+    if let (Some(from), Some(to)) = (from, to) {
+        if from > to {
+            return Err(ApiError::invalid(
+                "to",
+                format!("must not be before from (from {from}, to {to})"),
+            ));
+        }
+    }
+    let limit = match r.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n <= MAX_PAGE_SIZE => n,
+        n => {
+            return Err(ApiError::invalid(
+                "page_size",
+                format!(
+                    "must be between 1 and {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE} (got {n})"
+                ),
+            ))
+        }
+    };
+    let cursor = match r.page_token.trim() {
+        "" => None,
+        token => Some(HistoryCursor::decode(token).ok_or_else(|| {
+            ApiError::invalid("page_token", "is not a page token this API handed out")
+        })?),
+    };
+    Ok(HistoryQuery {
+        person_id: r.person_id,
+        from,
+        to,
+        limit,
+        cursor,
+    })
+}
+
+/// The persons among `ids` that do not exist.
+async fn unknown_persons(
+    pool: &deadpool_postgres::Pool,
+    ids: &[PersonId],
+) -> Result<Vec<PersonId>, ApiError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id FROM unnest($1::int8[]) AS ids(id)
+             WHERE NOT EXISTS (SELECT 1 FROM person p WHERE p.id = ids.id)
+             ORDER BY id",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ConnectionEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Connections for ConnectionsService {
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryPage>, Status> {
+        let query = history_query(request.get_ref())?;
+        let page = connection_history(&self.state.pool, &query)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    Some("person_id"),
+                    format!("no person with id {}", query.person_id),
+                )
+            })?;
+        Ok(Response::new(HistoryPage {
+            connections: page.items.iter().map(convert::connection).collect(),
+            next_page_token: page.next_cursor.map(|c| c.encode()).unwrap_or_default(),
+        }))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut persons = request.into_inner().person_ids;
+        persons.sort_unstable();
+        persons.dedup();
+        if persons.is_empty() || persons.len() > MAX_SUBSCRIBED_PERSONS {
+            return Err(ApiError::invalid(
+                "person_ids",
+                format!(
+                    "must name 1 to {MAX_SUBSCRIBED_PERSONS} persons (got {})",
+                    persons.len()
+                ),
+            )
+            .into());
+        }
+        let pipeline = self.state.pipeline()?;
+        let unknown = unknown_persons(&self.state.pool, &persons).await?;
+        if !unknown.is_empty() {
+            return Err(ApiError::not_found(
+                Some("person_ids"),
+                format!("no person with id {unknown:?}"),
+            )
+            .into());
+        }
+        let subscription = pipeline.hub().subscribe(&persons);
+        let shutdown = self.state.shutdown.clone();
+        let stream = futures::stream::unfold(Some((subscription, shutdown)), |state| async move {
+            let (mut subscription, mut shutdown) = state?;
+            let next = tokio::select! {
+                n = subscription.recv() => n,
+                _ = shutdown.wait_for(|s| *s) => {
+                    let status: Status =
+                        ApiError::unavailable("the server is shutting down; subscribe again")
+                            .into();
+                    return Some((Err(status), None));
+                }
+            };
+            match next {
+                Some(n) => Some((
+                    Ok(convert::connection_event(&n)),
+                    Some((subscription, shutdown)),
+                )),
+                None => {
+                    let status: Status = ApiError::unavailable(
+                        "the subscriber fell too far behind and was disconnected; \
+                             subscribe again and read the gap with History",
+                    )
+                    .into();
+                    Some((Err(status), None))
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> HistoryRequest {
+        HistoryRequest {
+            person_id: 5,
+            from: None,
+            to: None,
+            page_size: 0,
+            page_token: String::new(),
+        }
+    }
+
+    fn field(r: HistoryRequest) -> Option<String> {
+        history_query(&r).err().and_then(|e| e.field)
+    }
+
+    #[test]
+    fn history_requests_are_checked_field_by_field() {
+        let q = history_query(&request()).expect("valid");
+        assert_eq!(q.limit, DEFAULT_PAGE_SIZE);
+        assert_eq!(
+            field(HistoryRequest {
+                person_id: 0,
+                ..request()
+            })
+            .as_deref(),
+            Some("person_id")
+        );
+        assert_eq!(
+            field(HistoryRequest {
+                page_size: 1_001,
+                ..request()
+            })
+            .as_deref(),
+            Some("page_size")
+        );
+        assert_eq!(
+            history_query(&HistoryRequest {
+                page_size: 1_000,
+                ..request()
+            })
+            .map(|q| q.limit),
+            Ok(1_000)
+        );
+        assert_eq!(
+            field(HistoryRequest {
+                page_token: "nope".to_owned(),
+                ..request()
+            })
+            .as_deref(),
+            Some("page_token")
+        );
+        let later = convert::timestamp(1_700_000_000_000_000);
+        let earlier = convert::timestamp(1_600_000_000_000_000);
+        assert_eq!(
+            field(HistoryRequest {
+                from: Some(later),
+                to: Some(earlier),
+                ..request()
+            })
+            .as_deref(),
+            Some("to")
+        );
+        let cursor = HistoryCursor {
+            started_at_us: 7,
+            peer_id: 9,
+        };
+        let q = history_query(&HistoryRequest {
+            page_token: cursor.encode(),
+            ..request()
+        })
+        .expect("valid token");
+        assert_eq!(q.cursor, Some(cursor));
+    }
+}
