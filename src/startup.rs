@@ -122,6 +122,7 @@ impl Server {
                 .filter(|o| !o.is_empty())
                 .map(str::to_owned)
                 .collect(),
+            cluster: self.cluster.clone(),
         });
         // One shutdown signal for both servers (and the live streams).
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

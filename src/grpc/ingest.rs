@@ -10,7 +10,6 @@ use super::v1::ingest_server::Ingest;
 use super::v1::{Ack, IngestSummary, LocationEvent, Rejection};
 use super::{convert, GrpcState};
 use crate::error::ApiError;
-use crate::pipeline::ingest::IngestError;
 
 /// Events of a stream sent to the broker together (one ingest call, packed per partition).
 pub const STREAM_BATCH: usize = 1_000;
@@ -24,16 +23,6 @@ impl IngestService {
     /// The service over the shared state.
     pub fn new(state: Arc<GrpcState>) -> Self {
         Self { state }
-    }
-}
-
-/// The status of an ingest call that failed as a whole.
-fn ingest_error(e: IngestError) -> ApiError {
-    match e {
-        IngestError::Broker(e) => {
-            ApiError::unavailable(format!("the broker did not acknowledge: {e}"))
-        }
-        IngestError::Store(e) => e.into(),
     }
 }
 
@@ -52,7 +41,7 @@ async fn flush(
         .ingestor()
         .ingest(&events)
         .await
-        .map_err(ingest_error)?;
+        .map_err(ApiError::from)?;
     summary.accepted += report.accepted.len() as u64;
     summary
         .rejections
@@ -74,9 +63,9 @@ impl Ingest for IngestService {
             .ingestor()
             .ingest(&[event])
             .await
-            .map_err(ingest_error)?;
-        if let Some(r) = report.rejected.into_iter().next() {
-            return Err(ApiError::invalid(r.error.field, r.error.reason).into());
+            .map_err(ApiError::from)?;
+        if let Some(r) = report.rejected.first() {
+            return Err(r.api_error().into());
         }
         let (_, event_id) = report
             .accepted

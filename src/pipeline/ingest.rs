@@ -37,11 +37,37 @@ pub enum IngestError {
     Store(#[from] StoreError),
 }
 
+impl From<IngestError> for crate::error::ApiError {
+    /// A broker that did not acknowledge is an outage (retry; event ids make it safe).
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Broker(e) => {
+                Self::unavailable(format!("the broker did not acknowledge: {e}"))
+            }
+            IngestError::Store(e) => e.into(),
+        }
+    }
+}
+
 /// One rejected event of a request: its index, and what is wrong with which field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub index: usize,
     pub error: ValidationError,
+    /// The event is valid but names a person that does not exist.
+    pub unknown_person: bool,
+}
+
+impl Rejection {
+    /// The front ends' error for it: NOT_FOUND for an unknown person, else INVALID_ARGUMENT.
+    pub fn api_error(&self) -> crate::error::ApiError {
+        use crate::error::ApiError;
+        if self.unknown_person {
+            ApiError::not_found(Some(self.error.field), self.error.reason.clone())
+        } else {
+            ApiError::invalid(self.error.field, self.error.reason.clone())
+        }
+    }
 }
 
 /// The outcome of an ingest call: every accepted event's index and id (acknowledged by the
@@ -171,7 +197,11 @@ impl Ingestor {
         for (index, e) in events.iter().enumerate() {
             match e.validate(received_at, self.future_skew_s) {
                 Ok(event) => valid.push((index, event)),
-                Err(error) => report.rejected.push(Rejection { index, error }),
+                Err(error) => report.rejected.push(Rejection {
+                    index,
+                    error,
+                    unknown_person: false,
+                }),
             }
         }
         let ids: Vec<PersonId> = valid.iter().map(|(_, e)| e.person_id).collect();
@@ -181,6 +211,7 @@ impl Ingestor {
                 let ok = !unknown.contains(&e.person_id);
                 if !ok {
                     report.rejected.push(Rejection {
+                        unknown_person: true,
                         index: *index,
                         error: ValidationError {
                             field: "person_id",

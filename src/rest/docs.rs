@@ -19,12 +19,15 @@ pub const POSTMAN_FILE: &str = "postman.json";
 
 fn offline_state() -> anyhow::Result<Arc<RestState>> {
     let config = Config::default();
-    // Neither connects before it is used.
+    let pool = crate::store::pool(&config, Duration::from_secs(1))?;
+    let pipeline: Arc<tokio::sync::OnceCell<_>> = Arc::default();
+    // Nothing here connects before it is used.
     Ok(Arc::new(RestState {
-        pool: crate::store::pool(&config, Duration::from_secs(1))?,
+        cluster: crate::cluster::Cluster::new(Arc::clone(&pipeline), pool.clone(), None),
+        pool,
         broker: Broker::new(&config)?,
         readiness_timeout: Duration::from_secs(1),
-        pipeline: Arc::default(),
+        pipeline,
         cors_origins: Vec::new(),
     }))
 }

@@ -36,6 +36,8 @@ pub struct RestState {
     pub pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
     /// Origins a browser page may call the API from (`*` for any); empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Live actor state across the cluster (local, or forwarded to the owner over gRPC).
+    pub cluster: crate::cluster::Cluster,
 }
 
 impl RestState {

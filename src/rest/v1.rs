@@ -17,7 +17,8 @@ use super::input::{parse_rfc3339, Checked, Fields, FromJson};
 use super::poc::MAX_NAME_CHARS;
 use super::RestState;
 use crate::error::{ApiError, ErrorCode};
-use crate::pipeline::ingest::{IngestError, IngestReport};
+use crate::pipeline::ingest::IngestReport;
+use crate::store::pipeline::timestamp;
 use crate::store::queries::{self, HistoryCursor, HistoryQuery, NewPerson};
 
 #[derive(Tags)]
@@ -285,6 +286,79 @@ enum ConnectionsOk {
     Ok(Json<ConnectionPage>),
 }
 
+/// One of the person's recent sightings.
+#[derive(Debug, Clone, Object)]
+pub struct SightingOut {
+    event_id: Uuid,
+    recorded_at: DateTime<Utc>,
+    lat: f64,
+    lon: f64,
+    /// Its home zone (H3 cell, hex).
+    zone: String,
+}
+
+/// An episode still open.
+#[derive(Debug, Clone, Object)]
+pub struct OpenConnection {
+    peer_id: i64,
+    started_at: DateTime<Utc>,
+    last_seen_at: DateTime<Utc>,
+    colocations: u32,
+    min_distance_m: f64,
+}
+
+/// What the person's actor counted.
+#[derive(Debug, Clone, Object)]
+pub struct PersonCountersOut {
+    sightings: u64,
+    colocations: u64,
+    /// Co-locations dropped as repeats of ones already counted.
+    repeats: u64,
+    started: u64,
+    updated: u64,
+    ended: u64,
+}
+
+/// The person actor's state, from the process that owns it.
+#[derive(Debug, Clone, Object)]
+pub struct PersonLive {
+    person_id: i64,
+    /// The persons partition holding the actor.
+    partition: i32,
+    /// The process that answered (the partition's owner); absent when no actor holds state.
+    #[oai(skip_serializing_if_is_none)]
+    owner: Option<String>,
+    /// The zone of the latest sighting (H3 cell, hex).
+    #[oai(skip_serializing_if_is_none)]
+    current_zone: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    last_location: Option<SightingOut>,
+    /// Recent sightings, oldest first.
+    trajectory: Vec<SightingOut>,
+    open_connections: Vec<OpenConnection>,
+    #[oai(skip_serializing_if_is_none)]
+    counters: Option<PersonCountersOut>,
+    /// Whether the actor is passivated (state kept, no actor running).
+    passivated: bool,
+}
+
+#[derive(ApiResponse)]
+enum LiveOk {
+    /// The person's live state (empty when no actor holds state for it: not seen recently).
+    #[oai(status = 200)]
+    Ok(Json<PersonLive>),
+}
+
+fn sighting_out(s: &udaconnect_actors::episodes::Sighting) -> SightingOut {
+    SightingOut {
+        event_id: s.event_id,
+        recorded_at: timestamp(s.recorded_at),
+        lat: s.lat,
+        lon: s.lon,
+        zone: format!("{:x}", s.zone),
+    }
+}
+
 #[derive(ApiResponse)]
 enum StatusOk {
     /// The pipeline's status.
@@ -328,22 +402,6 @@ fn bad_cursor(text: &str) -> ApiError {
         "cursor",
         format!("is not a cursor this endpoint returned (got {text:?})"),
     )
-}
-
-/// Whether a rejection is about a person that does not exist.
-fn is_unknown_person(field: &str, reason: &str) -> bool {
-    field == "person_id" && reason.starts_with("no person with id")
-}
-
-impl From<IngestError> for ApiError {
-    fn from(e: IngestError) -> Self {
-        match e {
-            IngestError::Broker(e) => {
-                ApiError::unavailable(format!("the broker did not acknowledge: {e}"))
-            }
-            IngestError::Store(e) => e.into(),
-        }
-    }
 }
 
 impl V1Api {
@@ -423,19 +481,13 @@ impl V1Api {
                 event_id: *event_id,
             })));
         }
-        let rejection = report.rejected.into_iter().next().ok_or_else(|| {
+        let rejection = report.rejected.first().ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Internal,
                 "the event was neither accepted nor rejected",
             )
         })?;
-        let e = rejection.error;
-        Err(if is_unknown_person(e.field, &e.reason) {
-            ApiError::not_found(Some(e.field), e.reason)
-        } else {
-            ApiError::invalid(e.field, e.reason)
-        }
-        .into())
+        Err(rejection.api_error().into())
     }
 
     /// Ingests up to 10,000 location reports; answers 202 once the broker acknowledged every
@@ -595,6 +647,70 @@ impl V1Api {
                 .collect(),
             next_cursor: page.next_cursor.map(|c| c.encode()),
         })))
+    }
+
+    /// The person actor's live state: current zone, last location, recent trajectory, open
+    /// connections; answered by the process owning the person's partition (forwarded over gRPC
+    /// when that is another one; forwarding needs `admin_token` set on every process).
+    #[oai(
+        path = "/persons/:person_id/live",
+        method = "get",
+        tag = "ApiTags::Connections"
+    )]
+    async fn live(&self, person_id: Path<i64>) -> RestResult<LiveOk> {
+        let id = person_id.0;
+        if queries::person(&self.state.pool, id).await?.is_none() {
+            return Err(unknown_person(id));
+        }
+        let pipeline = self.state.pipeline()?;
+        let live = match self.state.cluster.person(id, false).await {
+            Ok(answer) => {
+                let v = answer.value;
+                let c = v.counters;
+                PersonLive {
+                    person_id: id,
+                    partition: answer.partition,
+                    owner: Some(answer.owner),
+                    current_zone: v.current_zone.map(|z| format!("{z:x}")),
+                    last_location: v.last_location.as_ref().map(sighting_out),
+                    trajectory: v.trajectory.iter().map(sighting_out).collect(),
+                    open_connections: v
+                        .open_episodes
+                        .iter()
+                        .map(|e| OpenConnection {
+                            peer_id: e.peer,
+                            started_at: timestamp(e.started_at),
+                            last_seen_at: timestamp(e.last_seen_at),
+                            colocations: e.colocations,
+                            min_distance_m: e.min_distance_m,
+                        })
+                        .collect(),
+                    counters: Some(PersonCountersOut {
+                        sightings: c.sightings,
+                        colocations: c.colocations,
+                        repeats: c.repeats,
+                        started: c.started,
+                        updated: c.updated,
+                        ended: c.ended,
+                    }),
+                    passivated: v.passivated,
+                }
+            }
+            // A known person no actor holds state for: nothing recent.
+            Err(e) if e.code == ErrorCode::NotFound => PersonLive {
+                person_id: id,
+                partition: pipeline.person_partition_of(id),
+                owner: None,
+                current_zone: None,
+                last_location: None,
+                trajectory: Vec::new(),
+                open_connections: Vec::new(),
+                counters: None,
+                passivated: false,
+            },
+            Err(e) => return Err(e.into()),
+        };
+        Ok(LiveOk::Ok(Json(live)))
     }
 
     /// The pipeline: every owned partition with its owner, offsets and lag, and `lag_total`.

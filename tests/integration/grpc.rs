@@ -408,7 +408,6 @@ async fn ingest_acknowledges_valid_events_and_names_the_field_of_bad_ones() {
             },
             "event_id",
         ),
-        (event(999, LAT, LON, t), "person_id"),
     ];
     for (e, field) in bad {
         let status = ingest.record(e).await.expect_err("rejected");
@@ -419,6 +418,17 @@ async fn ingest_acknowledges_valid_events_and_names_the_field_of_bad_ones() {
             status.message()
         );
     }
+    // A valid event of a person that does not exist: NOT_FOUND, as REST's 404.
+    let status = ingest
+        .record(event(999, LAT, LON, t))
+        .await
+        .expect_err("unknown person");
+    assert_eq!(
+        code_and_field(&status),
+        (Code::NotFound, Some("person_id".to_owned())),
+        "{}",
+        status.message()
+    );
 
     // A stream: the bad items are reported by index, the others accepted.
     let items = vec![
@@ -1059,7 +1069,12 @@ impl Drop for Node {
 
 /// Starts `udaconnect serve` named `node` with the test's configuration, the admin token and
 /// gRPC on `grpc_port`.
-fn spawn_node(config: &Config, node: &str, grpc_port: u16, log: &std::path::Path) -> Node {
+fn spawn_node(
+    config: &Config,
+    node: &str,
+    (grpc_port, rest_port): (u16, u16),
+    log: &std::path::Path,
+) -> Node {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1078,7 +1093,7 @@ fn spawn_node(config: &Config, node: &str, grpc_port: u16, log: &std::path::Path
             "UDACONNECT_PERSON_UPDATES_PARTITIONS",
             config.person_updates_partitions.to_string(),
         )
-        .env("UDACONNECT_REST_ADDR", "127.0.0.1:0")
+        .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{rest_port}"))
         .env("UDACONNECT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
         .env("UDACONNECT_ADMIN_TOKEN", TOKEN)
         .env("UDACONNECT_NODE_NAME", node)
@@ -1111,14 +1126,21 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
     config.person_updates_partitions = 2;
     let log = tempfile::NamedTempFile::new().expect("log file");
     let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
-    let ports = [("node-a", free_port()), ("node-b", free_port())];
+    let ports = [
+        ("node-a", (free_port(), free_port())),
+        ("node-b", (free_port(), free_port())),
+    ];
     let _nodes: Vec<Node> = ports
         .iter()
-        .map(|(node, port)| spawn_node(&config, node, *port, log.path()))
+        .map(|(node, ports)| spawn_node(&config, node, *ports, log.path()))
         .collect();
     let addrs: BTreeMap<&str, SocketAddr> = ports
         .iter()
-        .map(|(node, port)| (*node, SocketAddr::from(([127, 0, 0, 1], *port))))
+        .map(|(node, (grpc, _))| (*node, SocketAddr::from(([127, 0, 0, 1], *grpc))))
+        .collect();
+    let rest: BTreeMap<&str, String> = ports
+        .iter()
+        .map(|(node, (_, rest))| (*node, format!("http://127.0.0.1:{rest}")))
         .collect();
 
     // Both own partitions of both stages.
@@ -1199,6 +1221,29 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
             "person {person}: both processes agree"
         );
         assert_eq!(answers[0].trajectory.len(), 1, "person {person}");
+        // REST's live state goes the same way: either process answers with the owner's state.
+        let mut live = Vec::new();
+        for node in ["node-a", "node-b"] {
+            let url = format!("{}/v1/persons/{person}/live", rest[node]);
+            let response = reqwest::get(&url).await.expect("live answered");
+            assert_eq!(response.status().as_u16(), 200, "{url}");
+            live.push(response.json::<serde_json::Value>().await.expect("JSON"));
+        }
+        assert_eq!(live[0], live[1], "person {person}: both REST answers agree");
+        assert_eq!(
+            live[0]["owner"].as_str(),
+            Some(owner.as_str()),
+            "{}",
+            live[0]
+        );
+        assert_eq!(live[0]["partition"], answers[0].partition, "{}", live[0]);
+        assert_eq!(
+            live[0]["trajectory"].as_array().map(Vec::len),
+            Some(1),
+            "{}",
+            live[0]
+        );
+        assert_eq!(live[0]["last_location"]["lat"], LAT, "{}", live[0]);
         person_owners.insert(owner.clone());
     }
     assert_eq!(

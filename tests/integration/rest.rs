@@ -1008,6 +1008,49 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
         "{sse_latency:?} / {ws_latency:?}"
     );
 
+    // Alice's actor: her sighting, and the open connection with Bob.
+    let (status, live) = get(&app.url(&format!("/v1/persons/{a}/live"))).await;
+    assert_eq!(status, 200, "{live}");
+    let node = get(&app.url("/v1/status")).await.1["node"].clone();
+    assert_eq!(live["owner"], node, "{live}");
+    assert_eq!(
+        live["trajectory"].as_array().map(Vec::len),
+        Some(1),
+        "{live}"
+    );
+    assert_eq!(live["last_location"]["lat"], 37.553441, "{live}");
+    assert!(live["current_zone"].is_string(), "{live}");
+    let open: Vec<i64> = live["open_connections"]
+        .as_array()
+        .expect("open connections")
+        .iter()
+        .map(|c| c["peer_id"].as_i64().expect("peer"))
+        .collect();
+    assert_eq!(open, vec![b], "{live}");
+    // Carol never reported: a known person with no live state.
+    let (status, live) = get(&app.url(&format!("/v1/persons/{c}/live"))).await;
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(
+        (
+            live["trajectory"].as_array().map(Vec::len),
+            live.get("owner")
+        ),
+        (Some(0), None),
+        "{live}"
+    );
+    assert_error(
+        &get(&app.url("/v1/persons/919191/live")).await,
+        404,
+        "not_found",
+        Some("person_id"),
+    );
+    assert_error(
+        &get(&app.url("/v1/persons/x/live")).await,
+        400,
+        "invalid_argument",
+        Some("person_id"),
+    );
+
     ws.close(None).await.expect("close");
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
