@@ -1055,3 +1055,98 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn cors_lets_the_configured_origin_read_answers_and_errors() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.cors_origins = "http://venue.example, http://other.example".to_owned();
+    let app = TestApp::spawn(config).await;
+    let client = reqwest::Client::new();
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, app.url("/v1/persons"))
+        .header("origin", "http://venue.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(preflight.status().as_u16(), 200);
+    let allowed = |r: &reqwest::Response| {
+        r.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(allowed(&preflight).as_deref(), Some("http://venue.example"));
+    // An error answer carries the header too, so the page can read the JSON error.
+    let response = client
+        .get(app.url("/v1/persons/31337"))
+        .header("origin", "http://other.example")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(allowed(&response).as_deref(), Some("http://other.example"));
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.expect("JSON");
+    assert_error(&(status, body), 404, "not_found", Some("person_id"));
+    // Another origin is not allowed.
+    let refused = client
+        .request(reqwest::Method::OPTIONS, app.url("/v1/persons"))
+        .header("origin", "http://elsewhere.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(allowed(&refused), None);
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn without_a_broker_the_pipeline_endpoints_answer_503_and_the_rest_works() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    // Nothing listens there: the pipeline cannot start.
+    config.kafka_brokers = format!("127.0.0.1:{}", crate::helpers::free_port());
+    let app = TestApp::spawn(config).await;
+    let person = create_person(&app, "Solo").await;
+    let event = json!({"person_id": person, "lat": 1.0, "lon": 2.0, "recorded_at": now_rfc3339()});
+    assert_error(
+        &post(&app.url("/v1/locations"), &event).await,
+        503,
+        "unavailable",
+        None,
+    );
+    let batch = json!({"events": [event]});
+    assert_error(
+        &post(&app.url("/v1/locations/batch"), &batch).await,
+        503,
+        "unavailable",
+        None,
+    );
+    for path in [
+        "/v1/status".to_owned(),
+        format!("/v1/persons/{person}/live"),
+        format!("/v1/persons/{person}/connections/stream"),
+    ] {
+        assert_error(&get(&app.url(&path)).await, 503, "unavailable", None);
+    }
+    let ws = format!("ws://{}/v1/ws?person_ids={person}", app.rest_addr);
+    match tokio_tungstenite::connect_async(ws).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+        }
+        other => panic!("the socket must be refused: {:?}", other.map(|_| ())),
+    }
+    // What needs only PostgreSQL still answers.
+    assert_eq!(
+        get(&app.url(&format!("/v1/persons/{person}/connections")))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(get(&app.url("/api/persons")).await.0, 200);
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
