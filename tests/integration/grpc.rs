@@ -22,7 +22,7 @@ use udaconnect::Config;
 use udaconnect_actors::domain::Micros;
 use udaconnect_actors::zones::{zone_partition, ZoneGrid};
 
-use crate::helpers::{free_port, scalar, test_config, TestApp, TestDb};
+use crate::helpers::{free_port, scalar, spawn_serve, test_config, Served, TestApp, TestDb};
 
 const TOKEN: &str = "grpc-test-token";
 /// The venue of these tests (Brandenburg Gate); persons stand 500 m apart (different zones).
@@ -1055,56 +1055,6 @@ async fn scalar_owner(client: &tokio_postgres::Client, stage: &str, partition: i
         .get(0)
 }
 
-/// `udaconnect serve` as a child process, killed when dropped.
-struct Node(std::process::Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Starts `udaconnect serve` named `node` with the test's configuration, the admin token and
-/// gRPC on `grpc_port`.
-fn spawn_node(
-    config: &Config,
-    node: &str,
-    (grpc_port, rest_port): (u16, u16),
-    log: &std::path::Path,
-) -> Node {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    std::process::Command::new(env!("CARGO_BIN_EXE_udaconnect"))
-        .arg("serve")
-        .env("UDACONNECT_DATABASE_URL", &config.database_url)
-        .env("UDACONNECT_KAFKA_BROKERS", &config.kafka_brokers)
-        .env("UDACONNECT_TOPIC_PREFIX", &config.topic_prefix)
-        .env(
-            "UDACONNECT_LOCATIONS_PARTITIONS",
-            config.locations_partitions.to_string(),
-        )
-        .env(
-            "UDACONNECT_PERSON_UPDATES_PARTITIONS",
-            config.person_updates_partitions.to_string(),
-        )
-        .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{rest_port}"))
-        .env("UDACONNECT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
-        .env("UDACONNECT_ADMIN_TOKEN", TOKEN)
-        .env("UDACONNECT_NODE_NAME", node)
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Node)
-        .expect("start udaconnect serve")
-}
-
 /// `(stage, partition) → owner` from `shard_owner`.
 async fn owners(client: &tokio_postgres::Client) -> BTreeMap<(String, i32), String> {
     client
@@ -1130,9 +1080,10 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
         ("node-a", (free_port(), free_port())),
         ("node-b", (free_port(), free_port())),
     ];
-    let _nodes: Vec<Node> = ports
+    config.admin_token = Some(udaconnect::config::Secret::new(TOKEN));
+    let _nodes: Vec<Served> = ports
         .iter()
-        .map(|(node, ports)| spawn_node(&config, node, *ports, log.path()))
+        .map(|(node, (grpc, rest))| spawn_serve(&config, (*rest, *grpc), node, log.path()))
         .collect();
     let addrs: BTreeMap<&str, SocketAddr> = ports
         .iter()

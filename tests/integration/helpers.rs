@@ -516,3 +516,73 @@ impl Drop for PrivatePostgres {
         }
     }
 }
+
+/// A child process killed when dropped, so a failing test leaves no service behind.
+pub struct Served(std::process::Child);
+
+impl std::ops::Deref for Served {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Served {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `udaconnect serve` as a child process with the test's configuration, REST and gRPC on the
+/// given ports (0: any), its admin token if the configuration has one.
+pub fn spawn_serve(
+    config: &udaconnect::Config,
+    (rest_port, grpc_port): (u16, u16),
+    node: &str,
+    log: &std::path::Path,
+) -> Served {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_udaconnect"));
+    if let Some(token) = &config.admin_token {
+        command.env("UDACONNECT_ADMIN_TOKEN", token.expose());
+    }
+    command
+        .arg("serve")
+        .env("UDACONNECT_DATABASE_URL", &config.database_url)
+        .env("UDACONNECT_KAFKA_BROKERS", &config.kafka_brokers)
+        .env("UDACONNECT_TOPIC_PREFIX", &config.topic_prefix)
+        .env(
+            "UDACONNECT_LOCATIONS_PARTITIONS",
+            config.locations_partitions.to_string(),
+        )
+        .env(
+            "UDACONNECT_PERSON_UPDATES_PARTITIONS",
+            config.person_updates_partitions.to_string(),
+        )
+        .env(
+            "UDACONNECT_ZONE_RESOLUTION",
+            config.zone_resolution.to_string(),
+        )
+        .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{rest_port}"))
+        .env("UDACONNECT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+        .env("UDACONNECT_NODE_NAME", node)
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(Served)
+        .expect("start udaconnect serve")
+}

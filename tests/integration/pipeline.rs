@@ -17,7 +17,9 @@ use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 use udaconnect_bench::produce::{ensure_persons, wire};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 
-use crate::helpers::{scalar, test_config, test_config_for, PrivatePostgres, TestApp, TestDb};
+use crate::helpers::{
+    scalar, spawn_serve, test_config, test_config_for, PrivatePostgres, TestApp, TestDb,
+};
 
 /// A simulated conference's events in arrival order (duplicates and disorder included).
 fn conference(attendees: u32, duration_s: u32) -> (Simulation, Vec<LocationEvent>) {
@@ -487,71 +489,6 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_keeps_f
     db.drop_db().await;
 }
 
-/// A child process killed when dropped, so a failing test leaves no service behind.
-struct Served(std::process::Child);
-
-impl std::ops::Deref for Served {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Served {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// `udaconnect serve` as a child process with the test's configuration.
-fn spawn_serve(
-    config: &udaconnect::Config,
-    rest_port: u16,
-    node: &str,
-    log: &std::path::Path,
-) -> Served {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    std::process::Command::new(env!("CARGO_BIN_EXE_udaconnect"))
-        .arg("serve")
-        .env("UDACONNECT_DATABASE_URL", &config.database_url)
-        .env("UDACONNECT_KAFKA_BROKERS", &config.kafka_brokers)
-        .env("UDACONNECT_TOPIC_PREFIX", &config.topic_prefix)
-        .env(
-            "UDACONNECT_LOCATIONS_PARTITIONS",
-            config.locations_partitions.to_string(),
-        )
-        .env(
-            "UDACONNECT_PERSON_UPDATES_PARTITIONS",
-            config.person_updates_partitions.to_string(),
-        )
-        .env(
-            "UDACONNECT_ZONE_RESOLUTION",
-            config.zone_resolution.to_string(),
-        )
-        .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{rest_port}"))
-        .env("UDACONNECT_GRPC_ADDR", "127.0.0.1:0")
-        .env("UDACONNECT_NODE_NAME", node)
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Served)
-        .expect("start udaconnect serve")
-}
-
 /// A conference of `attendees` over `duration_s`, its persons in a fresh database, and a
 /// configuration with 4 zone and 3 person partitions.
 async fn conference_in_db(
@@ -678,7 +615,7 @@ async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
     let params = config.engine_params();
     let log = tempfile::NamedTempFile::new().expect("log file");
     let port = crate::helpers::free_port();
-    let mut child = spawn_serve(&config, port, "first", log.path());
+    let mut child = spawn_serve(&config, (port, 0), "first", log.path());
     let ingestor = gateway(&config).await;
     // A subscriber in another process: it sees the notifications replayed after the crash
     // only once.
@@ -706,7 +643,7 @@ async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
         first.len()
     );
 
-    let mut child = spawn_serve(&config, port, "second", log.path());
+    let mut child = spawn_serve(&config, (port, 0), "second", log.path());
     let expected = finish_and_compare(&ingestor, rest, &events, &params, &client, || {
         read_log(log.path())
     })
@@ -745,8 +682,8 @@ async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
     let params = config.engine_params();
     let log = tempfile::NamedTempFile::new().expect("log file");
     let (port_a, port_b) = (crate::helpers::free_port(), crate::helpers::free_port());
-    let mut a = spawn_serve(&config, port_a, "node-a", log.path());
-    let mut b = spawn_serve(&config, port_b, "node-b", log.path());
+    let mut a = spawn_serve(&config, (port_a, 0), "node-a", log.path());
+    let mut b = spawn_serve(&config, (port_b, 0), "node-b", log.path());
     let ingestor = gateway(&config).await;
 
     // Both processes own partitions of both stages.
