@@ -155,6 +155,23 @@ where
     }
 }
 
+/// `GetZone` of `zone` (every point), retried while the zone has no actor yet or its owner is
+/// not known yet.
+async fn zone_eventually(client: &AdminClient<Channel>, zone: u64, within: Duration) -> ZoneState {
+    until_ok(within, &[Code::NotFound, Code::Unavailable], || {
+        let mut c = client.clone();
+        async move {
+            Ok(c.get_zone(admin(GetZoneRequest {
+                zone,
+                point_limit: 0,
+            }))
+            .await?
+            .into_inner())
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_readiness_and_reflection_lists_every_service() {
     use tonic_health::pb::health_check_response::ServingStatus;
@@ -786,22 +803,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     assert_eq!(person.counters.map(|c| c.started), Some(1));
 
     // The zone both stand in: both points, home.
-    let zone_state: ZoneState = until_ok(
-        Duration::from_secs(30),
-        &[Code::NotFound, Code::Unavailable],
-        || {
-            let mut c = admin_client.clone();
-            async move {
-                Ok(c.get_zone(admin(GetZoneRequest {
-                    zone,
-                    point_limit: 0,
-                }))
-                .await?
-                .into_inner())
-            }
-        },
-    )
-    .await;
+    let zone_state = zone_eventually(&admin_client, zone, Duration::from_secs(30)).await;
     assert_eq!(zone_state.h3, format!("{zone:x}"));
     assert_eq!(zone_state.partition, zone_partition(zone, 2) as i32);
     let mut points: Vec<(i64, bool)> = zone_state
@@ -1209,22 +1211,7 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
         let mut answers = Vec::new();
         for node in ["node-a", "node-b"] {
             let admin_client = AdminClient::new(clients[node].clone());
-            let mut state: ZoneState = until_ok(
-                Duration::from_secs(90),
-                &[Code::NotFound, Code::Unavailable],
-                || {
-                    let mut c = admin_client.clone();
-                    async move {
-                        Ok(c.get_zone(admin(GetZoneRequest {
-                            zone,
-                            point_limit: 0,
-                        }))
-                        .await?
-                        .into_inner())
-                    }
-                },
-            )
-            .await;
+            let mut state = zone_eventually(&admin_client, zone, Duration::from_secs(90)).await;
             // The watermark moves with heartbeats between the two calls.
             state.watermark = None;
             answers.push(state);
