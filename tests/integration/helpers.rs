@@ -25,9 +25,10 @@ pub fn kafka_brokers() -> String {
     std::env::var("UDATEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
 }
 
-/// The POC seed shipped in `../shared/data/poc-seed`.
+/// The POC seed, kept in the repository (`tests/data/poc-seed`, a copy of the POC's seed files)
+/// so a clone is self-contained.
 pub fn poc_seed_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/poc-seed");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/poc-seed");
     assert!(
         dir.join("persons.csv").is_file(),
         "POC seed not found at {}",
