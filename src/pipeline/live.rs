@@ -11,6 +11,7 @@ use udaconnect_actors::domain::PersonId;
 use udaconnect_actors::zones::{person_partition, zone_partition, ZoneId};
 
 use super::consumer::NotOwned;
+use super::stages::Owned;
 use super::Pipeline;
 use crate::config::Topics;
 
@@ -95,21 +96,10 @@ impl Pipeline {
     /// partition has no state for the person.
     pub async fn person_view(&self, person: PersonId) -> Result<Option<PersonView>, LocalError> {
         let partition = self.person_partition_of(person);
-        let stage = Stage::Persons.as_str();
-        let actor = self
-            .person_owned
-            .lock()
-            .expect("not poisoned")
-            .get(&partition)
-            .cloned()
-            .ok_or(LocalError::NotOwned { stage, partition })?;
-        let reply = actor
-            .call(
-                |reply| PersonSupervisorMsg::Person { person, reply },
-                Some(VIEW_TIMEOUT),
-            )
-            .await;
-        success(reply, stage, partition)
+        ask(&self.person_owned, Stage::Persons, partition, |reply| {
+            PersonSupervisorMsg::Person { person, reply }
+        })
+        .await
     }
 
     /// The zone's actor state with at most `limit` points, when this process owns its
@@ -120,21 +110,10 @@ impl Pipeline {
         limit: usize,
     ) -> Result<Option<ZoneView>, LocalError> {
         let partition = self.zone_partition_of(zone);
-        let stage = Stage::Zones.as_str();
-        let actor = self
-            .zone_owned
-            .lock()
-            .expect("not poisoned")
-            .get(&partition)
-            .cloned()
-            .ok_or(LocalError::NotOwned { stage, partition })?;
-        let reply = actor
-            .call(
-                |reply| ZoneSupervisorMsg::ZoneView { zone, limit, reply },
-                Some(VIEW_TIMEOUT),
-            )
-            .await;
-        success(reply, stage, partition)
+        ask(&self.zone_owned, Stage::Zones, partition, |reply| {
+            ZoneSupervisorMsg::ZoneView { zone, limit, reply }
+        })
+        .await
     }
 
     /// The view of a zone partition this process owns (its zones, watermark, offsets).
@@ -142,18 +121,13 @@ impl Pipeline {
         &self,
         partition: i32,
     ) -> Result<ZonePartitionView, LocalError> {
-        let stage = Stage::Zones.as_str();
-        let actor = self
-            .zone_owned
-            .lock()
-            .expect("not poisoned")
-            .get(&partition)
-            .cloned()
-            .ok_or(LocalError::NotOwned { stage, partition })?;
-        let reply = actor
-            .call(ZoneSupervisorMsg::View, Some(VIEW_TIMEOUT))
-            .await;
-        success(reply, stage, partition)
+        ask(
+            &self.zone_owned,
+            Stage::Zones,
+            partition,
+            ZoneSupervisorMsg::View,
+        )
+        .await
     }
 
     /// Snapshots a partition this process owns now, through the same step as the periodic
@@ -183,6 +157,24 @@ impl Pipeline {
             }),
         }
     }
+}
+
+/// Asks the supervisor of a partition this process owns; NOT_OWNED when it does not own it.
+async fn ask<M: ractor::Message, T: Send + 'static>(
+    owned: &Owned<M>,
+    stage: Stage,
+    partition: i32,
+    message: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
+) -> Result<T, LocalError> {
+    let stage = stage.as_str();
+    let actor = owned
+        .lock()
+        .expect("not poisoned")
+        .get(&partition)
+        .cloned()
+        .ok_or(LocalError::NotOwned { stage, partition })?;
+    let reply = actor.call(message, Some(VIEW_TIMEOUT)).await;
+    success(reply, stage, partition)
 }
 
 fn success<T>(
