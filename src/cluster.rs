@@ -104,23 +104,10 @@ impl Cluster {
                 format!("no actor state for person {person} (never seen, or idle past the window)"),
             )
         };
-        match pipeline.person_view(person).await {
-            Ok(view) => {
-                return view
-                    .map(|value| FromOwner {
-                        value,
-                        partition,
-                        owner: pipeline.node().to_owned(),
-                    })
-                    .ok_or_else(not_found)
-            }
-            Err(e @ LocalError::NoAnswer { .. }) => {
-                return Err(ApiError::unavailable(e.to_string()))
-            }
-            Err(e @ LocalError::NotOwned { .. }) if local_only => {
-                return Err(ApiError::unavailable(e.to_string()))
-            }
-            Err(LocalError::NotOwned { .. }) => {}
+        let local = pipeline.person_view(person).await;
+        if let Some(answer) = Self::answer_here(&pipeline, partition, local, local_only, not_found)?
+        {
+            return Ok(answer);
         }
         let owner = self.owner(&pipeline, Stage::Persons, partition).await?;
         let request = self.forwarded(GetPersonRequest { person_id: person })?;
@@ -156,23 +143,10 @@ impl Cluster {
                 ),
             )
         };
-        match pipeline.zone_view(zone, limit).await {
-            Ok(view) => {
-                return view
-                    .map(|value| FromOwner {
-                        value,
-                        partition,
-                        owner: pipeline.node().to_owned(),
-                    })
-                    .ok_or_else(not_found)
-            }
-            Err(e @ LocalError::NoAnswer { .. }) => {
-                return Err(ApiError::unavailable(e.to_string()))
-            }
-            Err(e @ LocalError::NotOwned { .. }) if local_only => {
-                return Err(ApiError::unavailable(e.to_string()))
-            }
-            Err(LocalError::NotOwned { .. }) => {}
+        let local = pipeline.zone_view(zone, limit).await;
+        if let Some(answer) = Self::answer_here(&pipeline, partition, local, local_only, not_found)?
+        {
+            return Ok(answer);
         }
         let owner = self.owner(&pipeline, Stage::Zones, partition).await?;
         let request = self.forwarded(GetZoneRequest {
@@ -190,6 +164,35 @@ impl Cluster {
             partition,
             owner: owner.owner,
         })
+    }
+
+    /// The answer when this process owns the partition (NOT_FOUND when its actor has no state),
+    /// `None` when the question must go to the owner; UNAVAILABLE when the local supervisor did
+    /// not answer, or when a forwarded question (`local_only`) reached a process that does not own
+    /// the partition (any more).
+    fn answer_here<T>(
+        pipeline: &Pipeline,
+        partition: i32,
+        local: Result<Option<T>, LocalError>,
+        local_only: bool,
+        not_found: impl FnOnce() -> ApiError,
+    ) -> Result<Option<FromOwner<T>>, ApiError> {
+        match local {
+            Ok(view) => view
+                .map(|value| {
+                    Some(FromOwner {
+                        value,
+                        partition,
+                        owner: pipeline.node().to_owned(),
+                    })
+                })
+                .ok_or_else(not_found),
+            Err(e @ LocalError::NoAnswer { .. }) => Err(ApiError::unavailable(e.to_string())),
+            Err(e @ LocalError::NotOwned { .. }) if local_only => {
+                Err(ApiError::unavailable(e.to_string()))
+            }
+            Err(LocalError::NotOwned { .. }) => Ok(None),
+        }
     }
 
     /// The `shard_owner` rows of both stages' topics.

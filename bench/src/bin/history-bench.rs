@@ -161,6 +161,19 @@ fn summary(mut ms: Vec<f64>) -> Value {
     })
 }
 
+/// GETs `url` and returns its JSON body and how long the request took, in milliseconds.
+async fn timed_get(http: &reqwest::Client, url: &str) -> anyhow::Result<(Value, f64)> {
+    let t = Instant::now();
+    let body: Value = http
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok((body, t.elapsed().as_secs_f64() * 1e3))
+}
+
 /// A small deterministic generator (the inputs are the same in every run).
 struct Lcg(u64);
 
@@ -212,15 +225,8 @@ async fn measure(cli: &Cli, base: &Config, url: &str) -> anyhow::Result<Value> {
             from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
-        let t = Instant::now();
-        let body: Value = http
-            .get(&query)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        history_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let (body, ms) = timed_get(&http, &query).await?;
+        history_ms.push(ms);
         items += body["items"].as_array().map_or(0, |a| a.len() as u64);
     }
     eprintln!(
@@ -239,15 +245,8 @@ async fn measure(cli: &Cli, base: &Config, url: &str) -> anyhow::Result<Value> {
         let query = format!(
             "{rest}/api/persons/{person}/connection?start_date={start}&end_date={end}&distance=5"
         );
-        let t = Instant::now();
-        let body: Value = http
-            .get(&query)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        poc_rest_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let (body, ms) = timed_get(&http, &query).await?;
+        poc_rest_ms.push(ms);
         let ours: BTreeSet<(i64, i64)> = body
             .as_array()
             .context("the POC answer is a list")?
