@@ -28,6 +28,22 @@ pub enum BrokerError {
     /// No answer in time.
     #[error("kafka broker at {brokers} did not answer within {timeout:?}")]
     Timeout { brokers: String, timeout: Duration },
+    /// The broker answered a topic description with an error (an unknown topic, say).
+    #[error("kafka: cannot describe topic {topic}: {reason}")]
+    Describe { topic: String, reason: String },
+}
+
+/// Where one partition's log starts and ends, and which incarnation of its topic it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPosition {
+    /// The offset of the first record the log still holds (the log start offset: retention and
+    /// `DeleteRecords` move it up).
+    pub start: i64,
+    /// The offset the next record will get (the high watermark).
+    pub end: i64,
+    /// The topic's id (Kafka topic ids, KIP-516, in their base64 form): a topic deleted and
+    /// created again under the same name gets a new one.
+    pub topic_id: String,
 }
 
 /// Client settings every UdaConnect Kafka client starts from.
@@ -132,6 +148,109 @@ impl Broker {
         }
     }
 
+    /// Waits until the `specs` topics are known and every partition of theirs has a leader
+    /// that answers offset requests: a topic just created (those in `created`) answers "not
+    /// leader" for a moment, even after the metadata names its leaders.
+    async fn wait_for_leaders(
+        &self,
+        specs: &[TopicSpec],
+        created: &[String],
+        timeout: Duration,
+    ) -> Result<(), BrokerError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let metadata = self.metadata(timeout).await?;
+            let led = specs.iter().all(|spec| {
+                metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == spec.name)
+                    .is_some_and(|t| {
+                        t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions()
+                                .iter()
+                                .all(|p| p.leader() >= 0 && p.error().is_none())
+                    })
+            });
+            if led {
+                let admin = Arc::clone(&self.admin);
+                let probes: Vec<(String, i32)> = specs
+                    .iter()
+                    .filter(|s| created.contains(&s.name))
+                    .flat_map(|s| (0..s.partitions).map(|p| (s.name.clone(), p)))
+                    .collect();
+                let answered = tokio::task::spawn_blocking(move || {
+                    probes.iter().all(|(topic, p)| {
+                        admin
+                            .inner()
+                            .fetch_watermarks(topic, *p, Duration::from_secs(1))
+                            .is_ok()
+                    })
+                })
+                .await
+                .unwrap_or(false);
+                if answered {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(BrokerError::Timeout {
+                    brokers: self.brokers.clone(),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log start and end offsets of `topic`'s `partition` and the topic's id.
+    pub async fn log_position(
+        &self,
+        topic: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<LogPosition, BrokerError> {
+        let topic_id = self.topic_id(topic, timeout).await?;
+        let admin = Arc::clone(&self.admin);
+        let name = topic.to_owned();
+        let answered = tokio::task::spawn_blocking(move || {
+            admin.inner().fetch_watermarks(&name, partition, timeout)
+        })
+        .await;
+        match answered {
+            Ok(Ok((start, end))) => Ok(LogPosition {
+                start,
+                end,
+                topic_id,
+            }),
+            Ok(Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut))) | Err(_) => {
+                Err(BrokerError::Timeout {
+                    brokers: self.brokers.clone(),
+                    timeout,
+                })
+            }
+            Ok(Err(e)) => Err(BrokerError::Kafka(e)),
+        }
+    }
+
+    /// The id of `topic` (KIP-516), from a DescribeTopics request.
+    pub async fn topic_id(&self, topic: &str, timeout: Duration) -> Result<String, BrokerError> {
+        let admin = Arc::clone(&self.admin);
+        let name = topic.to_owned();
+        let brokers = self.brokers.clone();
+        tokio::task::spawn_blocking(move || describe_topic_id(&admin, &name, timeout))
+            .await
+            .unwrap_or(Err(None))
+            .map_err(|reason| match reason {
+                Some(reason) => BrokerError::Describe {
+                    topic: topic.to_owned(),
+                    reason,
+                },
+                None => BrokerError::Timeout { brokers, timeout },
+            })
+    }
+
     /// Creates the topics that do not exist yet; existing ones are left as they are.
     /// Returns the names it created.
     pub async fn ensure_topics(
@@ -159,6 +278,7 @@ impl Broker {
                 Err((topic, code)) => return Err(BrokerError::CreateTopic { topic, code }),
             }
         }
+        self.wait_for_leaders(specs, &created, timeout).await?;
         let counts = self.partition_counts(timeout).await?;
         for spec in specs {
             if let Some((_, actual)) = counts.iter().find(|(name, _)| *name == spec.name) {
@@ -173,6 +293,96 @@ impl Broker {
             }
         }
         Ok(created)
+    }
+}
+
+/// DescribeTopics through librdkafka's C API: the crate does not wrap it (rdkafka 0.39).
+/// Blocks until the answer or `timeout`; `Err(None)` on a timeout, `Err(Some(reason))` when the
+/// broker answered with an error.
+fn describe_topic_id(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<String, Option<String>> {
+    use std::ffi::{CStr, CString};
+
+    use rdkafka_sys as rd;
+
+    fn text(p: *const std::os::raw::c_char) -> String {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: librdkafka hands out NUL-terminated strings that live as long as the
+            // object they belong to, which is alive here.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    }
+
+    let name = CString::new(topic).map_err(|_| Some("topic name has a NUL byte".to_owned()))?;
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let rk = admin.inner().native_ptr();
+    // SAFETY: every pointer passed is either owned here (created above and destroyed below,
+    // once) or borrowed from the admin client, which outlives the call; results are read
+    // before the event that owns them is destroyed.
+    unsafe {
+        let mut names = [name.as_ptr()];
+        let collection = rd::rd_kafka_TopicCollection_of_topic_names(names.as_mut_ptr(), 1);
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+        );
+        let mut errstr = [0 as std::os::raw::c_char; 256];
+        rd::rd_kafka_AdminOptions_set_request_timeout(
+            options,
+            timeout_ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        let queue = rd::rd_kafka_queue_new(rk);
+        rd::rd_kafka_DescribeTopics(rk, collection, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, timeout_ms.saturating_add(1_000));
+        let answer = if event.is_null() {
+            Err(None)
+        } else if rd::rd_kafka_event_error(event)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            let code = rd::rd_kafka_event_error(event);
+            if code == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT {
+                Err(None)
+            } else {
+                Err(Some(text(rd::rd_kafka_event_error_string(event))))
+            }
+        } else {
+            let result = rd::rd_kafka_event_DescribeTopics_result(event);
+            let mut count = 0usize;
+            let topics = rd::rd_kafka_DescribeTopics_result_topics(result, &mut count);
+            if topics.is_null() || count == 0 {
+                Err(Some("no description in the answer".to_owned()))
+            } else {
+                let description = *topics;
+                let error = rd::rd_kafka_TopicDescription_error(description);
+                if !error.is_null()
+                    && rd::rd_kafka_error_code(error)
+                        != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                {
+                    Err(Some(text(rd::rd_kafka_error_string(error))))
+                } else {
+                    let id = rd::rd_kafka_TopicDescription_topic_id(description);
+                    if id.is_null() {
+                        Err(Some("the broker gave no topic id".to_owned()))
+                    } else {
+                        Ok(text(rd::rd_kafka_Uuid_base64str(id)))
+                    }
+                }
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_queue_destroy(queue);
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_TopicCollection_destroy(collection);
+        answer
     }
 }
 

@@ -167,6 +167,104 @@ impl ColocationReport {
     }
 }
 
+/// The closest co-location of a set; ties broken by time, then event ids, so the choice does
+/// not depend on arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Closest {
+    /// Geodesic distance, meters.
+    pub distance_m: f64,
+    /// The co-location's time, µs since the epoch.
+    pub time: Micros,
+    pub own_event: Uuid,
+    pub peer_event: Uuid,
+    /// Where the person was (their own event's position), WGS84 degrees.
+    pub lat: f64,
+    pub lon: f64,
+}
+
+impl Closest {
+    /// The one co-location of `c`.
+    pub fn of(c: &ColocationReport) -> Self {
+        Self {
+            distance_m: c.distance_m,
+            time: c.time,
+            own_event: c.own_event,
+            peer_event: c.peer_event,
+            lat: c.lat,
+            lon: c.lon,
+        }
+    }
+
+    fn cmp_key(&self, other: &Self) -> std::cmp::Ordering {
+        self.distance_m
+            .total_cmp(&other.distance_m)
+            .then(self.time.cmp(&other.time))
+            .then(self.own_event.cmp(&other.own_event))
+            .then(self.peer_event.cmp(&other.peer_event))
+    }
+
+    /// The closer of the two (the earlier, then the smaller ids, on a tie).
+    pub fn min(self, other: Self) -> Self {
+        if other.cmp_key(&self) == std::cmp::Ordering::Less {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// What one arriving event found about one peer, for one of the two persons (DESIGN §3's
+/// reporting rule): its co-locations with that peer, summed up as far as the episode rules
+/// need them. All its times lie in `[first, last]`, within `window_s` of the arriving event's
+/// time, so when `window_s <= episode_gap_s` they all fall in one episode and the summary is
+/// exact for it: the episode's start, end, count and closest co-location are the same whether
+/// its co-locations come one by one or summed up (the oracle property tests hold both equal).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ColocationSummary {
+    /// The person this summary is for.
+    pub person: PersonId,
+    pub peer: PersonId,
+    /// The event whose arrival found these co-locations (the person's or the peer's).
+    pub arriving_event: Uuid,
+    /// The zone that found them (one arrival reaches several zones through the halo, and the
+    /// person may have events home in more than one of them). With `peer` and
+    /// `arriving_event`, the identity of a summary of several co-locations (one co-location is
+    /// identified by its pair of events): a replayed zone partition makes the same summaries
+    /// again, so a repeat is recognized.
+    pub zone: u64,
+    /// How many co-locations (pairs of events) it holds.
+    pub count: u32,
+    /// The earliest and latest co-location time, µs since the epoch.
+    pub first: Micros,
+    pub last: Micros,
+    pub closest: Closest,
+}
+
+impl ColocationSummary {
+    /// A summary of one co-location found in `zone` by the arrival of `arriving_event`.
+    pub fn of(c: &ColocationReport, arriving_event: Uuid, zone: u64) -> Self {
+        Self {
+            person: c.person,
+            peer: c.peer,
+            arriving_event,
+            zone,
+            count: 1,
+            first: c.time,
+            last: c.time,
+            closest: Closest::of(c),
+        }
+    }
+
+    /// Adds one more co-location with the same peer found by the same arrival.
+    pub fn add(&mut self, c: &ColocationReport) {
+        debug_assert_eq!((self.person, self.peer), (c.person, c.peer));
+        self.count += 1;
+        self.first = self.first.min(c.time);
+        self.last = self.last.max(c.time);
+        self.closest = self.closest.min(Closest::of(c));
+    }
+}
+
 /// A connection: one person's episode of co-locations with one peer (DESIGN §1).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Episode {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::domain::{ColocationReport, Episode, LocationEvent, Micros, Notification, PersonId};
+use crate::domain::{ColocationSummary, Episode, LocationEvent, Micros, Notification, PersonId};
 use crate::episodes::PersonPartition;
 use crate::index::{ZoneBatchOutput, ZonePartition};
 use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, RoutedEvent};
@@ -132,7 +132,7 @@ pub struct Engine {
     persons: Vec<PersonPartition>,
     table: EpisodeTable,
     notifications: Vec<Notification>,
-    accepted: Vec<ColocationReport>,
+    accepted: Vec<ColocationSummary>,
     stats: EngineStats,
     capture: bool,
 }
@@ -225,12 +225,21 @@ impl Engine {
         self.table.episodes()
     }
 
-    /// The accepted co-locations (when capturing), sorted.
-    pub fn colocations(&self) -> Vec<ColocationReport> {
+    /// The accepted co-location summaries (when capturing), sorted by (person, peer,
+    /// arriving event, zone, closest pair).
+    pub fn colocations(&self) -> Vec<ColocationSummary> {
+        let key = |c: &ColocationSummary| {
+            (
+                c.person,
+                c.peer,
+                c.arriving_event,
+                c.zone,
+                c.closest.own_event,
+                c.closest.peer_event,
+            )
+        };
         let mut v = self.accepted.clone();
-        v.sort_by(|a, b| {
-            (a.person, a.own_event, a.peer_event).cmp(&(b.person, b.own_event, b.peer_event))
-        });
+        v.sort_by(|a, b| key(a).cmp(&key(b)));
         v
     }
 

@@ -9,7 +9,7 @@
 //! `last + episode_gap_s`, nothing can touch the episode any more and it is closed. Repeats
 //! (replays after a crash) are dropped: earlier than their source's watermark, or seen already.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use rustc_hash::FxHashMap;
@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    ColocationReport, Episode, LocationEvent, Micros, Notification, NotificationKind, PersonId,
-    MICROS_PER_S,
+    Closest, ColocationSummary, Episode, LocationEvent, Micros, Notification, NotificationKind,
+    PersonId, MICROS_PER_S,
 };
 use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
 use crate::params::EngineParams;
@@ -26,47 +26,6 @@ use crate::zones::{mix64, ZoneId};
 
 /// How many recent sightings a person keeps for its live view.
 pub const TRAJECTORY_LEN: usize = 32;
-
-/// The closest co-location of an episode; ties broken by time, then event ids, so the choice
-/// does not depend on arrival order.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-struct Closest {
-    distance_m: f64,
-    time: Micros,
-    own_event: Uuid,
-    peer_event: Uuid,
-    lat: f64,
-    lon: f64,
-}
-
-impl Closest {
-    fn of(c: &ColocationReport) -> Self {
-        Self {
-            distance_m: c.distance_m,
-            time: c.time,
-            own_event: c.own_event,
-            peer_event: c.peer_event,
-            lat: c.lat,
-            lon: c.lon,
-        }
-    }
-
-    fn cmp_key(&self, other: &Self) -> Ordering {
-        self.distance_m
-            .total_cmp(&other.distance_m)
-            .then(self.time.cmp(&other.time))
-            .then(self.own_event.cmp(&other.own_event))
-            .then(self.peer_event.cmp(&other.peer_event))
-    }
-
-    fn min(self, other: Self) -> Self {
-        if other.cmp_key(&self) == Ordering::Less {
-            other
-        } else {
-            self
-        }
-    }
-}
 
 /// An open episode with one peer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,21 +73,32 @@ pub struct OpenEpisode {
     pub min_distance_m: f64,
 }
 
-/// One person's state: recent trajectory, open episodes per peer, recent co-location ids.
+/// One person's state: recent trajectory, open episodes per peer, recent summary ids.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PersonState {
     person: PersonId,
     trajectory: VecDeque<Sighting>,
     peers: FxHashMap<PersonId, Vec<Segment>>,
-    /// Co-locations counted whose time is not yet below every source's watermark.
+    /// Summaries counted whose first time is not yet below every source's watermark, by
+    /// identity ([`summary_key`]).
     recent: FxHashMap<u64, Micros>,
     dirty_peers: Vec<PersonId>,
     counters: PersonCounters,
 }
 
-fn pair_key(c: &ColocationReport) -> u64 {
-    let (a, b) = (c.own_event.as_u64_pair(), c.peer_event.as_u64_pair());
-    mix64(a.0 ^ mix64(a.1 ^ mix64(b.0 ^ mix64(b.1))))
+/// A summary's identity: a single co-location is its pair of events (reported to the person
+/// once, by one zone); more are (arriving event, peer, zone), of which a zone makes one
+/// summary per person.
+fn summary_key(c: &ColocationSummary) -> u64 {
+    if c.count == 1 {
+        let (a, b) = (
+            c.closest.own_event.as_u64_pair(),
+            c.closest.peer_event.as_u64_pair(),
+        );
+        return mix64(a.0 ^ mix64(a.1 ^ mix64(b.0 ^ mix64(b.1))));
+    }
+    let a = c.arriving_event.as_u64_pair();
+    mix64(a.0 ^ mix64(a.1 ^ mix64(c.peer as u64 ^ mix64(c.zone))))
 }
 
 impl PersonState {
@@ -171,45 +141,53 @@ impl PersonState {
         }
     }
 
-    /// Adds a co-location reported by a source whose watermark (as this partition has seen it)
-    /// is `source_watermark`. Returns the new episode's deadline when one was opened.
+    /// Adds a co-location summary reported by a source whose watermark (as this partition has
+    /// seen it) is `source_watermark`. Returns the new episode's deadline when one was opened.
+    ///
+    /// Its co-locations join the episodes within `gap_us` of any of them; since they span at
+    /// most `window_s <= episode_gap_s` with no gap wider than that, they join as one, and an
+    /// episode is within reach of one of them exactly when it is within reach of `first` or
+    /// `last` (an episode's reach is at least twice the gap wide).
     pub fn colocation(
         &mut self,
-        c: &ColocationReport,
+        c: &ColocationSummary,
         source_watermark: Micros,
         gap_us: Micros,
         out: &mut PersonOutput,
         capture: bool,
     ) -> Option<Micros> {
-        if c.time < source_watermark {
-            self.counters.repeats += 1;
+        // Everything a source reports after publishing watermark w is at or after w: an
+        // earlier summary is a replay of one counted before.
+        if c.first < source_watermark {
+            self.counters.repeats += u64::from(c.count);
             return None;
         }
-        let key = pair_key(c);
-        if self.recent.insert(key, c.time).is_some() {
-            self.counters.repeats += 1;
+        let key = summary_key(c);
+        if self.recent.insert(key, c.first).is_some() {
+            self.counters.repeats += u64::from(c.count);
             return None;
         }
-        self.counters.colocations += 1;
+        self.counters.colocations += u64::from(c.count);
         if capture {
             out.accepted.push(*c);
         }
         let person = self.person;
         let segments = self.peers.entry(c.peer).or_default();
-        let first = segments.partition_point(|s| s.last.saturating_add(gap_us) < c.time);
+        // A peer is listed in `dirty_peers` once, while any of its episodes is dirty.
+        let was_dirty = segments.iter().any(|s| s.dirty);
+        let first = segments.partition_point(|s| s.last.saturating_add(gap_us) < c.first);
         let mut end = first;
-        while end < segments.len() && segments[end].start.saturating_sub(gap_us) <= c.time {
+        while end < segments.len() && segments[end].start.saturating_sub(gap_us) <= c.last {
             end += 1;
         }
-        let closest = Closest::of(c);
         if first == end {
             segments.insert(
                 first,
                 Segment {
-                    start: c.time,
-                    last: c.time,
-                    count: 1,
-                    closest,
+                    start: c.first,
+                    last: c.last,
+                    count: c.count,
+                    closest: c.closest,
                     stored_start: None,
                     absorbed: Vec::new(),
                     dirty: true,
@@ -222,19 +200,19 @@ impl PersonState {
                 episode,
                 Vec::new(),
             ));
-            if !self.dirty_peers.contains(&c.peer) {
+            if !was_dirty {
                 self.dirty_peers.push(c.peer);
             }
-            return Some(c.time.saturating_add(gap_us));
+            return Some(c.last.saturating_add(gap_us));
         }
         let mut merged: Vec<Segment> = segments.drain(first + 1..end).collect();
         let seg = &mut segments[first];
         let before = seg.start;
         let mut replaced = Vec::new();
-        seg.start = seg.start.min(c.time);
-        seg.last = seg.last.max(c.time);
-        seg.count += 1;
-        seg.closest = seg.closest.min(closest);
+        seg.start = seg.start.min(c.first);
+        seg.last = seg.last.max(c.last);
+        seg.count += c.count;
+        seg.closest = seg.closest.min(c.closest);
         for m in merged.drain(..) {
             replaced.push(m.start);
             seg.last = seg.last.max(m.last);
@@ -257,7 +235,7 @@ impl PersonState {
                 replaced,
             ));
         }
-        if !self.dirty_peers.contains(&c.peer) {
+        if !was_dirty {
             self.dirty_peers.push(c.peer);
         }
         None
@@ -520,7 +498,7 @@ impl PersonPartition {
                 .or_insert_with(|| PersonState::new(person));
             match update {
                 PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
-                PersonUpdate::Colocation(c) => {
+                PersonUpdate::Colocations(c) => {
                     let before = state.counters.colocations;
                     if let Some(deadline) =
                         state.colocation(c, source_watermark, self.gap_us, out, self.capture)

@@ -7,7 +7,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{ColocationReport, Micros, PersonId, MICROS_PER_S};
+use crate::domain::{ColocationReport, ColocationSummary, Micros, PersonId, MICROS_PER_S};
 use crate::geo::Ecef;
 use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent};
 use crate::params::EngineParams;
@@ -52,12 +52,27 @@ pub struct ZoneIndex {
     zone: ZoneId,
     radius_m: f64,
     window_us: Micros,
+    /// Whether an arrival's co-locations with one peer are summed up into one update: exact
+    /// when `window_s <= episode_gap_s` (see [`ColocationSummary`]); one update per
+    /// co-location otherwise.
+    #[serde(default = "summing_default")]
+    sum_per_peer: bool,
     cells: FxHashMap<FineCell, CellPoints>,
     /// Cells to revisit at eviction, by bucket of their points' event time.
     buckets: BTreeMap<Micros, Vec<FineCell>>,
     retained: usize,
     watermark: Micros,
     counters: ZoneCounters,
+    /// Reused between arrivals: the summaries of the arrival being matched, by person and
+    /// peer, in the order they were first found.
+    #[serde(skip)]
+    scratch: Vec<ColocationSummary>,
+    #[serde(skip)]
+    scratch_index: FxHashMap<(PersonId, PersonId), usize>,
+}
+
+fn summing_default() -> bool {
+    true
 }
 
 /// What happened to an arriving event copy.
@@ -76,11 +91,14 @@ impl ZoneIndex {
             zone,
             radius_m: params.radius_m,
             window_us: i64::from(params.window_s) * MICROS_PER_S,
+            sum_per_peer: params.window_s <= params.episode_gap_s,
             cells: FxHashMap::default(),
             buckets: BTreeMap::new(),
             retained: 0,
             watermark: Micros::MIN,
             counters: ZoneCounters::default(),
+            scratch: Vec::new(),
+            scratch_index: FxHashMap::default(),
         }
     }
 
@@ -105,8 +123,8 @@ impl ZoneIndex {
     }
 
     /// Matches a copy that is not late against the retained points of `neighbors` (the cells
-    /// near its fine cell), reports each co-location to the person of each event that is home
-    /// here (and a home event as a sighting), then retains it.
+    /// near its fine cell), reports its co-locations to the person of each event that is home
+    /// here, summed up per (person, peer) (and a home event as a sighting), then retains it.
     pub fn insert(
         &mut self,
         routed: &RoutedEvent,
@@ -131,6 +149,25 @@ impl ZoneIndex {
             self.counters.ghost_events += 1;
         }
         let mut found = 0u32;
+        let mut summaries = std::mem::take(&mut self.scratch);
+        let mut index = std::mem::take(&mut self.scratch_index);
+        summaries.clear();
+        index.clear();
+        let sum_per_peer = self.sum_per_peer;
+        let zone = self.zone;
+        let mut report = |c: ColocationReport| {
+            if !sum_per_peer {
+                summaries.push(ColocationSummary::of(&c, e.event_id, zone));
+                return;
+            }
+            match index.entry((c.person, c.peer)) {
+                std::collections::hash_map::Entry::Occupied(at) => summaries[*at.get()].add(&c),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(summaries.len());
+                    summaries.push(ColocationSummary::of(&c, e.event_id, zone));
+                }
+            }
+        };
         for cell in neighbors {
             let Some(points) = self.cells.get(cell) else {
                 continue;
@@ -149,7 +186,7 @@ impl ZoneIndex {
                 found += 1;
                 let time = p.recorded_at.max(e.recorded_at);
                 if routed.home {
-                    out.push(PersonUpdate::Colocation(ColocationReport {
+                    report(ColocationReport {
                         person: e.person_id,
                         own_event: e.event_id,
                         peer: p.person,
@@ -158,10 +195,10 @@ impl ZoneIndex {
                         distance_m,
                         lat: e.lat,
                         lon: e.lon,
-                    }));
+                    });
                 }
                 if p.home {
-                    out.push(PersonUpdate::Colocation(ColocationReport {
+                    report(ColocationReport {
                         person: p.person,
                         own_event: p.event_id,
                         peer: e.person_id,
@@ -170,10 +207,13 @@ impl ZoneIndex {
                         distance_m,
                         lat: p.lat,
                         lon: p.lon,
-                    }));
+                    });
                 }
             }
         }
+        out.extend(summaries.drain(..).map(PersonUpdate::Colocations));
+        self.scratch = summaries;
+        self.scratch_index = index;
         self.counters.colocations += u64::from(found);
         let bucket = e.recorded_at.div_euclid(BUCKET_US);
         let cell = self
@@ -508,7 +548,7 @@ mod tests {
     fn colocations(out: &[PersonUpdate]) -> Vec<(PersonId, PersonId)> {
         out.iter()
             .filter_map(|u| match u {
-                PersonUpdate::Colocation(c) => Some((c.person, c.peer)),
+                PersonUpdate::Colocations(c) => Some((c.person, c.peer)),
                 PersonUpdate::Sighting { .. } => None,
             })
             .collect()

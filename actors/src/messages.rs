@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ColocationReport, Episode, LocationEvent, Micros, Notification, PersonId};
+use crate::domain::{ColocationSummary, Episode, LocationEvent, Micros, Notification, PersonId};
 use crate::zones::{FineCell, ZoneId};
 
 /// A copy of an event on its way to one zone: its home zone, or a zone of its halo (a ghost).
@@ -23,8 +23,9 @@ pub struct RoutedEvent {
 pub enum PersonUpdate {
     /// One of the person's own events, seen in its home zone.
     Sighting { event: LocationEvent, zone: ZoneId },
-    /// One of the person's co-locations, reported by the person's home zone.
-    Colocation(ColocationReport),
+    /// The person's co-locations with one peer found by one arriving event, reported by the
+    /// person's home zone.
+    Colocations(ColocationSummary),
 }
 
 impl PersonUpdate {
@@ -32,7 +33,7 @@ impl PersonUpdate {
     pub fn person(&self) -> PersonId {
         match self {
             Self::Sighting { event, .. } => event.person_id,
-            Self::Colocation(c) => c.person,
+            Self::Colocations(c) => c.person,
         }
     }
 }
@@ -61,8 +62,9 @@ pub struct EpisodeChange {
 pub struct PersonOutput {
     pub changes: Vec<EpisodeChange>,
     pub notifications: Vec<Notification>,
-    /// Co-locations accepted (not repeats), when capturing is on (tests, the oracle check).
-    pub accepted: Vec<ColocationReport>,
+    /// Co-location summaries accepted (not repeats), when capturing is on (tests, the oracle
+    /// check).
+    pub accepted: Vec<ColocationSummary>,
 }
 
 impl PersonOutput {

@@ -136,6 +136,7 @@ impl AdminService {
                     processed_offset: p.processed_offset,
                     end_offset: p.end_offset,
                     lag: p.lag,
+                    snapshot_mismatch: p.snapshot_mismatch.as_ref().map(convert::snapshot_mismatch),
                     actors: p.figures.actors,
                     passivated: p.figures.passivated,
                     watermark: convert::optional_timestamp(p.figures.watermark),
@@ -323,7 +324,7 @@ impl Admin for AdminService {
                         partition,
                         processed_offset: -1,
                         end_offset: -1,
-                        lag: 0,
+                        lag: None,
                         ..PartitionStatus::default()
                     },
                 };
@@ -339,7 +340,11 @@ impl Admin for AdminService {
                 partitions.push(p);
             }
         }
-        let lag_total = partitions.iter().map(|p| p.lag.max(0)).sum();
+        let lag_total = partitions
+            .iter()
+            .filter_map(|p| p.lag)
+            .map(|l| l.max(0))
+            .sum();
         Ok(Response::new(ClusterStatusResponse {
             node: pipeline.node().to_owned(),
             processes,

@@ -76,6 +76,20 @@ pub fn new_location_event(e: &v1::LocationEvent) -> Result<NewLocationEvent, Api
     })
 }
 
+/// A snapshot offset the log contradicted, as the Admin service reports it.
+pub fn snapshot_mismatch(m: &crate::pipeline::offsets::OffsetMismatch) -> v1::SnapshotMismatch {
+    v1::SnapshotMismatch {
+        kind: m.kind.as_str().to_owned(),
+        message: m.describe(),
+        snapshot_offset: m.snapshot_offset,
+        snapshot_topic_id: m.snapshot_topic_id.clone().unwrap_or_default(),
+        log_start: m.log_start,
+        log_end: m.log_end,
+        topic_id: m.topic_id.clone(),
+        resumed_at: m.resumed_at,
+    }
+}
+
 /// A person in the API's shape.
 pub fn person(p: &Person) -> v1::Person {
     v1::Person {

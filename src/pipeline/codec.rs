@@ -1,5 +1,8 @@
 //! What the pipeline's Kafka records hold. Internal topics carry a format byte and then
-//! postcard (compact, fast); the notifications topic carries JSON, for any consumer.
+//! postcard (compact, fast); the notifications topic carries JSON, for any consumer: each
+//! record is one object `{"notifications": [...]}` holding the notifications of one
+//! person-stage batch for the persons of one partition, in the order they were made
+//! (docs/architecture.md shows one).
 
 use serde::{Deserialize, Serialize};
 use udaconnect_actors::domain::{Micros, Notification};
@@ -66,15 +69,28 @@ pub fn decode_person_batch(bytes: Option<&[u8]>) -> Result<PersonBatch, DecodeEr
     decode(bytes)
 }
 
-/// Encodes a notification for the `connections` topic (JSON).
-pub fn encode_notification(n: &Notification) -> Vec<u8> {
-    serde_json::to_vec(n).expect("notifications serialize")
+/// A record of the `connections` topic: notifications, in the order they were made.
+#[derive(Debug, Serialize)]
+struct NotificationsOut<'a> {
+    notifications: &'a [&'a Notification],
 }
 
-/// Decodes a notification of the `connections` topic.
-pub fn decode_notification(bytes: Option<&[u8]>) -> Result<Notification, DecodeError> {
+#[derive(Debug, Deserialize)]
+struct NotificationsIn {
+    notifications: Vec<Notification>,
+}
+
+/// Encodes notifications as one record of the `connections` topic (JSON).
+pub fn encode_notifications(notifications: &[&Notification]) -> Vec<u8> {
+    serde_json::to_vec(&NotificationsOut { notifications }).expect("notifications serialize")
+}
+
+/// Decodes a record of the `connections` topic.
+pub fn decode_notifications(bytes: Option<&[u8]>) -> Result<Vec<Notification>, DecodeError> {
     let bytes = bytes.ok_or(DecodeError::Empty)?;
-    serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+    serde_json::from_slice::<NotificationsIn>(bytes)
+        .map(|r| r.notifications)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]

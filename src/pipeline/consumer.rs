@@ -6,7 +6,7 @@
 //! before the partition is released. Committed offsets never pass a stored snapshot, so a
 //! crash replays from at most one snapshot interval back, and replays are idempotent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -33,8 +33,6 @@ pub struct StageCounters {
     pub backpressure_us: AtomicU64,
     /// Records per worker batch.
     pub batch_records: SizeHistogram,
-    /// Times the member rejoined its group because partitions had no live owner.
-    pub rejoins: AtomicU64,
 }
 
 /// One record of an assigned partition.
@@ -46,22 +44,30 @@ pub struct Record {
 
 /// The logic of one assigned partition of a stage.
 pub trait PartitionWorker: Send + 'static {
+    /// The offset of the first record the worker needs after its restore; the partition is
+    /// fetched from there.
+    fn start_offset(&self) -> i64;
     /// Handles records in offset order (effects may still be in flight when it returns).
     fn handle(&mut self, records: Vec<Record>) -> impl Future<Output = ()> + Send;
-    /// Waits until every handled record's effects are durable, stores a snapshot covering
-    /// them, and returns its next offset; `None` when nothing changed since the last one.
-    fn checkpoint(&mut self) -> impl Future<Output = Option<i64>> + Send;
+    /// Captures a snapshot of what was handled so far, unless nothing changed since the last
+    /// one, and returns the work that finishes it: once every effect it covers is durable,
+    /// it stores the snapshot and yields its next offset (`None` when that failed). The work
+    /// runs while the worker goes on with the next records.
+    fn begin_checkpoint(&mut self) -> impl Future<Output = Option<Checkpoint>> + Send;
+    /// Notes that a snapshot covering the records before `offset` is stored.
+    fn checkpoint_stored(&mut self, offset: i64);
     /// Stops the partition's actors.
     fn close(self) -> impl Future<Output = ()> + Send;
 }
+
+/// The work that finishes a snapshot ([`PartitionWorker::begin_checkpoint`]).
+pub type Checkpoint = futures::future::BoxFuture<'static, Option<i64>>;
 
 /// Opens workers for assigned partitions.
 pub trait WorkerFactory: Send + Sync + 'static {
     type Worker: PartitionWorker;
     /// Restores the partition from its snapshot (retrying until the store answers).
     fn open(&self, partition: i32) -> impl Future<Output = Self::Worker> + Send;
-    /// How many of the stage's partitions no live process owns (from the owner rows).
-    fn orphaned(&self) -> impl Future<Output = Result<u32, String>> + Send;
 }
 
 enum Input {
@@ -75,8 +81,11 @@ enum Input {
 
 enum Command {
     Commit(i32, i64),
-    Pause(i32),
-    Resume(i32),
+    /// The worker of a newly assigned partition is restored: fetch from this offset.
+    Start(i32, i64),
+    /// Stop fetching (operations, tests); answered once the partition is paused.
+    Pause(i32, oneshot::Sender<()>),
+    Resume(i32, oneshot::Sender<()>),
 }
 
 /// The hand-off of each partition worker, by partition (shared with [`StageConsumer`]).
@@ -96,6 +105,8 @@ struct StageContext<F: WorkerFactory> {
     workers: Workers,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
+    /// Assigned partitions whose worker has restored and said where to fetch from.
+    started: Mutex<BTreeSet<i32>>,
     counters: Arc<StageCounters>,
 }
 
@@ -117,8 +128,14 @@ impl<F: WorkerFactory> ConsumerContext for StageContext<F> {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // Nothing is fetched until the partition's worker has restored its snapshot and
+            // said where to start ([`Command::Start`]): the group's committed offset is not
+            // what decides it.
+            if let Err(e) = consumer.pause(tpl) {
+                warn!(stage = self.stage, error = %e, "cannot pause newly assigned partitions");
+            }
             for e in tpl.elements() {
                 self.open(e.partition());
             }
@@ -134,6 +151,10 @@ impl<F: WorkerFactory> StageContext<F> {
             return;
         }
         workers.insert(partition, tx);
+        self.started
+            .lock()
+            .expect("not poisoned")
+            .remove(&partition);
         let mut assigned = self.assigned.lock().expect("not poisoned");
         assigned.push(partition);
         assigned.sort_unstable();
@@ -195,23 +216,36 @@ async fn run_worker<F: WorkerFactory>(
     counters: Arc<StageCounters>,
 ) {
     let mut worker = factory.open(partition).await;
+    let _ = commands.send(Command::Start(partition, worker.start_offset()));
+    // Partitions snapshot at staggered times, so that their snapshots do not all compete
+    // for the two cores and PostgreSQL at once.
+    let stagger = snapshot_interval.mul_f64(f64::from(partition.rem_euclid(8)) / 8.0);
     let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + snapshot_interval,
+        tokio::time::Instant::now() + snapshot_interval + stagger,
         snapshot_interval,
     );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The periodic snapshot being stored, if one is: at most one at a time.
+    let mut storing: Option<tokio::task::JoinHandle<Option<i64>>> = None;
     loop {
         let input = tokio::select! {
             biased;
+            stored = async { storing.as_mut().expect("guarded").await }, if storing.is_some() => {
+                storing = None;
+                stored_checkpoint(&mut worker, partition, &commands, stored.ok().flatten());
+                continue;
+            }
             input = rx.recv() => input,
             _ = ticker.tick() => {
-                if let Some(offset) = worker.checkpoint().await {
-                    let _ = commands.send(Command::Commit(partition, offset));
+                if storing.is_none() {
+                    if let Some(work) = worker.begin_checkpoint().await {
+                        storing = Some(tokio::spawn(work));
+                    }
                 }
                 continue;
             }
         };
-        match input {
+        let (records, control) = match input {
             Some(Input::Record(first)) => {
                 let mut records = vec![first];
                 let mut control = None;
@@ -225,51 +259,64 @@ async fn run_worker<F: WorkerFactory>(
                         Err(_) => break,
                     }
                 }
-                counters.batch_records.observe(records.len() as u64);
-                worker.handle(records).await;
-                match control {
-                    Some(Input::Revoke(ack)) => {
-                        let offset = worker.checkpoint().await;
-                        worker.close().await;
-                        let _ = ack.send(offset);
-                        return;
-                    }
-                    Some(Input::Checkpoint(ack)) => {
-                        checkpoint_now(&mut worker, partition, &commands, ack).await
-                    }
-                    _ => {}
-                }
+                (records, control)
             }
-            Some(Input::Checkpoint(ack)) => {
-                checkpoint_now(&mut worker, partition, &commands, ack).await
-            }
-            Some(Input::Revoke(ack)) => {
-                let offset = worker.checkpoint().await;
-                worker.close().await;
-                let _ = ack.send(offset);
-                return;
-            }
+            Some(other) => (Vec::new(), Some(other)),
             None => {
                 worker.close().await;
                 debug!(stage, partition, "worker stopped");
                 return;
             }
+        };
+        if !records.is_empty() {
+            counters.batch_records.observe(records.len() as u64);
+            worker.handle(records).await;
+        }
+        match control {
+            Some(Input::Revoke(ack)) => {
+                let offset = checkpoint_now(&mut worker, partition, &commands, &mut storing).await;
+                worker.close().await;
+                let _ = ack.send(offset);
+                return;
+            }
+            Some(Input::Checkpoint(ack)) => {
+                let offset = checkpoint_now(&mut worker, partition, &commands, &mut storing).await;
+                let _ = ack.send(offset);
+            }
+            Some(Input::Record(_)) | None => {}
         }
     }
 }
 
-/// Snapshots now and has the offset committed, as the periodic snapshot does.
+/// Notes a stored snapshot and has its offset committed.
+fn stored_checkpoint<W: PartitionWorker>(
+    worker: &mut W,
+    partition: i32,
+    commands: &std_mpsc::Sender<Command>,
+    offset: Option<i64>,
+) {
+    if let Some(offset) = offset {
+        worker.checkpoint_stored(offset);
+        let _ = commands.send(Command::Commit(partition, offset));
+    }
+}
+
+/// Snapshots now and waits until it is stored (after the one being stored, if any), as the
+/// periodic snapshot does; returns the offset the stored snapshot covers, `None` when nothing
+/// changed since the last one.
 async fn checkpoint_now<W: PartitionWorker>(
     worker: &mut W,
     partition: i32,
     commands: &std_mpsc::Sender<Command>,
-    ack: oneshot::Sender<Option<i64>>,
-) {
-    let offset = worker.checkpoint().await;
-    if let Some(offset) = offset {
-        let _ = commands.send(Command::Commit(partition, offset));
+    storing: &mut Option<tokio::task::JoinHandle<Option<i64>>>,
+) -> Option<i64> {
+    if let Some(work) = storing.take() {
+        stored_checkpoint(worker, partition, commands, work.await.ok().flatten());
     }
-    let _ = ack.send(offset);
+    let work = worker.begin_checkpoint().await?;
+    let offset = work.await;
+    stored_checkpoint(worker, partition, commands, offset);
+    offset
 }
 
 /// The partition is not (or no longer) owned by this process.
@@ -317,6 +364,7 @@ impl StageConsumer {
             workers: Arc::clone(&workers),
             commands: commands.clone(),
             assigned: Arc::clone(&assigned),
+            started: Mutex::default(),
             counters: Arc::clone(&counters),
         };
         let consumer: BaseConsumer<StageContext<F>> = client_config(config)
@@ -388,13 +436,21 @@ impl StageConsumer {
     }
 
     /// Stops fetching a partition (its worker keeps what it has); for operations and tests.
-    pub fn pause(&self, partition: i32) {
-        let _ = self.commands.send(Command::Pause(partition));
+    /// Returns once the poll thread has paused it: no record fetched after that reaches the
+    /// worker.
+    pub async fn pause(&self, partition: i32) {
+        let (ack, done) = oneshot::channel();
+        if self.commands.send(Command::Pause(partition, ack)).is_ok() {
+            let _ = done.await;
+        }
     }
 
     /// Fetches a paused partition again.
-    pub fn resume(&self, partition: i32) {
-        let _ = self.commands.send(Command::Resume(partition));
+    pub async fn resume(&self, partition: i32) {
+        let (ack, done) = oneshot::channel();
+        if self.commands.send(Command::Resume(partition, ack)).is_ok() {
+            let _ = done.await;
+        }
     }
 
     /// Flushes, snapshots and commits every owned partition, leaves the group, and returns
@@ -408,62 +464,36 @@ impl StageConsumer {
     }
 }
 
-/// A member left without partitions while some partition has no live owner rejoins its group
-/// after this long. It guards against a broker that hands a member an empty assignment and
-/// never rebalances again (tansu 0.6 does when a member is killed while it leads the group:
-/// the replacement's follower SyncGroup is accepted as the leader's).
-const ORPHAN_REJOIN_AFTER: Duration = Duration::from_secs(25);
-/// How often the watchdog asks the owner rows while it waits.
-const ORPHAN_CHECK_EVERY: Duration = Duration::from_secs(5);
-
-struct Watchdog {
-    empty_since: Option<Instant>,
-    last_check: Instant,
+fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, paused: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p);
+    let result = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = result {
+        warn!(partition = p, paused, error = %e, "cannot pause or resume");
+    }
 }
 
-impl Watchdog {
-    fn new() -> Self {
-        Self {
-            empty_since: None,
-            last_check: Instant::now(),
-        }
+/// Moves a restored partition's fetch position to `offset` and resumes it (unless an operator
+/// holds it paused).
+fn start_partition<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    p: i32,
+    offset: i64,
+    held: bool,
+) {
+    // The seek is local to the client (no broker round trip) and applies before the resume.
+    if let Err(e) = consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(10)) {
+        warn!(partition = p, offset, error = %e, "cannot seek to the restored offset");
     }
-
-    /// True when this member owned nothing for [`ORPHAN_REJOIN_AFTER`] and the owner rows
-    /// show partitions nobody live owns.
-    /// Looks at the assignment only every [`ORPHAN_CHECK_EVERY`]: the poll loop calls this
-    /// once per record.
-    fn should_rejoin<F: WorkerFactory>(&mut self, context: &StageContext<F>) -> bool {
-        if self.last_check.elapsed() < ORPHAN_CHECK_EVERY {
-            return false;
-        }
-        self.last_check = Instant::now();
-        let empty = context.assigned.lock().expect("not poisoned").is_empty();
-        if !empty {
-            self.empty_since = None;
-            return false;
-        }
-        let since = *self.empty_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < ORPHAN_REJOIN_AFTER {
-            return false;
-        }
-        let factory = Arc::clone(&context.factory);
-        let orphaned = context.runtime.block_on(async move {
-            tokio::time::timeout(Duration::from_secs(5), factory.orphaned()).await
-        });
-        match orphaned {
-            Ok(Ok(n)) if n > 0 => {
-                self.empty_since = None;
-                true
-            }
-            Ok(Ok(_)) => false,
-            Ok(Err(e)) => {
-                debug!(stage = context.stage, error = %e, "cannot read the owner rows");
-                false
-            }
-            Err(_) => false,
-        }
+    if !held {
+        set_paused(consumer, topic, p, false);
     }
+    debug!(partition = p, offset, "partition started");
 }
 
 fn poll_loop<F: WorkerFactory>(
@@ -473,41 +503,45 @@ fn poll_loop<F: WorkerFactory>(
     commands: &std_mpsc::Receiver<Command>,
 ) {
     let mut pending_commits: BTreeMap<i32, i64> = BTreeMap::new();
+    // Partitions paused by an operator.
+    let mut held: BTreeSet<i32> = BTreeSet::new();
     let mut last_commit = Instant::now();
-    let mut watchdog = Watchdog::new();
     while !stop.load(Ordering::Acquire) {
-        if watchdog.should_rejoin(consumer.context()) {
-            warn!(
-                stage = consumer.context().stage,
-                "no partitions while some have no live owner; rejoining the group"
-            );
-            consumer
-                .context()
-                .counters
-                .rejoins
-                .fetch_add(1, Ordering::Relaxed);
-            consumer.unsubscribe();
-            if let Err(e) = consumer.subscribe(&[topic]) {
-                warn!(stage = consumer.context().stage, error = %e, "cannot subscribe again");
-            }
-        }
         while let Ok(command) = commands.try_recv() {
-            let mut tpl = TopicPartitionList::new();
             match command {
                 Command::Commit(p, offset) => {
                     pending_commits.insert(p, offset);
                 }
-                Command::Pause(p) => {
-                    tpl.add_partition(topic, p);
-                    if let Err(e) = consumer.pause(&tpl) {
-                        warn!(partition = p, error = %e, "cannot pause");
+                Command::Start(p, offset) => {
+                    let context = consumer.context();
+                    if context
+                        .workers
+                        .lock()
+                        .expect("not poisoned")
+                        .contains_key(&p)
+                    {
+                        context.started.lock().expect("not poisoned").insert(p);
+                        start_partition(&consumer, topic, p, offset, held.contains(&p));
                     }
                 }
-                Command::Resume(p) => {
-                    tpl.add_partition(topic, p);
-                    if let Err(e) = consumer.resume(&tpl) {
-                        warn!(partition = p, error = %e, "cannot resume");
+                Command::Pause(p, ack) => {
+                    held.insert(p);
+                    set_paused(&consumer, topic, p, true);
+                    let _ = ack.send(());
+                }
+                Command::Resume(p, ack) => {
+                    held.remove(&p);
+                    // A partition still restoring stays paused until its worker starts it.
+                    if consumer
+                        .context()
+                        .started
+                        .lock()
+                        .expect("not poisoned")
+                        .contains(&p)
+                    {
+                        set_paused(&consumer, topic, p, false);
                     }
+                    let _ = ack.send(());
                 }
             }
         }

@@ -323,19 +323,24 @@ fn read_loop(consumer: &BaseConsumer, shared: &HubShared, stop: &AtomicBool) {
     let mut recent = RecentIds::new(REMEMBERED_IDS);
     while !stop.load(Ordering::Acquire) {
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                shared.received.fetch_add(1, Ordering::Relaxed);
-                match codec::decode_notification(message.payload()) {
-                    Ok(n) if recent.first_time(n.id) => shared.fan_out(n),
-                    Ok(_) => {
-                        shared.repeats.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        shared.malformed.fetch_add(1, Ordering::Relaxed);
-                        warn!(partition = message.partition(), offset = message.offset(), error = %e, "not a notification; skipped");
+            Some(Ok(message)) => match codec::decode_notifications(message.payload()) {
+                Ok(notifications) => {
+                    shared
+                        .received
+                        .fetch_add(notifications.len() as u64, Ordering::Relaxed);
+                    for n in notifications {
+                        if recent.first_time(n.id) {
+                            shared.fan_out(n);
+                        } else {
+                            shared.repeats.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-            }
+                Err(e) => {
+                    shared.malformed.fetch_add(1, Ordering::Relaxed);
+                    warn!(partition = message.partition(), offset = message.offset(), error = %e, "not a notifications record; skipped");
+                }
+            },
             Some(Err(e)) => warn!(error = %e, "notification hub poll error"),
             None => {}
         }

@@ -7,6 +7,7 @@ pub mod consumer;
 pub mod hub;
 pub mod ingest;
 pub mod live;
+pub mod offsets;
 pub mod stages;
 
 use std::collections::BTreeMap;
@@ -31,9 +32,10 @@ use crate::metrics::{Exposition, Kind};
 use crate::pipeline::consumer::{StageConsumer, StageCounters, StageOptions};
 use crate::pipeline::hub::{HubCounters, NotificationHub};
 use crate::pipeline::ingest::Ingestor;
+use crate::pipeline::offsets::{MismatchKind, OffsetMismatch};
 use crate::pipeline::stages::{
-    DeadLetters, KafkaPersonUpdates, Owned, PartitionStore, PersonStage, PgConnections,
-    PgLocations, ZoneStage,
+    DeadLetters, KafkaPersonUpdates, OffsetMismatches, Owned, PartitionStore, PersonStage,
+    PgConnections, PgLocations, ZoneStage,
 };
 use crate::store::pipeline::{shard_owners, PgOwners, PgSnapshots, ShardOwner};
 
@@ -46,11 +48,16 @@ pub const PERSONS_GROUP: &str = "udaconnect-persons";
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartitionStatus {
     pub partition: i32,
-    /// The offset after the last record whose effects are done.
+    /// The offset after the last record whose effects are done; -1 when the supervisor did
+    /// not answer.
     pub processed_offset: i64,
-    /// The topic's end offset (high watermark).
+    /// The topic's end offset (high watermark); -1 when the broker did not answer.
     pub end_offset: i64,
-    pub lag: i64,
+    /// `end_offset - processed_offset`, unclamped (negative when the log ends before what was
+    /// processed); `None` when either is unknown.
+    pub lag: Option<i64>,
+    /// The snapshot offset the log contradicted when the partition was restored, if it did.
+    pub snapshot_mismatch: Option<OffsetMismatch>,
     /// The partition's live figures (from its supervisor's view).
     #[serde(flatten)]
     pub figures: PartitionFigures,
@@ -114,10 +121,9 @@ pub struct StageStatus {
     pub stage: &'static str,
     pub topic: String,
     pub partitions: Vec<PartitionStatus>,
-    /// Records handed to workers, time blocked on full worker channels, group rejoins.
+    /// Records handed to workers, and time blocked on full worker channels.
     pub records: u64,
     pub backpressure_s: f64,
-    pub rejoins: u64,
 }
 
 /// The pipeline as this process sees it, and the cluster's owners as `shard_owner` says.
@@ -146,6 +152,8 @@ pub struct Pipeline {
     person_owned: Owned<PersonSupervisorMsg>,
     zone_counters: Arc<StageCounters>,
     person_counters: Arc<StageCounters>,
+    zone_mismatches: Arc<OffsetMismatches>,
+    person_mismatches: Arc<OffsetMismatches>,
     hub: Arc<NotificationHub>,
     node: String,
     pool: Pool,
@@ -177,6 +185,7 @@ impl Pipeline {
         };
         let zone_partitions = count(topics.locations.clone()).await?;
         let person_partitions = count(topics.person_updates.clone()).await?;
+        let connection_partitions = count(topics.connections.clone()).await?;
         let producer = Producer::new(config).context("failed to create the kafka producer")?;
         let params = config.engine_params();
         let dead_letters = Arc::new(AtomicU64::new(0));
@@ -190,12 +199,17 @@ impl Pipeline {
             .grpc_advertise_addr
             .clone()
             .unwrap_or_else(|| config.grpc_addr.to_string());
-        let store = |stage: Stage, topic: &str, partitions: u32| PartitionStore {
-            stage,
-            partitions,
-            snapshots: PgSnapshots::new(pool.clone(), topic),
-            owners: PgOwners::new(pool.clone(), topic, &node, &owner_addr),
-        };
+        let zone_mismatches = Arc::new(OffsetMismatches::default());
+        let person_mismatches = Arc::new(OffsetMismatches::default());
+        let store =
+            |stage: Stage, topic: &str, mismatches: &Arc<OffsetMismatches>| PartitionStore {
+                stage,
+                topic: topic.to_owned(),
+                snapshots: PgSnapshots::new(pool.clone(), topic),
+                owners: PgOwners::new(pool.clone(), topic, &node, &owner_addr),
+                broker: broker.clone(),
+                mismatches: Arc::clone(mismatches),
+            };
         let zone_owned: Owned<ZoneSupervisorMsg> = Arc::default();
         let person_owned: Owned<PersonSupervisorMsg> = Arc::default();
         let zone_stage = ZoneStage {
@@ -206,7 +220,7 @@ impl Pipeline {
                 producer: producer.clone(),
                 topic: topics.person_updates.clone(),
             }),
-            store: store(Stage::Zones, &topics.locations, zone_partitions),
+            store: store(Stage::Zones, &topics.locations, &zone_mismatches),
             dead_letters: DeadLetters {
                 producer: producer.clone(),
                 source_topic: topics.locations.clone(),
@@ -223,8 +237,9 @@ impl Pipeline {
                 pool: pool.clone(),
                 producer: producer.clone(),
                 topic: topics.connections.clone(),
+                partitions: connection_partitions,
             }),
-            store: store(Stage::Persons, &topics.person_updates, person_partitions),
+            store: store(Stage::Persons, &topics.person_updates, &person_mismatches),
             dead_letters: DeadLetters {
                 producer: producer.clone(),
                 source_topic: topics.person_updates.clone(),
@@ -279,6 +294,8 @@ impl Pipeline {
             ingestor,
             zone_counters: Arc::clone(zones.counters()),
             person_counters: Arc::clone(persons.counters()),
+            zone_mismatches,
+            person_mismatches,
             zones: Mutex::new(Some(zones)),
             persons: Mutex::new(Some(persons)),
             zone_owned,
@@ -310,14 +327,14 @@ impl Pipeline {
     /// Stops fetching one partition of a stage (operations; the tests of watermark alignment).
     pub async fn pause(&self, stage: &str, partition: i32) {
         if let Some(c) = self.stage(stage).lock().await.as_ref() {
-            c.pause(partition);
+            c.pause(partition).await;
         }
     }
 
     /// Fetches a paused partition again.
     pub async fn resume(&self, stage: &str, partition: i32) {
         if let Some(c) = self.stage(stage).lock().await.as_ref() {
-            c.resume(partition);
+            c.resume(partition).await;
         }
     }
 
@@ -347,7 +364,7 @@ impl Pipeline {
         &self,
         stage: &'static str,
         topic: &str,
-        (owned, counters): (&Owned<M>, &StageCounters),
+        (owned, counters, mismatches): (&Owned<M>, &StageCounters, &OffsetMismatches),
         view: fn(ractor::RpcReplyPort<V>) -> M,
         read: fn(&V) -> (u64, PartitionFigures),
     ) -> StageStatus {
@@ -367,11 +384,18 @@ impl Pipeline {
                 _ => (-1, PartitionFigures::default()),
             };
             let end = self.end_offset(topic, p).await;
+            let mismatch = mismatches
+                .current
+                .lock()
+                .expect("not poisoned")
+                .get(&p)
+                .cloned();
             partitions.push(PartitionStatus {
                 partition: p,
                 processed_offset: processed,
                 end_offset: end,
-                lag: (end - processed).max(0),
+                lag: (end >= 0 && processed >= 0).then_some(end - processed),
+                snapshot_mismatch: mismatch,
                 figures,
             });
         }
@@ -381,7 +405,6 @@ impl Pipeline {
             partitions,
             records: counters.records.load(Ordering::Relaxed),
             backpressure_s: counters.backpressure_us.load(Ordering::Relaxed) as f64 / 1e6,
-            rejoins: counters.rejoins.load(Ordering::Relaxed),
         }
     }
 
@@ -391,7 +414,7 @@ impl Pipeline {
             self.stage_status(
                 "zones",
                 &self.topics.locations,
-                (&self.zone_owned, &self.zone_counters),
+                (&self.zone_owned, &self.zone_counters, &self.zone_mismatches),
                 ZoneSupervisorMsg::View,
                 |v| (v.next_offset, PartitionFigures::of_zones(v)),
             )
@@ -399,7 +422,11 @@ impl Pipeline {
             self.stage_status(
                 "persons",
                 &self.topics.person_updates,
-                (&self.person_owned, &self.person_counters),
+                (
+                    &self.person_owned,
+                    &self.person_counters,
+                    &self.person_mismatches,
+                ),
                 PersonSupervisorMsg::View,
                 |v| (v.next_offset, PartitionFigures::of_persons(v)),
             )
@@ -423,7 +450,8 @@ impl Pipeline {
         let lag_total = stages
             .iter()
             .flat_map(|s| &s.partitions)
-            .map(|p| p.lag.max(0))
+            .filter_map(|p| p.lag)
+            .map(|lag| lag.max(0))
             .sum();
         PipelineStatus {
             node: self.node.clone(),
@@ -563,16 +591,27 @@ impl Pipeline {
             );
         }
         out.family(
-            "udaconnect_stage_rejoins_total",
+            "udaconnect_snapshot_offset_mismatches_total",
             Kind::Counter,
-            "Group rejoins of a stage because partitions had no live owner",
+            "Snapshot offsets the log contradicted when a partition was restored (the topic \
+             recreated, the log ending before the offset or starting after it), by kind",
         );
-        for (stage, c) in &stage_counters {
-            out.sample(
-                "udaconnect_stage_rejoins_total",
-                &[("stage", stage)],
-                c.rejoins.load(Ordering::Relaxed) as f64,
-            );
+        for (stage, mismatches) in [
+            ("zones", &self.zone_mismatches),
+            ("persons", &self.person_mismatches),
+        ] {
+            let found = mismatches.found.lock().expect("not poisoned").clone();
+            for kind in [
+                MismatchKind::OtherTopicId,
+                MismatchKind::AboveEnd,
+                MismatchKind::BelowStart,
+            ] {
+                out.sample(
+                    "udaconnect_snapshot_offset_mismatches_total",
+                    &[("stage", stage), ("kind", kind.as_str())],
+                    found.get(kind.as_str()).copied().unwrap_or(0) as f64,
+                );
+            }
         }
         out.family(
             "udaconnect_stage_batch_records",
@@ -596,8 +635,9 @@ impl Pipeline {
         let gauges: [Gauge; 4] = [
             (
                 "udaconnect_partition_lag",
-                "Records of an owned partition not processed yet",
-                |p| p.lag as f64,
+                "Records of an owned partition not processed yet (negative: the log ends before \
+                 what was processed; NaN: unknown)",
+                |p| p.lag.map_or(f64::NAN, |lag| lag as f64),
             ),
             (
                 "udaconnect_partition_actors",

@@ -16,17 +16,20 @@ use udaconnect_actors::actors::person::{
     PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
 };
 use udaconnect_actors::actors::ports::{
-    retry, ConnectionSink, LocationSink, PersonUpdateSink, PortError, SnapshotBlob, Stage,
+    retry, ConnectionSink, LocationSink, PendingSnapshot, PersonUpdateSink, PortError,
+    SnapshotBlob, Stage,
 };
 use udaconnect_actors::actors::zone::{ZoneSupervisor, ZoneSupervisorArgs, ZoneSupervisorMsg};
 use udaconnect_actors::actors::PartitionHandle;
 use udaconnect_actors::domain::{Micros, Notification};
 use udaconnect_actors::messages::{EpisodeChange, PersonBatch, RoutedEvent};
 use udaconnect_actors::params::EngineParams;
+use udaconnect_actors::zones::person_partition;
 
-use crate::kafka::{OutRecord, Producer};
+use crate::kafka::{Broker, OutRecord, Producer};
 use crate::pipeline::codec::{self, LocationRecord};
-use crate::pipeline::consumer::{PartitionWorker, Record, WorkerFactory};
+use crate::pipeline::consumer::{Checkpoint, PartitionWorker, Record, WorkerFactory};
+use crate::pipeline::offsets::{self, OffsetMismatch};
 use crate::store::pipeline::{apply_changes, store_locations, PgOwners, PgSnapshots};
 
 /// How long a call to a supervisor may take (a snapshot of a big partition included).
@@ -66,10 +69,13 @@ pub struct KafkaPersonUpdates {
 pub const MAX_UPDATES_PER_RECORD: usize = 2_000;
 
 impl PersonUpdateSink for KafkaPersonUpdates {
-    fn publish(&self, batches: Vec<(u32, PersonBatch)>) -> BoxFuture<'_, Result<(), PortError>> {
+    fn publish<'a>(
+        &'a self,
+        batches: &'a [(u32, PersonBatch)],
+    ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
             let mut records: Vec<OutRecord<'_>> = Vec::with_capacity(batches.len());
-            for (q, batch) in &batches {
+            for (q, batch) in batches {
                 for payload in split_batch(batch, MAX_UPDATES_PER_RECORD) {
                     records.push(OutRecord {
                         topic: &self.topic,
@@ -115,35 +121,56 @@ pub fn split_batch(batch: &PersonBatch, max: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Episodes into `connection` (one transaction), then notifications into the connections
-/// topic, keyed by person.
+/// Episodes into `connection` (one transaction per write), and notifications into the
+/// connections topic, packed: one record per connections partition per batch, the partition
+/// chosen from the person ([`person_partition`] of the connections topic's count).
 pub struct PgConnections {
     pub pool: deadpool_postgres::Pool,
     pub producer: Producer,
     pub topic: String,
+    /// The connections topic's partition count.
+    pub partitions: u32,
 }
 
+/// Notifications per connections record; a bigger batch is split (about 300 bytes each).
+pub const MAX_NOTIFICATIONS_PER_RECORD: usize = 2_000;
+
 impl ConnectionSink for PgConnections {
-    fn apply<'a>(
+    fn store<'a>(
         &'a self,
         _partition: u32,
         changes: &'a [EpisodeChange],
-        notifications: &'a [Notification],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
             apply_changes(&self.pool, changes)
                 .await
-                .map_err(|e| PortError(e.to_string()))?;
-            let records: Vec<OutRecord<'_>> = notifications
-                .iter()
-                .map(|n| OutRecord {
-                    topic: &self.topic,
-                    partition: None,
-                    key: Some(n.episode.person.to_string().into_bytes()),
-                    payload: codec::encode_notification(n),
-                    headers: Vec::new(),
-                })
-                .collect();
+                .map_err(|e| PortError(e.to_string()))
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _partition: u32,
+        notifications: &'a [Notification],
+    ) -> BoxFuture<'a, Result<(), PortError>> {
+        Box::pin(async move {
+            let mut by_partition: BTreeMap<u32, Vec<&Notification>> = BTreeMap::new();
+            for n in notifications {
+                let p = person_partition(n.episode.person, self.partitions);
+                by_partition.entry(p).or_default().push(n);
+            }
+            let mut records: Vec<OutRecord<'_>> = Vec::with_capacity(by_partition.len());
+            for (p, ns) in &by_partition {
+                for chunk in ns.chunks(MAX_NOTIFICATIONS_PER_RECORD) {
+                    records.push(OutRecord {
+                        topic: &self.topic,
+                        partition: Some(*p as i32),
+                        key: None,
+                        payload: codec::encode_notifications(chunk),
+                        headers: Vec::new(),
+                    });
+                }
+            }
             self.producer
                 .send_all(&records)
                 .await
@@ -195,27 +222,49 @@ impl DeadLetters {
 /// The supervisors of the partitions this process owns, for status and admin views.
 pub type Owned<M> = Arc<Mutex<BTreeMap<i32, ActorRef<M>>>>;
 
-/// Where a stage keeps its partitions' snapshots and records their owners.
+/// Where a stage keeps its partitions' snapshots and records their owners, and how it checks
+/// a snapshot's offset against the log.
 #[derive(Clone)]
 pub struct PartitionStore {
     pub stage: Stage,
-    /// The stage topic's partition count.
-    pub partitions: u32,
+    /// The stage's input topic.
+    pub topic: String,
     pub snapshots: PgSnapshots,
     pub owners: PgOwners,
+    pub broker: Broker,
+    /// Snapshot offsets the log contradicted, by owned partition (for the status) and counted
+    /// by kind (for the metrics).
+    pub mismatches: Arc<OffsetMismatches>,
 }
 
-/// An owner row not confirmed for this long belongs to a process that is gone (live owners
-/// confirm theirs every snapshot interval).
-const OWNER_FRESH_S: f64 = 20.0;
+/// The snapshot offsets a stage found contradicted by the log since this process started.
+#[derive(Debug, Default)]
+pub struct OffsetMismatches {
+    /// The mismatch each owned partition was restored with, until it is released.
+    pub current: Mutex<BTreeMap<i32, OffsetMismatch>>,
+    /// How many were found, by kind.
+    pub found: Mutex<BTreeMap<&'static str, u64>>,
+}
 
-impl PartitionStore {
-    /// How many of the stage's partitions no live process owns.
-    async fn orphaned(&self) -> Result<u32, String> {
-        self.owners
-            .orphaned(self.stage, self.partitions, OWNER_FRESH_S)
-            .await
-            .map_err(|e| e.to_string())
+/// How long a restore waits for the broker's answer about a partition's log, per attempt.
+const LOG_POSITION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refreshes the owner row's heartbeat (best effort: the group decides ownership; the row
+/// tells the cluster who owns what).
+async fn confirm_owner(store: &PartitionStore, partition: i32) {
+    let (stage, partition) = (store.stage, partition as u32);
+    let heartbeat = store.owners.heartbeat(stage, partition);
+    match tokio::time::timeout(Duration::from_secs(2), heartbeat).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(stage = stage.as_str(), partition, error = %e, "cannot confirm the partition's owner row")
+        }
+        Err(_) => {
+            warn!(
+                stage = stage.as_str(),
+                partition, "confirming the partition's owner row timed out"
+            )
+        }
     }
 }
 
@@ -227,22 +276,27 @@ struct PartitionCore<M: ractor::Message> {
     handle: PartitionHandle<M>,
     store: PartitionStore,
     owned: Owned<M>,
-    snapshot_request: fn(ractor::RpcReplyPort<SnapshotBlob>) -> M,
+    snapshot_request: fn(ractor::RpcReplyPort<PendingSnapshot>) -> M,
     /// The offset after the last record handled.
     next_offset: i64,
+    /// The offset the stored snapshot covers (-1: store one at the next checkpoint).
     snapshotted: i64,
+    /// The id of the topic incarnation the partition reads, stored with each snapshot.
+    topic_id: String,
 }
 
 impl<M: ractor::Message> PartitionCore<M> {
-    /// Loads the partition's snapshot and starts its supervisor from it (from nothing when
-    /// there is none, or when it cannot be read: the partition then replays from offset 0).
+    /// Loads the partition's snapshot, checks its offset against the log (see
+    /// [`offsets`](crate::pipeline::offsets)) and starts its supervisor from it (from nothing
+    /// when there is none, or when it cannot be read: the partition then replays its log from
+    /// the start).
     async fn restore<A>(
         partition: i32,
         store: &PartitionStore,
         owned: &Owned<M>,
         supervisor: impl Fn() -> A,
         args: impl Fn(Option<SnapshotBlob>) -> A::Arguments,
-        snapshot_request: fn(ractor::RpcReplyPort<SnapshotBlob>) -> M,
+        snapshot_request: fn(ractor::RpcReplyPort<PendingSnapshot>) -> M,
     ) -> Self
     where
         A: Actor<Msg = M>,
@@ -253,26 +307,71 @@ impl<M: ractor::Message> PartitionCore<M> {
             store.owners.claim(stage, partition_u32)
         })
         .await;
-        let (blob, _) = retry("loading the snapshot", partition_u32, || {
+        let (stored, _) = retry("loading the snapshot", partition_u32, || {
             store.snapshots.load(stage, partition_u32)
         })
         .await;
-        let restored = blob.as_ref().map_or(0, |b| b.next_offset as i64);
-        let (actor, restored) = match Actor::spawn(None, supervisor(), args(blob)).await {
-            Ok((actor, _)) => (actor, restored),
+        let (log, _) = retry("reading the partition's log offsets", partition_u32, || {
+            store
+                .broker
+                .log_position(&store.topic, partition, LOG_POSITION_TIMEOUT)
+        })
+        .await;
+        let (mut blob, snapshot_topic_id) = match stored {
+            Some((blob, topic_id)) => (Some(blob), topic_id),
+            None => (None, None),
+        };
+        let snapshot_offset = blob.as_ref().map_or(0, |b| b.next_offset as i64);
+        let (mut start, mut mismatch) =
+            offsets::start_offset(snapshot_offset, snapshot_topic_id.as_deref(), &log);
+        if let Some(b) = blob.as_mut() {
+            b.next_offset = start as u64;
+        }
+        let actor = match Actor::spawn(None, supervisor(), args(blob)).await {
+            Ok((actor, _)) => actor,
             Err(e) => {
-                // An unreadable snapshot (another version's format): start over from offset 0.
+                // An unreadable snapshot (another version's format): start over from the log's
+                // start.
                 error!(stage = stage.as_str(), partition, error = %e, "snapshot unusable; replaying the partition from its start");
+                (start, mismatch) = offsets::start_offset(0, None, &log);
                 let (actor, _) = Actor::spawn(None, supervisor(), args(None))
                     .await
                     .expect("a supervisor without a snapshot starts");
-                (actor, 0)
+                actor
             }
         };
+        if let Some(m) = &mismatch {
+            error!(
+                stage = stage.as_str(),
+                partition,
+                kind = m.kind.as_str(),
+                snapshot_offset = m.snapshot_offset,
+                log_start = m.log_start,
+                log_end = m.log_end,
+                "snapshot offset contradicted by the log: {}",
+                m.describe()
+            );
+            *store
+                .mismatches
+                .found
+                .lock()
+                .expect("not poisoned")
+                .entry(m.kind.as_str())
+                .or_default() += 1;
+        }
+        {
+            let mut current = store.mismatches.current.lock().expect("not poisoned");
+            match &mismatch {
+                Some(m) => current.insert(partition, m.clone()),
+                None => current.remove(&partition),
+            };
+        }
         info!(
             stage = stage.as_str(),
             partition,
-            next_offset = restored,
+            next_offset = start,
+            log_start = log.start,
+            log_end = log.end,
             "partition restored"
         );
         owned
@@ -286,66 +385,67 @@ impl<M: ractor::Message> PartitionCore<M> {
             store: store.clone(),
             owned: Arc::clone(owned),
             snapshot_request,
-            next_offset: restored,
-            snapshotted: restored,
+            next_offset: start,
+            // A snapshot the log contradicted is replaced at the next checkpoint, so that the
+            // stored one agrees with the log again.
+            snapshotted: if mismatch.is_some() { -1 } else { start },
+            topic_id: log.topic_id,
         }
     }
 
-    /// Snapshots the partition and stores it, unless nothing was handled since the last one;
-    /// returns the offset the snapshot covers.
-    async fn checkpoint(&mut self) -> Option<i64> {
+    /// Captures a snapshot of the partition, unless nothing was handled since the last one,
+    /// and returns the work that stores it (see [`PartitionWorker::begin_checkpoint`]).
+    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
         if self.next_offset == self.snapshotted {
-            self.confirm_owner().await;
+            confirm_owner(&self.store, self.partition).await;
             return None;
         }
-        // The supervisor answers after every batch sent before, whose effects it awaited.
-        let blob = match self
+        // The supervisor answers after every batch sent before; the snapshot it hands back
+        // finishes once their effects are durable.
+        let pending = match self
             .handle
             .actor()
             .call(self.snapshot_request, Some(CALL_TIMEOUT))
             .await
         {
-            Ok(CallResult::Success(blob)) => blob,
+            Ok(CallResult::Success(pending)) => pending,
             other => {
                 error!(stage = self.stage.as_str(), partition = self.partition, result = ?other.map(|_| ()), "snapshot request failed");
                 return None;
             }
         };
-        let partition = self.partition as u32;
-        let snapshots = &self.store.snapshots;
-        retry("storing the snapshot", partition, || {
-            snapshots.store(self.stage, partition, &blob)
-        })
-        .await;
-        self.snapshotted = blob.next_offset as i64;
-        self.confirm_owner().await;
-        Some(self.snapshotted)
-    }
-
-    /// Refreshes the owner row's heartbeat (best effort: the group decides ownership; the row
-    /// tells the cluster who owns what, and lets a member that was left without partitions
-    /// see that nobody live owns them).
-    async fn confirm_owner(&self) {
-        let partition = self.partition as u32;
-        let heartbeat = self.store.owners.heartbeat(self.stage, partition);
-        match tokio::time::timeout(Duration::from_secs(2), heartbeat).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                warn!(stage = self.stage.as_str(), partition, error = %e, "cannot confirm the partition's owner row")
-            }
-            Err(_) => {
-                warn!(
-                    stage = self.stage.as_str(),
-                    partition, "confirming the partition's owner row timed out"
-                )
-            }
-        }
+        let (store, partition, topic_id) =
+            (self.store.clone(), self.partition, self.topic_id.clone());
+        Some(Box::pin(async move {
+            let stage = store.stage;
+            let blob = match pending.wait().await {
+                Ok(blob) => blob,
+                Err(e) => {
+                    error!(stage = stage.as_str(), partition, error = %e, "snapshot failed");
+                    return None;
+                }
+            };
+            retry("storing the snapshot", partition as u32, || {
+                store
+                    .snapshots
+                    .store(stage, partition as u32, &blob, &topic_id)
+            })
+            .await;
+            confirm_owner(&store, partition).await;
+            Some(blob.next_offset as i64)
+        }))
     }
 
     /// Stops the supervisor and removes the partition's owner row (best effort: the next
     /// owner replaces it anyway).
     async fn close(self) {
         self.owned
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.partition);
+        self.store
+            .mismatches
+            .current
             .lock()
             .expect("not poisoned")
             .remove(&self.partition);
@@ -387,10 +487,6 @@ pub struct ZoneWorker {
 
 impl WorkerFactory for ZoneStage {
     type Worker = ZoneWorker;
-
-    async fn orphaned(&self) -> Result<u32, String> {
-        self.store.orphaned().await
-    }
 
     async fn open(&self, partition: i32) -> ZoneWorker {
         let core = PartitionCore::restore(
@@ -437,6 +533,10 @@ impl ZoneWorker {
 }
 
 impl PartitionWorker for ZoneWorker {
+    fn start_offset(&self) -> i64 {
+        self.core.next_offset
+    }
+
     async fn handle(&mut self, records: Vec<Record>) {
         let mut events: Vec<RoutedEvent> = Vec::new();
         for record in records {
@@ -477,8 +577,12 @@ impl PartitionWorker for ZoneWorker {
         }
     }
 
-    async fn checkpoint(&mut self) -> Option<i64> {
-        self.core.checkpoint().await
+    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
+        self.core.begin_checkpoint().await
+    }
+
+    fn checkpoint_stored(&mut self, offset: i64) {
+        self.core.snapshotted = offset;
     }
 
     async fn close(self) {
@@ -500,14 +604,12 @@ pub struct PersonStage {
 pub struct PersonWorker {
     core: PartitionCore<PersonSupervisorMsg>,
     dead_letters: DeadLetters,
+    /// The offset the supervisor has been told about.
+    sent_offset: i64,
 }
 
 impl WorkerFactory for PersonStage {
     type Worker = PersonWorker;
-
-    async fn orphaned(&self) -> Result<u32, String> {
-        self.store.orphaned().await
-    }
 
     async fn open(&self, partition: i32) -> PersonWorker {
         let core = PartitionCore::restore(
@@ -524,10 +626,14 @@ impl WorkerFactory for PersonStage {
                 capture: false,
                 snapshot,
             },
-            PersonSupervisorMsg::Snapshot,
+            |reply| PersonSupervisorMsg::Snapshot {
+                complete: false,
+                reply,
+            },
         )
         .await;
         PersonWorker {
+            sent_offset: core.next_offset,
             core,
             dead_letters: self.dead_letters.clone(),
         }
@@ -535,44 +641,54 @@ impl WorkerFactory for PersonStage {
 }
 
 impl PartitionWorker for PersonWorker {
+    fn start_offset(&self) -> i64 {
+        self.core.next_offset
+    }
+
     async fn handle(&mut self, records: Vec<Record>) {
+        // The records taken together go to the supervisor as one message: one write of
+        // their episode changes and one publish of their notifications.
+        let mut batches = Vec::with_capacity(records.len());
         for record in records {
             if record.offset < self.core.next_offset {
                 continue;
             }
-            let batch = match codec::decode_person_batch(record.payload.as_deref()) {
-                Ok(batch) => batch,
+            match codec::decode_person_batch(record.payload.as_deref()) {
+                Ok(batch) => batches.push(batch),
                 Err(e) => {
                     self.dead_letters
                         .send(self.core.partition, &record, &e.to_string())
                         .await;
-                    // Nothing to apply; the supervisor still learns the offset moved.
-                    PersonBatch {
-                        source: 0,
-                        updates: Vec::new(),
-                        watermark: Micros::MIN,
-                    }
                 }
-            };
-            let sent = self
-                .core
-                .handle
-                .send(|permit| PersonSupervisorMsg::Batch {
-                    batch,
-                    next_offset: (record.offset + 1) as u64,
-                    permit: Some(permit),
-                    done: None,
-                })
-                .await;
-            if sent.is_err() {
-                error!(partition = self.core.partition, "person supervisor is gone");
             }
             self.core.next_offset = record.offset + 1;
         }
+        if batches.is_empty() && self.core.next_offset <= self.sent_offset {
+            return;
+        }
+        let next_offset = self.core.next_offset;
+        let sent = self
+            .core
+            .handle
+            .send(|permit| PersonSupervisorMsg::Batch {
+                batches,
+                next_offset: next_offset as u64,
+                permit: Some(permit),
+                done: None,
+            })
+            .await;
+        if sent.is_err() {
+            error!(partition = self.core.partition, "person supervisor is gone");
+        }
+        self.sent_offset = next_offset;
     }
 
-    async fn checkpoint(&mut self) -> Option<i64> {
-        self.core.checkpoint().await
+    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
+        self.core.begin_checkpoint().await
+    }
+
+    fn checkpoint_stored(&mut self, offset: i64) {
+        self.core.snapshotted = offset;
     }
 
     async fn close(self) {

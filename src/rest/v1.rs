@@ -213,12 +213,54 @@ pub struct PartitionRow {
     /// The partition's end offset (local partitions).
     #[oai(skip_serializing_if_is_none)]
     end_offset: Option<i64>,
-    /// `end_offset - processed_offset` (local partitions).
+    /// `end_offset - processed_offset` (local partitions), unclamped: negative when the log
+    /// ends before what was processed.
     #[oai(skip_serializing_if_is_none)]
     lag: Option<i64>,
     /// Age of the last snapshot, seconds.
     #[oai(skip_serializing_if_is_none)]
     snapshot_age_s: Option<f64>,
+    /// Set when the log contradicted the snapshot's offset as the partition was restored here
+    /// (local partitions): the partition then reads the log from its start.
+    #[oai(skip_serializing_if_is_none)]
+    snapshot_mismatch: Option<SnapshotMismatch>,
+}
+
+/// A snapshot offset the log contradicted when a partition was restored.
+#[derive(Debug, Clone, Object)]
+pub struct SnapshotMismatch {
+    /// `other_topic_id` (the topic was deleted and created again), `above_end` (the log ends
+    /// before the snapshot's offset) or `below_start` (retention removed records no snapshot
+    /// covered).
+    kind: String,
+    /// What happened, in one sentence.
+    message: String,
+    /// The snapshot's next offset.
+    snapshot_offset: i64,
+    /// The topic id the snapshot was taken on, when it was recorded.
+    #[oai(skip_serializing_if_is_none)]
+    snapshot_topic_id: Option<String>,
+    /// The log as found: its start and end offsets and its topic id.
+    log_start: i64,
+    log_end: i64,
+    topic_id: String,
+    /// The offset the partition reads from instead.
+    resumed_at: i64,
+}
+
+impl From<&crate::pipeline::offsets::OffsetMismatch> for SnapshotMismatch {
+    fn from(m: &crate::pipeline::offsets::OffsetMismatch) -> Self {
+        Self {
+            kind: m.kind.as_str().to_owned(),
+            message: m.describe(),
+            snapshot_offset: m.snapshot_offset,
+            snapshot_topic_id: m.snapshot_topic_id.clone(),
+            log_start: m.log_start,
+            log_end: m.log_end,
+            topic_id: m.topic_id.clone(),
+            resumed_at: m.resumed_at,
+        }
+    }
 }
 
 /// The pipeline as this process sees it.
@@ -733,8 +775,9 @@ impl V1Api {
                     local: true,
                     processed_offset: (p.processed_offset >= 0).then_some(p.processed_offset),
                     end_offset: (p.end_offset >= 0).then_some(p.end_offset),
-                    lag: Some(p.lag),
+                    lag: p.lag,
                     snapshot_age_s: owner.and_then(|o| o.snapshot_age_s),
+                    snapshot_mismatch: p.snapshot_mismatch.as_ref().map(SnapshotMismatch::from),
                 });
             }
         }
@@ -754,6 +797,7 @@ impl V1Api {
                     end_offset: None,
                     lag: None,
                     snapshot_age_s: o.snapshot_age_s,
+                    snapshot_mismatch: None,
                 });
             }
         }

@@ -17,11 +17,23 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/0001_initial.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "snapshot topic id",
+        sql: include_str!("migrations/0002_snapshot_topic_id.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "connection writes",
+        sql: include_str!("migrations/0003_connection_writes.sql"),
+    },
+];
 
 /// Arbitrary but fixed key of the advisory lock that serializes concurrent migrators.
 const MIGRATION_LOCK_KEY: i64 = 0x7564_6163_6f6e_6e31;

@@ -2,10 +2,9 @@
 //! `connection`, partition snapshots into `shard_snapshot`. Every write is idempotent, so a
 //! replayed batch changes nothing (DESIGN §4, §6).
 
-use std::collections::{HashMap, HashSet};
-
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use rustc_hash::{FxHashMap, FxHashSet};
 use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
 use udaconnect_actors::domain::{Episode, Micros, PersonId};
 use udaconnect_actors::messages::{EpisodeChange, RoutedEvent};
@@ -79,8 +78,8 @@ pub struct NetChanges {
 /// Folds `changes`, in order, into one delete set and one upsert set (a key appears at most once,
 /// as `ON CONFLICT DO UPDATE` requires).
 pub fn net_changes(changes: &[EpisodeChange]) -> NetChanges {
-    let mut upserts: HashMap<(PersonId, PersonId, Micros), Episode> = HashMap::new();
-    let mut deletes: HashSet<(PersonId, PersonId, Micros)> = HashSet::new();
+    let mut upserts: FxHashMap<(PersonId, PersonId, Micros), Episode> = FxHashMap::default();
+    let mut deletes: FxHashSet<(PersonId, PersonId, Micros)> = FxHashSet::default();
     for c in changes {
         let e = &c.episode;
         for &start in &c.replaces {
@@ -179,55 +178,121 @@ impl PgSnapshots {
         }
     }
 
-    /// Stores (replaces) a partition's snapshot.
+    /// Stores a partition's snapshot, taken on the topic incarnation `topic_id` (Kafka's topic
+    /// id: the offset means nothing on another one), in one transaction: the partition-wide
+    /// state replaces the stored one; the parts replace theirs (all of them when the snapshot
+    /// is complete, only the changed ones otherwise).
     pub async fn store(
         &self,
         stage: Stage,
         partition: u32,
         snapshot: &SnapshotBlob,
+        topic_id: &str,
     ) -> Result<(), PortError> {
-        let client = self.pool.get().await.map_err(port)?;
-        client
-            .execute(
-                "INSERT INTO shard_snapshot (stage, topic, partition, next_offset, format, state)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (stage, topic, partition) DO UPDATE SET
-                     next_offset = EXCLUDED.next_offset, format = EXCLUDED.format,
-                     state = EXCLUDED.state, taken_at = now()",
-                &[
-                    &stage.as_str(),
-                    &self.topic,
-                    &(partition as i32),
-                    &(snapshot.next_offset as i64),
-                    &(snapshot.format as i32),
-                    &snapshot.bytes,
-                ],
+        let mut client = self.pool.get().await.map_err(port)?;
+        let tx = client.transaction().await.map_err(port)?;
+        let (stage, partition) = (stage.as_str(), partition as i32);
+        tx.execute(
+            "INSERT INTO shard_snapshot
+                 (stage, topic, partition, next_offset, format, state, topic_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (stage, topic, partition) DO UPDATE SET
+                 next_offset = EXCLUDED.next_offset, format = EXCLUDED.format,
+                 state = EXCLUDED.state, topic_id = EXCLUDED.topic_id, taken_at = now()",
+            &[
+                &stage,
+                &self.topic,
+                &partition,
+                &(snapshot.next_offset as i64),
+                &(snapshot.format as i32),
+                &snapshot.bytes,
+                &topic_id,
+            ],
+        )
+        .await
+        .map_err(port)?;
+        let (mut keys, mut states, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, state) in &snapshot.parts {
+            match state {
+                Some(state) => {
+                    keys.push(*key);
+                    states.push(state.as_slice());
+                }
+                None => removed.push(*key),
+            }
+        }
+        if snapshot.complete {
+            tx.execute(
+                "DELETE FROM shard_snapshot_part
+                 WHERE stage = $1 AND topic = $2 AND partition = $3 AND key <> ALL($4)",
+                &[&stage, &self.topic, &partition, &keys],
             )
             .await
             .map_err(port)?;
+        } else if !removed.is_empty() {
+            tx.execute(
+                "DELETE FROM shard_snapshot_part
+                 WHERE stage = $1 AND topic = $2 AND partition = $3 AND key = ANY($4)",
+                &[&stage, &self.topic, &partition, &removed],
+            )
+            .await
+            .map_err(port)?;
+        }
+        if !keys.is_empty() {
+            tx.execute(
+                "INSERT INTO shard_snapshot_part (stage, topic, partition, key, state)
+                 SELECT $1, $2, $3, p.key, p.state FROM unnest($4::int8[], $5::bytea[]) AS p(key, state)
+                 ON CONFLICT (stage, topic, partition, key) DO UPDATE SET state = EXCLUDED.state",
+                &[&stage, &self.topic, &partition, &keys, &states],
+            )
+            .await
+            .map_err(port)?;
+        }
+        tx.commit().await.map_err(port)?;
         Ok(())
     }
 
-    /// A partition's snapshot, if one was stored.
+    /// A partition's snapshot, if one was stored (complete: with every part), with the topic
+    /// id it was taken on (`None` for snapshots stored before topic ids were recorded).
     pub async fn load(
         &self,
         stage: Stage,
         partition: u32,
-    ) -> Result<Option<SnapshotBlob>, PortError> {
+    ) -> Result<Option<(SnapshotBlob, Option<String>)>, PortError> {
         let client = self.pool.get().await.map_err(port)?;
-        let row = client
+        let (stage, partition) = (stage.as_str(), partition as i32);
+        let Some(row) = client
             .query_opt(
-                "SELECT next_offset, format, state FROM shard_snapshot
+                "SELECT next_offset, format, state, topic_id FROM shard_snapshot
                  WHERE stage = $1 AND topic = $2 AND partition = $3",
-                &[&stage.as_str(), &self.topic, &(partition as i32)],
+                &[&stage, &self.topic, &partition],
             )
             .await
-            .map_err(port)?;
-        Ok(row.map(|row| SnapshotBlob {
-            next_offset: row.get::<_, i64>(0) as u64,
-            format: row.get::<_, i32>(1) as u32,
-            bytes: row.get(2),
-        }))
+            .map_err(port)?
+        else {
+            return Ok(None);
+        };
+        let parts = client
+            .query(
+                "SELECT key, state FROM shard_snapshot_part
+                 WHERE stage = $1 AND topic = $2 AND partition = $3 ORDER BY key",
+                &[&stage, &self.topic, &partition],
+            )
+            .await
+            .map_err(port)?
+            .into_iter()
+            .map(|r| (r.get::<_, i64>(0), Some(r.get::<_, Vec<u8>>(1))))
+            .collect();
+        Ok(Some((
+            SnapshotBlob {
+                next_offset: row.get::<_, i64>(0) as u64,
+                format: row.get::<_, i32>(1) as u32,
+                bytes: row.get(2),
+                parts,
+                complete: true,
+            },
+            row.get(3),
+        )))
     }
 }
 
@@ -314,29 +379,6 @@ impl PgOwners {
             partition,
         )
         .await
-    }
-
-    /// How many of the stage's `partitions` have no owner row confirmed within `fresh_s`
-    /// seconds: partitions nobody live owns.
-    pub async fn orphaned(
-        &self,
-        stage: Stage,
-        partitions: u32,
-        fresh_s: f64,
-    ) -> Result<u32, PortError> {
-        let client = self.pool.get().await.map_err(port)?;
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM generate_series(0, $3::int4 - 1) AS p(partition)
-                 WHERE NOT EXISTS (
-                     SELECT 1 FROM shard_owner o
-                     WHERE o.stage = $1 AND o.topic = $2 AND o.partition = p.partition
-                       AND o.heartbeat_at > now() - make_interval(secs => $4))",
-                &[&stage.as_str(), &self.topic, &(partitions as i32), &fresh_s],
-            )
-            .await
-            .map_err(port)?;
-        Ok(row.get::<_, i64>(0) as u32)
     }
 
     async fn update(&self, sql: &str, stage: Stage, partition: u32) -> Result<(), PortError> {

@@ -686,23 +686,31 @@ async fn subscribe_streams_connection_started_for_a_pair_sent_through_record_str
     );
     assert!(uuid::Uuid::parse_str(&n.id).is_ok(), "{}", n.id);
 
-    // The same episode is in the history.
-    let page = connections
-        .history(HistoryRequest {
-            person_id: 1,
-            from: None,
-            to: None,
-            page_size: 0,
-            page_token: String::new(),
-        })
-        .await
-        .expect("history")
-        .into_inner();
-    let peers: Vec<i64> = page
-        .connections
-        .iter()
-        .map(|c| c.peer.as_ref().expect("peer").id)
-        .collect();
+    // The same episode is in the history once episode changes are written (at most
+    // CHANGES_FLUSH_INTERVAL after the notification).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let peers = loop {
+        let page = connections
+            .history(HistoryRequest {
+                person_id: 1,
+                from: None,
+                to: None,
+                page_size: 0,
+                page_token: String::new(),
+            })
+            .await
+            .expect("history")
+            .into_inner();
+        let peers: Vec<i64> = page
+            .connections
+            .iter()
+            .map(|c| c.peer.as_ref().expect("peer").id)
+            .collect();
+        if !peers.is_empty() || Instant::now() >= deadline {
+            break peers;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(peers, [2]);
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;

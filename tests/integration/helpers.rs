@@ -1,5 +1,5 @@
 //! Test support: fresh databases, a spawned service, a TCP proxy that can cut PostgreSQL off,
-//! and a private tansu broker that a test may stop.
+//! and a private Apache Kafka broker that a test may kill.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -299,20 +299,26 @@ pub fn postgres_addr() -> SocketAddr {
     format!("{host}:{port}").parse().expect("postgres addr")
 }
 
-/// A private tansu broker on a free port with its own storage, which a test may stop and
-/// start again (same port, same data).
+/// A private Apache Kafka broker (combined broker + controller) on a free port with its own
+/// storage, which a test may kill and start again (same port, same data). Started with
+/// `./dev kafka-broker`, the same configuration as the dev broker.
 pub struct PrivateBroker {
     pub addr: SocketAddr,
+    controller_port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
 impl PrivateBroker {
-    /// Starts `tansu broker` (the binary `./dev setup` installs) and waits until it listens.
+    /// Starts the broker and waits until it answers metadata requests.
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("udaconnect-kafka-")
+            .tempdir()
+            .expect("tempdir");
         let mut broker = Self {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            controller_port: free_port(),
             child: None,
             dir,
         };
@@ -320,35 +326,46 @@ impl PrivateBroker {
         broker
     }
 
-    /// (Re)starts the broker process on the same port and storage; waits until it listens.
+    /// (Re)starts the broker process on the same port and storage; waits until it answers.
     pub async fn restart(&mut self) {
         self.stop();
-        let tansu = std::env::var("UDATEST_TANSU").unwrap_or_else(|_| "tansu".to_owned());
-        let url = format!("tcp://{}", self.addr);
-        let child = Command::new(&tansu)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            // tansu resolves a sqlite:// path against its working directory.
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(self.dir.path())
+        let dev = std::env::var("UDATEST_DEV")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/dev").to_owned());
+        let log = std::fs::File::create(self.dir.path().join("broker.out")).expect("broker log");
+        let child = Command::new(&dev)
+            .arg("kafka-broker")
+            .arg(self.dir.path())
+            .arg(self.addr.port().to_string())
+            .arg(self.controller_port.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("broker log"))
+            .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {tansu} (run ./dev setup): {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {dev} kafka-broker (run ./dev setup): {e}"));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(self.addr).await.is_err() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let probe = udaconnect::kafka::Broker::new(&Config {
+            kafka_brokers: self.addr.to_string(),
+            ..Config::default()
+        })
+        .expect("admin client");
+        while probe.ping(Duration::from_millis(500)).await.is_err() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             assert!(
-                Instant::now() < deadline,
-                "private tansu broker did not listen on {}",
-                self.addr
+                exited.is_none() && Instant::now() < deadline,
+                "private Kafka broker did not answer on {} ({}): {}",
+                self.addr,
+                exited.map_or("timed out".to_owned(), |s| s.to_string()),
+                std::fs::read_to_string(self.dir.path().join("broker.out")).unwrap_or_default()
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// Kills the broker and waits until it is gone.
+    /// Kills the broker with SIGKILL (a crash: no clean shutdown) and waits until it is gone.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -30,13 +30,16 @@ pub struct InProcessUpdates {
 }
 
 impl PersonUpdateSink for InProcessUpdates {
-    fn publish(&self, batches: Vec<(u32, PersonBatch)>) -> BoxFuture<'_, Result<(), PortError>> {
+    fn publish<'a>(
+        &'a self,
+        batches: &'a [(u32, PersonBatch)],
+    ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
             for (q, batch) in batches {
-                let handle = &self.persons[q as usize];
+                let handle = &self.persons[*q as usize];
                 handle
                     .send(|permit| PersonSupervisorMsg::Batch {
-                        batch,
+                        batches: vec![batch.clone()],
                         next_offset: 0,
                         permit: Some(permit),
                         done: None,
@@ -120,16 +123,24 @@ impl MemoryConnections {
 }
 
 impl ConnectionSink for MemoryConnections {
-    fn apply<'a>(
+    fn store<'a>(
         &'a self,
         _partition: u32,
         changes: &'a [EpisodeChange],
-        notifications: &'a [Notification],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         let mut inner = self.inner.lock().expect("not poisoned");
         for c in changes {
             inner.0.apply(c);
         }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _partition: u32,
+        notifications: &'a [Notification],
+    ) -> BoxFuture<'a, Result<(), PortError>> {
+        let mut inner = self.inner.lock().expect("not poisoned");
         inner.1 += notifications.len() as u64;
         if self.keep_notifications {
             inner.2.extend_from_slice(notifications);
@@ -323,20 +334,28 @@ impl ActorEngine {
         self.settle().await?;
         let mut snapshot = EngineSnapshot::default();
         for z in &self.zones {
-            snapshot.zones.push(call_ok(
+            let pending = call_ok(
                 z.actor()
                     .call(ZoneSupervisorMsg::Snapshot, Some(CALL_TIMEOUT))
                     .await,
                 "zone snapshot",
-            )?);
+            )?;
+            snapshot.zones.push(pending.wait().await?);
         }
         for h in &self.persons {
-            snapshot.persons.push(call_ok(
+            let pending = call_ok(
                 h.actor()
-                    .call(PersonSupervisorMsg::Snapshot, Some(CALL_TIMEOUT))
+                    .call(
+                        |reply| PersonSupervisorMsg::Snapshot {
+                            complete: true,
+                            reply,
+                        },
+                        Some(CALL_TIMEOUT),
+                    )
                     .await,
                 "person snapshot",
-            )?);
+            )?;
+            snapshot.persons.push(pending.wait().await?);
         }
         Ok(snapshot)
     }

@@ -3,30 +3,42 @@
 //!
 //! The supervisor groups a batch's updates by person, lets the persons' actors work in
 //! parallel, then advances the source's watermark and asks the persons whose deadlines the
-//! minimum watermark passed to close episodes. Episode changes and notifications go to the
-//! [`ConnectionSink`] before the next batch is taken.
+//! minimum watermark passed to close episodes. Notifications go to the [`ConnectionSink`]
+//! before the next batch is taken. Episode changes wait up to [`CHANGES_FLUSH_INTERVAL`] and
+//! are written together (many changes to one episode become one row write) by the
+//! partition's writer task, in order, while the supervisor goes on; a snapshot is finished
+//! only once the changes it covers are stored.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::actors::ports::{retry, ConnectionSink, SnapshotBlob};
+use crate::actors::ports::{
+    retry, CapturedSnapshot, ConnectionSink, PendingSnapshot, SnapshotBlob,
+};
 use crate::actors::SupervisionCounters;
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{Deadlines, OpenEpisode, PersonCounters, PersonState, Sighting, Watermarks};
-use crate::messages::{PersonBatch, PersonOutput, PersonUpdate};
+use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
 use crate::params::EngineParams;
 use crate::zones::ZoneId;
 
 /// How long the supervisor waits for a person actor's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Snapshot format of a person partition (postcard of [`PersonPartitionSnapshot`]).
-pub const PERSON_SNAPSHOT_FORMAT: u32 = 1;
+/// Snapshot format of a person partition: postcard of [`PersonPartitionSnapshot`], and of a
+/// [`PersonState`] per part (keyed by person id).
+pub const PERSON_SNAPSHOT_FORMAT: u32 = 2;
+/// How long episode changes may wait before they are written to the sink (history queries
+/// see an episode's changes up to this much later than its notifications).
+pub const CHANGES_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Flushes of episode changes queued in front of the writer before the supervisor waits
+/// (backpressure when the store is slow or away).
+const WRITER_QUEUE: usize = 4;
 
 /// A person actor: configuration only; its state is a [`PersonState`].
 pub struct PersonActor {
@@ -115,7 +127,7 @@ impl Actor for PersonActor {
                 for u in &updates {
                     match u {
                         PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
-                        PersonUpdate::Colocation(c) => {
+                        PersonUpdate::Colocations(c) => {
                             if let Some(d) = state.colocation(
                                 c,
                                 source_watermark,
@@ -152,13 +164,13 @@ impl Actor for PersonActor {
     }
 }
 
-/// The serialized state of a person partition.
+/// The partition-wide state of a person partition's snapshot (each person's state is a part
+/// of its own, stored only when it changed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PersonPartitionSnapshot {
     pub partition: u32,
     pub watermarks: Watermarks,
     pub deadlines: Deadlines,
-    pub persons: Vec<PersonState>,
     pub counters: PersonSupervisorCounters,
 }
 
@@ -210,20 +222,73 @@ pub struct PersonSupervisorState {
     next_offset: u64,
     port_retries: u64,
     captured: PersonOutput,
+    /// Episode changes not handed to the writer yet, in order, and whether a flush is
+    /// scheduled.
+    pending_changes: Vec<EpisodeChange>,
+    flush_scheduled: bool,
+    /// The writer task's queue: it stores episode changes in order.
+    writer: tokio::sync::mpsc::Sender<WriterMsg>,
+    /// Retries of the writer task (the store away).
+    writer_retries: Arc<std::sync::atomic::AtomicU64>,
+    /// Persons whose state may have changed since the last snapshot, and whether the next
+    /// snapshot must hold every person (nothing stored yet to build on).
+    changed: FxHashSet<PersonId>,
+    complete_next: bool,
+}
+
+/// What the writer task of a person partition does, in order.
+enum WriterMsg {
+    /// Store these changes (retrying until the sink takes them).
+    Write(Vec<EpisodeChange>),
+    /// Answer once everything before is stored.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Stores episode changes in the order they come, retrying each write until the sink takes it.
+async fn write_changes(
+    partition: u32,
+    sink: Arc<dyn ConnectionSink>,
+    retries: Arc<std::sync::atomic::AtomicU64>,
+    mut queue: tokio::sync::mpsc::Receiver<WriterMsg>,
+) {
+    while let Some(msg) = queue.recv().await {
+        match msg {
+            WriterMsg::Write(changes) => {
+                let ((), n) = retry("storing episode changes", partition, || {
+                    sink.store(partition, &changes)
+                })
+                .await;
+                retries.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            WriterMsg::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
 }
 
 /// Messages of a person supervisor.
 pub enum PersonSupervisorMsg {
-    /// The next batch of the partition; `next_offset` is the input offset after it.
+    /// The next batches of the partition, in input order (one per input record);
+    /// `next_offset` is the input offset after the last.
     Batch {
-        batch: PersonBatch,
+        batches: Vec<PersonBatch>,
         next_offset: u64,
         permit: Option<OwnedSemaphorePermit>,
         done: Option<RpcReplyPort<()>>,
     },
-    /// Replies once every earlier message is processed.
+    /// Writes the pending episode changes; replies once every earlier message is processed.
     Flush(RpcReplyPort<()>),
-    Snapshot(RpcReplyPort<SnapshotBlob>),
+    /// Writes the pending episode changes (scheduled [`CHANGES_FLUSH_INTERVAL`] after the
+    /// first of them).
+    FlushChanges,
+    /// Captures a snapshot; it is finished in the background (see [`PendingSnapshot`]).
+    Snapshot {
+        /// Every person's state, rather than those that changed since the previous snapshot
+        /// (a snapshot that must restore on its own).
+        complete: bool,
+        reply: RpcReplyPort<PendingSnapshot>,
+    },
     View(RpcReplyPort<PersonPartitionView>),
     Person {
         person: PersonId,
@@ -290,10 +355,12 @@ impl PersonSupervisorState {
         Ok(actor)
     }
 
+    /// Applies one batch, adding its changes and notifications to `out`.
     async fn process(
         &mut self,
         myself: &ActorRef<PersonSupervisorMsg>,
         batch: PersonBatch,
+        out: &mut PersonOutput,
     ) -> Result<(), ActorProcessingErr> {
         self.counters.batches += 1;
         self.counters.updates += batch.updates.len() as u64;
@@ -303,7 +370,7 @@ impl PersonSupervisorState {
             let person = u.person();
             let t = match &u {
                 PersonUpdate::Sighting { event, .. } => event.recorded_at,
-                PersonUpdate::Colocation(c) => c.time,
+                PersonUpdate::Colocations(c) => c.last,
             };
             let active = self.last_active.entry(person).or_insert(t);
             *active = (*active).max(t);
@@ -311,6 +378,7 @@ impl PersonSupervisorState {
         }
         let mut calls = Vec::with_capacity(by_person.len());
         for (person, updates) in by_person {
+            self.changed.insert(person);
             let actor = self.actor(myself, person).await?;
             calls.push(async move {
                 let r = actor
@@ -326,7 +394,6 @@ impl PersonSupervisorState {
                 (person, success(r))
             });
         }
-        let mut out = PersonOutput::default();
         for (person, result) in join_all(calls).await {
             match result {
                 Some((o, deadline, accepted)) => {
@@ -343,10 +410,9 @@ impl PersonSupervisorState {
         self.watermarks.advance(batch.source, batch.watermark);
         let min = self.watermarks.min();
         if min > before {
-            self.close_due(min, &mut out).await;
+            self.close_due(min, out).await;
             self.passivate_idle(min).await;
         }
-        self.emit(out).await;
         Ok(())
     }
 
@@ -354,6 +420,7 @@ impl PersonSupervisorState {
         let due = self.deadlines.due(min);
         let mut calls = Vec::new();
         for person in due {
+            self.changed.insert(person);
             if let Some(actor) = self.actors.get(&person).cloned() {
                 calls.push(async move {
                     let r = actor
@@ -417,47 +484,101 @@ impl PersonSupervisorState {
         }
     }
 
-    async fn emit(&mut self, out: PersonOutput) {
+    /// Publishes the notifications now and queues the changes, scheduling their write.
+    async fn emit(&mut self, myself: &ActorRef<PersonSupervisorMsg>, out: PersonOutput) {
         self.counters.changes += out.changes.len() as u64;
         self.counters.notifications += out.notifications.len() as u64;
-        if !out.changes.is_empty() || !out.notifications.is_empty() {
+        if !out.notifications.is_empty() {
             let sink = &self.connections;
             let partition = self.partition;
-            let ((), retries) = retry("applying connection changes", partition, || {
-                sink.apply(partition, &out.changes, &out.notifications)
+            let ((), retries) = retry("publishing notifications", partition, || {
+                sink.publish(partition, &out.notifications)
             })
             .await;
             self.port_retries += retries;
+        }
+        if !out.changes.is_empty() {
+            if self.pending_changes.is_empty() && !self.flush_scheduled {
+                self.flush_scheduled = true;
+                myself.send_after(CHANGES_FLUSH_INTERVAL, || PersonSupervisorMsg::FlushChanges);
+            }
+            self.pending_changes.extend_from_slice(&out.changes);
         }
         if self.capture {
             self.captured.extend(out);
         }
     }
 
-    async fn snapshot(&self) -> Result<SnapshotBlob, ActorProcessingErr> {
-        let calls = self
-            .actors
-            .values()
-            .map(|a| a.call(PersonMsg::Snapshot, Some(CALL_TIMEOUT)));
-        let mut persons: Vec<PersonState> =
-            Vec::with_capacity(self.actors.len() + self.passivated.len());
-        for r in join_all(calls).await {
-            persons.push(success(r).ok_or("a person actor did not answer the snapshot request")?);
+    /// Hands the pending episode changes to the writer (waiting for room in its queue).
+    async fn flush_changes(&mut self) {
+        if self.pending_changes.is_empty() {
+            return;
         }
-        persons.extend(self.passivated.values().cloned());
-        persons.sort_by_key(PersonState::person);
-        let snapshot = PersonPartitionSnapshot {
+        let changes = std::mem::take(&mut self.pending_changes);
+        if self.writer.send(WriterMsg::Write(changes)).await.is_err() {
+            tracing::error!(partition = self.partition, "the episode writer is gone");
+        }
+    }
+
+    /// Hands the pending changes to the writer; the receiver resolves once every change so
+    /// far is stored.
+    async fn stored_so_far(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        self.flush_changes().await;
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let _ = self.writer.send(WriterMsg::Barrier(done)).await;
+        stored
+    }
+
+    /// Captures the partition's state (every person's when `complete`, else those that
+    /// changed since the last snapshot); it is serialized in the background once the episode
+    /// changes it covers are stored.
+    async fn snapshot(&mut self, complete: bool) -> Result<PendingSnapshot, ActorProcessingErr> {
+        let stored = self.stored_so_far().await;
+        let complete = complete || self.complete_next;
+        let mut wanted: Vec<PersonId> = if complete {
+            self.actors
+                .keys()
+                .chain(self.passivated.keys())
+                .copied()
+                .collect()
+        } else {
+            self.changed.iter().copied().collect()
+        };
+        wanted.sort_unstable();
+        let calls = wanted
+            .iter()
+            .filter_map(|p| self.actors.get(p))
+            .map(|a| async move { success(a.call(PersonMsg::Snapshot, Some(CALL_TIMEOUT)).await) });
+        let mut active = FxHashMap::default();
+        for state in join_all(calls).await {
+            let state = state.ok_or("a person actor did not answer the snapshot request")?;
+            active.insert(state.person(), state);
+        }
+        let parts = wanted
+            .iter()
+            .filter_map(|p| {
+                let state = active.remove(p).or_else(|| self.passivated.get(p).cloned());
+                state.map(|s| (*p, Some(s)))
+            })
+            .collect();
+        self.changed.clear();
+        self.complete_next = false;
+        let header = PersonPartitionSnapshot {
             partition: self.partition,
             watermarks: self.watermarks.clone(),
             deadlines: self.deadlines.clone(),
-            persons,
             counters: self.counters,
         };
-        Ok(SnapshotBlob {
-            next_offset: self.next_offset,
-            format: PERSON_SNAPSHOT_FORMAT,
-            bytes: postcard::to_stdvec(&snapshot)?,
-        })
+        Ok(PendingSnapshot::serialize(
+            CapturedSnapshot {
+                header,
+                parts,
+                complete,
+                next_offset: self.next_offset,
+                format: PERSON_SNAPSHOT_FORMAT,
+            },
+            Some(stored),
+        ))
     }
 }
 
@@ -471,6 +592,14 @@ impl Actor for PersonSupervisor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let (writer, queue) = tokio::sync::mpsc::channel(WRITER_QUEUE);
+        let writer_retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(write_changes(
+            args.partition,
+            Arc::clone(&args.connections),
+            Arc::clone(&writer_retries),
+            queue,
+        ));
         let mut state = PersonSupervisorState {
             partition: args.partition,
             gap_us: i64::from(args.params.episode_gap_s) * MICROS_PER_S,
@@ -488,6 +617,12 @@ impl Actor for PersonSupervisor {
             next_offset: 0,
             port_retries: 0,
             captured: PersonOutput::default(),
+            pending_changes: Vec::new(),
+            flush_scheduled: false,
+            writer,
+            writer_retries,
+            changed: FxHashSet::default(),
+            complete_next: true,
         };
         if let Some(blob) = args.snapshot {
             if blob.format != PERSON_SNAPSHOT_FORMAT {
@@ -503,11 +638,19 @@ impl Actor for PersonSupervisor {
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
             // Restored persons start passivated; their actors start on their next update.
-            state.passivated = snapshot
-                .persons
-                .into_iter()
-                .map(|p| (p.person(), p))
-                .collect();
+            for (person, bytes) in blob.part_states() {
+                let restored: PersonState = postcard::from_bytes(bytes)?;
+                if restored.person() != person {
+                    return Err(format!(
+                        "person snapshot part {person} holds person {}",
+                        restored.person()
+                    )
+                    .into());
+                }
+                state.passivated.insert(person, restored);
+            }
+            // The stored parts are this snapshot's: the next one may build on them.
+            state.complete_next = false;
         }
         Ok(state)
     }
@@ -520,12 +663,16 @@ impl Actor for PersonSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PersonSupervisorMsg::Batch {
-                batch,
+                batches,
                 next_offset,
                 permit,
                 done,
             } => {
-                state.process(&myself, batch).await?;
+                let mut out = PersonOutput::default();
+                for batch in batches {
+                    state.process(&myself, batch, &mut out).await?;
+                }
+                state.emit(&myself, out).await;
                 state.next_offset = next_offset;
                 drop(permit);
                 if let Some(done) = done {
@@ -533,11 +680,17 @@ impl Actor for PersonSupervisor {
                 }
             }
             PersonSupervisorMsg::Flush(reply) => {
+                let stored = state.stored_so_far().await;
+                let _ = stored.await;
                 let _ = reply.send(());
             }
-            PersonSupervisorMsg::Snapshot(reply) => {
-                let blob = state.snapshot().await?;
-                let _ = reply.send(blob);
+            PersonSupervisorMsg::FlushChanges => {
+                state.flush_scheduled = false;
+                state.flush_changes().await;
+            }
+            PersonSupervisorMsg::Snapshot { complete, reply } => {
+                let pending = state.snapshot(complete).await?;
+                let _ = reply.send(pending);
             }
             PersonSupervisorMsg::View(reply) => {
                 let _ = reply.send(PersonPartitionView {
@@ -548,7 +701,10 @@ impl Actor for PersonSupervisor {
                     passivated_persons: state.passivated.len(),
                     counters: state.counters,
                     supervision: state.supervision,
-                    port_retries: state.port_retries,
+                    port_retries: state.port_retries
+                        + state
+                            .writer_retries
+                            .load(std::sync::atomic::Ordering::Relaxed),
                 });
             }
             PersonSupervisorMsg::Person { person, reply } => {
@@ -586,6 +742,7 @@ impl Actor for PersonSupervisor {
                 state.actors.remove(&person);
                 tracing::error!(partition = state.partition, person, %error, "person actor failed, restarting it empty");
                 state.supervision.lost_batches += 1;
+                state.changed.insert(person);
                 state.spawn(&myself, PersonState::new(person)).await?;
                 state.supervision.restarts += 1;
             }

@@ -26,17 +26,25 @@ pub trait LocationSink: Send + Sync + 'static {
 /// Where the zone stage sends per-person updates (the `person-updates` topic).
 pub trait PersonUpdateSink: Send + Sync + 'static {
     /// Sends each batch to its person partition, in order.
-    fn publish(&self, batches: Vec<(u32, PersonBatch)>) -> BoxFuture<'_, Result<(), PortError>>;
+    fn publish<'a>(
+        &'a self,
+        batches: &'a [(u32, PersonBatch)],
+    ) -> BoxFuture<'a, Result<(), PortError>>;
 }
 
-/// Where the person stage applies episode changes and sends notifications (the `connection`
+/// Where the person stage stores episode changes and sends notifications (the `connection`
 /// table and the `connections` topic).
 pub trait ConnectionSink: Send + Sync + 'static {
-    /// Applies changes, then publishes notifications, of person partition `partition`.
-    fn apply<'a>(
+    /// Applies episode changes of person partition `partition`, in order, atomically.
+    fn store<'a>(
         &'a self,
         partition: u32,
         changes: &'a [EpisodeChange],
+    ) -> BoxFuture<'a, Result<(), PortError>>;
+    /// Publishes notifications of person partition `partition`, in order.
+    fn publish<'a>(
+        &'a self,
+        partition: u32,
         notifications: &'a [Notification],
     ) -> BoxFuture<'a, Result<(), PortError>>;
 }
@@ -58,12 +66,87 @@ impl Stage {
     }
 }
 
-/// A partition's serialized actor state and the next input offset it covers.
+/// A partition's serialized state and the next input offset it covers: the partition-wide
+/// state (`bytes`) and each actor's state as a part, by key (person id, or zone id as `i64`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotBlob {
     pub next_offset: u64,
     pub format: u32,
     pub bytes: Vec<u8>,
+    /// Actors' states by key; `None` for an actor that no longer exists.
+    pub parts: Vec<(i64, Option<Vec<u8>>)>,
+    /// Whether `parts` holds every actor of the partition (stored parts not among them are
+    /// dropped); otherwise it holds only the actors that changed since the previous snapshot,
+    /// whose stored parts stay valid for the others.
+    pub complete: bool,
+}
+
+impl SnapshotBlob {
+    /// The parts' states, for a restore (which always reads a complete set).
+    pub fn part_states(&self) -> impl Iterator<Item = (i64, &[u8])> {
+        self.parts
+            .iter()
+            .filter_map(|(key, bytes)| bytes.as_deref().map(|b| (*key, b)))
+    }
+}
+
+/// A snapshot whose state was captured when its supervisor answered, finished in the
+/// background (serialized on a blocking thread, after whatever it depends on is durable) so
+/// that the supervisor goes on with the next batches meanwhile.
+pub struct PendingSnapshot(pub BoxFuture<'static, Result<SnapshotBlob, PortError>>);
+
+/// What a supervisor captured for a snapshot, before serialization.
+pub struct CapturedSnapshot<H, P> {
+    /// The partition-wide state.
+    pub header: H,
+    /// Actors' states by key (see [`SnapshotBlob::parts`]).
+    pub parts: Vec<(i64, Option<P>)>,
+    pub complete: bool,
+    pub next_offset: u64,
+    pub format: u32,
+}
+
+impl PendingSnapshot {
+    /// Serializes `captured` (postcard) off the async threads once `durable` (if any)
+    /// resolves.
+    pub fn serialize<H, P>(
+        captured: CapturedSnapshot<H, P>,
+        durable: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Self
+    where
+        H: Serialize + Send + 'static,
+        P: Serialize + Send + 'static,
+    {
+        Self(Box::pin(async move {
+            if let Some(durable) = durable {
+                durable.await.map_err(|_| {
+                    PortError("the writes the snapshot covers were abandoned".to_owned())
+                })?;
+            }
+            let serialize = move || -> Result<SnapshotBlob, postcard::Error> {
+                let mut parts = Vec::with_capacity(captured.parts.len());
+                for (key, part) in &captured.parts {
+                    parts.push((*key, part.as_ref().map(postcard::to_stdvec).transpose()?));
+                }
+                Ok(SnapshotBlob {
+                    next_offset: captured.next_offset,
+                    format: captured.format,
+                    bytes: postcard::to_stdvec(&captured.header)?,
+                    parts,
+                    complete: captured.complete,
+                })
+            };
+            tokio::task::spawn_blocking(serialize)
+                .await
+                .map_err(|e| PortError(format!("serializing the snapshot panicked: {e}")))?
+                .map_err(|e| PortError(format!("cannot serialize the snapshot: {e}")))
+        }))
+    }
+
+    /// Waits for the finished snapshot.
+    pub async fn wait(self) -> Result<SnapshotBlob, PortError> {
+        self.0.await
+    }
 }
 
 /// Where partition snapshots are kept (the `shard_snapshot` table).

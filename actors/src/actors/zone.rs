@@ -14,7 +14,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::actors::ports::{retry, LocationSink, PersonUpdateSink, SnapshotBlob};
+use crate::actors::ports::{
+    retry, CapturedSnapshot, LocationSink, PendingSnapshot, PersonUpdateSink, SnapshotBlob,
+};
 use crate::actors::SupervisionCounters;
 use crate::domain::Micros;
 use crate::index::{
@@ -26,8 +28,9 @@ use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
 /// How long the supervisor waits for a zone actor's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Snapshot format of a zone partition (postcard of [`ZonePartitionSnapshot`]).
-pub const ZONE_SNAPSHOT_FORMAT: u32 = 1;
+/// Snapshot format of a zone partition: postcard of [`ZonePartitionSnapshot`], and of a
+/// [`ZoneIndex`] per part (keyed by zone id as `i64`).
+pub const ZONE_SNAPSHOT_FORMAT: u32 = 2;
 
 /// A zone actor: configuration only; its state is [`ZoneState`].
 pub struct ZoneActor;
@@ -133,13 +136,12 @@ fn zone_view(index: &ZoneIndex, limit: usize) -> ZoneView {
     }
 }
 
-/// The serialized state of a zone partition.
+/// The partition-wide state of a zone partition's snapshot (each zone's index is a part).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ZonePartitionSnapshot {
     pub partition: u32,
     pub clock: EventClock,
     pub counters: PartitionCounters,
-    pub zones: Vec<ZoneIndex>,
 }
 
 /// The zone partition's supervisor: configuration only.
@@ -194,7 +196,8 @@ pub enum ZoneSupervisorMsg {
     },
     /// The end of the input: the watermark jumps to the end of time.
     Finish(RpcReplyPort<()>),
-    Snapshot(RpcReplyPort<SnapshotBlob>),
+    /// Captures a snapshot; it is serialized in the background (see [`PendingSnapshot`]).
+    Snapshot(RpcReplyPort<PendingSnapshot>),
     View(RpcReplyPort<ZonePartitionView>),
     ZoneView {
         zone: ZoneId,
@@ -331,13 +334,13 @@ impl ZoneSupervisorState {
                 .collect();
         let sink = &self.updates;
         let ((), retries) = retry("publishing person updates", partition, || {
-            sink.publish(batches.clone())
+            sink.publish(&batches)
         })
         .await;
         self.port_retries += retries;
     }
 
-    async fn snapshot(&self) -> Result<SnapshotBlob, ActorProcessingErr> {
+    async fn snapshot(&self) -> Result<PendingSnapshot, ActorProcessingErr> {
         let calls = self
             .zones
             .values()
@@ -350,17 +353,26 @@ impl ZoneSupervisorState {
             }
         }
         zones.sort_by_key(ZoneIndex::zone);
-        let snapshot = ZonePartitionSnapshot {
+        let header = ZonePartitionSnapshot {
             partition: self.partition,
             clock: self.clock,
             counters: self.counters,
-            zones,
         };
-        Ok(SnapshotBlob {
-            next_offset: self.next_offset,
-            format: ZONE_SNAPSHOT_FORMAT,
-            bytes: postcard::to_stdvec(&snapshot)?,
-        })
+        // Every zone, every time: zones are few, and each one's points change with each
+        // watermark anyway.
+        Ok(PendingSnapshot::serialize(
+            CapturedSnapshot {
+                header,
+                parts: zones
+                    .into_iter()
+                    .map(|z| (z.zone() as i64, Some(z)))
+                    .collect(),
+                complete: true,
+                next_offset: self.next_offset,
+                format: ZONE_SNAPSHOT_FORMAT,
+            },
+            None,
+        ))
     }
 }
 
@@ -401,7 +413,13 @@ impl Actor for ZoneSupervisor {
             state.clock = snapshot.clock;
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
-            for index in snapshot.zones {
+            for (zone, bytes) in blob.part_states() {
+                let index: ZoneIndex = postcard::from_bytes(bytes)?;
+                if index.zone() as i64 != zone {
+                    return Err(
+                        format!("zone snapshot part {zone} holds zone {}", index.zone()).into(),
+                    );
+                }
                 state.spawn_zone(&myself, index).await?;
             }
         }

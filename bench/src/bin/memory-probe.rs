@@ -133,7 +133,7 @@ fn main() {
             };
             sup.call(
                 |reply| PersonSupervisorMsg::Batch {
-                    batch,
+                    batches: vec![batch],
                     next_offset: 0,
                     permit: None,
                     done: Some(reply),

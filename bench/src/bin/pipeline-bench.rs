@@ -43,7 +43,7 @@ use serde_json::json;
 use tokio_postgres::NoTls;
 use udaconnect::config::redact_url;
 use udaconnect::kafka::{client_config, TopicSpec};
-use udaconnect::pipeline::codec::decode_notification;
+use udaconnect::pipeline::codec::decode_notifications;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::Config;
 use udaconnect_actors::domain::{
@@ -467,13 +467,24 @@ fn assign_all(c: &BaseConsumer, topic: &str, partitions: i32) -> anyhow::Result<
     Ok(())
 }
 
-/// High watermarks of every partition of `topic`.
+/// High watermarks of every partition of `topic` (a topic created a moment ago may answer
+/// "not leader" for a while: asked again for up to 10 s).
 fn high_watermarks(c: &BaseConsumer, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
     (0..partitions)
         .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map(|(_, high)| high)
-                .with_context(|| format!("cannot read the end offset of {topic}/{p}"))
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match c.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((_, high)) => return Ok(high),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot read the end offset of {topic}/{p}"))
+                    }
+                }
+            }
         })
         .collect()
 }
@@ -1384,32 +1395,34 @@ async fn latency_phase(
     } in tapped.records.iter().skip(warm_notifications as usize)
     {
         delivery_ms.push((read_ms - created_ms) as f64);
-        let n = match decode_notification(Some(payload)) {
-            Ok(n) => n,
-            Err(e) => anyhow::bail!("a notification that does not decode: {e}"),
+        let notifications = match decode_notifications(Some(payload)) {
+            Ok(ns) => ns,
+            Err(e) => anyhow::bail!("a connections record that does not decode: {e}"),
         };
-        if n.kind != NotificationKind::Started {
-            other += 1;
-            continue;
-        }
-        started_count += 1;
-        let ep = &n.episode;
-        let ack = [ep.person, ep.peer]
-            .iter()
-            .filter_map(|p| acks.get(&(*p, ep.started_at)))
-            .max();
-        match ack {
-            Some(ack) => {
-                let ms = if at >= ack {
-                    (*at - *ack).as_secs_f64() * 1e3
-                } else {
-                    -((*ack - *at).as_secs_f64() * 1e3)
-                };
-                latencies.push(ms);
-                let window = ack.saturating_duration_since(paced_from).as_secs() / 5;
-                by_window.entry(window).or_default().push(ms);
+        for n in notifications {
+            if n.kind != NotificationKind::Started {
+                other += 1;
+                continue;
             }
-            None => unmatched += 1,
+            started_count += 1;
+            let ep = &n.episode;
+            let ack = [ep.person, ep.peer]
+                .iter()
+                .filter_map(|p| acks.get(&(*p, ep.started_at)))
+                .max();
+            match ack {
+                Some(ack) => {
+                    let ms = if at >= ack {
+                        (*at - *ack).as_secs_f64() * 1e3
+                    } else {
+                        -((*ack - *at).as_secs_f64() * 1e3)
+                    };
+                    latencies.push(ms);
+                    let window = ack.saturating_duration_since(paced_from).as_secs() / 5;
+                    by_window.entry(window).or_default().push(ms);
+                }
+                None => unmatched += 1,
+            }
         }
     }
     // The median per 5 s of the pace, by acknowledgement time: flat when the pipeline keeps
