@@ -60,6 +60,9 @@ pub struct Config {
     pub future_skew_s: u32,
     /// How long a readiness check waits for each dependency, milliseconds.
     pub readiness_timeout_ms: u64,
+    /// How long an ingest call waits for the broker's acknowledgement before it answers
+    /// "unavailable" (503 / UNAVAILABLE), milliseconds.
+    pub ingest_ack_timeout_ms: u64,
     /// How long start-up waits for PostgreSQL before giving up, seconds.
     pub startup_wait_s: u64,
     /// How long a graceful shutdown may take, seconds.
@@ -93,6 +96,7 @@ impl Default for Config {
             zone_resolution: engine.zone_resolution,
             future_skew_s: 300,
             readiness_timeout_ms: 2_000,
+            ingest_ack_timeout_ms: 10_000,
             startup_wait_s: 30,
             shutdown_grace_s: 10,
             node_name: None,
@@ -183,6 +187,15 @@ impl Config {
                     reason: format!("must be between 1 and 10000 (got {value})"),
                 });
             }
+        }
+        if !(100..=300_000).contains(&self.ingest_ack_timeout_ms) {
+            return Err(ConfigError::OutOfRange {
+                field: "ingest_ack_timeout_ms",
+                reason: format!(
+                    "must be between 100 and 300000 milliseconds (got {})",
+                    self.ingest_ack_timeout_ms
+                ),
+            });
         }
         if self.database_pool_size == 0 {
             return Err(ConfigError::OutOfRange {
@@ -307,6 +320,7 @@ impl fmt::Debug for Config {
             .field("zone_resolution", &self.zone_resolution)
             .field("future_skew_s", &self.future_skew_s)
             .field("readiness_timeout_ms", &self.readiness_timeout_ms)
+            .field("ingest_ack_timeout_ms", &self.ingest_ack_timeout_ms)
             .field("startup_wait_s", &self.startup_wait_s)
             .field("shutdown_grace_s", &self.shutdown_grace_s)
             .finish()

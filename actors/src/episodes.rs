@@ -221,11 +221,15 @@ impl PersonState {
             seg.absorbed.extend(m.stored_start);
             seg.absorbed.extend(m.absorbed);
         }
-        seg.dirty = true;
         if seg.start != before {
             replaced.push(before);
         }
+        // A stored open episode that only grew keeps its row until it closes (history shows
+        // an open episode as it was announced; its live figures are in the person's state):
+        // rows are written when an episode opens, is reshaped (its start or its merges change
+        // the stored rows) and closes, not on every co-location.
         if !replaced.is_empty() {
+            seg.dirty = true;
             replaced.sort_unstable();
             self.counters.updated += 1;
             let episode = episode_of(person, c.peer, seg, None);
@@ -234,9 +238,9 @@ impl PersonState {
                 episode,
                 replaced,
             ));
-        }
-        if !was_dirty {
-            self.dirty_peers.push(c.peer);
+            if !was_dirty {
+                self.dirty_peers.push(c.peer);
+            }
         }
         None
     }

@@ -31,8 +31,17 @@ pub const MAX_COPIES_PER_RECORD: usize = 4_096;
 /// (event ids make it idempotent).
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("the broker did not acknowledge: {0}")]
-    Broker(#[from] rdkafka::error::KafkaError),
+    /// The broker refused the records or could not be reached in time.
+    #[error("the broker at {brokers} did not acknowledge: {source}")]
+    Broker {
+        brokers: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// No acknowledgement within `ingest_ack_timeout_ms` (the broker away, say); the records
+    /// may still be written later, which a retry makes harmless (same event ids).
+    #[error("the broker at {brokers} did not acknowledge within {timeout:?}")]
+    BrokerTimeout { brokers: String, timeout: Duration },
     #[error("cannot check persons: {0}")]
     Store(#[from] StoreError),
 }
@@ -41,8 +50,8 @@ impl From<IngestError> for crate::error::ApiError {
     /// A broker that did not acknowledge is an outage (retry; event ids make it safe).
     fn from(e: IngestError) -> Self {
         match e {
-            IngestError::Broker(e) => {
-                Self::unavailable(format!("the broker did not acknowledge: {e}"))
+            IngestError::Broker { .. } | IngestError::BrokerTimeout { .. } => {
+                Self::unavailable(e.to_string())
             }
             IngestError::Store(e) => e.into(),
         }
@@ -137,6 +146,10 @@ pub struct Ingestor {
     counters: IngestCounters,
     /// [`udaconnect_actors::EngineParams::settle_us`] of the configuration.
     settle_us: Micros,
+    /// The bootstrap servers, to name in errors.
+    brokers: String,
+    /// How long a call waits for the broker's acknowledgement.
+    ack_timeout: Duration,
 }
 
 /// What the ingest side counted (for `/metrics`).
@@ -167,6 +180,24 @@ impl Ingestor {
             partitions,
             counters: IngestCounters::default(),
             settle_us: config.engine_params().settle_us(),
+            brokers: config.kafka_brokers.clone(),
+            ack_timeout: Duration::from_millis(config.ingest_ack_timeout_ms),
+        }
+    }
+
+    /// Produces `records` and waits for the broker's acknowledgement of all of them, for at
+    /// most the configured timeout.
+    async fn produce(&self, records: &[OutRecord<'_>]) -> Result<(), IngestError> {
+        match tokio::time::timeout(self.ack_timeout, self.producer.send_all(records)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(IngestError::Broker {
+                brokers: self.brokers.clone(),
+                source,
+            }),
+            Err(_) => Err(IngestError::BrokerTimeout {
+                brokers: self.brokers.clone(),
+                timeout: self.ack_timeout,
+            }),
         }
     }
 
@@ -246,7 +277,7 @@ impl Ingestor {
                 });
             }
         }
-        self.producer.send_all(&records).await?;
+        self.produce(&records).await?;
         self.counters
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -286,7 +317,7 @@ impl Ingestor {
                 headers: Vec::new(),
             })
             .collect();
-        self.producer.send_all(&records).await?;
+        self.produce(&records).await?;
         Ok(())
     }
 

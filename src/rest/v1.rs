@@ -173,7 +173,9 @@ pub struct ConnectionItem {
     /// Absent while the episode is open.
     #[oai(skip_serializing_if_is_none)]
     ended_at: Option<DateTime<Utc>>,
-    /// The latest co-location.
+    /// The latest co-location. For an open episode this and the figures below are as it was
+    /// announced (`connection.started`, or `connection.updated` after late data); they are
+    /// final once it has ended. Live figures: `/v1/persons/{id}/live`.
     last_seen_at: DateTime<Utc>,
     /// How many co-locations (pairs of events) it holds.
     colocations: i32,
@@ -631,8 +633,9 @@ impl V1Api {
         }
     }
 
-    /// The person's connection episodes that overlap `[from, to)`, by start time, a page at a
-    /// time; open episodes have no `ended_at`.
+    /// The person's connection episodes that overlap `[from, to)` (a closed one spans its
+    /// first to its last co-location, an open one its first to now), by start time, a page at
+    /// a time; open episodes have no `ended_at`.
     #[oai(
         path = "/persons/:person_id/connections",
         method = "get",

@@ -118,7 +118,29 @@ pub async fn apply_changes(pool: &Pool, changes: &[EpisodeChange]) -> Result<(),
             .await?;
         tx.execute(&statement, &[&persons, &peers, &starts]).await?;
     }
-    let u = &net.upserts;
+    // Episodes of persons that do not exist (records written to the topics by something other
+    // than the ingest path) are skipped: one lookup of the batch's persons, not two per row.
+    let mut ids: Vec<i64> = net
+        .upserts
+        .iter()
+        .flat_map(|e| [e.person, e.peer])
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let statement = tx
+        .prepare_cached("SELECT id FROM person WHERE id = ANY($1)")
+        .await?;
+    let known: FxHashSet<i64> = tx
+        .query(&statement, &[&ids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let u: Vec<&Episode> = net
+        .upserts
+        .iter()
+        .filter(|e| known.contains(&e.person) && known.contains(&e.peer))
+        .collect();
     let persons: Vec<i64> = u.iter().map(|e| e.person).collect();
     let peers: Vec<i64> = u.iter().map(|e| e.peer).collect();
     let starts: Vec<DateTime<Utc>> = u.iter().map(|e| timestamp(e.started_at)).collect();
@@ -139,8 +161,6 @@ pub async fn apply_changes(pool: &Pool, changes: &[EpisodeChange]) -> Result<(),
                                     $5::timestamptz[], $6::int4[], $7::float8[], $8::float8[],
                                     $9::float8[])
                   AS u(person, peer, start, last, ended, n, dist, lat, lon)
-             WHERE EXISTS (SELECT 1 FROM person WHERE id = u.person)
-               AND EXISTS (SELECT 1 FROM person WHERE id = u.peer)
              ON CONFLICT (person_id, peer_id, started_at) DO UPDATE SET
                  last_seen_at = EXCLUDED.last_seen_at,
                  ended_at = EXCLUDED.ended_at,

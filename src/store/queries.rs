@@ -334,6 +334,9 @@ pub struct HistoryItem {
     pub started_at: DateTime<Utc>,
     /// `None` while the episode is open.
     pub ended_at: Option<DateTime<Utc>>,
+    /// The figures of a closed episode are final; those of an open one are as it was when
+    /// opened (or last reshaped by late data): its row is rewritten when it closes, and its live
+    /// figures are in the person's live state.
     pub last_seen_at: DateTime<Utc>,
     pub colocations: i32,
     pub min_distance_m: f64,
@@ -348,9 +351,9 @@ pub struct HistoryPage {
     pub next_cursor: Option<HistoryCursor>,
 }
 
-/// The person's episodes that overlap `[from, to)`: an episode spans `[started_at,
-/// last_seen_at]`, its co-locations. Ordered by `(started_at, peer)`, keyset-paginated. `None`
-/// when the person does not exist.
+/// The person's episodes that overlap `[from, to)`: a closed episode spans `[started_at,
+/// last_seen_at]`, its co-locations; an open one `[started_at, now]`. Ordered by
+/// `(started_at, peer)`, keyset-paginated. `None` when the person does not exist.
 pub async fn connection_history(
     pool: &Pool,
     q: &HistoryQuery,
@@ -376,7 +379,7 @@ pub async fn connection_history(
              FROM connection c
              JOIN person p ON p.id = c.peer_id
              WHERE c.person_id = $1
-               AND ($2::timestamptz IS NULL OR c.last_seen_at >= $2)
+               AND ($2::timestamptz IS NULL OR c.ended_at IS NULL OR c.last_seen_at >= $2)
                AND ($3::timestamptz IS NULL OR c.started_at < $3)
                AND ($4::timestamptz IS NULL OR (c.started_at, c.peer_id) > ($4, $5))
              ORDER BY c.started_at, c.peer_id

@@ -6,6 +6,7 @@ mod cli;
 mod grpc;
 mod helpers;
 mod pipeline;
+mod recovery;
 mod rest;
 mod service;
 mod store;

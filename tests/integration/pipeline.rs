@@ -40,7 +40,7 @@ fn conference(attendees: u32, duration_s: u32) -> (Simulation, Vec<LocationEvent
 }
 
 /// The reference: the synchronous engine, which the property tests hold equal to the oracle.
-fn reference(events: &[LocationEvent], params: &EngineParams) -> Vec<Episode> {
+pub(crate) fn reference(events: &[LocationEvent], params: &EngineParams) -> Vec<Episode> {
     let mut engine = Engine::new(params, EngineOptions::default()).expect("valid params");
     for chunk in events.chunks(1_000) {
         engine.ingest(chunk);
@@ -85,7 +85,11 @@ async fn stored_episodes(client: &tokio_postgres::Client) -> Vec<Episode> {
 }
 
 /// Waits until every partition of both stages is owned here, and returns the pipeline.
-async fn wait_for_assignment(app: &TestApp, zones: usize, persons: usize) -> Arc<Pipeline> {
+pub(crate) async fn wait_for_assignment(
+    app: &TestApp,
+    zones: usize,
+    persons: usize,
+) -> Arc<Pipeline> {
     let pipeline = app.pipeline(Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -222,7 +226,7 @@ async fn assert_notifications(seen: &Mutex<Vec<Arc<Notification>>>, expected: &[
 
 /// Polls until `connection` equals `expected` and `location` holds `unique` rows, for up to
 /// `within`; panics with the difference and `context()` (a log) otherwise.
-async fn wait_for_reference(
+pub(crate) async fn wait_for_reference(
     client: &tokio_postgres::Client,
     expected: &[Episode],
     unique: usize,
@@ -507,7 +511,7 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_the_partition_keeps_f
 
 /// A conference of `attendees` over `duration_s`, its persons in a fresh database, and a
 /// configuration with 4 zone and 3 person partitions.
-async fn conference_in_db(
+pub(crate) async fn conference_in_db(
     attendees: u32,
     duration_s: u32,
 ) -> (

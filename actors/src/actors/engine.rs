@@ -296,10 +296,9 @@ impl ActorEngine {
     /// Waits until everything sent so far went through both stages.
     pub async fn settle(&self) -> Result<(), ActorProcessingErr> {
         for (p, z) in self.zones.iter().enumerate() {
-            // A view is answered after every batch before it.
             call_ok(
                 z.actor()
-                    .call(ZoneSupervisorMsg::View, Some(CALL_TIMEOUT))
+                    .call(ZoneSupervisorMsg::Flush, Some(CALL_TIMEOUT))
                     .await,
                 &format!("zone partition {p}"),
             )?;

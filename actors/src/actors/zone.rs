@@ -1,9 +1,12 @@
 //! Stage one: `ZoneSupervisor` (one per zone partition) and `ZoneActor` (one per zone).
 //!
 //! The supervisor decides lateness in arrival order with the partition's event clock, hands
-//! each zone its part of the batch, waits for all of them, then stores home events, sends the
-//! per-person updates packed per person partition followed by its watermark, and only then
-//! takes the next batch: a partition's effects are in input order.
+//! each zone its part of the batch, waits for all of them, then sends the per-person updates
+//! packed per person partition followed by its watermark, and only then takes the next batch:
+//! a partition's updates are in input order. Home events go to the partition's location
+//! writer, which stores what has queued up in one write at a time (nothing waits for
+//! PostgreSQL on the way to a notification); a snapshot is finished only once the home events
+//! it covers are stored.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +25,7 @@ use crate::domain::Micros;
 use crate::index::{
     admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, ZoneCounters, ZoneIndex,
 };
-use crate::messages::{PersonUpdate, RoutedEvent};
+use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent};
 use crate::params::EngineParams;
 use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
@@ -31,6 +34,54 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Snapshot format of a zone partition: postcard of [`ZonePartitionSnapshot`], and of a
 /// [`ZoneIndex`] per part (keyed by zone id as `i64`).
 pub const ZONE_SNAPSHOT_FORMAT: u32 = 2;
+
+/// Batches of home events queued in front of a partition's location writer before the
+/// supervisor waits (backpressure when the store is slow or away).
+const LOCATION_WRITER_QUEUE: usize = 16;
+/// Most home events the location writer stores in one write.
+const MAX_LOCATIONS_PER_WRITE: usize = 20_000;
+
+/// What a zone partition's location writer does, in order.
+enum LocationWrite {
+    Store(Vec<RoutedEvent>),
+    /// Answer once everything before is stored.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Stores home events in the order they come, everything queued at once in one write (up to
+/// [`MAX_LOCATIONS_PER_WRITE`]), retrying each write until the sink takes it.
+async fn write_locations(
+    partition: u32,
+    sink: Arc<dyn LocationSink>,
+    retries: Arc<std::sync::atomic::AtomicU64>,
+    mut queue: tokio::sync::mpsc::Receiver<LocationWrite>,
+) {
+    let mut pending: Vec<RoutedEvent> = Vec::new();
+    let mut barriers = Vec::new();
+    while let Some(first) = queue.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                LocationWrite::Store(events) => pending.extend(events),
+                LocationWrite::Barrier(done) => barriers.push(done),
+            }
+            if pending.len() < MAX_LOCATIONS_PER_WRITE {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !pending.is_empty() {
+            let ((), n) = retry("storing locations", partition, || {
+                sink.store(partition, &pending)
+            })
+            .await;
+            retries.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            pending.clear();
+        }
+        for done in barriers.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
 
 /// A zone actor: configuration only; its state is [`ZoneState`].
 pub struct ZoneActor;
@@ -164,7 +215,10 @@ pub struct ZoneSupervisorState {
     params: EngineParams,
     grid: ZoneGrid,
     person_partitions: u32,
-    locations: Arc<dyn LocationSink>,
+    /// The location writer's queue.
+    locations: tokio::sync::mpsc::Sender<LocationWrite>,
+    /// Retries of the location writer (the store away).
+    writer_retries: Arc<std::sync::atomic::AtomicU64>,
     updates: Arc<dyn PersonUpdateSink>,
     clock: EventClock,
     counters: PartitionCounters,
@@ -196,6 +250,8 @@ pub enum ZoneSupervisorMsg {
     },
     /// The end of the input: the watermark jumps to the end of time.
     Finish(RpcReplyPort<()>),
+    /// Replies once every earlier batch is processed and its home events are stored.
+    Flush(RpcReplyPort<()>),
     /// Captures a snapshot; it is serialized in the background (see [`PendingSnapshot`]).
     Snapshot(RpcReplyPort<PendingSnapshot>),
     View(RpcReplyPort<ZonePartitionView>),
@@ -300,17 +356,24 @@ impl ZoneSupervisorState {
                 let _ = actor.cast(ZoneMsg::Evict { watermark });
             }
         }
-        let partition = self.partition;
-        if !home_events.is_empty() {
-            let locations = &self.locations;
-            let ((), retries) = retry("storing locations", partition, || {
-                locations.store(partition, &home_events)
-            })
-            .await;
-            self.port_retries += retries;
+        if !home_events.is_empty()
+            && self
+                .locations
+                .send(LocationWrite::Store(home_events))
+                .await
+                .is_err()
+        {
+            tracing::error!(partition = self.partition, "the location writer is gone");
         }
         self.publish(updates, watermark).await;
         Ok(())
+    }
+
+    /// A receiver that resolves once every home event handed to the writer so far is stored.
+    async fn locations_stored(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let _ = self.locations.send(LocationWrite::Barrier(done)).await;
+        stored
     }
 
     /// Evicts what the clock's watermark left behind and tells every person partition.
@@ -326,7 +389,7 @@ impl ZoneSupervisorState {
     /// until the sink takes them.
     async fn publish(&mut self, updates: Vec<PersonUpdate>, watermark: Micros) {
         let partition = self.partition;
-        let batches: Vec<(u32, _)> =
+        let batches: Vec<(u32, PersonBatch)> =
             pack_updates(updates, partition, watermark, self.person_partitions)
                 .into_iter()
                 .enumerate()
@@ -341,6 +404,7 @@ impl ZoneSupervisorState {
     }
 
     async fn snapshot(&self) -> Result<PendingSnapshot, ActorProcessingErr> {
+        let stored = self.locations_stored().await;
         let calls = self
             .zones
             .values()
@@ -371,7 +435,7 @@ impl ZoneSupervisorState {
                 next_offset: self.next_offset,
                 format: ZONE_SNAPSHOT_FORMAT,
             },
-            None,
+            Some(stored),
         ))
     }
 }
@@ -386,12 +450,21 @@ impl Actor for ZoneSupervisor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let (writer, queue) = tokio::sync::mpsc::channel(LOCATION_WRITER_QUEUE);
+        let writer_retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(write_locations(
+            args.partition,
+            args.locations,
+            Arc::clone(&writer_retries),
+            queue,
+        ));
         let mut state = ZoneSupervisorState {
             partition: args.partition,
             params: args.params,
             grid: ZoneGrid::new(&args.params),
             person_partitions: args.person_partitions,
-            locations: args.locations,
+            locations: writer,
+            writer_retries: Arc::clone(&writer_retries),
             updates: args.updates,
             clock: EventClock::new(&args.params),
             counters: PartitionCounters::default(),
@@ -460,6 +533,10 @@ impl Actor for ZoneSupervisor {
                     let _ = done.send(());
                 }
             }
+            ZoneSupervisorMsg::Flush(reply) => {
+                let _ = state.locations_stored().await.await;
+                let _ = reply.send(());
+            }
             ZoneSupervisorMsg::Finish(reply) => {
                 state.clock.finish();
                 state.publish_watermark().await;
@@ -479,7 +556,10 @@ impl Actor for ZoneSupervisor {
                     zones,
                     counters: state.counters,
                     supervision: state.supervision,
-                    port_retries: state.port_retries,
+                    port_retries: state.port_retries
+                        + state
+                            .writer_retries
+                            .load(std::sync::atomic::Ordering::Relaxed),
                 });
             }
             ZoneSupervisorMsg::ZoneView { zone, limit, reply } => {

@@ -955,7 +955,7 @@ async fn pipeline_phase(
     say(format!(
         "pipeline phase: {} events in {elapsed:.2} s = {events_per_s:.0} events/s \
          ({locations_records} locations records, {person_update_records} person-updates \
-         records, {connections} notifications, {episodes} episode rows)",
+         records, {connections} connections records, {episodes} episode rows)",
         events.len()
     ));
     Ok(PipelineRun {
@@ -1247,6 +1247,18 @@ async fn bare_phase(
         "bare phase: the same {} events' records in {elapsed:.3} s = {events_per_s:.0} events/s",
         a.events
     ));
+    let notifications: u64 = connections
+        .iter()
+        .map(|r| decode_notifications(Some(&r.payload)).map_or(0, |ns| ns.len() as u64))
+        .sum();
+    let per_event = |records: usize, bytes: u64| {
+        json!({
+            "records": records,
+            "bytes": bytes,
+            "records_per_event": (records as f64 / a.events as f64 * 1e4).round() / 1e4,
+            "bytes_per_event": (bytes as f64 / a.events as f64 * 10.0).round() / 10.0,
+        })
+    };
     Ok(BareRun {
         events_per_s,
         figures: json!({
@@ -1258,6 +1270,12 @@ async fn bare_phase(
             "person_update_bytes": bytes(&updates),
             "connection_records": k,
             "connection_bytes": bytes(&connections),
+            "notifications": notifications,
+            "topics": {
+                "locations": per_event(n, bytes(&locations)),
+                "person_updates": per_event(m, bytes(&updates)),
+                "connections": per_event(k, bytes(&connections)),
+            },
             "cpu": cpu,
         }),
     })
@@ -1453,12 +1471,13 @@ async fn latency_phase(
         figures: json!({
             "rate_target": rate.round(),
             "warm_up_events": warm_up,
-            "warm_up_notifications": warm_notifications,
+            "warm_up_connection_records": warm_notifications,
             "events_sent": paced,
             "send_s": r(send_s),
             "rate_achieved": (paced as f64 / send_s).round(),
             "max_behind_schedule_ms": r(max_behind.as_secs_f64() * 1e3),
-            "notifications": tapped.records.len() as u64 - warm_notifications,
+            "connection_records": tapped.records.len() as u64 - warm_notifications,
+            "notifications": started_count + other,
             "locations_records": locations_records,
             "person_update_records": person_update_records,
             "started_notifications": started_count,
@@ -1525,9 +1544,9 @@ mod tests {
 
     #[test]
     fn process_times_are_read_from_proc_stat() {
-        let line = "42 (tansu broker) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 10 40 20 0 9 0 1 2 3";
+        let line = "42 (kafka broker) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 10 40 20 0 9 0 1 2 3";
         let (comm, seconds) = process_cpu(line).unwrap();
-        assert_eq!(comm, "tansu broker");
+        assert_eq!(comm, "kafka broker");
         assert!((seconds - 3.0).abs() < 1e-9);
         assert!(process_cpu("42 (x) S 1").is_none());
     }

@@ -1,8 +1,8 @@
 -- Episode rows are written in bulk by the persons stage (hundreds of thousands an hour at a big
 -- conference), so each write is kept cheap:
 -- * No foreign keys to person: a foreign-key check takes a row lock on the person row for
---   every episode written. The stage writes only episodes of existing persons (its upsert
---   checks both with EXISTS), and persons are never deleted.
+--   every episode written. The stage writes only episodes of existing persons (it looks the
+--   persons of each write up once), and persons are never deleted.
 -- * The history index leaves out the columns an episode's later writes change (last_seen_at,
 --   ended_at, counts), and pages keep room for new row versions: those writes are then
 --   heap-only (HOT) updates that touch no index.
