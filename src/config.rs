@@ -24,6 +24,12 @@ pub struct Config {
     pub database_pool_size: usize,
     /// Kafka bootstrap servers, comma separated.
     pub kafka_brokers: String,
+    /// librdkafka properties of the producer, `key=value` pairs separated by commas, applied
+    /// over the built-in ones (measured in docs/benchmarks.md); for example `linger.ms=5`.
+    pub kafka_producer_options: String,
+    /// librdkafka properties of the consumers (both stages, the notification hub), as
+    /// `kafka_producer_options`; for example `fetch.wait.max.ms=100`.
+    pub kafka_consumer_options: String,
     /// Topic names are `<topic_prefix>.locations`, `<topic_prefix>.person-updates`, …
     pub topic_prefix: String,
     /// Partitions of the locations topic (the zones stage's parallelism).
@@ -79,6 +85,8 @@ impl Default for Config {
             database_url: "postgres://postgres@127.0.0.1:55432/udaconnect".to_owned(),
             database_pool_size: 16,
             kafka_brokers: "127.0.0.1:19092".to_owned(),
+            kafka_producer_options: String::new(),
+            kafka_consumer_options: String::new(),
             topic_prefix: "udaconnect".to_owned(),
             locations_partitions: 8,
             person_updates_partitions: 8,
@@ -188,6 +196,12 @@ impl Config {
                 });
             }
         }
+        for (field, options) in [
+            ("kafka_producer_options", &self.kafka_producer_options),
+            ("kafka_consumer_options", &self.kafka_consumer_options),
+        ] {
+            kafka_options(options).map_err(|reason| ConfigError::OutOfRange { field, reason })?;
+        }
         if !(100..=300_000).contains(&self.ingest_ack_timeout_ms) {
             return Err(ConfigError::OutOfRange {
                 field: "ingest_ack_timeout_ms",
@@ -280,6 +294,25 @@ impl Config {
     }
 }
 
+/// The `key=value` pairs of a `kafka_*_options` value (empty: none); `Err` says what is
+/// malformed. The keys are librdkafka's; librdkafka itself refuses unknown ones when the client
+/// is created.
+pub fn kafka_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    options
+        .split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Ok((key.trim().to_owned(), value.trim().to_owned()))
+            }
+            _ => Err(format!(
+                "must be key=value pairs separated by commas (got {pair:?})"
+            )),
+        })
+        .collect()
+}
+
 fn describe_figment_error(error: figment::Error) -> String {
     error
         .into_iter()
@@ -303,6 +336,8 @@ impl fmt::Debug for Config {
             .field("database_url", &redact_url(&self.database_url))
             .field("database_pool_size", &self.database_pool_size)
             .field("kafka_brokers", &self.kafka_brokers)
+            .field("kafka_producer_options", &self.kafka_producer_options)
+            .field("kafka_consumer_options", &self.kafka_consumer_options)
             .field("topic_prefix", &self.topic_prefix)
             .field("locations_partitions", &self.locations_partitions)
             .field("person_updates_partitions", &self.person_updates_partitions)

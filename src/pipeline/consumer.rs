@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::kafka::client_config;
+use crate::kafka::consumer_config;
 use crate::metrics::SizeHistogram;
 
 /// What a stage's consumer counts (for `/metrics`).
@@ -367,7 +367,7 @@ impl StageConsumer {
             started: Mutex::default(),
             counters: Arc::clone(&counters),
         };
-        let consumer: BaseConsumer<StageContext<F>> = client_config(config)
+        let consumer: BaseConsumer<StageContext<F>> = consumer_config(config)
             .set("group.id", &options.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -378,7 +378,6 @@ impl StageConsumer {
             // (kill -9). The poll thread blocks at most while a worker waits for a store that
             // is down, which this must outlast.
             .set("max.poll.interval.ms", "45000")
-            .set("fetch.wait.max.ms", "20")
             .create_with_context(context)?;
         consumer.subscribe(&[&options.topic])?;
         let stop = Arc::new(AtomicBool::new(false));

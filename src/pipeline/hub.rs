@@ -23,7 +23,7 @@ use udaconnect_actors::domain::{Notification, PersonId};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::kafka::client_config;
+use crate::kafka::consumer_config;
 use crate::pipeline::codec;
 
 /// Notifications queued for one subscriber before it is disconnected as too slow.
@@ -206,12 +206,11 @@ impl NotificationHub {
     /// the broker (metadata, end offsets), so call it off the async threads.
     pub fn start(config: &Config) -> Result<Self, HubError> {
         let topic = config.topics().connections;
-        let consumer: BaseConsumer = client_config(config)
+        let consumer: BaseConsumer = consumer_config(config)
             // Never used for offsets: the hub assigns partitions itself and reads from the end.
             .set("group.id", format!("{}.hub", config.topic_prefix))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", "10")
             .create()?;
         let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let partitions = metadata

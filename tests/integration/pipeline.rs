@@ -722,13 +722,23 @@ async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
 
     let (first, rest) = events.split_at(events.len() / 2);
     ingest_all(&ingestor, first).await;
-    // Let both work on it, then stop `a` gracefully: it flushes, snapshots and commits its
-    // partitions, and `b` takes them over from those snapshots.
+    // Let both work on it (until `a` has processed records of its own partitions, by its
+    // status), then stop `a` gracefully: it flushes, snapshots and commits its partitions, and
+    // `b` takes them over from those snapshots.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while scalar(&client, "SELECT count(*) FROM location").await == 0 {
+    loop {
+        let (_, status) =
+            crate::helpers::get_json(&format!("http://127.0.0.1:{port_a}/v1/status")).await;
+        let worked = status["partitions"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["local"] == true && p["processed_offset"].as_i64() > Some(0))
+        });
+        if worked {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "nothing stored: {}",
+            "node-a processed nothing: {status} {}",
             read_log(log.path())
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -757,7 +767,8 @@ async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
     // whose zones hold no attendee); node-a worked on some.
     assert!(
         snapshotted >= 1,
-        "no snapshot of node-a's partitions {of_a:?}"
+        "no snapshot of node-a's partitions {of_a:?}: {}",
+        read_log(log.path())
     );
     wait_for_owners(
         &client,

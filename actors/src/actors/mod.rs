@@ -14,6 +14,85 @@ use ractor::{ActorRef, Message};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// A partition's writer task: stores what its supervisor hands it in order, everything queued
+/// at a time in one write (up to `max_per_write` items), retrying each write until the store
+/// takes it. The queue is bounded, so a store that is slow or away makes the supervisor wait
+/// (backpressure, never loss); [`Writer::stored_so_far`] tells when what was handed over is
+/// durable (a snapshot waits for it).
+pub struct Writer<T> {
+    queue: tokio::sync::mpsc::Sender<WriterMsg<T>>,
+    retries: Arc<AtomicU64>,
+}
+
+enum WriterMsg<T> {
+    Write(Vec<T>),
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// How a [`Writer`] stores a run of items.
+pub type StoreFn<T> = Box<
+    dyn for<'a> Fn(&'a [T]) -> futures::future::BoxFuture<'a, Result<(), ports::PortError>>
+        + Send
+        + Sync,
+>;
+
+impl<T: Send + Sync + 'static> Writer<T> {
+    /// Starts the task of partition `partition`; `what` names the writes in logs.
+    pub fn spawn(
+        partition: u32,
+        what: &'static str,
+        capacity: usize,
+        max_per_write: usize,
+        store: StoreFn<T>,
+    ) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<WriterMsg<T>>(capacity.max(1));
+        let retries = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&retries);
+        tokio::spawn(async move {
+            let mut pending: Vec<T> = Vec::new();
+            let mut barriers = Vec::new();
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some(msg) = next.take() {
+                    match msg {
+                        WriterMsg::Write(items) => pending.extend(items),
+                        WriterMsg::Barrier(done) => barriers.push(done),
+                    }
+                    if pending.len() < max_per_write {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !pending.is_empty() {
+                    let ((), n) = ports::retry(what, partition, || store(&pending)).await;
+                    counted.fetch_add(n, Ordering::Relaxed);
+                    pending.clear();
+                }
+                for done in barriers.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self { queue, retries }
+    }
+
+    /// Hands `items` over, waiting for room in the queue; `false` when the task is gone.
+    pub async fn write(&self, items: Vec<T>) -> bool {
+        items.is_empty() || self.queue.send(WriterMsg::Write(items)).await.is_ok()
+    }
+
+    /// Resolves once everything handed over so far is stored.
+    pub async fn stored_so_far(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let _ = self.queue.send(WriterMsg::Barrier(done)).await;
+        stored
+    }
+
+    /// How many writes had to be tried again (the store away).
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+}
+
 /// Panics and restarts of a supervisor's children.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SupervisionCounters {

@@ -21,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, ConnectionSink, PendingSnapshot, SnapshotBlob,
 };
-use crate::actors::SupervisionCounters;
+use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{Deadlines, OpenEpisode, PersonCounters, PersonState, Sighting, Watermarks};
 use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
@@ -39,6 +39,8 @@ pub const CHANGES_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Flushes of episode changes queued in front of the writer before the supervisor waits
 /// (backpressure when the store is slow or away).
 const WRITER_QUEUE: usize = 4;
+/// Most episode changes the writer stores in one write.
+const MAX_CHANGES_PER_WRITE: usize = 100_000;
 
 /// A person actor: configuration only; its state is a [`PersonState`].
 pub struct PersonActor {
@@ -226,45 +228,12 @@ pub struct PersonSupervisorState {
     /// scheduled.
     pending_changes: Vec<EpisodeChange>,
     flush_scheduled: bool,
-    /// The writer task's queue: it stores episode changes in order.
-    writer: tokio::sync::mpsc::Sender<WriterMsg>,
-    /// Retries of the writer task (the store away).
-    writer_retries: Arc<std::sync::atomic::AtomicU64>,
+    /// Stores episode changes (`connection`), in order.
+    writer: Writer<EpisodeChange>,
     /// Persons whose state may have changed since the last snapshot, and whether the next
     /// snapshot must hold every person (nothing stored yet to build on).
     changed: FxHashSet<PersonId>,
     complete_next: bool,
-}
-
-/// What the writer task of a person partition does, in order.
-enum WriterMsg {
-    /// Store these changes (retrying until the sink takes them).
-    Write(Vec<EpisodeChange>),
-    /// Answer once everything before is stored.
-    Barrier(tokio::sync::oneshot::Sender<()>),
-}
-
-/// Stores episode changes in the order they come, retrying each write until the sink takes it.
-async fn write_changes(
-    partition: u32,
-    sink: Arc<dyn ConnectionSink>,
-    retries: Arc<std::sync::atomic::AtomicU64>,
-    mut queue: tokio::sync::mpsc::Receiver<WriterMsg>,
-) {
-    while let Some(msg) = queue.recv().await {
-        match msg {
-            WriterMsg::Write(changes) => {
-                let ((), n) = retry("storing episode changes", partition, || {
-                    sink.store(partition, &changes)
-                })
-                .await;
-                retries.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            }
-            WriterMsg::Barrier(done) => {
-                let _ = done.send(());
-            }
-        }
-    }
 }
 
 /// Messages of a person supervisor.
@@ -515,7 +484,7 @@ impl PersonSupervisorState {
             return;
         }
         let changes = std::mem::take(&mut self.pending_changes);
-        if self.writer.send(WriterMsg::Write(changes)).await.is_err() {
+        if !self.writer.write(changes).await {
             tracing::error!(partition = self.partition, "the episode writer is gone");
         }
     }
@@ -524,9 +493,7 @@ impl PersonSupervisorState {
     /// far is stored.
     async fn stored_so_far(&mut self) -> tokio::sync::oneshot::Receiver<()> {
         self.flush_changes().await;
-        let (done, stored) = tokio::sync::oneshot::channel();
-        let _ = self.writer.send(WriterMsg::Barrier(done)).await;
-        stored
+        self.writer.stored_so_far().await
     }
 
     /// Captures the partition's state (every person's when `complete`, else those that
@@ -592,14 +559,17 @@ impl Actor for PersonSupervisor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (writer, queue) = tokio::sync::mpsc::channel(WRITER_QUEUE);
-        let writer_retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(write_changes(
-            args.partition,
-            Arc::clone(&args.connections),
-            Arc::clone(&writer_retries),
-            queue,
-        ));
+        let (sink, partition) = (Arc::clone(&args.connections), args.partition);
+        let writer = Writer::spawn(
+            partition,
+            "storing episode changes",
+            WRITER_QUEUE,
+            MAX_CHANGES_PER_WRITE,
+            Box::new(move |changes| {
+                let sink = Arc::clone(&sink);
+                Box::pin(async move { sink.store(partition, changes).await })
+            }),
+        );
         let mut state = PersonSupervisorState {
             partition: args.partition,
             gap_us: i64::from(args.params.episode_gap_s) * MICROS_PER_S,
@@ -620,7 +590,6 @@ impl Actor for PersonSupervisor {
             pending_changes: Vec::new(),
             flush_scheduled: false,
             writer,
-            writer_retries,
             changed: FxHashSet::default(),
             complete_next: true,
         };
@@ -701,10 +670,7 @@ impl Actor for PersonSupervisor {
                     passivated_persons: state.passivated.len(),
                     counters: state.counters,
                     supervision: state.supervision,
-                    port_retries: state.port_retries
-                        + state
-                            .writer_retries
-                            .load(std::sync::atomic::Ordering::Relaxed),
+                    port_retries: state.port_retries + state.writer.retries(),
                 });
             }
             PersonSupervisorMsg::Person { person, reply } => {

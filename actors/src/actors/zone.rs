@@ -20,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, LocationSink, PendingSnapshot, PersonUpdateSink, SnapshotBlob,
 };
-use crate::actors::SupervisionCounters;
+use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
 use crate::index::{
     admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, ZoneCounters, ZoneIndex,
@@ -40,48 +40,6 @@ pub const ZONE_SNAPSHOT_FORMAT: u32 = 2;
 const LOCATION_WRITER_QUEUE: usize = 16;
 /// Most home events the location writer stores in one write.
 const MAX_LOCATIONS_PER_WRITE: usize = 20_000;
-
-/// What a zone partition's location writer does, in order.
-enum LocationWrite {
-    Store(Vec<RoutedEvent>),
-    /// Answer once everything before is stored.
-    Barrier(tokio::sync::oneshot::Sender<()>),
-}
-
-/// Stores home events in the order they come, everything queued at once in one write (up to
-/// [`MAX_LOCATIONS_PER_WRITE`]), retrying each write until the sink takes it.
-async fn write_locations(
-    partition: u32,
-    sink: Arc<dyn LocationSink>,
-    retries: Arc<std::sync::atomic::AtomicU64>,
-    mut queue: tokio::sync::mpsc::Receiver<LocationWrite>,
-) {
-    let mut pending: Vec<RoutedEvent> = Vec::new();
-    let mut barriers = Vec::new();
-    while let Some(first) = queue.recv().await {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                LocationWrite::Store(events) => pending.extend(events),
-                LocationWrite::Barrier(done) => barriers.push(done),
-            }
-            if pending.len() < MAX_LOCATIONS_PER_WRITE {
-                next = queue.try_recv().ok();
-            }
-        }
-        if !pending.is_empty() {
-            let ((), n) = retry("storing locations", partition, || {
-                sink.store(partition, &pending)
-            })
-            .await;
-            retries.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            pending.clear();
-        }
-        for done in barriers.drain(..) {
-            let _ = done.send(());
-        }
-    }
-}
 
 /// A zone actor: configuration only; its state is [`ZoneState`].
 pub struct ZoneActor;
@@ -215,10 +173,8 @@ pub struct ZoneSupervisorState {
     params: EngineParams,
     grid: ZoneGrid,
     person_partitions: u32,
-    /// The location writer's queue.
-    locations: tokio::sync::mpsc::Sender<LocationWrite>,
-    /// Retries of the location writer (the store away).
-    writer_retries: Arc<std::sync::atomic::AtomicU64>,
+    /// Stores home events (`location`).
+    locations: Writer<RoutedEvent>,
     updates: Arc<dyn PersonUpdateSink>,
     clock: EventClock,
     counters: PartitionCounters,
@@ -356,24 +312,11 @@ impl ZoneSupervisorState {
                 let _ = actor.cast(ZoneMsg::Evict { watermark });
             }
         }
-        if !home_events.is_empty()
-            && self
-                .locations
-                .send(LocationWrite::Store(home_events))
-                .await
-                .is_err()
-        {
+        if !self.locations.write(home_events).await {
             tracing::error!(partition = self.partition, "the location writer is gone");
         }
         self.publish(updates, watermark).await;
         Ok(())
-    }
-
-    /// A receiver that resolves once every home event handed to the writer so far is stored.
-    async fn locations_stored(&self) -> tokio::sync::oneshot::Receiver<()> {
-        let (done, stored) = tokio::sync::oneshot::channel();
-        let _ = self.locations.send(LocationWrite::Barrier(done)).await;
-        stored
     }
 
     /// Evicts what the clock's watermark left behind and tells every person partition.
@@ -404,7 +347,7 @@ impl ZoneSupervisorState {
     }
 
     async fn snapshot(&self) -> Result<PendingSnapshot, ActorProcessingErr> {
-        let stored = self.locations_stored().await;
+        let stored = self.locations.stored_so_far().await;
         let calls = self
             .zones
             .values()
@@ -450,21 +393,22 @@ impl Actor for ZoneSupervisor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (writer, queue) = tokio::sync::mpsc::channel(LOCATION_WRITER_QUEUE);
-        let writer_retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(write_locations(
-            args.partition,
-            args.locations,
-            Arc::clone(&writer_retries),
-            queue,
-        ));
+        let (sink, partition) = (args.locations, args.partition);
         let mut state = ZoneSupervisorState {
             partition: args.partition,
             params: args.params,
             grid: ZoneGrid::new(&args.params),
             person_partitions: args.person_partitions,
-            locations: writer,
-            writer_retries: Arc::clone(&writer_retries),
+            locations: Writer::spawn(
+                args.partition,
+                "storing locations",
+                LOCATION_WRITER_QUEUE,
+                MAX_LOCATIONS_PER_WRITE,
+                Box::new(move |events| {
+                    let sink = Arc::clone(&sink);
+                    Box::pin(async move { sink.store(partition, events).await })
+                }),
+            ),
             updates: args.updates,
             clock: EventClock::new(&args.params),
             counters: PartitionCounters::default(),
@@ -534,7 +478,7 @@ impl Actor for ZoneSupervisor {
                 }
             }
             ZoneSupervisorMsg::Flush(reply) => {
-                let _ = state.locations_stored().await.await;
+                let _ = state.locations.stored_so_far().await.await;
                 let _ = reply.send(());
             }
             ZoneSupervisorMsg::Finish(reply) => {
@@ -556,10 +500,7 @@ impl Actor for ZoneSupervisor {
                     zones,
                     counters: state.counters,
                     supervision: state.supervision,
-                    port_retries: state.port_retries
-                        + state
-                            .writer_retries
-                            .load(std::sync::atomic::Ordering::Relaxed),
+                    port_retries: state.port_retries + state.locations.retries(),
                 });
             }
             ZoneSupervisorMsg::ZoneView { zone, limit, reply } => {

@@ -42,7 +42,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use tokio_postgres::NoTls;
 use udaconnect::config::redact_url;
-use udaconnect::kafka::{client_config, TopicSpec};
+use udaconnect::kafka::{client_config, consumer_config, producer_config, TopicSpec};
 use udaconnect::pipeline::codec::decode_notifications;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::Config;
@@ -444,8 +444,10 @@ struct StoredRecord {
     payload: Vec<u8>,
 }
 
+/// A consumer with the service's consumer settings ([`consumer_config`]), and this tool's
+/// `--fetch-wait-ms`.
 fn consumer(config: &Config, fetch_wait_ms: u32) -> anyhow::Result<BaseConsumer> {
-    client_config(config)
+    consumer_config(config)
         .set(
             "group.id",
             format!("pipeline-bench-{}", Uuid::new_v4().simple()),
@@ -1008,16 +1010,11 @@ impl rdkafka::producer::ProducerContext for DeliveryCount {
 type BareProducer = ThreadedProducer<DeliveryCount>;
 
 /// The bare producers' settings: those of the service's one producer
-/// (`udaconnect::kafka::Producer`: idempotent, `acks=all`, lz4, 2 ms linger), except that a
-/// record waits for delivery as long as it takes: a bare producer enqueues everything at once,
-/// where the service awaits each batch's acknowledgements before it sends more.
+/// ([`producer_config`], with `kafka_producer_options`), except that a record waits for
+/// delivery as long as it takes: a bare producer enqueues everything at once, where the
+/// service awaits each batch's acknowledgements before it sends more.
 fn bare_producer(config: &Config) -> anyhow::Result<BareProducer> {
-    client_config(config)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "2")
-        .set("compression.type", "lz4")
-        .set("message.max.bytes", "4000000")
+    producer_config(config)
         .set("message.timeout.ms", "0")
         .create_with_context(DeliveryCount::default())
         .context("failed to create a kafka producer")
