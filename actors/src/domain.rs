@@ -213,8 +213,8 @@ impl Closest {
     }
 }
 
-/// What one arriving event found about one peer, for one of the two persons (DESIGN §3's
-/// reporting rule): its co-locations with that peer, summed up as far as the episode rules
+/// What one arriving event found about one peer, for one of the two persons (the reporting
+/// rule of docs/architecture.md): its co-locations with that peer, summed up as far as the episode rules
 /// need them. All its times lie in `[first, last]`, within `window_s` of the arriving event's
 /// time, so when `window_s <= episode_gap_s` they all fall in one episode and the summary is
 /// exact for it: the episode's start, end, count and closest co-location are the same whether

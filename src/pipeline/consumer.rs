@@ -1,10 +1,13 @@
 //! A stage's Kafka consumer (DESIGN §4, §5; quickwit's source is the model): a dedicated thread
 //! polls the group's partitions and hands records to one worker task per assigned partition
-//! through a bounded channel (backpressure: a full channel stops the polling). A worker
-//! restores its partition from the last snapshot on assignment, takes snapshots periodically,
-//! and on revocation or shutdown flushes, snapshots and returns its offset, which is committed
-//! before the partition is released. Committed offsets never pass a stored snapshot, so a
-//! crash replays from at most one snapshot interval back, and replays are idempotent.
+//! through a bounded channel (backpressure: a full channel stops the polling). A partition is
+//! paused when it is assigned; its worker restores it from the last snapshot, checks the
+//! snapshot's offset against the log ([`crate::pipeline::offsets`]), and has the poll thread
+//! seek there and resume. The worker takes snapshots periodically (stored in the background
+//! while it goes on), and on revocation or shutdown flushes, snapshots and returns its offset,
+//! which is committed before the partition is released. Committed offsets never pass a stored
+//! snapshot, so a crash replays from at most one snapshot interval back, and replays are
+//! idempotent.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;

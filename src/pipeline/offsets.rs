@@ -1,5 +1,5 @@
 //! Where a restored partition starts reading: the snapshot's offset, checked against the log
-//! (DESIGN §1, "offsets are checked, not trusted").
+//! (docs/architecture.md, "Restore, and offsets checked, not trusted").
 //!
 //! A snapshot says "records before `next_offset` are in this state". That is only true of the
 //! log the snapshot was taken on. When the log says otherwise, skipping to the snapshot's offset
