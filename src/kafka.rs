@@ -394,7 +394,11 @@ fn describe_topic_id(
         } else {
             let result = rd::rd_kafka_event_DescribeTopics_result(event);
             let mut count = 0usize;
-            let topics = rd::rd_kafka_DescribeTopics_result_topics(result, &mut count);
+            let topics = if result.is_null() {
+                std::ptr::null_mut()
+            } else {
+                rd::rd_kafka_DescribeTopics_result_topics(result, &mut count)
+            };
             if topics.is_null() || count == 0 {
                 Err(Some("no description in the answer".to_owned()))
             } else {

@@ -239,7 +239,7 @@ impl Engine {
             )
         };
         let mut v = self.accepted.clone();
-        v.sort_by(|a, b| key(a).cmp(&key(b)));
+        v.sort_by_key(key);
         v
     }
 

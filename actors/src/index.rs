@@ -587,6 +587,68 @@ mod tests {
         }
     }
 
+    /// The summaries an arrival reported, as (person, peer, count, first s, last s).
+    fn summaries(out: &[PersonUpdate]) -> Vec<(PersonId, PersonId, u32, i64, i64)> {
+        out.iter()
+            .filter_map(|u| match u {
+                PersonUpdate::Colocations(c) => Some((
+                    c.person,
+                    c.peer,
+                    c.count,
+                    (c.first - T0) / MICROS_PER_S,
+                    (c.last - T0) / MICROS_PER_S,
+                )),
+                PersonUpdate::Sighting { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_arrival_sums_up_its_co_locations_with_each_peer() {
+        let params = EngineParams::default();
+        let grid = ZoneGrid::new(&params);
+        let mut cache = CellCache::new(grid);
+        let first = routed(&grid, event(2, 48.0, 11.0, 0));
+        let mut z = ZoneIndex::new(first.zone, &params);
+        let mut out = Vec::new();
+        // Person 2 reports three times, person 3 once, all within 2 m and a minute.
+        for (person, t) in [(2, 0), (2, 20), (3, 30), (2, 40)] {
+            let e = routed(&grid, event(person, 48.00001, 11.0, t));
+            z.insert(&e, cache.neighbors(e.fine_cell), &mut out);
+        }
+        out.clear();
+        let arrival = routed(&grid, event(1, 48.0, 11.00001, 50));
+        z.insert(&arrival, cache.neighbors(arrival.fine_cell), &mut out);
+        // One summary per (person told, peer): person 1 hears of 3 co-locations with 2 and 1
+        // with 3; 2 and 3 each hear of theirs with 1. Times are the later event's (the
+        // arrival's, 50 s).
+        let mut got = summaries(&out);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![
+                (1, 2, 3, 50, 50),
+                (1, 3, 1, 50, 50),
+                (2, 1, 3, 50, 50),
+                (3, 1, 1, 50, 50)
+            ]
+        );
+        // A window wider than the episode gap: one update per co-location.
+        let wide = EngineParams {
+            window_s: 600,
+            episode_gap_s: 60,
+            ..params
+        };
+        let mut z = ZoneIndex::new(first.zone, &wide);
+        for (person, t) in [(2, 0), (2, 20)] {
+            let e = routed(&grid, event(person, 48.00001, 11.0, t));
+            z.insert(&e, cache.neighbors(e.fine_cell), &mut out);
+        }
+        out.clear();
+        z.insert(&arrival, cache.neighbors(arrival.fine_cell), &mut out);
+        assert_eq!(summaries(&out).len(), 4, "{:?}", summaries(&out));
+    }
+
     #[test]
     fn a_ghost_copy_reports_only_to_the_home_person() {
         let params = EngineParams::default();

@@ -84,8 +84,9 @@ enum Input {
 
 enum Command {
     Commit(i32, i64),
-    /// The worker of a newly assigned partition is restored: fetch from this offset.
-    Start(i32, i64),
+    /// The worker of generation `.1` of a newly assigned partition is restored: fetch from
+    /// offset `.2` (ignored when the partition was reassigned to a newer worker meanwhile).
+    Start(i32, u64, i64),
     /// Stop fetching (operations, tests); answered once the partition is paused.
     Pause(i32, oneshot::Sender<()>),
     Resume(i32, oneshot::Sender<()>),
@@ -108,8 +109,10 @@ struct StageContext<F: WorkerFactory> {
     workers: Workers,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
-    /// Assigned partitions whose worker has restored and said where to fetch from.
-    started: Mutex<BTreeSet<i32>>,
+    /// Each assigned partition's worker: its generation, and whether it has restored and said
+    /// where to fetch from.
+    generations: Mutex<HashMap<i32, (u64, bool)>>,
+    next_generation: AtomicU64,
     counters: Arc<StageCounters>,
 }
 
@@ -154,10 +157,11 @@ impl<F: WorkerFactory> StageContext<F> {
             return;
         }
         workers.insert(partition, tx);
-        self.started
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.generations
             .lock()
             .expect("not poisoned")
-            .remove(&partition);
+            .insert(partition, (generation, false));
         let mut assigned = self.assigned.lock().expect("not poisoned");
         assigned.push(partition);
         assigned.sort_unstable();
@@ -165,7 +169,7 @@ impl<F: WorkerFactory> StageContext<F> {
         self.runtime.spawn(run_worker(
             Arc::clone(&self.factory),
             self.stage,
-            partition,
+            (partition, generation),
             rx,
             self.commands.clone(),
             self.snapshot_interval,
@@ -200,6 +204,10 @@ impl<F: WorkerFactory> StageContext<F> {
             .lock()
             .expect("not poisoned")
             .retain(|p| !partitions.contains(p));
+        self.generations
+            .lock()
+            .expect("not poisoned")
+            .retain(|p, _| !partitions.contains(p));
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 warn!(stage = self.stage, error = %e, "commit on release failed; the next owner replays from the snapshot");
@@ -212,14 +220,14 @@ impl<F: WorkerFactory> StageContext<F> {
 async fn run_worker<F: WorkerFactory>(
     factory: Arc<F>,
     stage: &'static str,
-    partition: i32,
+    (partition, generation): (i32, u64),
     mut rx: mpsc::Receiver<Input>,
     commands: std_mpsc::Sender<Command>,
     snapshot_interval: Duration,
     counters: Arc<StageCounters>,
 ) {
     let mut worker = factory.open(partition).await;
-    let _ = commands.send(Command::Start(partition, worker.start_offset()));
+    let _ = commands.send(Command::Start(partition, generation, worker.start_offset()));
     // Partitions snapshot at staggered times, so that their snapshots do not all compete
     // for the two cores and PostgreSQL at once.
     let stagger = snapshot_interval.mul_f64(f64::from(partition.rem_euclid(8)) / 8.0);
@@ -367,7 +375,8 @@ impl StageConsumer {
             workers: Arc::clone(&workers),
             commands: commands.clone(),
             assigned: Arc::clone(&assigned),
-            started: Mutex::default(),
+            generations: Mutex::default(),
+            next_generation: AtomicU64::new(0),
             counters: Arc::clone(&counters),
         };
         let consumer: BaseConsumer<StageContext<F>> = consumer_config(config)
@@ -514,15 +523,21 @@ fn poll_loop<F: WorkerFactory>(
                 Command::Commit(p, offset) => {
                     pending_commits.insert(p, offset);
                 }
-                Command::Start(p, offset) => {
-                    let context = consumer.context();
-                    if context
-                        .workers
-                        .lock()
-                        .expect("not poisoned")
-                        .contains_key(&p)
-                    {
-                        context.started.lock().expect("not poisoned").insert(p);
+                Command::Start(p, generation, offset) => {
+                    let current = {
+                        let mut generations =
+                            consumer.context().generations.lock().expect("not poisoned");
+                        match generations.get_mut(&p) {
+                            Some((g, started)) if *g == generation => {
+                                *started = true;
+                                true
+                            }
+                            _ => false,
+                        }
+                    };
+                    // A worker revoked while it restored must not move its successor's
+                    // position.
+                    if current {
                         start_partition(&consumer, topic, p, offset, held.contains(&p));
                     }
                 }
@@ -534,13 +549,14 @@ fn poll_loop<F: WorkerFactory>(
                 Command::Resume(p, ack) => {
                     held.remove(&p);
                     // A partition still restoring stays paused until its worker starts it.
-                    if consumer
+                    let started = consumer
                         .context()
-                        .started
+                        .generations
                         .lock()
                         .expect("not poisoned")
-                        .contains(&p)
-                    {
+                        .get(&p)
+                        .is_some_and(|(_, started)| *started);
+                    if started {
                         set_paused(&consumer, topic, p, false);
                     }
                     let _ = ack.send(());

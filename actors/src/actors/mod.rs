@@ -146,3 +146,46 @@ impl<M: Message> PartitionHandle<M> {
         &self.actor
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_writer_stores_in_order_coalesces_what_queued_and_answers_barriers_after() {
+        // The store blocks until the test lets it go, so that batches queue up behind it.
+        let stored: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let writer = {
+            let (stored, gate) = (Arc::clone(&stored), Arc::clone(&gate));
+            Writer::spawn(
+                0,
+                "test writes",
+                8,
+                100,
+                Box::new(move |items: &[u32]| {
+                    let (stored, gate) = (Arc::clone(&stored), Arc::clone(&gate));
+                    let items = items.to_vec();
+                    Box::pin(async move {
+                        gate.acquire().await.expect("open").forget();
+                        stored.lock().expect("lock").push(items);
+                        Ok(())
+                    })
+                }),
+            )
+        };
+        assert!(writer.write(vec![1]).await);
+        // While the first write waits, three more batches and a barrier queue up.
+        tokio::task::yield_now().await;
+        assert!(writer.write(vec![2, 3]).await);
+        assert!(writer.write(vec![]).await);
+        assert!(writer.write(vec![4]).await);
+        let mut barrier = writer.stored_so_far().await;
+        assert!(barrier.try_recv().is_err(), "nothing is stored yet");
+        gate.add_permits(2);
+        barrier.await.expect("answered");
+        assert_eq!(*stored.lock().expect("lock"), vec![vec![1], vec![2, 3, 4]]);
+    }
+}

@@ -234,6 +234,9 @@ pub struct PersonSupervisorState {
     /// snapshot must hold every person (nothing stored yet to build on).
     changed: FxHashSet<PersonId>,
     complete_next: bool,
+    /// Set when a snapshot whose changes were already taken failed to finish: the next one
+    /// must then hold every person.
+    snapshot_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Messages of a person supervisor.
@@ -501,7 +504,10 @@ impl PersonSupervisorState {
     /// changes it covers are stored.
     async fn snapshot(&mut self, complete: bool) -> Result<PendingSnapshot, ActorProcessingErr> {
         let stored = self.stored_so_far().await;
-        let complete = complete || self.complete_next;
+        let failed_before = self
+            .snapshot_failed
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        let complete = complete || self.complete_next || failed_before;
         let mut wanted: Vec<PersonId> = if complete {
             self.actors
                 .keys()
@@ -536,7 +542,7 @@ impl PersonSupervisorState {
             deadlines: self.deadlines.clone(),
             counters: self.counters,
         };
-        Ok(PendingSnapshot::serialize(
+        let pending = PendingSnapshot::serialize(
             CapturedSnapshot {
                 header,
                 parts,
@@ -545,7 +551,15 @@ impl PersonSupervisorState {
                 format: PERSON_SNAPSHOT_FORMAT,
             },
             Some(stored),
-        ))
+        );
+        let failed = Arc::clone(&self.snapshot_failed);
+        Ok(PendingSnapshot(Box::pin(async move {
+            let result = pending.wait().await;
+            if result.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Release);
+            }
+            result
+        })))
     }
 }
 
@@ -592,6 +606,7 @@ impl Actor for PersonSupervisor {
             writer,
             changed: FxHashSet::default(),
             complete_next: true,
+            snapshot_failed: Arc::default(),
         };
         if let Some(blob) = args.snapshot {
             if blob.format != PERSON_SNAPSHOT_FORMAT {
