@@ -196,12 +196,12 @@ impl Config {
                 });
             }
         }
-        for (field, options) in [
-            ("kafka_producer_options", &self.kafka_producer_options),
-            ("kafka_consumer_options", &self.kafka_consumer_options),
-        ] {
-            kafka_options(options).map_err(|reason| ConfigError::OutOfRange { field, reason })?;
-        }
+        check_kafka_options("kafka_producer_options", &self.kafka_producer_options, true)?;
+        check_kafka_options(
+            "kafka_consumer_options",
+            &self.kafka_consumer_options,
+            false,
+        )?;
         if !(100..=300_000).contains(&self.ingest_ack_timeout_ms) {
             return Err(ConfigError::OutOfRange {
                 field: "ingest_ack_timeout_ms",
@@ -294,9 +294,52 @@ impl Config {
     }
 }
 
+/// Checks a `kafka_*_options` value: well-formed pairs that librdkafka accepts for a producer
+/// (`producer`) or a consumer, and, for the producer, no weakening of what ingest promises: an
+/// event is acknowledged only once every replica has it, and a retry never writes it twice
+/// (`acks=all`, `enable.idempotence=true`).
+fn check_kafka_options(
+    field: &'static str,
+    options: &str,
+    producer: bool,
+) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::OutOfRange { field, reason };
+    let pairs = kafka_options(options).map_err(invalid)?;
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", "127.0.0.1:9");
+    if !producer {
+        client.set("group.id", "udaconnect-config-check");
+    }
+    for (key, value) in &pairs {
+        let weakens = producer
+            && ((key == "acks" && !matches!(value.as_str(), "all" | "-1"))
+                || (key == "enable.idempotence" && value != "true"));
+        if weakens {
+            return Err(invalid(format!(
+                "must not set {key}={value}: ingest acknowledges an event only once every replica \
+                 has it (acks=all) and a retried send is never written twice (idempotence)"
+            )));
+        }
+        client.set(key, value);
+    }
+    // librdkafka checks every property and value when a client is created; nothing connects.
+    let created = if producer {
+        client
+            .create::<rdkafka::producer::BaseProducer>()
+            .map(|_| ())
+    } else {
+        client
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .map(|_| ())
+    };
+    created.map_err(|e| invalid(format!("librdkafka refuses them: {e}")))
+}
+
 /// The `key=value` pairs of a `kafka_*_options` value (empty: none); `Err` says what is
-/// malformed. The keys are librdkafka's; librdkafka itself refuses unknown ones when the client
-/// is created.
+/// malformed. The keys are librdkafka's ([`Config::validate`] has librdkafka check them).
 pub fn kafka_options(options: &str) -> Result<Vec<(String, String)>, String> {
     options
         .split(',')
@@ -496,6 +539,48 @@ mod tests {
             assert!(err.contains("radius"), "an unknown key is named: {err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn kafka_options_are_checked_by_librdkafka_and_may_not_weaken_acknowledgements() {
+        let with = |producer: &str, consumer: &str| Config {
+            kafka_producer_options: producer.to_owned(),
+            kafka_consumer_options: consumer.to_owned(),
+            ..Config::default()
+        };
+        assert!(with(
+            "linger.ms=5, compression.type=none",
+            "fetch.wait.max.ms=100"
+        )
+        .validate()
+        .is_ok());
+        for (config, field, says) in [
+            (with("garbage", ""), "kafka_producer_options", "key=value"),
+            (
+                with("no.such.property=1", ""),
+                "kafka_producer_options",
+                "librdkafka",
+            ),
+            (
+                with("", "fetch.wait.max.ms=abc"),
+                "kafka_consumer_options",
+                "librdkafka",
+            ),
+            (with("acks=1", ""), "kafka_producer_options", "acks=1"),
+            (
+                with("enable.idempotence=false", ""),
+                "kafka_producer_options",
+                "idempotence",
+            ),
+        ] {
+            match config.validate() {
+                Err(ConfigError::OutOfRange { field: f, reason }) => {
+                    assert_eq!(f, field, "{reason}");
+                    assert!(reason.contains(says), "{reason}");
+                }
+                other => panic!("{config:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -58,8 +58,8 @@ pub fn client_config(config: &Config) -> ClientConfig {
     client
 }
 
-/// The producer's settings: idempotent with `acks=all` (never weakened: ingest answers only
-/// once every replica has the record), no linger (records are sent together anyway: each
+/// The producer's settings: idempotent with `acks=all` (ingest answers only once every replica
+/// has the record; configuration validation refuses options that would weaken this), no linger (records are sent together anyway: each
 /// stage hands the producer a batch's records at once, and more collect while requests are
 /// in flight) and lz4 — each measured in docs/benchmarks.md — then `kafka_producer_options`.
 /// Validated configurations only.

@@ -238,3 +238,88 @@ async fn views_and_restarts() {
     );
     engine.stop().await;
 }
+
+/// An incremental person snapshot (what `begin_checkpoint` asks for), awaited.
+async fn incremental_snapshot(
+    engine: &ActorEngine,
+) -> udaconnect_actors::actors::ports::SnapshotBlob {
+    use udaconnect_actors::actors::person::PersonSupervisorMsg;
+    let pending = engine
+        .person_supervisor(0)
+        .call(
+            |reply| PersonSupervisorMsg::Snapshot {
+                complete: false,
+                reply,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    pending.wait().await.unwrap()
+}
+
+fn part_keys(blob: &udaconnect_actors::actors::ports::SnapshotBlob) -> Vec<i64> {
+    blob.parts.iter().map(|(key, _)| *key).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn person_snapshots_hold_the_changed_persons_and_everyone_after_one_was_not_finished() {
+    use udaconnect_actors::actors::person::PersonSupervisorMsg;
+    let options = ActorEngineOptions {
+        zone_partitions: 1,
+        person_partitions: 1,
+        ..ActorEngineOptions::default()
+    };
+    let mut engine = ActorEngine::start(&params(), options, None).await.unwrap();
+    let report = |person: i64, t_s: i64| {
+        let (lat, lon, t) = (
+            35.0845 + person as f64 * 0.01,
+            -106.6511,
+            T0 + t_s * MICROS_PER_S,
+        );
+        LocationEvent {
+            event_id: derived_event_id(person, t, lat, lon),
+            person_id: person,
+            lat,
+            lon,
+            recorded_at: t,
+            received_at: t,
+        }
+    };
+    engine.ingest(&[report(1, 0), report(2, 0)]).await.unwrap();
+    engine.settle().await.unwrap();
+    // The first snapshot holds everyone; the next, only who changed since.
+    let first = incremental_snapshot(&engine).await;
+    assert!(first.complete);
+    assert_eq!(part_keys(&first), vec![1, 2]);
+    engine.ingest(&[report(2, 10)]).await.unwrap();
+    engine.settle().await.unwrap();
+    let second = incremental_snapshot(&engine).await;
+    assert!(!second.complete);
+    assert_eq!(part_keys(&second), vec![2]);
+
+    // A snapshot captured and then dropped (its caller gave up waiting) took person 1's
+    // change with it: the next one must hold everyone, or person 1 would stay stale.
+    engine.ingest(&[report(1, 20)]).await.unwrap();
+    engine.settle().await.unwrap();
+    let dropped = engine
+        .person_supervisor(0)
+        .call(
+            |reply| PersonSupervisorMsg::Snapshot {
+                complete: false,
+                reply,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    drop(dropped);
+    engine.ingest(&[report(2, 30)]).await.unwrap();
+    engine.settle().await.unwrap();
+    let after = incremental_snapshot(&engine).await;
+    assert!(after.complete, "{:?}", part_keys(&after));
+    assert_eq!(part_keys(&after), vec![1, 2]);
+    engine.stop().await;
+}

@@ -187,6 +187,9 @@ impl<F: WorkerFactory> StageContext<F> {
                 .filter_map(|p| workers.remove(p).map(|tx| (*p, tx)))
                 .collect()
         };
+        if senders.is_empty() {
+            return;
+        }
         let mut acks = Vec::new();
         for (partition, tx) in senders {
             let (ack, done) = oneshot::channel();
@@ -488,23 +491,85 @@ fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i3
     }
 }
 
-/// Moves a restored partition's fetch position to `offset` and resumes it (unless an operator
-/// holds it paused).
-fn start_partition<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    p: i32,
+/// Lets a repeated error through at most once per interval (a broker away makes every poll
+/// fail, ten times a second per consumer), counting the ones it held back.
+pub(crate) struct ErrorThrottle {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorThrottle {
+    pub(crate) fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(errors held back since the last one let through)` when this one may be logged.
+    pub(crate) fn report(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// A restored partition waiting to be moved to the offset its worker starts from.
+struct PendingStart {
+    generation: u64,
     offset: i64,
-    held: bool,
+    since: Instant,
+    warned: bool,
+}
+
+/// Tries to move each restored partition's fetch position to its worker's start offset; a
+/// partition stays paused until that succeeded, then resumes (unless an operator holds it
+/// paused). librdkafka refuses a seek until the partition's fetcher has started (after the
+/// group's committed offset was fetched), so a refused seek is tried again on the next turn
+/// of the poll loop: starting from the committed offset instead could skip records.
+fn start_partitions<F: WorkerFactory>(
+    consumer: &BaseConsumer<StageContext<F>>,
+    topic: &str,
+    starting: &mut BTreeMap<i32, PendingStart>,
+    held: &BTreeSet<i32>,
 ) {
-    // The seek is local to the client (no broker round trip) and applies before the resume.
-    if let Err(e) = consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(10)) {
-        warn!(partition = p, offset, error = %e, "cannot seek to the restored offset");
-    }
-    if !held {
-        set_paused(consumer, topic, p, false);
-    }
-    debug!(partition = p, offset, "partition started");
+    let context = consumer.context();
+    starting.retain(|&p, start| {
+        let current = context
+            .generations
+            .lock()
+            .expect("not poisoned")
+            .get(&p)
+            .is_some_and(|(g, _)| *g == start.generation);
+        if !current {
+            // Revoked, or a newer worker took the partition over: its own start decides.
+            return false;
+        }
+        match consumer.seek(topic, p, Offset::Offset(start.offset), Duration::from_millis(500)) {
+            Ok(()) => {
+                if let Some((_, started)) = context.generations.lock().expect("not poisoned").get_mut(&p) {
+                    *started = true;
+                }
+                if !held.contains(&p) {
+                    set_paused(consumer, topic, p, false);
+                }
+                debug!(partition = p, offset = start.offset, "partition started");
+                false
+            }
+            Err(e) => {
+                if !start.warned && start.since.elapsed() > Duration::from_secs(10) {
+                    warn!(stage = context.stage, partition = p, offset = start.offset, error = %e, "cannot seek to the restored offset yet; the partition stays paused");
+                    start.warned = true;
+                }
+                true
+            }
+        }
+    });
 }
 
 fn poll_loop<F: WorkerFactory>(
@@ -514,6 +579,9 @@ fn poll_loop<F: WorkerFactory>(
     commands: &std_mpsc::Receiver<Command>,
 ) {
     let mut pending_commits: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut poll_errors = ErrorThrottle::new(Duration::from_secs(10));
+    // Restored partitions not moved to their start offset yet.
+    let mut starting: BTreeMap<i32, PendingStart> = BTreeMap::new();
     // Partitions paused by an operator.
     let mut held: BTreeSet<i32> = BTreeSet::new();
     let mut last_commit = Instant::now();
@@ -524,22 +592,15 @@ fn poll_loop<F: WorkerFactory>(
                     pending_commits.insert(p, offset);
                 }
                 Command::Start(p, generation, offset) => {
-                    let current = {
-                        let mut generations =
-                            consumer.context().generations.lock().expect("not poisoned");
-                        match generations.get_mut(&p) {
-                            Some((g, started)) if *g == generation => {
-                                *started = true;
-                                true
-                            }
-                            _ => false,
-                        }
-                    };
-                    // A worker revoked while it restored must not move its successor's
-                    // position.
-                    if current {
-                        start_partition(&consumer, topic, p, offset, held.contains(&p));
-                    }
+                    starting.insert(
+                        p,
+                        PendingStart {
+                            generation,
+                            offset,
+                            since: Instant::now(),
+                            warned: false,
+                        },
+                    );
                 }
                 Command::Pause(p, ack) => {
                     held.insert(p);
@@ -562,6 +623,9 @@ fn poll_loop<F: WorkerFactory>(
                     let _ = ack.send(());
                 }
             }
+        }
+        if !starting.is_empty() {
+            start_partitions(&consumer, topic, &mut starting, &held);
         }
         if !pending_commits.is_empty() && last_commit.elapsed() > Duration::from_millis(200) {
             let owned = consumer
@@ -616,7 +680,11 @@ fn poll_loop<F: WorkerFactory>(
                     }
                 }
             }
-            Some(Err(e)) => warn!(error = %e, "poll error"),
+            Some(Err(e)) => {
+                if let Some(suppressed) = poll_errors.report() {
+                    warn!(stage = consumer.context().stage, error = %e, suppressed, "poll error (the same kind of error is logged at most every 10 s)");
+                }
+            }
             None => {}
         }
     }

@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::kafka::consumer_config;
 use crate::pipeline::codec;
+use crate::pipeline::consumer::ErrorThrottle;
 
 /// Notifications queued for one subscriber before it is disconnected as too slow.
 pub const SUBSCRIBER_QUEUE: usize = 4_096;
@@ -320,6 +321,7 @@ impl Drop for NotificationHub {
 
 fn read_loop(consumer: &BaseConsumer, shared: &HubShared, stop: &AtomicBool) {
     let mut recent = RecentIds::new(REMEMBERED_IDS);
+    let mut poll_errors = ErrorThrottle::new(Duration::from_secs(10));
     while !stop.load(Ordering::Acquire) {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => match codec::decode_notifications(message.payload()) {
@@ -340,7 +342,11 @@ fn read_loop(consumer: &BaseConsumer, shared: &HubShared, stop: &AtomicBool) {
                     warn!(partition = message.partition(), offset = message.offset(), error = %e, "not a notifications record; skipped");
                 }
             },
-            Some(Err(e)) => warn!(error = %e, "notification hub poll error"),
+            Some(Err(e)) => {
+                if let Some(suppressed) = poll_errors.report() {
+                    warn!(error = %e, suppressed, "notification hub poll error (logged at most every 10 s)");
+                }
+            }
             None => {}
         }
     }

@@ -132,6 +132,7 @@ pub struct PipelineStatus {
     /// This process's name (`shard_owner.owner`).
     pub node: String,
     pub stages: Vec<StageStatus>,
+    /// The sum of the owned partitions' positive lags: records not processed yet.
     pub lag_total: i64,
     pub dead_letters: u64,
     pub locations_stored: u64,

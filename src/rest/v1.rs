@@ -270,7 +270,9 @@ impl From<&crate::pipeline::offsets::OffsetMismatch> for SnapshotMismatch {
 pub struct PipelineStatusOut {
     /// This process's node name.
     node: String,
-    /// Sum of the lag of this process's partitions.
+    /// Records this process's partitions have not processed yet: the sum of their positive
+    /// lags (a negative lag, the log ending before what was processed, is shown on its
+    /// partition, with `snapshot_mismatch`).
     lag_total: i64,
     /// Every partition with an owner, and this process's own.
     partitions: Vec<PartitionRow>,

@@ -279,9 +279,17 @@ impl PgSnapshots {
         stage: Stage,
         partition: u32,
     ) -> Result<Option<(SnapshotBlob, Option<String>)>, PortError> {
-        let client = self.pool.get().await.map_err(port)?;
+        let mut client = self.pool.get().await.map_err(port)?;
+        // The row and its parts as of one moment (a previous owner may still be storing).
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(port)?;
         let (stage, partition) = (stage.as_str(), partition as i32);
-        let Some(row) = client
+        let Some(row) = tx
             .query_opt(
                 "SELECT next_offset, format, state, topic_id FROM shard_snapshot
                  WHERE stage = $1 AND topic = $2 AND partition = $3",
@@ -292,7 +300,7 @@ impl PgSnapshots {
         else {
             return Ok(None);
         };
-        let parts = client
+        let parts = tx
             .query(
                 "SELECT key, state FROM shard_snapshot_part
                  WHERE stage = $1 AND topic = $2 AND partition = $3 ORDER BY key",
@@ -303,6 +311,7 @@ impl PgSnapshots {
             .into_iter()
             .map(|r| (r.get::<_, i64>(0), Some(r.get::<_, Vec<u8>>(1))))
             .collect();
+        tx.commit().await.map_err(port)?;
         Ok(Some((
             SnapshotBlob {
                 next_offset: row.get::<_, i64>(0) as u64,

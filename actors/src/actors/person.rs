@@ -192,6 +192,17 @@ pub struct PersonSupervisorCounters {
 /// The person partition's supervisor: configuration only.
 pub struct PersonSupervisor;
 
+/// Marks a snapshot as not finished when dropped while still holding the flag.
+struct Unfinished(Option<Arc<std::sync::atomic::AtomicBool>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// What a person supervisor starts with.
 pub struct PersonSupervisorArgs {
     pub partition: u32,
@@ -234,8 +245,8 @@ pub struct PersonSupervisorState {
     /// snapshot must hold every person (nothing stored yet to build on).
     changed: FxHashSet<PersonId>,
     complete_next: bool,
-    /// Set when a snapshot whose changes were already taken failed to finish: the next one
-    /// must then hold every person.
+    /// Set when a snapshot whose changes were already taken was not finished (it failed, or
+    /// its caller dropped it): the next one must then hold every person.
     snapshot_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -552,12 +563,15 @@ impl PersonSupervisorState {
             },
             Some(stored),
         );
-        let failed = Arc::clone(&self.snapshot_failed);
+        // The changes it holds were taken from `changed`: if it is not finished — it fails,
+        // or it is dropped (its caller gave up waiting) — the next snapshot holds everyone.
+        let mut unfinished = Unfinished(Some(Arc::clone(&self.snapshot_failed)));
         Ok(PendingSnapshot(Box::pin(async move {
             let result = pending.wait().await;
-            if result.is_err() {
-                failed.store(true, std::sync::atomic::Ordering::Release);
+            if result.is_ok() {
+                unfinished.0 = None;
             }
+            drop(unfinished);
             result
         })))
     }

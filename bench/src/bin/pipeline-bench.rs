@@ -6,12 +6,14 @@
 //!    started in this process; a simulated conference (generated before the clock starts) is
 //!    ingested as fast as acknowledgements allow (`--concurrency` calls of `--batch` events in
 //!    flight), then event time is declared past its end. The clock runs from the first ingest
-//!    call until the last notification is read from the connections topic: the persons stage
-//!    emits the final `connection.ended` notifications only once every zone partition has
-//!    processed its records up to the end-of-conference heartbeat, and it stores episodes
-//!    before it notifies. That both stages then have nothing left is checked, polling the
-//!    pipeline's status once a second (each poll asks the broker for 16 end offsets; polling
-//!    faster would load the broker during the measurement).
+//!    call until everything is durable: the last notification is read from the connections
+//!    topic (the persons stage emits the final `connection.ended` notifications only once
+//!    every zone partition has processed its records up to the end-of-conference heartbeat),
+//!    and then every partition of both stages has stored a snapshot, which it does only once
+//!    the home events and episode changes it covers are written (both are written in the
+//!    background, apart from the notifications). That both stages then have nothing left is
+//!    checked, polling the pipeline's status once a second (each poll asks the broker for 16
+//!    end offsets; polling faster would load the broker during the measurement).
 //! 2. **bare**: the exact records the pipeline wrote to its locations, person-updates and
 //!    connections topics are read back and moved again through fresh topics with the same
 //!    partition counts: a producer writes the locations records; a consumer of those forwards
@@ -46,6 +48,7 @@ use udaconnect::kafka::{client_config, consumer_config, producer_config, TopicSp
 use udaconnect::pipeline::codec::decode_notifications;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::Config;
+use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::domain::{
     LocationEvent, Micros, NewLocationEvent, NotificationKind, PersonId, MICROS_PER_S,
 };
@@ -912,7 +915,22 @@ async fn pipeline_phase(
     wait_processed(&pipeline, timeout).await?;
     let connections = total_records(&config, &topics.connections, config.connections_partitions)?;
     let last_notification = tap_reaches(&tap, connections, timeout).await?;
-    let finished = last_notification.context("the conference produced no notification")?;
+    let notified = last_notification.context("the conference produced no notification")?;
+    // Durable: every partition snapshots now, which waits for its location and episode writes.
+    let partitions: Vec<(Stage, i32)> = [Stage::Zones, Stage::Persons]
+        .into_iter()
+        .flat_map(|stage| (0..pipeline.partitions(stage) as i32).map(move |p| (stage, p)))
+        .collect();
+    for result in futures::future::join_all(
+        partitions
+            .iter()
+            .map(|(stage, p)| pipeline.snapshot_now(*stage, *p)),
+    )
+    .await
+    {
+        result.context("a partition could not snapshot at the end")?;
+    }
+    let finished = Instant::now();
     let elapsed = (finished - started).as_secs_f64();
     let cpu = Cpu::now(&probe).since(&cpu_before, elapsed);
     let status = pipeline.status().await;
@@ -965,6 +983,7 @@ async fn pipeline_phase(
         events_per_s,
         figures: json!({
             "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
+            "last_notification_s": ((notified - started).as_secs_f64() * 1000.0).round() / 1000.0,
             "ingest_acked_s": (ingested * 1000.0).round() / 1000.0,
             "events_per_s": events_per_s.round(),
             "distinct_events": distinct,
