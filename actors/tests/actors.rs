@@ -239,12 +239,12 @@ async fn views_and_restarts() {
     engine.stop().await;
 }
 
-/// An incremental person snapshot (what `begin_checkpoint` asks for), awaited.
-async fn incremental_snapshot(
+/// An incremental person snapshot (what `begin_checkpoint` asks for), captured.
+async fn incremental_snapshot_request(
     engine: &ActorEngine,
-) -> udaconnect_actors::actors::ports::SnapshotBlob {
+) -> udaconnect_actors::actors::ports::PendingSnapshot {
     use udaconnect_actors::actors::person::PersonSupervisorMsg;
-    let pending = engine
+    engine
         .person_supervisor(0)
         .call(
             |reply| PersonSupervisorMsg::Snapshot {
@@ -255,8 +255,18 @@ async fn incremental_snapshot(
         )
         .await
         .unwrap()
-        .unwrap();
-    pending.wait().await.unwrap()
+        .unwrap()
+}
+
+/// An incremental person snapshot, finished.
+async fn incremental_snapshot(
+    engine: &ActorEngine,
+) -> udaconnect_actors::actors::ports::SnapshotBlob {
+    incremental_snapshot_request(engine)
+        .await
+        .wait()
+        .await
+        .unwrap()
 }
 
 fn part_keys(blob: &udaconnect_actors::actors::ports::SnapshotBlob) -> Vec<i64> {
@@ -265,7 +275,6 @@ fn part_keys(blob: &udaconnect_actors::actors::ports::SnapshotBlob) -> Vec<i64> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn person_snapshots_hold_the_changed_persons_and_everyone_after_one_was_not_finished() {
-    use udaconnect_actors::actors::person::PersonSupervisorMsg;
     let options = ActorEngineOptions {
         zone_partitions: 1,
         person_partitions: 1,
@@ -303,19 +312,7 @@ async fn person_snapshots_hold_the_changed_persons_and_everyone_after_one_was_no
     // change with it: the next one must hold everyone, or person 1 would stay stale.
     engine.ingest(&[report(1, 20)]).await.unwrap();
     engine.settle().await.unwrap();
-    let dropped = engine
-        .person_supervisor(0)
-        .call(
-            |reply| PersonSupervisorMsg::Snapshot {
-                complete: false,
-                reply,
-            },
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    drop(dropped);
+    drop(incremental_snapshot_request(&engine).await);
     engine.ingest(&[report(2, 30)]).await.unwrap();
     engine.settle().await.unwrap();
     let after = incremental_snapshot(&engine).await;

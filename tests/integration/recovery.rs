@@ -163,6 +163,25 @@ async fn wait_caught_up(app: &TestApp, within: Duration) -> Value {
     }
 }
 
+/// The service on `config`'s single partitions, owning them.
+async fn start(config: &Config) -> TestApp {
+    let app = TestApp::spawn(config.clone()).await;
+    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
+    app
+}
+
+/// Starts the service, has `send` post reports, waits until they are stored and every
+/// partition has caught up, then stops it gracefully (which snapshots every partition at the
+/// end of its log); returns the reports' ids.
+async fn one_run(config: &Config, send: impl AsyncFnOnce(&TestApp) -> Vec<String>) -> Vec<String> {
+    let app = start(config).await;
+    let ids = send(&app).await;
+    wait_stored(&app, &ids, Duration::from_secs(60)).await;
+    wait_caught_up(&app, Duration::from_secs(60)).await;
+    app.stop().await.expect("clean shutdown");
+    ids
+}
+
 fn kafka_admin(config: &Config) -> AdminClient<DefaultClientContext> {
     udaconnect::kafka::client_config(config)
         .create()
@@ -239,13 +258,7 @@ async fn mismatch_metric(app: &TestApp, stage: &str, kind: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_deleted_and_created_again_are_read_from_their_start_and_the_mismatch_is_reported() {
     let (db, client, config) = single_partition_setup(40).await;
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
-    let before = scattered_reports(&app, 1, 30).await;
-    wait_stored(&app, &before, Duration::from_secs(60)).await;
-    wait_caught_up(&app, Duration::from_secs(60)).await;
-    // A graceful stop snapshots every partition at the end of its log.
-    app.stop().await.expect("clean shutdown");
+    one_run(&config, async |app| scattered_reports(app, 1, 30).await).await;
     let snapshot_offset = scalar(
         &client,
         "SELECT min(next_offset) FROM shard_snapshot WHERE stage = 'zones'",
@@ -255,8 +268,7 @@ async fn topics_deleted_and_created_again_are_read_from_their_start_and_the_mism
 
     // What an operator does to "reset" the topics; the service creates them again.
     delete_topics(&config).await;
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
+    let app = start(&config).await;
     let after = meeting(&app, 31, 32).await;
     wait_stored(&app, &after, Duration::from_secs(60)).await;
     wait_connected(&app, 31, 32, Duration::from_secs(60)).await;
@@ -331,23 +343,17 @@ async fn a_snapshot_behind_the_log_start_reads_what_the_log_holds_and_says_so() 
     let (db, client, config) = single_partition_setup(6).await;
     let topic = config.topics().locations;
 
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
-    let first = meeting(&app, 1, 2).await;
-    wait_stored(&app, &first, Duration::from_secs(60)).await;
-    wait_caught_up(&app, Duration::from_secs(60)).await;
-    app.stop().await.expect("clean shutdown");
+    let first = one_run(&config, async |app| meeting(app, 1, 2).await).await;
     // An old copy of the zones snapshot, as a database restored from an older backup has.
     let old = zone_snapshot(&client).await;
     let old_offset: i64 = old[0].get(0);
 
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
-    let second = meeting(&app, 3, 4).await;
-    wait_stored(&app, &second, Duration::from_secs(60)).await;
-    wait_connected(&app, 3, 4, Duration::from_secs(60)).await;
-    wait_caught_up(&app, Duration::from_secs(60)).await;
-    app.stop().await.expect("clean shutdown");
+    let second = one_run(&config, async |app| {
+        let ids = meeting(app, 3, 4).await;
+        wait_connected(app, 3, 4, Duration::from_secs(60)).await;
+        ids
+    })
+    .await;
     let end = scalar(
         &client,
         "SELECT next_offset FROM shard_snapshot WHERE stage = 'zones'",
@@ -392,8 +398,7 @@ async fn a_snapshot_behind_the_log_start_reads_what_the_log_holds_and_says_so() 
             .expect("restore the old snapshot's part");
     }
 
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
+    let app = start(&config).await;
     let third = meeting(&app, 5, 6).await;
     wait_stored(&app, &third, Duration::from_secs(60)).await;
     wait_connected(&app, 5, 6, Duration::from_secs(60)).await;
@@ -442,12 +447,7 @@ async fn gateway(config: &Config) -> Ingestor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_created_again_past_the_snapshot_offset_is_known_by_its_topic_id() {
     let (db, client, config) = single_partition_setup(12).await;
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
-    let first = meeting(&app, 1, 2).await;
-    wait_stored(&app, &first, Duration::from_secs(60)).await;
-    wait_caught_up(&app, Duration::from_secs(60)).await;
-    app.stop().await.expect("clean shutdown");
+    let first = one_run(&config, async |app| meeting(app, 1, 2).await).await;
     let snapshot_offset = scalar(
         &client,
         "SELECT next_offset FROM shard_snapshot WHERE stage = 'zones'",
@@ -496,8 +496,7 @@ async fn a_topic_created_again_past_the_snapshot_offset_is_known_by_its_topic_id
         "the new log ({end}) is past the snapshot's offset ({snapshot_offset})"
     );
 
-    let app = TestApp::spawn(config.clone()).await;
-    crate::pipeline::wait_for_assignment(&app, 1, 1).await;
+    let app = start(&config).await;
     let ids: Vec<String> = sent.iter().map(Uuid::to_string).collect();
     wait_stored(&app, &ids, Duration::from_secs(60)).await;
     wait_connected(&app, 3, 4, Duration::from_secs(60)).await;
