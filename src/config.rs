@@ -64,6 +64,10 @@ pub struct Config {
     pub zone_resolution: u8,
     /// How far in the future a `recorded_at` may be, seconds (clock skew of devices).
     pub future_skew_s: u32,
+    /// How far ahead of its receive time a report may move event time (the watermarks),
+    /// seconds; a report stamped further ahead (up to `future_skew_s`) is accepted and matched
+    /// with the time it carries, and counted in `udaconnect_ingest_untrusted_times_total`.
+    pub clock_skew_s: u32,
     /// How long a readiness check waits for each dependency, milliseconds.
     pub readiness_timeout_ms: u64,
     /// How long an ingest call waits for the broker's acknowledgement before it answers
@@ -103,6 +107,7 @@ impl Default for Config {
             episode_gap_s: engine.episode_gap_s,
             zone_resolution: engine.zone_resolution,
             future_skew_s: 300,
+            clock_skew_s: engine.clock_skew_s,
             readiness_timeout_ms: 2_000,
             ingest_ack_timeout_ms: 10_000,
             startup_wait_s: 30,
@@ -285,6 +290,7 @@ impl Config {
             lateness_s: self.lateness_s,
             episode_gap_s: self.episode_gap_s,
             zone_resolution: self.zone_resolution,
+            clock_skew_s: self.clock_skew_s,
         }
     }
 
@@ -397,6 +403,7 @@ impl fmt::Debug for Config {
             .field("episode_gap_s", &self.episode_gap_s)
             .field("zone_resolution", &self.zone_resolution)
             .field("future_skew_s", &self.future_skew_s)
+            .field("clock_skew_s", &self.clock_skew_s)
             .field("readiness_timeout_ms", &self.readiness_timeout_ms)
             .field("ingest_ack_timeout_ms", &self.ingest_ack_timeout_ms)
             .field("startup_wait_s", &self.startup_wait_s)

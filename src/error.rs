@@ -13,6 +13,8 @@ pub enum ErrorCode {
     InvalidArgument,
     /// The named resource does not exist.
     NotFound,
+    /// An id is already taken by something else (an `event_id` reused for a different report).
+    AlreadyExists,
     /// The request body is larger than allowed.
     PayloadTooLarge,
     /// No or a wrong bearer token.
@@ -30,6 +32,7 @@ impl ErrorCode {
             Self::InvalidArgument => 400,
             Self::Unauthenticated => 401,
             Self::NotFound => 404,
+            Self::AlreadyExists => 409,
             Self::PayloadTooLarge => 413,
             Self::Unavailable => 503,
             Self::Internal => 500,
@@ -41,6 +44,7 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => tonic::Code::InvalidArgument,
             Self::NotFound => tonic::Code::NotFound,
+            Self::AlreadyExists => tonic::Code::AlreadyExists,
             Self::PayloadTooLarge => tonic::Code::ResourceExhausted,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::Unavailable => tonic::Code::Unavailable,
@@ -53,6 +57,7 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => "invalid_argument",
             Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
             Self::PayloadTooLarge => "payload_too_large",
             Self::Unauthenticated => "unauthenticated",
             Self::Unavailable => "unavailable",

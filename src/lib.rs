@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod input;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

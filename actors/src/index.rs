@@ -310,13 +310,21 @@ pub struct PartitionCounters {
     pub late: u64,
 }
 
-/// The event-time clock of one zone partition: the watermark is the latest event time seen
-/// minus `lateness_s`; a copy earlier than the watermark on arrival is late.
+/// The event-time clock of one zone partition: the watermark is the latest trusted event time
+/// seen minus `lateness_s`; a copy earlier than the watermark on arrival is late. A report
+/// moves it no further than its receive time plus `clock_skew_s`
+/// ([`EngineParams::trusted_time`]), so one device's fast clock cannot make everyone else late.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventClock {
     lateness_us: Micros,
     max_seen: Micros,
     watermark: Micros,
+    #[serde(default = "default_skew_us")]
+    skew_us: Micros,
+}
+
+fn default_skew_us() -> Micros {
+    i64::from(EngineParams::default().clock_skew_s) * MICROS_PER_S
 }
 
 impl EventClock {
@@ -326,19 +334,24 @@ impl EventClock {
             lateness_us: i64::from(params.lateness_s) * MICROS_PER_S,
             max_seen: Micros::MIN,
             watermark: Micros::MIN,
+            skew_us: i64::from(params.clock_skew_s) * MICROS_PER_S,
         }
     }
 
-    /// Observes an arriving copy's time; `true` when it is late (earlier than the watermark).
-    pub fn observe(&mut self, recorded_at: Micros) -> bool {
+    /// Observes an arriving copy's `recorded_at`, received (by the ingest) at `received_at`;
+    /// `true` when it is late (earlier than the watermark). The clock moves to at most
+    /// `received_at + clock_skew_s`.
+    pub fn observe(&mut self, recorded_at: Micros, received_at: Micros) -> bool {
         let late = recorded_at < self.watermark;
-        if recorded_at > self.max_seen {
-            self.max_seen = recorded_at;
-            self.watermark = self
-                .watermark
-                .max(recorded_at.saturating_sub(self.lateness_us));
-        }
+        self.advance(recorded_at.min(received_at.saturating_add(self.skew_us)));
         late
+    }
+
+    fn advance(&mut self, trusted: Micros) {
+        if trusted > self.max_seen {
+            self.max_seen = trusted;
+            self.watermark = self.watermark.max(trusted.saturating_sub(self.lateness_us));
+        }
     }
 
     /// The current watermark.
@@ -350,7 +363,7 @@ impl EventClock {
     /// promise that nothing later than this arrives earlier than `max_event_time - lateness`
     /// (a heartbeat). Lets partitions without traffic advance.
     pub fn advance_to(&mut self, max_event_time: Micros) {
-        self.observe(max_event_time);
+        self.advance(max_event_time);
     }
 
     /// The end of the input: every time is now in the past.
@@ -376,7 +389,7 @@ pub fn admit(
         if routed.home {
             home_events.push(routed);
         }
-        if clock.observe(routed.event.recorded_at) {
+        if clock.observe(routed.event.recorded_at, routed.event.received_at) {
             counters.late += 1;
             if routed.home {
                 updates.push(PersonUpdate::Sighting {
@@ -692,10 +705,26 @@ mod tests {
     #[test]
     fn the_clock_flags_late_events() {
         let mut clock = EventClock::new(&EngineParams::default());
-        assert!(!clock.observe(T0));
-        assert!(!clock.observe(T0 + 100 * MICROS_PER_S));
+        let on_time = |clock: &mut EventClock, t: Micros| clock.observe(t, t);
+        assert!(!on_time(&mut clock, T0));
+        assert!(!on_time(&mut clock, T0 + 100 * MICROS_PER_S));
         assert_eq!(clock.watermark(), T0 + 70 * MICROS_PER_S);
-        assert!(!clock.observe(T0 + 70 * MICROS_PER_S));
-        assert!(clock.observe(T0 + 70 * MICROS_PER_S - 1));
+        assert!(!on_time(&mut clock, T0 + 70 * MICROS_PER_S));
+        assert!(on_time(&mut clock, T0 + 70 * MICROS_PER_S - 1));
+    }
+
+    #[test]
+    fn a_fast_device_clock_moves_the_watermark_only_by_the_allowed_skew() {
+        let params = EngineParams::default();
+        let mut clock = EventClock::new(&params);
+        let skew = i64::from(params.clock_skew_s) * MICROS_PER_S;
+        let lateness = i64::from(params.lateness_s) * MICROS_PER_S;
+        // Received at T0, stamped 290 s ahead: not late, but trusted only to T0 + skew.
+        assert!(!clock.observe(T0 + 290 * MICROS_PER_S, T0));
+        assert_eq!(clock.watermark(), T0 + skew - lateness);
+        // A report stamped and received at T0 + 1 s is on time.
+        assert!(!clock.observe(T0 + MICROS_PER_S, T0 + MICROS_PER_S));
+        assert_eq!(params.trusted_time(T0 + 290 * MICROS_PER_S, T0), T0 + skew);
+        assert_eq!(params.trusted_time(T0 - 7, T0), T0 - 7);
     }
 }

@@ -18,6 +18,15 @@ pub struct EngineParams {
     pub episode_gap_s: u32,
     /// H3 resolution of a zone, the shard key of the zone stage (8 is about a venue, 0.7 km²).
     pub zone_resolution: u8,
+    /// How far ahead of its receive time (the ingest's clock, which we trust) a report may
+    /// move event time, seconds: a device whose clock runs fast cannot push the watermarks,
+    /// and with them everyone else's reports, further than this.
+    #[serde(default = "default_clock_skew_s")]
+    pub clock_skew_s: u32,
+}
+
+fn default_clock_skew_s() -> u32 {
+    5
 }
 
 impl Default for EngineParams {
@@ -28,6 +37,7 @@ impl Default for EngineParams {
             lateness_s: 30,
             episode_gap_s: 600,
             zone_resolution: 8,
+            clock_skew_s: default_clock_skew_s(),
         }
     }
 }
@@ -51,6 +61,18 @@ impl EngineParams {
     pub fn settle_us(&self) -> crate::domain::Micros {
         i64::from(self.episode_gap_s + self.lateness_s + self.window_s + 1)
             * crate::domain::MICROS_PER_S
+    }
+
+    /// The event time a report may move the clocks to: its `recorded_at`, but no further than
+    /// its `received_at` plus [`EngineParams::clock_skew_s`] (µs since the Unix epoch).
+    pub fn trusted_time(
+        &self,
+        recorded_at: crate::domain::Micros,
+        received_at: crate::domain::Micros,
+    ) -> crate::domain::Micros {
+        recorded_at.min(
+            received_at.saturating_add(i64::from(self.clock_skew_s) * crate::domain::MICROS_PER_S),
+        )
     }
 
     /// Checks every parameter and names the first one out of range.

@@ -50,6 +50,7 @@ fn params() -> impl Strategy<Value = EngineParams> {
                 lateness_s,
                 episode_gap_s,
                 zone_resolution,
+                ..EngineParams::default()
             },
         )
 }

@@ -3,8 +3,8 @@
 //! them, and answer only after the broker acknowledged. Used by the CLI now and by REST and
 //! gRPC later. A heartbeat tells every zone partition how far event time has come.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -58,23 +58,143 @@ impl From<IngestError> for crate::error::ApiError {
     }
 }
 
+/// Why an event of a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionKind {
+    /// A field is malformed or out of range.
+    Invalid,
+    /// The event is valid but names a person that does not exist.
+    UnknownPerson,
+    /// Its `event_id` is already the id of a different report (person, place or time).
+    IdReused,
+}
+
 /// One rejected event of a request: its index, and what is wrong with which field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub index: usize,
     pub error: ValidationError,
-    /// The event is valid but names a person that does not exist.
-    pub unknown_person: bool,
+    pub kind: RejectionKind,
 }
 
 impl Rejection {
-    /// The front ends' error for it: NOT_FOUND for an unknown person, else INVALID_ARGUMENT.
+    /// The front ends' error for it: NOT_FOUND for an unknown person, ALREADY_EXISTS (409) for
+    /// a reused id, else INVALID_ARGUMENT.
     pub fn api_error(&self) -> crate::error::ApiError {
-        use crate::error::ApiError;
-        if self.unknown_person {
-            ApiError::not_found(Some(self.error.field), self.error.reason.clone())
-        } else {
-            ApiError::invalid(self.error.field, self.error.reason.clone())
+        use crate::error::{ApiError, ErrorCode};
+        let (field, reason) = (self.error.field, self.error.reason.clone());
+        match self.kind {
+            RejectionKind::UnknownPerson => ApiError::not_found(Some(field), reason),
+            RejectionKind::IdReused => ApiError {
+                code: ErrorCode::AlreadyExists,
+                message: reason,
+                field: Some(field.to_owned()),
+            },
+            RejectionKind::Invalid => ApiError::invalid(field, reason),
+        }
+    }
+}
+
+/// What identifies a report besides its id: person, place and time. A client's `event_id`
+/// sent again with the same fingerprint is a retry; with another, a reuse, refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub person_id: PersonId,
+    pub lat_bits: u64,
+    pub lon_bits: u64,
+    pub recorded_at: Micros,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `e`.
+    pub fn of(e: &LocationEvent) -> Self {
+        Self {
+            person_id: e.person_id,
+            lat_bits: e.lat.to_bits(),
+            lon_bits: e.lon.to_bits(),
+            recorded_at: e.recorded_at,
+        }
+    }
+}
+
+/// The client-chosen event ids this process acknowledged lately (the latest
+/// [`RECENT_IDS`]), and a look-up of older ones in `location`: a reused id is refused at ingest
+/// when its first report is known here. (Ids derived from the report cannot be reused: they
+/// are a function of person, place and time.)
+struct KnownIds {
+    pool: Pool,
+    recent: Mutex<(HashMap<Uuid, Fingerprint>, VecDeque<Uuid>)>,
+}
+
+/// How many client-chosen ids an ingest process remembers without asking PostgreSQL.
+pub const RECENT_IDS: usize = 100_000;
+
+impl KnownIds {
+    fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            recent: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    /// The first known report of each of `ids`, where one is known.
+    async fn first_reports(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Fingerprint>, IngestError> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let recent = self.recent.lock().expect("not poisoned");
+            for id in ids {
+                match recent.0.get(id) {
+                    Some(f) => {
+                        found.insert(*id, *f);
+                    }
+                    None => missing.push(*id),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let client = self.pool.get().await.map_err(StoreError::from)?;
+        let statement = client
+            .prepare_cached(
+                "SELECT event_id, person_id, ST_X(coordinate), ST_Y(coordinate), recorded_at
+                 FROM location WHERE event_id = ANY($1)",
+            )
+            .await
+            .map_err(StoreError::from)?;
+        let rows = client
+            .query(&statement, &[&missing])
+            .await
+            .map_err(StoreError::from)?;
+        for r in rows {
+            let at: chrono::DateTime<chrono::Utc> = r.get(4);
+            found.insert(
+                r.get(0),
+                Fingerprint {
+                    person_id: r.get(1),
+                    lat_bits: r.get::<_, f64>(2).to_bits(),
+                    lon_bits: r.get::<_, f64>(3).to_bits(),
+                    recorded_at: at.timestamp_micros(),
+                },
+            );
+        }
+        Ok(found)
+    }
+
+    /// Remembers acknowledged reports.
+    fn remember(&self, reports: impl IntoIterator<Item = (Uuid, Fingerprint)>) {
+        let mut recent = self.recent.lock().expect("not poisoned");
+        let (map, order) = &mut *recent;
+        for (id, f) in reports {
+            if map.insert(id, f).is_none() {
+                order.push_back(id);
+            }
+        }
+        while order.len() > RECENT_IDS {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
         }
     }
 }
@@ -139,9 +259,12 @@ pub struct Ingestor {
     topic: String,
     router: Mutex<Router>,
     persons: PersonDirectory,
+    known_ids: KnownIds,
     future_skew_s: u32,
-    /// The latest event time accepted so far (the heartbeat's promise).
-    max_event_time: AtomicI64,
+    /// What the heartbeats promise.
+    event_time: Mutex<EventTime>,
+    /// The engine's parameters (clock skew, lateness).
+    params: udaconnect_actors::EngineParams,
     partitions: u32,
     counters: IngestCounters,
     /// [`udaconnect_actors::EngineParams::settle_us`] of the configuration.
@@ -161,6 +284,80 @@ pub struct IngestCounters {
     pub records: AtomicU64,
     /// Routed copies (home and halo) per locations record: the packing.
     pub copies_per_record: SizeHistogram,
+    /// Accepted reports stamped further ahead of their receive time than `clock_skew_s`:
+    /// matched with the time they carry, but trusted to move event time only that far.
+    pub ahead_of_clock: AtomicU64,
+    /// Reports refused because their `event_id` was already a different report's.
+    pub id_reused: AtomicU64,
+}
+
+/// The ingest side's event time, which its heartbeats carry to every zone partition (see
+/// docs/architecture.md, "Time we trust"): the latest trusted time of an acknowledged report
+/// ([`udaconnect_actors::EngineParams::trusted_time`]), moving on with the ingest's own clock
+/// while no report comes, so that quiet meetings end, when that report was live (received at
+/// most `lateness_s` after its time; a replay of the past has no clock of its own); never so
+/// far that a report still in flight to the broker would arrive late; and at least what was
+/// declared.
+#[derive(Debug, Default)]
+pub struct EventTime {
+    /// The latest trusted time of an acknowledged report and when that report was received
+    /// (µs since the Unix epoch).
+    latest: Option<(Micros, Micros)>,
+    /// Trusted times of reports sent and not yet acknowledged, with their counts.
+    in_flight: BTreeMap<Micros, u32>,
+    /// The latest time declared by [`Ingestor::advance_event_time`].
+    declared: Option<Micros>,
+}
+
+impl EventTime {
+    /// What a heartbeat sent at `now` promises, or `None` before any report or declaration.
+    pub fn heartbeat(&self, now: Micros, lateness_us: Micros) -> Option<Micros> {
+        let moved = self.latest.map(|(t, received)| {
+            // Only a live stream follows the clock: a conference replayed from the past has
+            // no clock of its own, and its event time moves with its reports alone.
+            if received.saturating_sub(t) > lateness_us {
+                return t;
+            }
+            let mut h = t.saturating_add(now.saturating_sub(received).max(0));
+            if let Some((&oldest, _)) = self.in_flight.first_key_value() {
+                h = h.min(oldest.saturating_add(lateness_us));
+            }
+            h.max(t)
+        });
+        match (moved, self.declared) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Reports whose earliest trusted time is `t` are on their way to the broker.
+    pub fn sending(&mut self, t: Micros) {
+        *self.in_flight.entry(t).or_default() += 1;
+    }
+
+    /// Those reports were acknowledged (`acked`: their latest trusted time, received at
+    /// `received_at`) or failed (`None`).
+    pub fn sent(&mut self, t: Micros, acked: Option<(Micros, Micros)>) {
+        if let Some(n) = self.in_flight.get_mut(&t) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&t);
+            }
+        }
+        if let Some((latest, received_at)) = acked {
+            if self.latest.is_none_or(|(t, _)| latest > t) {
+                self.latest = Some((latest, received_at));
+            }
+        }
+    }
+
+    /// The latest trusted or declared time, without the clock's progress.
+    pub fn max_event_time(&self) -> Option<Micros> {
+        match (self.latest.map(|(t, _)| t), self.declared) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 fn now_micros() -> Micros {
@@ -174,9 +371,11 @@ impl Ingestor {
             producer,
             topic: config.topics().locations,
             router: Mutex::new(Router::new(&config.engine_params(), partitions)),
-            persons: PersonDirectory::new(pool),
+            persons: PersonDirectory::new(pool.clone()),
+            known_ids: KnownIds::new(pool),
             future_skew_s: config.future_skew_s,
-            max_event_time: AtomicI64::new(Micros::MIN),
+            event_time: Mutex::new(EventTime::default()),
+            params: config.engine_params(),
             partitions,
             counters: IngestCounters::default(),
             settle_us: config.engine_params().settle_us(),
@@ -210,6 +409,12 @@ impl Ingestor {
             .fetch_add(report.accepted.len() as u64, Ordering::Relaxed);
         c.rejected
             .fetch_add(report.rejected.len() as u64, Ordering::Relaxed);
+        let reused = report
+            .rejected
+            .iter()
+            .filter(|r| r.kind == RejectionKind::IdReused)
+            .count();
+        c.id_reused.fetch_add(reused as u64, Ordering::Relaxed);
         Ok(report)
     }
 
@@ -231,7 +436,7 @@ impl Ingestor {
                 Err(error) => report.rejected.push(Rejection {
                     index,
                     error,
-                    unknown_person: false,
+                    kind: RejectionKind::Invalid,
                 }),
             }
         }
@@ -242,7 +447,7 @@ impl Ingestor {
                 let ok = !unknown.contains(&e.person_id);
                 if !ok {
                     report.rejected.push(Rejection {
-                        unknown_person: true,
+                        kind: RejectionKind::UnknownPerson,
                         index: *index,
                         error: ValidationError {
                             field: "person_id",
@@ -254,6 +459,9 @@ impl Ingestor {
             });
             report.rejected.sort_by_key(|r| r.index);
         }
+        let client_ids = self
+            .refuse_reused_ids(events, &mut valid, &mut report)
+            .await?;
         if valid.is_empty() {
             return Ok(report);
         }
@@ -264,6 +472,17 @@ impl Ingestor {
                 router.route(e, |p, copy| per_partition[p as usize].push(copy));
             }
         }
+        let mut ahead = 0u64;
+        let (mut earliest, mut latest) = (Micros::MAX, Micros::MIN);
+        for (_, e) in &valid {
+            let trusted = self.params.trusted_time(e.recorded_at, e.received_at);
+            ahead += u64::from(trusted < e.recorded_at);
+            earliest = earliest.min(trusted);
+            latest = latest.max(trusted);
+        }
+        self.counters
+            .ahead_of_clock
+            .fetch_add(ahead, Ordering::Relaxed);
         let mut records = Vec::new();
         for (p, copies) in per_partition.iter().enumerate() {
             for chunk in copies.chunks(MAX_COPIES_PER_RECORD) {
@@ -277,18 +496,76 @@ impl Ingestor {
                 });
             }
         }
-        self.produce(&records).await?;
+        self.event_time
+            .lock()
+            .expect("not poisoned")
+            .sending(earliest);
+        let produced = self.produce(&records).await;
+        self.event_time
+            .lock()
+            .expect("not poisoned")
+            .sent(earliest, produced.is_ok().then_some((latest, received_at)));
+        produced?;
+        self.known_ids.remember(client_ids);
         self.counters
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        let latest = valid
-            .iter()
-            .map(|(_, e)| e.recorded_at)
-            .max()
-            .unwrap_or(Micros::MIN);
-        self.max_event_time.fetch_max(latest, Ordering::Relaxed);
         report.accepted = valid.iter().map(|(i, e)| (*i, e.event_id)).collect();
         Ok(report)
+    }
+
+    /// Refuses the events whose client-chosen `event_id` is already the id of a different
+    /// report (earlier in this request, acknowledged lately, or stored); an identical retry
+    /// passes. Returns the client-chosen ids that pass, to remember once acknowledged.
+    async fn refuse_reused_ids(
+        &self,
+        sent: &[NewLocationEvent],
+        valid: &mut Vec<(usize, LocationEvent)>,
+        report: &mut IngestReport,
+    ) -> Result<Vec<(Uuid, Fingerprint)>, IngestError> {
+        let chosen: Vec<Uuid> = valid
+            .iter()
+            .filter(|(i, _)| sent[*i].event_id.is_some())
+            .map(|(_, e)| e.event_id)
+            .collect();
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut first = self.known_ids.first_reports(&chosen).await?;
+        let mut passed = Vec::with_capacity(chosen.len());
+        let before = report.rejected.len();
+        valid.retain(|(index, e)| {
+            if sent[*index].event_id.is_none() {
+                return true;
+            }
+            let mine = Fingerprint::of(e);
+            match first.get(&e.event_id) {
+                Some(f) if *f != mine => {
+                    report.rejected.push(Rejection {
+                        index: *index,
+                        kind: RejectionKind::IdReused,
+                        error: ValidationError {
+                            field: "event_id",
+                            reason: format!(
+                                "{} is already the id of a different report (person, place or \
+                                 time); a retry must send the same report, a new report a new id",
+                                e.event_id
+                            ),
+                        },
+                    });
+                    false
+                }
+                _ => {
+                    first.insert(e.event_id, mine);
+                    passed.push((e.event_id, mine));
+                    true
+                }
+            }
+        });
+        if report.rejected.len() > before {
+            report.rejected.sort_by_key(|r| r.index);
+        }
+        Ok(passed)
     }
 
     /// The locations topic's partition count it routes to.
@@ -296,17 +573,32 @@ impl Ingestor {
         self.partitions
     }
 
-    /// The latest event time accepted so far.
+    /// The latest trusted event time accepted or declared so far (`Micros::MIN` before any).
     pub fn max_event_time(&self) -> Micros {
-        self.max_event_time.load(Ordering::Relaxed)
+        self.event_time
+            .lock()
+            .expect("not poisoned")
+            .max_event_time()
+            .unwrap_or(Micros::MIN)
     }
 
-    /// Sends a heartbeat with the latest event time to every locations partition.
+    /// What a heartbeat sent now promises ([`EventTime::heartbeat`]), or `None` before any
+    /// report.
+    pub fn heartbeat_time(&self) -> Option<Micros> {
+        let lateness_us =
+            i64::from(self.params.lateness_s) * udaconnect_actors::domain::MICROS_PER_S;
+        self.event_time
+            .lock()
+            .expect("not poisoned")
+            .heartbeat(now_micros(), lateness_us)
+    }
+
+    /// Sends a heartbeat with the ingest side's event time ([`EventTime`]) to every locations
+    /// partition.
     pub async fn heartbeat(&self) -> Result<(), IngestError> {
-        let max_event_time = self.max_event_time();
-        if max_event_time == Micros::MIN {
+        let Some(max_event_time) = self.heartbeat_time() else {
             return Ok(());
-        }
+        };
         let payload = LocationRecord::Heartbeat { max_event_time }.encode();
         let records: Vec<OutRecord<'_>> = (0..self.partitions)
             .map(|p| OutRecord {
@@ -324,7 +616,10 @@ impl Ingestor {
     /// Declares that event time has reached `t` (say, the end of a conference day): no event
     /// earlier than `t - lateness` will come, so episodes that ended before it close now.
     pub async fn advance_event_time(&self, t: Micros) -> Result<(), IngestError> {
-        self.max_event_time.fetch_max(t, Ordering::Relaxed);
+        {
+            let mut event_time = self.event_time.lock().expect("not poisoned");
+            event_time.declared = Some(event_time.declared.map_or(t, |d| d.max(t)));
+        }
         self.heartbeat().await
     }
 
@@ -363,7 +658,8 @@ impl Ingestor {
         Ok(Self::new(config, producer, pool, partitions))
     }
 
-    /// Sends heartbeats every `interval` while event time moves, until `shutdown` turns true.
+    /// Sends heartbeats every `interval` while event time moves (with reports, or with the
+    /// clock once there was one), until `shutdown` turns true.
     pub fn spawn_heartbeats(
         self: &Arc<Self>,
         interval: Duration,
@@ -378,7 +674,9 @@ impl Ingestor {
                     _ = ticker.tick() => {}
                     _ = shutdown.changed() => return,
                 }
-                let now = this.max_event_time();
+                let Some(now) = this.heartbeat_time() else {
+                    continue;
+                };
                 if now != sent {
                     match this.heartbeat().await {
                         Ok(()) => sent = now,
@@ -387,30 +685,6 @@ impl Ingestor {
                 }
             }
         })
-    }
-}
-
-/// A location event as JSON clients send it (`recorded_at` in RFC 3339).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WireLocationEvent {
-    #[serde(default)]
-    pub event_id: Option<Uuid>,
-    pub person_id: PersonId,
-    pub lat: f64,
-    pub lon: f64,
-    pub recorded_at: chrono::DateTime<chrono::Utc>,
-}
-
-impl From<WireLocationEvent> for NewLocationEvent {
-    fn from(w: WireLocationEvent) -> Self {
-        Self {
-            event_id: w.event_id,
-            person_id: w.person_id,
-            lat: w.lat,
-            lon: w.lon,
-            recorded_at: w.recorded_at.timestamp_micros(),
-        }
     }
 }
 
@@ -457,11 +731,12 @@ pub async fn ingest_file(
             if text.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<WireLocationEvent>(text) {
-                Ok(w) => pending.push((read, w.into())),
-                Err(e) => {
-                    report_rejection(&mut rejected, read, format!("not a location event: {e}"))
-                }
+            // The same rules as a REST body: errors name the field.
+            let parsed = crate::input::parse_json(text.as_bytes())
+                .and_then(|v| <NewLocationEvent as crate::input::FromJson>::from_json(&v));
+            match parsed {
+                Ok(event) => pending.push((read, event)),
+                Err(e) => report_rejection(&mut rejected, read, e.describe()),
             }
         }
         if pending.len() >= batch || (next.is_none() && !pending.is_empty()) {
@@ -500,4 +775,46 @@ pub async fn ingest_file(
         anyhow::bail!("{rejected} of {read} lines were rejected");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use udaconnect_actors::domain::MICROS_PER_S;
+
+    use super::EventTime;
+
+    const T: i64 = 1_790_000_000 * MICROS_PER_S;
+    const S: i64 = MICROS_PER_S;
+
+    #[test]
+    fn event_time_moves_with_the_clock_while_quiet_but_never_past_a_report_in_flight() {
+        let lateness = 30 * S;
+        let mut time = EventTime::default();
+        assert_eq!(time.heartbeat(T, lateness), None, "nothing to promise yet");
+        // A report stamped T - 1 s, received at T, acknowledged.
+        time.sending(T - S);
+        time.sent(T - S, Some((T - S, T)));
+        assert_eq!(time.heartbeat(T, lateness), Some(T - S));
+        // Nobody reports for 100 s: event time moves on with the clock.
+        assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 99 * S));
+        // A report stamped T + 50 s is on its way: no heartbeat may make it late.
+        time.sending(T + 50 * S);
+        assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 80 * S));
+        // It failed: the clock alone again.
+        time.sent(T + 50 * S, None);
+        assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 99 * S));
+        // An older report acknowledged later does not move event time back.
+        time.sending(T - 10 * S);
+        time.sent(T - 10 * S, Some((T - 10 * S, T + 100 * S)));
+        assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 99 * S));
+        assert_eq!(time.max_event_time(), Some(T - S));
+        // A replay of the past (received long after its time) moves with its reports alone.
+        let mut replay = EventTime::default();
+        replay.sending(T - 3_600 * S);
+        replay.sent(T - 3_600 * S, Some((T - 3_600 * S, T)));
+        assert_eq!(replay.heartbeat(T + 100 * S, lateness), Some(T - 3_600 * S));
+        // A declaration (the end of a conference) wins when it is later.
+        time.declared = Some(T + 1_000 * S);
+        assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 1_000 * S));
+    }
 }

@@ -193,6 +193,13 @@ impl Pipeline {
         let locations = Arc::new(PgLocations {
             pool: pool.clone(),
             stored: AtomicU64::new(0),
+            id_reused: AtomicU64::new(0),
+            dead_letters: DeadLetters {
+                producer: producer.clone(),
+                source_topic: topics.locations.clone(),
+                topic: topics.locations_dlq.clone(),
+                count: Arc::clone(&dead_letters),
+            },
         });
         let node = config.node();
         // Where peers reach this process's gRPC server (start-up fills in the bound address).
@@ -541,6 +548,33 @@ impl Pipeline {
             "udaconnect_ingest_events_total",
             &[("result", "rejected")],
             ingest.rejected.load(Ordering::Relaxed) as f64,
+        );
+        out.family(
+            "udaconnect_ingest_untrusted_times_total",
+            Kind::Counter,
+            "Accepted reports not trusted to move event time as far as their recorded_at, per \
+             reason (ahead_of_clock: stamped more than clock_skew_s ahead of their receive time)",
+        )
+        .sample(
+            "udaconnect_ingest_untrusted_times_total",
+            &[("reason", "ahead_of_clock")],
+            ingest.ahead_of_clock.load(Ordering::Relaxed) as f64,
+        );
+        out.family(
+            "udaconnect_event_id_reused_total",
+            Kind::Counter,
+            "Reports whose event_id was already a different report's: refused at ingest (409), \
+             or dead-lettered by the zone stage when ingest did not know the first",
+        )
+        .sample(
+            "udaconnect_event_id_reused_total",
+            &[("stage", "ingest")],
+            ingest.id_reused.load(Ordering::Relaxed) as f64,
+        )
+        .sample(
+            "udaconnect_event_id_reused_total",
+            &[("stage", "zones")],
+            self.locations.id_reused.load(Ordering::Relaxed) as f64,
         );
         out.family(
             "udaconnect_ingest_records_total",

@@ -37,23 +37,40 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Batches in flight in front of a supervisor.
 const IN_FLIGHT: usize = 4;
 
-/// Home events into `location`.
+/// Home events into `location`; a report whose `event_id` a different stored report holds
+/// goes to the locations dead-letter topic instead, with the reason.
 pub struct PgLocations {
     pub pool: deadpool_postgres::Pool,
     pub stored: AtomicU64,
+    /// Reports dead-lettered because their id was already another report's.
+    pub id_reused: AtomicU64,
+    pub dead_letters: DeadLetters,
 }
 
 impl LocationSink for PgLocations {
     fn store<'a>(
         &'a self,
-        _partition: u32,
+        partition: u32,
         events: &'a [RoutedEvent],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
-            let n = store_locations(&self.pool, events)
+            let stored = store_locations(&self.pool, events)
                 .await
                 .map_err(|e| PortError(e.to_string()))?;
-            self.stored.fetch_add(n, Ordering::Relaxed);
+            self.stored.fetch_add(stored.inserted, Ordering::Relaxed);
+            for r in &stored.id_reused {
+                let e = &r.event;
+                let reason = format!(
+                    "event_id {} is already the id of a different report; this one (person {}, \
+                     lat {}, lon {}, recorded_at {} µs) was acknowledged but is not stored",
+                    e.event_id, e.person_id, e.lat, e.lon, e.recorded_at
+                );
+                let payload = crate::pipeline::codec::LocationRecord::Events(vec![*r]).encode();
+                self.dead_letters
+                    .send_payload(partition as i32, payload, &reason)
+                    .await;
+                self.id_reused.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(())
         })
     }
@@ -199,17 +216,36 @@ impl DeadLetters {
             reason,
             "record sent to the dead-letter topic"
         );
+        let payload = record.payload.clone().unwrap_or_default();
+        self.produce(partition, payload, reason, Some(record.offset))
+            .await;
+    }
+
+    /// Produces `payload` (one event of a record, as the stage read it) to the dead-letter
+    /// topic with the reason, retrying until the broker takes it.
+    pub async fn send_payload(&self, partition: i32, payload: Vec<u8>, reason: &str) {
+        warn!(
+            topic = self.source_topic,
+            partition, reason, "event sent to the dead-letter topic"
+        );
+        self.produce(partition, payload, reason, None).await;
+    }
+
+    async fn produce(&self, partition: i32, payload: Vec<u8>, reason: &str, offset: Option<i64>) {
+        let mut headers = vec![
+            ("reason", reason.to_owned()),
+            ("source.topic", self.source_topic.clone()),
+            ("source.partition", partition.to_string()),
+        ];
+        if let Some(offset) = offset {
+            headers.push(("source.offset", offset.to_string()));
+        }
         let out = [OutRecord {
             topic: &self.topic,
             partition: None,
             key: None,
-            payload: record.payload.clone().unwrap_or_default(),
-            headers: vec![
-                ("reason", reason.to_owned()),
-                ("source.topic", self.source_topic.clone()),
-                ("source.partition", partition.to_string()),
-                ("source.offset", record.offset.to_string()),
-            ],
+            payload,
+            headers,
         }];
         retry("dead-lettering", partition as u32, || {
             self.producer.send_all(&out)

@@ -13,7 +13,8 @@ use crate::error::{ApiError, ErrorCode};
 #[derive(Debug, Clone, Object, serde::Serialize)]
 #[oai(rename = "Error")]
 pub struct ErrorBody {
-    /// `invalid_argument`, `not_found`, `payload_too_large`, `unavailable` or `internal`.
+    /// `invalid_argument`, `not_found`, `already_exists`, `payload_too_large`, `unavailable`
+    /// or `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -42,6 +43,9 @@ pub enum ErrorResponse {
     /// The person, location or episode named does not exist.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The `event_id` was already used for a different report (person, place or time).
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
     /// The request body or the batch is too large.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -60,6 +64,7 @@ impl From<ApiError> for ErrorResponse {
         match e.code {
             ErrorCode::InvalidArgument => Self::BadRequest(body),
             ErrorCode::NotFound => Self::NotFound(body),
+            ErrorCode::AlreadyExists => Self::Conflict(body),
             ErrorCode::PayloadTooLarge => Self::PayloadTooLarge(body),
             ErrorCode::Unavailable => Self::Unavailable(body),
             // Not reachable from REST (no authenticated operation); kept a client error.

@@ -125,26 +125,38 @@ fn cors(origins: &[String]) -> Option<Cors> {
 }
 
 /// Refuses a body whose declared length is above [`MAX_BODY_BYTES`] with 413, before it is
-/// read; a body sent without a length is cut there (and then fails to parse as JSON).
+/// read; a body sent without a length is cut there (and then fails to parse as JSON). The body
+/// is kept, so that a JSON body that does not parse is answered naming the field where it
+/// fails ([`crate::input::parse_json`]: `lat` for `"lat": 1e999`), not just `body`.
 async fn limit_body<E: Endpoint>(next: Arc<E>, mut req: Request) -> poem::Result<Response> {
     let declared = req
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    match declared {
-        Some(n) if n > MAX_BODY_BYTES => {
-            return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE));
-        }
-        Some(_) => {}
-        None => {
-            use tokio::io::AsyncReadExt;
-            let body = req
-                .take_body()
-                .into_async_read()
-                .take(MAX_BODY_BYTES as u64);
-            req.set_body(poem::Body::from_async_read(body));
-        }
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE));
     }
-    next.call(req).await.map(IntoResponse::into_response)
+    if declared.is_none() {
+        use tokio::io::AsyncReadExt;
+        let body = req
+            .take_body()
+            .into_async_read()
+            .take(MAX_BODY_BYTES as u64);
+        req.set_body(poem::Body::from_async_read(body));
+    }
+    let body = req.take_body().into_bytes().await?;
+    req.set_body(body.clone());
+    match next.call(req).await {
+        Ok(response) => Ok(response.into_response()),
+        Err(e) if e.is::<poem_openapi::error::ParseRequestPayloadError>() => {
+            match crate::input::parse_json(&body) {
+                Err(named) => Err(poem::Error::from_response(
+                    errors::ErrorResponse::from(named).into_response(),
+                )),
+                Ok(_) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -15,6 +15,7 @@ use super::errors::{ErrorResponse, RestResult};
 use super::input::{parse_rfc3339, Checked, Fields, FromJson};
 use super::RestState;
 use crate::error::ApiError;
+use crate::input::no_leap_second;
 use crate::store::queries::{self, NewPerson, Person, StoredLocation};
 
 #[derive(Tags)]
@@ -158,13 +159,15 @@ impl FromJson for PocLocationIn {
         let recorded_at = NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%dT%H:%M:%S%.f")
             .map(|t| t.and_utc())
             .ok()
-            .or_else(|| parse_rfc3339(text))
+            .or_else(|| parse_rfc3339(text).ok())
             .ok_or_else(|| {
                 ApiError::invalid(
                     "creation_time",
                     format!("must look like 2020-08-18T10:37:06 (got {text:?})"),
                 )
             })?;
+        let recorded_at = no_leap_second(recorded_at, text)
+            .map_err(|reason| ApiError::invalid("creation_time", reason))?;
         Ok(Self {
             person_id,
             x,

@@ -89,21 +89,9 @@ pub struct LocationIn {
     lat: f64,
     /// Degrees, -180 to 180.
     lon: f64,
-    /// RFC 3339 with an offset; at most `future_skew_s` ahead of the server's clock.
+    /// RFC 3339 with an offset (second 60 is refused: times are UTC without leap seconds); at
+    /// most `future_skew_s` ahead of the server's clock.
     recorded_at: DateTime<Utc>,
-}
-
-impl FromJson for NewLocationEvent {
-    fn from_json(value: &Value) -> Result<Self, ApiError> {
-        let f = Fields::of(value, "body")?;
-        Ok(NewLocationEvent {
-            event_id: f.uuid("event_id")?,
-            person_id: f.integer("person_id")?,
-            lat: f.number("lat")?,
-            lon: f.number("lon")?,
-            recorded_at: f.time("recorded_at")?.timestamp_micros(),
-        })
-    }
 }
 
 /// The broker acknowledged the event.
@@ -432,14 +420,7 @@ pub fn limit(value: Option<i64>) -> Result<u32, ApiError> {
 
 fn time_param(name: &str, value: Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
     value
-        .map(|text| {
-            parse_rfc3339(&text).ok_or_else(|| {
-                ApiError::invalid(
-                    name,
-                    format!("must be an RFC 3339 time such as 2020-08-18T10:37:06Z (got {text:?})"),
-                )
-            })
-        })
+        .map(|text| parse_rfc3339(&text).map_err(|reason| ApiError::invalid(name, reason)))
         .transpose()
 }
 
@@ -517,7 +498,8 @@ impl V1Api {
     }
 
     /// Ingests one location report; answers 202 once the broker acknowledged it. Unknown
-    /// person: 404.
+    /// person: 404. An `event_id` already used for a different report (person, place or
+    /// time): 409 naming `event_id`; an identical retry is a 202.
     #[oai(path = "/locations", method = "post", tag = "ApiTags::Locations")]
     async fn post_location(&self, body: Json<Checked<LocationIn>>) -> RestResult<AcceptedOk> {
         let event: NewLocationEvent = body.0.parse_as()?;

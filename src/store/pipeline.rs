@@ -25,10 +25,42 @@ fn port(e: impl std::fmt::Display) -> PortError {
     PortError(e.to_string())
 }
 
-/// Stores home events: one multi-row statement per batch, `ON CONFLICT (event_id) DO NOTHING`.
-/// Events of persons that do not exist are skipped and counted (ingest refuses them, so they
+/// What [`store_locations`] did with a batch.
+#[derive(Debug, Default, PartialEq)]
+pub struct StoredLocations {
+    /// Rows inserted (a replayed event is already there and not counted).
+    pub inserted: u64,
+    /// Events whose `event_id` is already the id of a different stored report (person, place
+    /// or time), or of a different event earlier in the batch: not stored.
+    pub id_reused: Vec<RoutedEvent>,
+}
+
+/// Stores home events: one multi-row statement per batch, `ON CONFLICT (event_id) DO NOTHING`,
+/// which also returns the events whose id another stored report holds (an identical replay is
+/// not one). Events of persons that do not exist are skipped (ingest refuses them, so they
 /// only come from records written to the topic by something else).
-pub async fn store_locations(pool: &Pool, events: &[RoutedEvent]) -> Result<u64, StoreError> {
+pub async fn store_locations(
+    pool: &Pool,
+    events: &[RoutedEvent],
+) -> Result<StoredLocations, StoreError> {
+    // The same id twice in one batch: the first one stands, a different second one is a reuse.
+    let mut seen: FxHashMap<uuid::Uuid, &RoutedEvent> = FxHashMap::default();
+    let mut id_reused = Vec::new();
+    let mut unique = Vec::with_capacity(events.len());
+    for r in events {
+        match seen.get(&r.event.event_id) {
+            Some(first) => {
+                if !same_report(&first.event, &r.event) {
+                    id_reused.push(*r);
+                }
+            }
+            None => {
+                seen.insert(r.event.event_id, r);
+                unique.push(r);
+            }
+        }
+    }
+    let events = unique;
     let n = events.len();
     let mut ids = Vec::with_capacity(n);
     let mut persons = Vec::with_capacity(n);
@@ -37,7 +69,7 @@ pub async fn store_locations(pool: &Pool, events: &[RoutedEvent]) -> Result<u64,
     let mut recorded = Vec::with_capacity(n);
     let mut received = Vec::with_capacity(n);
     let mut zones = Vec::with_capacity(n);
-    for r in events {
+    for r in &events {
         ids.push(r.event.event_id);
         persons.push(r.event.person_id);
         lats.push(r.event.lat);
@@ -48,23 +80,58 @@ pub async fn store_locations(pool: &Pool, events: &[RoutedEvent]) -> Result<u64,
     }
     let client = pool.get().await?;
     // X = latitude, Y = longitude: the POC's axis convention (see the migration).
+    // The outer query reads `location` as it was before the insert (one snapshot): the rows it
+    // finds are the ones that were there already, of which it returns those that differ.
     let statement = client
         .prepare_cached(
-            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone)
-             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone
-             FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[], $5::timestamptz[],
-                         $6::timestamptz[], $7::int8[]) AS e(id, person, lat, lon, rec, recv, zone)
-             JOIN person p ON p.id = e.person
-             ON CONFLICT (event_id) DO NOTHING",
+            "WITH e AS (
+                 SELECT * FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[],
+                                      $5::timestamptz[], $6::timestamptz[], $7::int8[])
+                     AS e(id, person, lat, lon, rec, recv, zone)
+             ), ins AS (
+                 INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone)
+                 SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone
+                 FROM e JOIN person p ON p.id = e.person
+                 ON CONFLICT (event_id) DO NOTHING
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM ins), e.id
+             FROM (SELECT 1) one
+             LEFT JOIN (e JOIN location l ON l.event_id = e.id
+                        AND (l.person_id <> e.person OR ST_X(l.coordinate) <> e.lat
+                             OR ST_Y(l.coordinate) <> e.lon OR l.recorded_at <> e.rec)) ON true",
         )
         .await?;
-    let inserted = client
-        .execute(
+    let rows = client
+        .query(
             &statement,
             &[&ids, &persons, &lats, &lons, &recorded, &received, &zones],
         )
         .await?;
-    Ok(inserted)
+    let inserted = rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64;
+    let reused: FxHashSet<uuid::Uuid> = rows
+        .iter()
+        .filter_map(|r| r.get::<_, Option<uuid::Uuid>>(1))
+        .collect();
+    id_reused.extend(
+        events
+            .iter()
+            .filter(|r| reused.contains(&r.event.event_id))
+            .map(|r| **r),
+    );
+    Ok(StoredLocations {
+        inserted,
+        id_reused,
+    })
+}
+
+/// Whether two events with one id are the same report (person, place and time).
+fn same_report(
+    a: &udaconnect_actors::domain::LocationEvent,
+    b: &udaconnect_actors::domain::LocationEvent,
+) -> bool {
+    (a.person_id, a.lat.to_bits(), a.lon.to_bits(), a.recorded_at)
+        == (b.person_id, b.lat.to_bits(), b.lon.to_bits(), b.recorded_at)
 }
 
 /// The net effect of a sequence of episode changes: rows to delete, rows to upsert. Applying

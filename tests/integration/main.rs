@@ -10,3 +10,4 @@ mod recovery;
 mod rest;
 mod service;
 mod store;
+mod time;

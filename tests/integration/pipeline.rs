@@ -979,6 +979,10 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
             "\n",
             r#"{"person_id":2,"lat":91.5,"lon":-106.6511,"recorded_at":"2026-03-10T09:00:00Z"}"#,
             "\n",
+            r#"{"person_id":2,"lat":1e999,"lon":-106.6511,"recorded_at":"2026-03-10T09:00:00Z"}"#,
+            "\n",
+            r#"{"person_id":2,"lat":35.0845,"lon":-106.6511,"recorded_at":"2026-03-10T09:00:60Z"}"#,
+            "\n",
         ),
     )
     .expect("write events");
@@ -1007,16 +1011,28 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
             &summary["accepted"],
             &summary["rejected"]
         ),
-        (&5.into(), &2.into(), &3.into()),
+        (&7.into(), &2.into(), &5.into()),
         "{summary}"
     );
-    assert!(stderr.contains("line 3: not a location event"), "{stderr}");
+    // The same rules and messages as a REST body.
+    assert!(
+        stderr.contains(r#"line 3: lat: must be a number (got the string "north")"#),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("line 4: person_id: no person with id 999"),
         "{stderr}"
     );
     assert!(stderr.contains("line 5: lat:"), "{stderr}");
-    assert!(stderr.contains("3 of 5 lines were rejected"), "{stderr}");
+    assert!(
+        stderr.contains("line 6: lat: is a number out of the range"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 7: recorded_at: has second 60"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("5 of 7 lines were rejected"), "{stderr}");
 
     // The two accepted events went through the zone stage into `location`.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -12,7 +12,7 @@ use udaconnect::store;
 
 use crate::helpers::{poc_seed_dir, test_config, TestApp, TestDb};
 
-async fn send(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16, Value) {
+pub(crate) async fn send(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16, Value) {
     let client = reqwest::Client::new();
     let mut request = client.request(method, url);
     if let Some(body) = body {
@@ -26,17 +26,17 @@ async fn send(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16,
     (status, body)
 }
 
-async fn get(url: &str) -> (u16, Value) {
+pub(crate) async fn get(url: &str) -> (u16, Value) {
     send(reqwest::Method::GET, url, None).await
 }
 
-async fn post(url: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(url: &str, body: &Value) -> (u16, Value) {
     send(reqwest::Method::POST, url, Some(body)).await
 }
 
 /// Asserts the shared error shape, its status, code and field.
 #[track_caller]
-fn assert_error(got: &(u16, Value), status: u16, code: &str, field: Option<&str>) {
+pub(crate) fn assert_error(got: &(u16, Value), status: u16, code: &str, field: Option<&str>) {
     let (s, body) = got;
     assert_eq!(*s, status, "{body}");
     assert_eq!(body["code"], code, "{body}");
@@ -390,7 +390,22 @@ async fn the_poc_contract_on_the_poc_seed() {
     db.drop_db().await;
 }
 
-async fn create_person(app: &TestApp, first: &str) -> i64 {
+/// A batch answer's rejected items, as (index, field).
+pub(crate) fn rejected_items(report: &Value) -> Vec<(i64, &str)> {
+    report["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .map(|r| {
+            (
+                r["index"].as_i64().expect("index"),
+                r["field"].as_str().expect("field"),
+            )
+        })
+        .collect()
+}
+
+pub(crate) async fn create_person(app: &TestApp, first: &str) -> i64 {
     let (status, body) = post(
         &app.url("/v1/persons"),
         &json!({"first_name": first, "last_name": "Tester", "company_name": "UdaConnect"}),
@@ -400,7 +415,7 @@ async fn create_person(app: &TestApp, first: &str) -> i64 {
     body["id"].as_i64().expect("id")
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
@@ -561,9 +576,46 @@ async fn v1_persons_locations_and_status() {
         (with("person_id", json!(-3)), "person_id"),
         (with("event_id", json!("not-a-uuid")), "event_id"),
         (json!("text"), "body"),
+        // Second 60 outside a leap second (and UTC times here have none).
+        (
+            with("recorded_at", json!("2026-11-29T10:37:60Z")),
+            "recorded_at",
+        ),
     ] {
         let got = post(&app.url("/v1/locations"), &body).await;
         assert_error(&got, 400, "invalid_argument", Some(field));
+    }
+    // Numbers JSON allows but a double cannot hold name the field they came in, in a single
+    // report and in a batch.
+    for (path, text, field) in [
+        (
+            "/v1/locations",
+            format!(
+                r#"{{"person_id": {}, "lat": 1e999, "lon": 2, "recorded_at": "{}"}}"#,
+                ids[0],
+                now_rfc3339()
+            ),
+            "lat",
+        ),
+        (
+            "/v1/locations/batch",
+            format!(
+                r#"{{"events": [{}, {{"person_id": 1, "lat": 1, "lon": -1e400}}]}}"#,
+                good(ids[0])
+            ),
+            "events[1].lon",
+        ),
+    ] {
+        let response = reqwest::Client::new()
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(text)
+            .send()
+            .await
+            .expect("sent");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("JSON error");
+        assert_error(&(status, body), 400, "invalid_argument", Some(field));
     }
     assert_error(
         &post(&app.url("/v1/locations"), &good(987_654)).await,
@@ -597,17 +649,7 @@ async fn v1_persons_locations_and_status() {
     let (status, report) = post(&app.url("/v1/locations/batch"), &batch).await;
     assert_eq!(status, 202, "{report}");
     assert_eq!(report["accepted"], 2, "{report}");
-    let rejected: Vec<(i64, &str)> = report["rejected"]
-        .as_array()
-        .expect("rejected")
-        .iter()
-        .map(|r| {
-            (
-                r["index"].as_i64().expect("index"),
-                r["field"].as_str().expect("field"),
-            )
-        })
-        .collect();
+    let rejected = rejected_items(&report);
     assert_eq!(
         rejected,
         vec![
@@ -855,7 +897,7 @@ where
 }
 
 /// Reads Server-Sent Events until one of `kind` arrives; returns its data.
-async fn next_sse<B: AsRef<[u8]>>(
+pub(crate) async fn next_sse<B: AsRef<[u8]>>(
     stream: &mut (impl futures::Stream<Item = reqwest::Result<B>> + Unpin),
     buffer: &mut String,
     kind: &str,

@@ -345,3 +345,57 @@ async fn a_seed_location_for_an_unknown_person_is_refused_and_nothing_is_loaded(
     drop(client);
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored() {
+    use udaconnect::store::pipeline::store_locations;
+    use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
+    use udaconnect_actors::messages::RoutedEvent;
+
+    let (db, client) = TestDb::migrated().await;
+    client
+        .batch_execute(
+            "INSERT INTO person (id, first_name, last_name, company_name)
+             VALUES (1, 'Ada', 'L', 'A')",
+        )
+        .await
+        .expect("person");
+    let config = crate::helpers::test_config(&db);
+    let pool = udaconnect::store::pool(&config, std::time::Duration::from_secs(5)).expect("pool");
+    let id = uuid::Uuid::new_v4();
+    let t = 1_790_000_000 * MICROS_PER_S;
+    let event = |lat: f64, lon: f64| RoutedEvent {
+        event: LocationEvent {
+            event_id: id,
+            person_id: 1,
+            lat,
+            lon,
+            recorded_at: t,
+            received_at: t,
+        },
+        zone: 7,
+        fine_cell: 7,
+        home: true,
+    };
+    let barcelona = event(41.387, 2.17);
+    let munich = event(48.1374, 11.5755);
+    // In one batch: the first stands, the different second is returned.
+    let stored = store_locations(&pool, &[barcelona, munich, barcelona])
+        .await
+        .expect("stored");
+    assert_eq!((stored.inserted, stored.id_reused), (1, vec![munich]));
+    // Against the stored row: a replay is nothing, a reuse is returned.
+    let stored = store_locations(&pool, &[barcelona]).await.expect("stored");
+    assert_eq!((stored.inserted, stored.id_reused.len()), (0, 0));
+    let stored = store_locations(&pool, &[munich]).await.expect("stored");
+    assert_eq!((stored.inserted, stored.id_reused), (0, vec![munich]));
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM location WHERE ST_X(coordinate) = 41.387"
+        )
+        .await,
+        1
+    );
+    db.drop_db().await;
+}

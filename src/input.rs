@@ -1,0 +1,277 @@
+//! Input rules shared by every front end that reads JSON (REST bodies, the `ingest` command's
+//! JSON lines): parsing that names the field at fault, strict RFC 3339 times, and the location
+//! event's fields.
+
+use chrono::{DateTime, Timelike, Utc};
+use serde_json::{Map, Value};
+use udaconnect_actors::domain::NewLocationEvent;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// A body type read from raw JSON with errors that name the field.
+pub trait FromJson: Sized {
+    /// Reads `value`; errors are 400s naming the field (`lat`, `events[3].lat`, …).
+    fn from_json(value: &Value) -> Result<Self, ApiError>;
+}
+
+/// Parses JSON text; a number JSON allows but a double cannot hold (`1e999`) names the field
+/// it came in (its path, e.g. `lat` or `events[3].lat`); any other syntax error names `body`.
+pub fn parse_json(text: &[u8]) -> Result<Value, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value: Value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // A number too large for a double is a bad value of its field; any other syntax
+        // error is the body's (where a cut or broken document stops says little).
+        if inner.to_string().starts_with("number out of range") && path != "." {
+            ApiError::invalid(
+                path,
+                "is a number out of the range of a double (at most about 1.8e308)",
+            )
+        } else {
+            ApiError::invalid("body", format!("is not valid JSON: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::invalid("body", format!("is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// An RFC 3339 time with an offset (`Z` or `±hh:mm`), as written: a second of 60 is refused,
+/// since UdaConnect's times are UTC without leap seconds (Unix time and PostgreSQL's
+/// `timestamptz` have none, and no leap second has been inserted since 2016). The error says
+/// what is wrong, to put after the field's name.
+pub fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
+    let t = DateTime::parse_from_rfc3339(s.trim()).map_err(|_| {
+        format!("must be an RFC 3339 time such as 2020-08-18T10:37:06Z (got {s:?})")
+    })?;
+    no_leap_second(t.with_timezone(&Utc), s)
+}
+
+/// Refuses a time chrono read as a leap second (second 60, which it keeps as a nanosecond
+/// count of one second or more): it would otherwise become the next minute's first second.
+pub fn no_leap_second(t: DateTime<Utc>, text: &str) -> Result<DateTime<Utc>, String> {
+    if t.nanosecond() >= 1_000_000_000 {
+        return Err(format!(
+            "has second 60 (a leap second), which is not accepted: times are UTC without leap \
+             seconds (got {text:?})"
+        ));
+    }
+    Ok(t)
+}
+
+impl FromJson for NewLocationEvent {
+    /// `{"event_id"?, "person_id", "lat", "lon", "recorded_at": RFC 3339}`.
+    fn from_json(value: &Value) -> Result<Self, ApiError> {
+        let f = Fields::of(value, "body")?;
+        Ok(NewLocationEvent {
+            event_id: f.uuid("event_id")?,
+            person_id: f.integer("person_id")?,
+            lat: f.number("lat")?,
+            lon: f.number("lon")?,
+            recorded_at: f.time("recorded_at")?.timestamp_micros(),
+        })
+    }
+}
+
+/// The fields of one JSON object.
+pub struct Fields<'a> {
+    object: &'a Map<String, Value>,
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl<'a> Fields<'a> {
+    /// The object's fields; `what` names the value when it is not an object.
+    pub fn of(value: &'a Value, what: &str) -> Result<Self, ApiError> {
+        match value {
+            Value::Object(object) => Ok(Self { object }),
+            other => Err(ApiError::invalid(
+                what,
+                format!("must be a JSON object (got {})", kind(other)),
+            )),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.object.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A field's raw JSON; `null` counts as absent.
+    pub fn get_raw(&self, name: &str) -> Option<&'a Value> {
+        self.get(name)
+    }
+
+    fn required(&self, name: &str) -> Result<&'a Value, ApiError> {
+        self.get(name)
+            .ok_or_else(|| ApiError::invalid(name, "is required"))
+    }
+
+    /// A required string.
+    pub fn string(&self, name: &str) -> Result<&'a str, ApiError> {
+        match self.required(name)? {
+            Value::String(s) => Ok(s),
+            other => Err(ApiError::invalid(
+                name,
+                format!("must be a string (got {})", kind(other)),
+            )),
+        }
+    }
+
+    /// A required non-blank string of at most `max` characters, trimmed.
+    pub fn text(&self, name: &str, max: usize) -> Result<String, ApiError> {
+        let s = self.string(name)?.trim();
+        if s.is_empty() {
+            return Err(ApiError::invalid(name, "must not be empty"));
+        }
+        if s.chars().count() > max {
+            return Err(ApiError::invalid(
+                name,
+                format!("must be at most {max} characters"),
+            ));
+        }
+        Ok(s.to_owned())
+    }
+
+    /// A required integer.
+    pub fn integer(&self, name: &str) -> Result<i64, ApiError> {
+        let v = self.required(name)?;
+        v.as_i64().ok_or_else(|| {
+            ApiError::invalid(name, format!("must be an integer (got {})", describe(v)))
+        })
+    }
+
+    /// A required number.
+    pub fn number(&self, name: &str) -> Result<f64, ApiError> {
+        let v = self.required(name)?;
+        v.as_f64().ok_or_else(|| {
+            ApiError::invalid(name, format!("must be a number (got {})", describe(v)))
+        })
+    }
+
+    /// An optional UUID.
+    pub fn uuid(&self, name: &str) -> Result<Option<Uuid>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Uuid::parse_str(s)
+                .map(Some)
+                .map_err(|_| ApiError::invalid(name, format!("must be a UUID (got {s:?})"))),
+            Some(other) => Err(ApiError::invalid(
+                name,
+                format!("must be a UUID string (got {})", kind(other)),
+            )),
+        }
+    }
+
+    /// A required RFC 3339 time with an offset (see [`parse_rfc3339`]).
+    pub fn time(&self, name: &str) -> Result<DateTime<Utc>, ApiError> {
+        let s = self.string(name)?;
+        parse_rfc3339(s).map_err(|reason| ApiError::invalid(name, reason))
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Number(n) => format!("{n}"),
+        other => kind(other).to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field_and_the_problem() {
+        let v = json!({"a": "x", "n": 1.5, "i": "7", "t": "yesterday", "u": 3});
+        let f = Fields::of(&v, "body").expect("object");
+        let err = |r: Result<(), ApiError>| r.expect_err("must fail");
+        let e = err(f.integer("n").map(drop));
+        assert_eq!(
+            (e.field.as_deref(), e.message.as_str()),
+            (Some("n"), "must be an integer (got 1.5)")
+        );
+        let e = err(f.integer("i").map(drop));
+        assert_eq!(e.message, "must be an integer (got the string \"7\")");
+        let e = err(f.number("missing").map(drop));
+        assert_eq!(
+            (e.field.as_deref(), e.message.as_str()),
+            (Some("missing"), "is required")
+        );
+        assert_eq!(err(f.time("t").map(drop)).field.as_deref(), Some("t"));
+        assert_eq!(err(f.uuid("u").map(drop)).field.as_deref(), Some("u"));
+        assert_eq!(
+            err(f.text("missing", 5).map(drop)).field.as_deref(),
+            Some("missing")
+        );
+        assert_eq!(f.string("a").ok(), Some("x"));
+        assert_eq!(f.number("n").ok(), Some(1.5));
+        let e = Fields::of(&json!([1]), "events[3]")
+            .err()
+            .expect("not an object");
+        assert_eq!(e.field.as_deref(), Some("events[3]"));
+    }
+
+    #[test]
+    fn times_need_an_offset_and_no_leap_second() {
+        assert!(parse_rfc3339("2020-08-18T10:37:06Z").is_ok());
+        assert!(parse_rfc3339("2020-08-18T12:37:06+02:00").is_ok());
+        assert!(parse_rfc3339("2020-08-18T10:37:06").is_err());
+        let e = parse_rfc3339("2020-08-18T10:37:60Z").expect_err("second 60");
+        assert!(e.contains("second 60"), "{e}");
+        // Not even at a real leap second (2016-12-31T23:59:60Z).
+        assert!(parse_rfc3339("2016-12-31T23:59:60Z").is_err());
+        assert!(parse_rfc3339("2020-08-18T10:37:59.999999Z").is_ok());
+    }
+
+    #[test]
+    fn json_errors_name_the_field_they_came_in() {
+        let e = parse_json(br#"{"person_id": 1, "lat": 1e999, "lon": 2}"#).expect_err("1e999");
+        assert_eq!(e.field.as_deref(), Some("lat"));
+        assert!(e.message.contains("out of the range"), "{}", e.message);
+        let e = parse_json(br#"{"events": [{"lat": 1}, {"lon": -1e400}]}"#).expect_err("-1e400");
+        assert_eq!(e.field.as_deref(), Some("events[1].lon"));
+        let e = parse_json(br#"{"lat": 1,"#).expect_err("cut");
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        assert_eq!(e.field.as_deref(), Some("body"));
+        assert_eq!(
+            parse_json(b"[1] x").expect_err("trailing").field.as_deref(),
+            Some("body")
+        );
+        assert_eq!(parse_json(br#"{"lat": 1.5}"#).expect("valid")["lat"], 1.5);
+    }
+
+    #[test]
+    fn a_location_event_names_each_field() {
+        let ok = serde_json::json!({"person_id": 5, "lat": 1.0, "lon": 2.0,
+            "recorded_at": "2020-08-18T10:37:06Z"});
+        let e = NewLocationEvent::from_json(&ok).expect("valid");
+        assert_eq!((e.person_id, e.lat, e.lon), (5, 1.0, 2.0));
+        let mut bad = ok.clone();
+        bad["recorded_at"] = "2020-08-18T10:37:60Z".into();
+        let e = NewLocationEvent::from_json(&bad).expect_err("leap second");
+        assert_eq!(e.field.as_deref(), Some("recorded_at"));
+        let mut bad = ok;
+        bad["lat"] = "1".into();
+        assert_eq!(
+            NewLocationEvent::from_json(&bad)
+                .expect_err("string")
+                .field
+                .as_deref(),
+            Some("lat")
+        );
+    }
+}

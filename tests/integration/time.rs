@@ -1,0 +1,209 @@
+//! Event time we trust, against the running service with the real PostgreSQL and broker: a
+//! fast phone clock cannot make everyone else's reports late, a quiet meeting ends on the
+//! clock, and a client's `event_id` means one report.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::helpers::{test_config, TestApp, TestDb};
+use crate::rest::{assert_error, create_person, get, next_sse, post, rejected_items};
+
+/// 1 m of latitude, in degrees (about).
+const METER: f64 = 1.0 / 111_320.0;
+const LAT: f64 = 41.3870;
+const LON: f64 = 2.1700;
+
+fn at(seconds_from_now: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::seconds(seconds_from_now))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn report(person: i64, meters_north: f64, recorded_at: &str) -> Value {
+    json!({"person_id": person, "lat": LAT + meters_north * METER, "lon": LON,
+           "recorded_at": recorded_at})
+}
+
+/// Posts one report and asserts it was accepted.
+async fn accepted(app: &TestApp, body: &Value) {
+    let (status, answer) = post(&app.url("/v1/locations"), body).await;
+    assert_eq!(status, 202, "{answer}");
+}
+
+/// The notifications stream of `person`, read until an event of `kind` comes, for at most
+/// `within`.
+struct Notifications {
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
+    buffer: String,
+}
+
+impl Notifications {
+    async fn of(app: &TestApp, person: i64) -> Self {
+        let url = app.url(&format!("/v1/persons/{person}/connections/stream"));
+        let response = reqwest::get(url).await.expect("sse");
+        assert_eq!(response.status().as_u16(), 200);
+        Self {
+            stream: Box::pin(response.bytes_stream().map(|b| b.map(|b| b.to_vec()))),
+            buffer: String::new(),
+        }
+    }
+
+    async fn next(&mut self, kind: &str, within: Duration) -> Value {
+        tokio::time::timeout(within, next_sse(&mut self.stream, &mut self.buffer, kind))
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} notification within {within:?}"))
+    }
+}
+
+#[tokio::test]
+async fn a_phone_clock_290_s_ahead_does_not_make_everyone_else_late() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let [p, q, r, s, t] = [
+        create_person(&app, "P").await,
+        create_person(&app, "Q").await,
+        create_person(&app, "R").await,
+        create_person(&app, "S").await,
+        create_person(&app, "T").await,
+    ];
+    let mut heard_p = Notifications::of(&app, p).await;
+    let mut heard_s = Notifications::of(&app, s).await;
+
+    // P and Q meet now.
+    accepted(&app, &report(p, 0.0, &at(0))).await;
+    accepted(&app, &report(q, 1.0, &at(0))).await;
+    let started = heard_p
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    assert_eq!(started["peer_id"].as_i64(), Some(q), "{started}");
+
+    // R, 2 km away, sends a report stamped 290 s ahead: accepted (within future_skew_s).
+    accepted(&app, &report(r, 2_000.0, &at(290))).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // S and T meet 30 m from P, now: connected in real time all the same.
+    accepted(&app, &report(s, 30.0, &at(0))).await;
+    accepted(&app, &report(t, 31.0, &at(0))).await;
+    let started = heard_s
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    assert_eq!(started["peer_id"].as_i64(), Some(t), "{started}");
+
+    // R's report is stored with the time it carries, and counted.
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("udaconnect_ingest_untrusted_times_total{reason=\"ahead_of_clock\"} 1"),
+        "{metrics}"
+    );
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_quiet_meeting_ends_within_the_gap_and_the_lateness() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.episode_gap_s = 30;
+    config.lateness_s = 10;
+    let app = TestApp::spawn(config).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let a = create_person(&app, "A").await;
+    let b = create_person(&app, "B").await;
+    let mut heard = Notifications::of(&app, a).await;
+
+    // One report each, 1 m apart, now; then nobody reports.
+    let posted = Instant::now();
+    accepted(&app, &report(a, 0.0, &at(0))).await;
+    accepted(&app, &report(b, 1.0, &at(0))).await;
+    let started = heard
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    assert_eq!(started["peer_id"].as_i64(), Some(b), "{started}");
+
+    // The episode ends once the clock is past its last co-location by the gap and the
+    // lateness (40 s), plus the heartbeats' and the stages' few seconds.
+    let ended = heard
+        .next("connection.ended", Duration::from_secs(70))
+        .await;
+    let silence = posted.elapsed();
+    assert!(
+        silence >= Duration::from_secs(38) && silence <= Duration::from_secs(58),
+        "ended after {silence:?}"
+    );
+    assert_eq!(
+        (ended["peer_id"].as_i64(), ended["colocations"].as_i64()),
+        (Some(b), Some(1)),
+        "{ended}"
+    );
+    assert!(ended["ended_at"].is_string(), "{ended}");
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_event_id_reused_for_a_different_report_is_refused_naming_it() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let person = create_person(&app, "Ada").await;
+    let id = uuid::Uuid::new_v4();
+    let now = at(0);
+    let barcelona = json!({"event_id": id, "person_id": person, "lat": 41.3870, "lon": 2.1700, "recorded_at": now});
+    let munich = json!({"event_id": id, "person_id": person, "lat": 48.1374, "lon": 11.5755, "recorded_at": now});
+
+    let url = app.url("/v1/locations");
+    assert_eq!(post(&url, &barcelona).await, (202, json!({"event_id": id})));
+    // Refused while the first is known to this process, and once it is stored.
+    assert_error(
+        &post(&url, &munich).await,
+        409,
+        "already_exists",
+        Some("event_id"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&app.url(&format!("/v1/locations/{id}"))).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the first report is not stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_error(
+        &post(&url, &munich).await,
+        409,
+        "already_exists",
+        Some("event_id"),
+    );
+    // An identical retry is a silent success.
+    assert_eq!(post(&url, &barcelona).await, (202, json!({"event_id": id})));
+    // In a batch, the reuse is the item's rejection; the rest goes through.
+    let other = uuid::Uuid::new_v4();
+    let (status, batch) = post(
+        &app.url("/v1/locations/batch"),
+        &json!({"events": [
+            munich,
+            {"event_id": other, "person_id": person, "lat": 41.0, "lon": 2.0, "recorded_at": now},
+            {"event_id": other, "person_id": person, "lat": 42.0, "lon": 2.0, "recorded_at": now},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{batch}");
+    assert_eq!(batch["accepted"], 1, "{batch}");
+    assert_eq!(
+        rejected_items(&batch),
+        vec![(0, "event_id"), (2, "event_id")],
+        "{batch}"
+    );
+    // The first report is the one stored.
+    let (_, stored) = get(&app.url(&format!("/v1/locations/{id}"))).await;
+    assert_eq!(
+        (&stored["lat"], &stored["lon"]),
+        (&json!(41.3870), &json!(2.1700))
+    );
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
