@@ -53,6 +53,34 @@ pub struct LocationEvent {
     pub received_at: Micros,
 }
 
+/// What a report is besides its id: person, place (bit for bit) and time. One `event_id` with
+/// two fingerprints is an id reused for a different report, refused; with one, a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReportFingerprint {
+    pub person_id: PersonId,
+    pub lat_bits: u64,
+    pub lon_bits: u64,
+    pub recorded_at: Micros,
+}
+
+impl ReportFingerprint {
+    /// The fingerprint of a report of `person_id` at (`lat`, `lon`) WGS84 degrees, recorded at
+    /// `recorded_at` µs since the Unix epoch.
+    pub fn new(person_id: PersonId, lat: f64, lon: f64, recorded_at: Micros) -> Self {
+        Self {
+            person_id,
+            lat_bits: lat.to_bits(),
+            lon_bits: lon.to_bits(),
+            recorded_at,
+        }
+    }
+
+    /// The fingerprint of `e`.
+    pub fn of(e: &LocationEvent) -> Self {
+        Self::new(e.person_id, e.lat, e.lon, e.recorded_at)
+    }
+}
+
 /// Why an event was rejected; names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]

@@ -343,7 +343,11 @@ impl EventClock {
     /// `received_at + clock_skew_s`.
     pub fn observe(&mut self, recorded_at: Micros, received_at: Micros) -> bool {
         let late = recorded_at < self.watermark;
-        self.advance(recorded_at.min(received_at.saturating_add(self.skew_us)));
+        self.advance(crate::params::trusted_time(
+            recorded_at,
+            received_at,
+            self.skew_us,
+        ));
         late
     }
 

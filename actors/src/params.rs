@@ -42,6 +42,16 @@ impl Default for EngineParams {
     }
 }
 
+/// `recorded_at`, but no later than `received_at + skew_us` (all µs since the Unix epoch): the
+/// time a report may move event time to (see [`EngineParams::clock_skew_s`]).
+pub fn trusted_time(
+    recorded_at: crate::domain::Micros,
+    received_at: crate::domain::Micros,
+    skew_us: crate::domain::Micros,
+) -> crate::domain::Micros {
+    recorded_at.min(received_at.saturating_add(skew_us))
+}
+
 /// A parameter outside its allowed range; names the parameter.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field} {reason} (got {value})")]
@@ -70,8 +80,10 @@ impl EngineParams {
         recorded_at: crate::domain::Micros,
         received_at: crate::domain::Micros,
     ) -> crate::domain::Micros {
-        recorded_at.min(
-            received_at.saturating_add(i64::from(self.clock_skew_s) * crate::domain::MICROS_PER_S),
+        trusted_time(
+            recorded_at,
+            received_at,
+            i64::from(self.clock_skew_s) * crate::domain::MICROS_PER_S,
         )
     }
 

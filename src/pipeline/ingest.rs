@@ -12,7 +12,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::watch;
 use tracing::warn;
 use udaconnect_actors::domain::{
-    LocationEvent, Micros, NewLocationEvent, PersonId, ValidationError,
+    LocationEvent, Micros, NewLocationEvent, PersonId, ReportFingerprint, ValidationError,
 };
 use udaconnect_actors::engine::Router;
 use udaconnect_actors::messages::RoutedEvent;
@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::kafka::{OutRecord, Producer};
 use crate::metrics::SizeHistogram;
 use crate::pipeline::codec::LocationRecord;
+use crate::store::pipeline::stored_fingerprints;
 use crate::store::StoreError;
 
 /// At most this many routed copies go into one record (about 80 bytes each).
@@ -95,35 +96,13 @@ impl Rejection {
     }
 }
 
-/// What identifies a report besides its id: person, place and time. A client's `event_id`
-/// sent again with the same fingerprint is a retry; with another, a reuse, refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint {
-    pub person_id: PersonId,
-    pub lat_bits: u64,
-    pub lon_bits: u64,
-    pub recorded_at: Micros,
-}
-
-impl Fingerprint {
-    /// The fingerprint of `e`.
-    pub fn of(e: &LocationEvent) -> Self {
-        Self {
-            person_id: e.person_id,
-            lat_bits: e.lat.to_bits(),
-            lon_bits: e.lon.to_bits(),
-            recorded_at: e.recorded_at,
-        }
-    }
-}
-
 /// The client-chosen event ids this process acknowledged lately (the latest
 /// [`RECENT_IDS`]), and a look-up of older ones in `location`: a reused id is refused at ingest
 /// when its first report is known here. (Ids derived from the report cannot be reused: they
 /// are a function of person, place and time.)
 struct KnownIds {
     pool: Pool,
-    recent: Mutex<(HashMap<Uuid, Fingerprint>, VecDeque<Uuid>)>,
+    recent: Mutex<(HashMap<Uuid, ReportFingerprint>, VecDeque<Uuid>)>,
 }
 
 /// How many client-chosen ids an ingest process remembers without asking PostgreSQL.
@@ -138,7 +117,10 @@ impl KnownIds {
     }
 
     /// The first known report of each of `ids`, where one is known.
-    async fn first_reports(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Fingerprint>, IngestError> {
+    async fn first_reports(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, ReportFingerprint>, IngestError> {
         let mut found = HashMap::new();
         let mut missing = Vec::new();
         {
@@ -152,38 +134,15 @@ impl KnownIds {
                 }
             }
         }
-        if missing.is_empty() {
-            return Ok(found);
-        }
-        let client = self.pool.get().await.map_err(StoreError::from)?;
-        let statement = client
-            .prepare_cached(
-                "SELECT event_id, person_id, ST_X(coordinate), ST_Y(coordinate), recorded_at
-                 FROM location WHERE event_id = ANY($1)",
-            )
-            .await
-            .map_err(StoreError::from)?;
-        let rows = client
-            .query(&statement, &[&missing])
-            .await
-            .map_err(StoreError::from)?;
-        for r in rows {
-            let at: chrono::DateTime<chrono::Utc> = r.get(4);
-            found.insert(
-                r.get(0),
-                Fingerprint {
-                    person_id: r.get(1),
-                    lat_bits: r.get::<_, f64>(2).to_bits(),
-                    lon_bits: r.get::<_, f64>(3).to_bits(),
-                    recorded_at: at.timestamp_micros(),
-                },
-            );
+        if !missing.is_empty() {
+            let client = self.pool.get().await.map_err(StoreError::from)?;
+            found.extend(stored_fingerprints(&client, &missing).await?);
         }
         Ok(found)
     }
 
     /// Remembers acknowledged reports.
-    fn remember(&self, reports: impl IntoIterator<Item = (Uuid, Fingerprint)>) {
+    fn remember(&self, reports: impl IntoIterator<Item = (Uuid, ReportFingerprint)>) {
         let mut recent = self.recent.lock().expect("not poisoned");
         let (map, order) = &mut *recent;
         for (id, f) in reports {
@@ -324,10 +283,8 @@ impl EventTime {
             }
             h.max(t)
         });
-        match (moved, self.declared) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
+        // `None` orders before any `Some`.
+        moved.max(self.declared)
     }
 
     /// Reports whose earliest trusted time is `t` are on their way to the broker.
@@ -353,9 +310,35 @@ impl EventTime {
 
     /// The latest trusted or declared time, without the clock's progress.
     pub fn max_event_time(&self) -> Option<Micros> {
-        match (self.latest.map(|(t, _)| t), self.declared) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
+        self.latest.map(|(t, _)| t).max(self.declared)
+    }
+}
+
+/// One call's reports on their way to the broker, held in [`EventTime`] until this is dropped,
+/// so that a call cancelled half-way (a client that hung up) leaves nothing behind to hold the
+/// heartbeats back.
+struct InFlight<'a> {
+    time: &'a Mutex<EventTime>,
+    earliest: Micros,
+    /// Set when the broker acknowledged: the reports' latest trusted time and receive time.
+    acked: Option<(Micros, Micros)>,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(time: &'a Mutex<EventTime>, earliest: Micros) -> Self {
+        time.lock().expect("not poisoned").sending(earliest);
+        Self {
+            time,
+            earliest,
+            acked: None,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut time) = self.time.lock() {
+            time.sent(self.earliest, self.acked.take());
         }
     }
 }
@@ -496,15 +479,10 @@ impl Ingestor {
                 });
             }
         }
-        self.event_time
-            .lock()
-            .expect("not poisoned")
-            .sending(earliest);
+        let mut in_flight = InFlight::start(&self.event_time, earliest);
         let produced = self.produce(&records).await;
-        self.event_time
-            .lock()
-            .expect("not poisoned")
-            .sent(earliest, produced.is_ok().then_some((latest, received_at)));
+        in_flight.acked = produced.is_ok().then_some((latest, received_at));
+        drop(in_flight);
         produced?;
         self.known_ids.remember(client_ids);
         self.counters
@@ -522,7 +500,7 @@ impl Ingestor {
         sent: &[NewLocationEvent],
         valid: &mut Vec<(usize, LocationEvent)>,
         report: &mut IngestReport,
-    ) -> Result<Vec<(Uuid, Fingerprint)>, IngestError> {
+    ) -> Result<Vec<(Uuid, ReportFingerprint)>, IngestError> {
         let chosen: Vec<Uuid> = valid
             .iter()
             .filter(|(i, _)| sent[*i].event_id.is_some())
@@ -538,7 +516,7 @@ impl Ingestor {
             if sent[*index].event_id.is_none() {
                 return true;
             }
-            let mine = Fingerprint::of(e);
+            let mine = ReportFingerprint::of(e);
             match first.get(&e.event_id) {
                 Some(f) if *f != mine => {
                     report.rejected.push(Rejection {

@@ -11,7 +11,7 @@ use poem_openapi::types::{ParseFromJSON, ParseResult, ToJSON, Type};
 use serde_json::Value;
 
 use crate::error::ApiError;
-pub use crate::input::{parse_rfc3339, Fields, FromJson};
+use crate::input::FromJson;
 
 /// A JSON body documented as `T` but accepted as any JSON, then checked with
 /// [`FromJson`]: poem-openapi's own parse errors do not name the field, and a batch must not

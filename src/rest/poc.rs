@@ -12,10 +12,10 @@ use serde_json::Value;
 use udaconnect_actors::domain::derived_event_id;
 
 use super::errors::{ErrorResponse, RestResult};
-use super::input::{parse_rfc3339, Checked, Fields, FromJson};
+use super::input::Checked;
 use super::RestState;
 use crate::error::ApiError;
-use crate::input::no_leap_second;
+use crate::input::{no_leap_second, parse_rfc3339, Fields, FromJson};
 use crate::store::queries::{self, NewPerson, Person, StoredLocation};
 
 #[derive(Tags)]

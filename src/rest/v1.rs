@@ -13,10 +13,11 @@ use udaconnect_actors::domain::NewLocationEvent;
 use uuid::Uuid;
 
 use super::errors::{ErrorResponse, RestResult};
-use super::input::{parse_rfc3339, Checked, Fields, FromJson};
+use super::input::Checked;
 use super::poc::MAX_NAME_CHARS;
 use super::RestState;
 use crate::error::{ApiError, ErrorCode};
+use crate::input::{parse_rfc3339, Fields, FromJson};
 use crate::pipeline::ingest::IngestReport;
 use crate::store::pipeline::timestamp;
 use crate::store::queries::{self, HistoryCursor, HistoryQuery, NewPerson};

@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use rustc_hash::{FxHashMap, FxHashSet};
 use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
-use udaconnect_actors::domain::{Episode, Micros, PersonId};
+use udaconnect_actors::domain::{Episode, Micros, PersonId, ReportFingerprint};
 use udaconnect_actors::messages::{EpisodeChange, RoutedEvent};
+use uuid::Uuid;
 
 use crate::store::StoreError;
 
@@ -35,33 +36,31 @@ pub struct StoredLocations {
     pub id_reused: Vec<RoutedEvent>,
 }
 
-/// Stores home events: one multi-row statement per batch, `ON CONFLICT (event_id) DO NOTHING`,
-/// which also returns the events whose id another stored report holds (an identical replay is
-/// not one). Events of persons that do not exist are skipped (ingest refuses them, so they
-/// only come from records written to the topic by something else).
+/// Stores home events: one multi-row statement per batch, `ON CONFLICT (event_id) DO NOTHING
+/// RETURNING event_id`; only when some were not inserted are their stored reports read back,
+/// to return the events whose id a different report holds ([`ReportFingerprint`]; an identical
+/// replay is not one). Events of persons that do not exist are skipped (ingest refuses them, so
+/// they only come from records written to the topic by something else).
 pub async fn store_locations(
     pool: &Pool,
     events: &[RoutedEvent],
 ) -> Result<StoredLocations, StoreError> {
     // The same id twice in one batch: the first one stands, a different second one is a reuse.
-    let mut seen: FxHashMap<uuid::Uuid, &RoutedEvent> = FxHashMap::default();
+    let mut seen: FxHashMap<Uuid, ReportFingerprint> = FxHashMap::default();
     let mut id_reused = Vec::new();
     let mut unique = Vec::with_capacity(events.len());
     for r in events {
+        let mine = ReportFingerprint::of(&r.event);
         match seen.get(&r.event.event_id) {
-            Some(first) => {
-                if !same_report(&first.event, &r.event) {
-                    id_reused.push(*r);
-                }
-            }
+            Some(first) if *first != mine => id_reused.push(*r),
+            Some(_) => {}
             None => {
-                seen.insert(r.event.event_id, r);
+                seen.insert(r.event.event_id, mine);
                 unique.push(r);
             }
         }
     }
-    let events = unique;
-    let n = events.len();
+    let n = unique.len();
     let mut ids = Vec::with_capacity(n);
     let mut persons = Vec::with_capacity(n);
     let mut lats = Vec::with_capacity(n);
@@ -69,7 +68,7 @@ pub async fn store_locations(
     let mut recorded = Vec::with_capacity(n);
     let mut received = Vec::with_capacity(n);
     let mut zones = Vec::with_capacity(n);
-    for r in &events {
+    for r in &unique {
         ids.push(r.event.event_id);
         persons.push(r.event.person_id);
         lats.push(r.event.lat);
@@ -80,26 +79,15 @@ pub async fn store_locations(
     }
     let client = pool.get().await?;
     // X = latitude, Y = longitude: the POC's axis convention (see the migration).
-    // The outer query reads `location` as it was before the insert (one snapshot): the rows it
-    // finds are the ones that were there already, of which it returns those that differ.
     let statement = client
         .prepare_cached(
-            "WITH e AS (
-                 SELECT * FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[],
-                                      $5::timestamptz[], $6::timestamptz[], $7::int8[])
-                     AS e(id, person, lat, lon, rec, recv, zone)
-             ), ins AS (
-                 INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone)
-                 SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone
-                 FROM e JOIN person p ON p.id = e.person
-                 ON CONFLICT (event_id) DO NOTHING
-                 RETURNING 1
-             )
-             SELECT (SELECT count(*) FROM ins), e.id
-             FROM (SELECT 1) one
-             LEFT JOIN (e JOIN location l ON l.event_id = e.id
-                        AND (l.person_id <> e.person OR ST_X(l.coordinate) <> e.lat
-                             OR ST_Y(l.coordinate) <> e.lon OR l.recorded_at <> e.rec)) ON true",
+            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone)
+             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone
+             FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[], $5::timestamptz[],
+                         $6::timestamptz[], $7::int8[]) AS e(id, person, lat, lon, rec, recv, zone)
+             JOIN person p ON p.id = e.person
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING event_id",
         )
         .await?;
     let rows = client
@@ -108,30 +96,53 @@ pub async fn store_locations(
             &[&ids, &persons, &lats, &lons, &recorded, &received, &zones],
         )
         .await?;
-    let inserted = rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64;
-    let reused: FxHashSet<uuid::Uuid> = rows
-        .iter()
-        .filter_map(|r| r.get::<_, Option<uuid::Uuid>>(1))
-        .collect();
-    id_reused.extend(
-        events
+    let inserted: FxHashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    // Only what was not inserted (a replay, a reuse, or a person that does not exist) is
+    // looked at again.
+    if inserted.len() < unique.len() {
+        let skipped: Vec<Uuid> = ids
             .iter()
-            .filter(|r| reused.contains(&r.event.event_id))
-            .map(|r| **r),
-    );
+            .filter(|id| !inserted.contains(id))
+            .copied()
+            .collect();
+        let stored = stored_fingerprints(&client, &skipped).await?;
+        id_reused.extend(
+            unique
+                .iter()
+                .filter(|r| {
+                    stored
+                        .get(&r.event.event_id)
+                        .is_some_and(|f| *f != ReportFingerprint::of(&r.event))
+                })
+                .map(|r| **r),
+        );
+    }
     Ok(StoredLocations {
-        inserted,
+        inserted: inserted.len() as u64,
         id_reused,
     })
 }
 
-/// Whether two events with one id are the same report (person, place and time).
-fn same_report(
-    a: &udaconnect_actors::domain::LocationEvent,
-    b: &udaconnect_actors::domain::LocationEvent,
-) -> bool {
-    (a.person_id, a.lat.to_bits(), a.lon.to_bits(), a.recorded_at)
-        == (b.person_id, b.lat.to_bits(), b.lon.to_bits(), b.recorded_at)
+/// The stored reports' fingerprints of those of `ids` that are in `location`.
+pub async fn stored_fingerprints(
+    client: &deadpool_postgres::Client,
+    ids: &[Uuid],
+) -> Result<FxHashMap<Uuid, ReportFingerprint>, StoreError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT event_id, person_id, ST_X(coordinate), ST_Y(coordinate), recorded_at
+             FROM location WHERE event_id = ANY($1)",
+        )
+        .await?;
+    let rows = client.query(&statement, &[&ids]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let at: DateTime<Utc> = r.get(4);
+            let f = ReportFingerprint::new(r.get(1), r.get(2), r.get(3), micros(at));
+            (r.get(0), f)
+        })
+        .collect())
 }
 
 /// The net effect of a sequence of episode changes: rows to delete, rows to upsert. Applying
