@@ -454,8 +454,13 @@ impl Producer {
         Ok(Self { inner })
     }
 
-    /// Produces every record and waits until the broker acknowledged all of them.
-    pub async fn send_all(&self, records: &[OutRecord<'_>]) -> Result<(), KafkaError> {
+    /// Hands `records` to the client library in order (waiting while its queue is full) and
+    /// returns their deliveries; a record is in a partition after the ones handed over before
+    /// it.
+    pub async fn enqueue_all(
+        &self,
+        records: &[OutRecord<'_>],
+    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::FutureRecord;
 
@@ -491,6 +496,13 @@ impl Producer {
                 }
             }
         }
+        Ok(pending)
+    }
+
+    /// Waits for the broker's acknowledgement of records [`Producer::enqueue_all`] handed over.
+    pub async fn acknowledged(
+        pending: Vec<rdkafka::producer::DeliveryFuture>,
+    ) -> Result<(), KafkaError> {
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(_)) => {}
@@ -499,5 +511,11 @@ impl Producer {
             }
         }
         Ok(())
+    }
+
+    /// Produces `records` and waits for the broker's acknowledgement of all of them (in order per
+    /// partition: the producer is idempotent).
+    pub async fn send_all(&self, records: &[OutRecord<'_>]) -> Result<(), KafkaError> {
+        Self::acknowledged(self.enqueue_all(records).await?).await
     }
 }

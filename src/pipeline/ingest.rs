@@ -3,7 +3,7 @@
 //! them, and answer only after the broker acknowledged. Used by the CLI now and by REST and
 //! gRPC later. A heartbeat tells every zone partition how far event time has come.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -219,6 +219,7 @@ pub struct Ingestor {
     router: Mutex<Router>,
     persons: PersonDirectory,
     known_ids: KnownIds,
+    sequencer: Sequencer,
     future_skew_s: u32,
     /// What the heartbeats promise.
     event_time: Mutex<EventTime>,
@@ -314,6 +315,69 @@ impl EventTime {
     }
 }
 
+/// Hands the ingest calls' records to the producer in the order the calls came in: a call held
+/// up before producing (its PostgreSQL look-ups, a busy core) is never overtaken by a later
+/// one, so every partition holds a process's reports in the order it received them, and what
+/// a later call moves event time to cannot make an earlier call's reports late.
+#[derive(Debug)]
+struct Sequencer {
+    next: AtomicU64,
+    /// The ticket whose turn it is.
+    turn: watch::Sender<u64>,
+    /// Tickets done out of turn (dropped before their turn came: a call that failed early).
+    done: Mutex<BTreeSet<u64>>,
+}
+
+impl Default for Sequencer {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            turn: watch::Sender::new(0),
+            done: Mutex::new(BTreeSet::new()),
+        }
+    }
+}
+
+impl Sequencer {
+    /// The next place in line.
+    fn ticket(&self) -> Ticket<'_> {
+        Ticket {
+            sequencer: self,
+            n: self.next.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+/// A place in a [`Sequencer`]'s line; dropping it (handed over, failed or cancelled) lets the
+/// next one go.
+struct Ticket<'a> {
+    sequencer: &'a Sequencer,
+    n: u64,
+}
+
+impl Ticket<'_> {
+    /// Waits until every earlier ticket is dropped.
+    async fn wait(&self) {
+        let mut turn = self.sequencer.turn.subscribe();
+        // The sender lives as long as the sequencer, which outlives its tickets.
+        let _ = turn.wait_for(|t| *t >= self.n).await;
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let Ok(mut done) = self.sequencer.done.lock() else {
+            return;
+        };
+        done.insert(self.n);
+        self.sequencer.turn.send_modify(|turn| {
+            while done.remove(turn) {
+                *turn += 1;
+            }
+        });
+    }
+}
+
 /// One call's reports on their way to the broker, held in [`EventTime`] until this is dropped,
 /// so that a call cancelled half-way (a client that hung up) leaves nothing behind to hold the
 /// heartbeats back.
@@ -356,6 +420,7 @@ impl Ingestor {
             router: Mutex::new(Router::new(&config.engine_params(), partitions)),
             persons: PersonDirectory::new(pool.clone()),
             known_ids: KnownIds::new(pool),
+            sequencer: Sequencer::default(),
             future_skew_s: config.future_skew_s,
             event_time: Mutex::new(EventTime::default()),
             params: config.engine_params(),
@@ -368,9 +433,22 @@ impl Ingestor {
     }
 
     /// Produces `records` and waits for the broker's acknowledgement of all of them, for at
-    /// most the configured timeout.
-    async fn produce(&self, records: &[OutRecord<'_>]) -> Result<(), IngestError> {
-        match tokio::time::timeout(self.ack_timeout, self.producer.send_all(records)).await {
+    /// most the configured timeout. With a `turn`, the records are handed to the producer only
+    /// once every call that came in before has handed over its own ([`Sequencer`]).
+    async fn produce(
+        &self,
+        records: &[OutRecord<'_>],
+        turn: Option<Ticket<'_>>,
+    ) -> Result<(), IngestError> {
+        let send = async move {
+            if let Some(turn) = &turn {
+                turn.wait().await;
+            }
+            let pending = self.producer.enqueue_all(records).await;
+            drop(turn);
+            Producer::acknowledged(pending?).await
+        };
+        match tokio::time::timeout(self.ack_timeout, send).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(source)) => Err(IngestError::Broker {
                 brokers: self.brokers.clone(),
@@ -410,6 +488,9 @@ impl Ingestor {
         &self,
         events: &[NewLocationEvent],
     ) -> Result<IngestReport, IngestError> {
+        // Taken before any wait: this call's records go out after those of every call that
+        // came in before it, whatever the look-ups below take.
+        let turn = self.sequencer.ticket();
         let received_at = now_micros();
         let mut report = IngestReport::default();
         let mut valid: Vec<(usize, LocationEvent)> = Vec::with_capacity(events.len());
@@ -423,6 +504,14 @@ impl Ingestor {
                 }),
             }
         }
+        // In flight from now on: no heartbeat may promise past these reports while this call
+        // looks persons and ids up and produces.
+        let trusted = |e: &LocationEvent| self.params.trusted_time(e.recorded_at, e.received_at);
+        let mut in_flight = valid
+            .iter()
+            .map(|(_, e)| trusted(e))
+            .min()
+            .map(|earliest| InFlight::start(&self.event_time, earliest));
         let ids: Vec<PersonId> = valid.iter().map(|(_, e)| e.person_id).collect();
         let unknown = self.persons.unknown(&ids).await?;
         if !unknown.is_empty() {
@@ -456,12 +545,11 @@ impl Ingestor {
             }
         }
         let mut ahead = 0u64;
-        let (mut earliest, mut latest) = (Micros::MAX, Micros::MIN);
+        let mut latest = Micros::MIN;
         for (_, e) in &valid {
-            let trusted = self.params.trusted_time(e.recorded_at, e.received_at);
-            ahead += u64::from(trusted < e.recorded_at);
-            earliest = earliest.min(trusted);
-            latest = latest.max(trusted);
+            let t = trusted(e);
+            ahead += u64::from(t < e.recorded_at);
+            latest = latest.max(t);
         }
         self.counters
             .ahead_of_clock
@@ -479,9 +567,10 @@ impl Ingestor {
                 });
             }
         }
-        let mut in_flight = InFlight::start(&self.event_time, earliest);
-        let produced = self.produce(&records).await;
-        in_flight.acked = produced.is_ok().then_some((latest, received_at));
+        let produced = self.produce(&records, Some(turn)).await;
+        if let Some(in_flight) = &mut in_flight {
+            in_flight.acked = produced.is_ok().then_some((latest, received_at));
+        }
         drop(in_flight);
         produced?;
         self.known_ids.remember(client_ids);
@@ -587,7 +676,7 @@ impl Ingestor {
                 headers: Vec::new(),
             })
             .collect();
-        self.produce(&records).await?;
+        self.produce(&records, None).await?;
         Ok(())
     }
 
@@ -759,7 +848,7 @@ pub async fn ingest_file(
 mod tests {
     use udaconnect_actors::domain::MICROS_PER_S;
 
-    use super::EventTime;
+    use super::{EventTime, Sequencer};
 
     const T: i64 = 1_790_000_000 * MICROS_PER_S;
     const S: i64 = MICROS_PER_S;
@@ -794,5 +883,29 @@ mod tests {
         // A declaration (the end of a conference) wins when it is later.
         time.declared = Some(T + 1_000 * S);
         assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 1_000 * S));
+    }
+
+    #[tokio::test]
+    async fn calls_hand_over_in_the_order_they_came_in_even_when_one_fails_early() {
+        let sequencer = Sequencer::default();
+        let first = sequencer.ticket();
+        let second = sequencer.ticket();
+        let third = sequencer.ticket();
+        // The third waits for both before it.
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), third.wait());
+        assert!(
+            waiting.await.is_err(),
+            "the third went before the first two"
+        );
+        // The second fails before its turn: it must not hold the line.
+        drop(second);
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), third.wait());
+        assert!(waiting.await.is_err(), "the third went before the first");
+        first.wait().await;
+        drop(first);
+        tokio::time::timeout(std::time::Duration::from_secs(1), third.wait())
+            .await
+            .expect("the third's turn came");
+        assert_eq!(*sequencer.turn.borrow(), 2);
     }
 }

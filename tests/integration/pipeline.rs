@@ -156,19 +156,25 @@ async fn wait_until_settled(
     }
 }
 
-/// Ingests `events` in requests of 2,000, as a gateway would; returns the accepted count.
+/// Ingests `events` in requests of 2,000 with 4 in flight, as a gateway would (the pipeline
+/// bench's shape: each request waits for look-ups in PostgreSQL before it produces, and a
+/// later one must not overtake it); returns the accepted count.
 async fn ingest_all(ingestor: &Ingestor, events: &[LocationEvent]) -> usize {
-    let mut accepted = 0;
-    for chunk in events.chunks(2_000) {
-        let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
-        let report = ingestor
-            .ingest(&wire)
-            .await
-            .expect("the broker acknowledged");
-        assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..1]);
-        accepted += report.accepted.len();
-    }
-    accepted
+    use futures::StreamExt;
+
+    futures::stream::iter(events.chunks(2_000))
+        .map(|chunk| async move {
+            let wire: Vec<NewLocationEvent> = chunk.iter().map(wire).collect();
+            let report = ingestor
+                .ingest(&wire)
+                .await
+                .expect("the broker acknowledged");
+            assert!(report.rejected.is_empty(), "{:?}", &report.rejected[..1]);
+            report.accepted.len()
+        })
+        .buffered(4)
+        .fold(0, |total, n| async move { total + n })
+        .await
 }
 
 /// Every notification a subscription receives, collected in the background.
