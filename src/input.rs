@@ -43,7 +43,7 @@ pub fn parse_json(text: &[u8]) -> Result<Value, ApiError> {
 /// `timestamptz` have none, and no leap second has been inserted since 2016). The error says
 /// what is wrong, to put after the field's name.
 pub fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
-    let t = DateTime::parse_from_rfc3339(s.trim()).map_err(|_| {
+    let t = DateTime::parse_from_rfc3339(s).map_err(|_| {
         format!("must be an RFC 3339 time such as 2020-08-18T10:37:06Z (got {s:?})")
     })?;
     no_leap_second(t.with_timezone(&Utc), s)
@@ -235,6 +235,8 @@ mod tests {
         // Not even at a real leap second (2016-12-31T23:59:60Z).
         assert!(parse_rfc3339("2016-12-31T23:59:60Z").is_err());
         assert!(parse_rfc3339("2020-08-18T10:37:59.999999Z").is_ok());
+        // As written: no surrounding blanks.
+        assert!(parse_rfc3339(" 2020-08-18T10:37:06Z").is_err());
     }
 
     #[test]

@@ -124,7 +124,7 @@ impl KnownIds {
         let mut found = HashMap::new();
         let mut missing = Vec::new();
         {
-            let recent = self.recent.lock().expect("not poisoned");
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             for id in ids {
                 match recent.0.get(id) {
                     Some(f) => {
@@ -141,18 +141,47 @@ impl KnownIds {
         Ok(found)
     }
 
-    /// Remembers acknowledged reports.
-    fn remember(&self, reports: impl IntoIterator<Item = (Uuid, ReportFingerprint)>) {
-        let mut recent = self.recent.lock().expect("not poisoned");
+    /// Claims each of `reports` for its id, atomically within this process: refused (`false`)
+    /// when the id is already another report's (claimed here, or `stored`), else claimed
+    /// (`true`). Returns, as well, the claims made now, to [`KnownIds::release`] if the
+    /// reports are not acknowledged.
+    fn claim(
+        &self,
+        reports: &[(Uuid, ReportFingerprint)],
+        stored: &HashMap<Uuid, ReportFingerprint>,
+    ) -> (Vec<bool>, Vec<(Uuid, ReportFingerprint)>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let (map, order) = &mut *recent;
-        for (id, f) in reports {
-            if map.insert(id, f).is_none() {
-                order.push_back(id);
-            }
-        }
+        let mut made = Vec::new();
+        let passed = reports
+            .iter()
+            .map(
+                |&(id, mine)| match map.get(&id).or_else(|| stored.get(&id)) {
+                    Some(first) if *first != mine => false,
+                    Some(_) if map.contains_key(&id) => true,
+                    _ => {
+                        map.insert(id, mine);
+                        order.push_back(id);
+                        made.push((id, mine));
+                        true
+                    }
+                },
+            )
+            .collect();
         while order.len() > RECENT_IDS {
             if let Some(old) = order.pop_front() {
                 map.remove(&old);
+            }
+        }
+        (passed, made)
+    }
+
+    /// Gives back claims whose reports the broker did not acknowledge.
+    fn release(&self, claims: &[(Uuid, ReportFingerprint)]) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, f) in claims {
+            if recent.0.get(id) == Some(f) {
+                recent.0.remove(id);
             }
         }
     }
@@ -366,15 +395,34 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let Ok(mut done) = self.sequencer.done.lock() else {
-            return;
-        };
+        // A poisoned lock still holds the line's state: go on with it.
+        let mut done = self
+            .sequencer
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         done.insert(self.n);
         self.sequencer.turn.send_modify(|turn| {
             while done.remove(turn) {
                 *turn += 1;
             }
         });
+    }
+}
+
+/// The ids a call claimed ([`KnownIds::claim`]), given back when it is dropped unless kept
+/// (the broker acknowledged the reports).
+struct Claims<'a> {
+    ids: &'a KnownIds,
+    claims: Vec<(Uuid, ReportFingerprint)>,
+    kept: bool,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        if !self.kept && !self.claims.is_empty() {
+            self.ids.release(&self.claims);
+        }
     }
 }
 
@@ -401,9 +449,8 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Ok(mut time) = self.time.lock() {
-            time.sent(self.earliest, self.acked.take());
-        }
+        let mut time = self.time.lock().unwrap_or_else(|e| e.into_inner());
+        time.sent(self.earliest, self.acked.take());
     }
 }
 
@@ -531,9 +578,15 @@ impl Ingestor {
             });
             report.rejected.sort_by_key(|r| r.index);
         }
-        let client_ids = self
+        let claims = self
             .refuse_reused_ids(events, &mut valid, &mut report)
             .await?;
+        // Claims are given back unless the broker acknowledges (a failed or cancelled call).
+        let claims = Claims {
+            ids: &self.known_ids,
+            claims,
+            kept: false,
+        };
         if valid.is_empty() {
             return Ok(report);
         }
@@ -573,7 +626,8 @@ impl Ingestor {
         }
         drop(in_flight);
         produced?;
-        self.known_ids.remember(client_ids);
+        let mut claims = claims;
+        claims.kept = true;
         self.counters
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -582,57 +636,51 @@ impl Ingestor {
     }
 
     /// Refuses the events whose client-chosen `event_id` is already the id of a different
-    /// report (earlier in this request, acknowledged lately, or stored); an identical retry
-    /// passes. Returns the client-chosen ids that pass, to remember once acknowledged.
+    /// report (earlier in this request, claimed by a call of this process, or stored); an
+    /// identical retry passes. The ids that pass are claimed at once, so that a call running
+    /// at the same time cannot pass with another report; returns the claims made, to give
+    /// back if the broker does not acknowledge.
     async fn refuse_reused_ids(
         &self,
         sent: &[NewLocationEvent],
         valid: &mut Vec<(usize, LocationEvent)>,
         report: &mut IngestReport,
     ) -> Result<Vec<(Uuid, ReportFingerprint)>, IngestError> {
-        let chosen: Vec<Uuid> = valid
+        let chosen: Vec<(Uuid, ReportFingerprint)> = valid
             .iter()
             .filter(|(i, _)| sent[*i].event_id.is_some())
-            .map(|(_, e)| e.event_id)
+            .map(|(_, e)| (e.event_id, ReportFingerprint::of(e)))
             .collect();
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        let mut first = self.known_ids.first_reports(&chosen).await?;
-        let mut passed = Vec::with_capacity(chosen.len());
+        let ids: Vec<Uuid> = chosen.iter().map(|(id, _)| *id).collect();
+        let stored = self.known_ids.first_reports(&ids).await?;
+        let (passed, claims) = self.known_ids.claim(&chosen, &stored);
+        let mut verdicts = passed.into_iter();
         let before = report.rejected.len();
         valid.retain(|(index, e)| {
-            if sent[*index].event_id.is_none() {
+            if sent[*index].event_id.is_none() || verdicts.next().unwrap_or(true) {
                 return true;
             }
-            let mine = ReportFingerprint::of(e);
-            match first.get(&e.event_id) {
-                Some(f) if *f != mine => {
-                    report.rejected.push(Rejection {
-                        index: *index,
-                        kind: RejectionKind::IdReused,
-                        error: ValidationError {
-                            field: "event_id",
-                            reason: format!(
-                                "{} is already the id of a different report (person, place or \
-                                 time); a retry must send the same report, a new report a new id",
-                                e.event_id
-                            ),
-                        },
-                    });
-                    false
-                }
-                _ => {
-                    first.insert(e.event_id, mine);
-                    passed.push((e.event_id, mine));
-                    true
-                }
-            }
+            report.rejected.push(Rejection {
+                index: *index,
+                kind: RejectionKind::IdReused,
+                error: ValidationError {
+                    field: "event_id",
+                    reason: format!(
+                        "{} is already the id of a different report (person, place or time); a \
+                         retry must send the same report, a new report a new id",
+                        e.event_id
+                    ),
+                },
+            });
+            false
         });
         if report.rejected.len() > before {
             report.rejected.sort_by_key(|r| r.index);
         }
-        Ok(passed)
+        Ok(claims)
     }
 
     /// The locations topic's partition count it routes to.

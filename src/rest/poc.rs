@@ -159,7 +159,7 @@ impl FromJson for PocLocationIn {
         let recorded_at = NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%dT%H:%M:%S%.f")
             .map(|t| t.and_utc())
             .ok()
-            .or_else(|| parse_rfc3339(text).ok())
+            .or_else(|| parse_rfc3339(text.trim()).ok())
             .ok_or_else(|| {
                 ApiError::invalid(
                     "creation_time",

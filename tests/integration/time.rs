@@ -204,6 +204,33 @@ async fn an_event_id_reused_for_a_different_report_is_refused_naming_it() {
         (&stored["lat"], &stored["lon"]),
         (&json!(41.3870), &json!(2.1700))
     );
+
+    // Two reports with one new id sent at the same moment: one is accepted, the other refused,
+    // and afterwards a retry of the accepted one is a 202 and of the refused one a 409.
+    let pairs = (0..10).map(|_| {
+        let id = uuid::Uuid::new_v4();
+        let one = json!({"event_id": id, "person_id": person, "lat": 35.080, "lon": 2.0, "recorded_at": now});
+        let other = json!({"event_id": id, "person_id": person, "lat": 35.081, "lon": 2.0, "recorded_at": now});
+        (one, other)
+    });
+    for (one, other) in pairs.collect::<Vec<_>>() {
+        let (a, b) = tokio::join!(post(&url, &one), post(&url, &other));
+        let mut statuses = [a.0, b.0];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [202, 409], "{a:?} {b:?}");
+        let (kept, refused) = if a.0 == 202 {
+            (one, other)
+        } else {
+            (other, one)
+        };
+        assert_eq!(post(&url, &kept).await.0, 202);
+        assert_error(
+            &post(&url, &refused).await,
+            409,
+            "already_exists",
+            Some("event_id"),
+        );
+    }
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
