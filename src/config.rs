@@ -68,6 +68,10 @@ pub struct Config {
     /// seconds; a report stamped further ahead (up to `future_skew_s`) is accepted and matched
     /// with the time it carries, and counted in `udaconnect_ingest_untrusted_times_total`.
     pub clock_skew_s: u32,
+    /// How old a report may be when it arrives, seconds before its receive time: older ones
+    /// are refused naming `recorded_at`; younger ones later than `lateness_s` take the late
+    /// path (matched against the stored reports, the episodes they touch reshaped).
+    pub late_horizon_s: u32,
     /// How long a readiness check waits for each dependency, milliseconds.
     pub readiness_timeout_ms: u64,
     /// How long an ingest call waits for the broker's acknowledgement before it answers
@@ -108,6 +112,7 @@ impl Default for Config {
             zone_resolution: engine.zone_resolution,
             future_skew_s: 300,
             clock_skew_s: engine.clock_skew_s,
+            late_horizon_s: engine.late_horizon_s,
             readiness_timeout_ms: 2_000,
             ingest_ack_timeout_ms: 10_000,
             startup_wait_s: 30,
@@ -291,6 +296,7 @@ impl Config {
             episode_gap_s: self.episode_gap_s,
             zone_resolution: self.zone_resolution,
             clock_skew_s: self.clock_skew_s,
+            late_horizon_s: self.late_horizon_s,
         }
     }
 
@@ -404,6 +410,7 @@ impl fmt::Debug for Config {
             .field("zone_resolution", &self.zone_resolution)
             .field("future_skew_s", &self.future_skew_s)
             .field("clock_skew_s", &self.clock_skew_s)
+            .field("late_horizon_s", &self.late_horizon_s)
             .field("readiness_timeout_ms", &self.readiness_timeout_ms)
             .field("ingest_ack_timeout_ms", &self.ingest_ack_timeout_ms)
             .field("startup_wait_s", &self.startup_wait_s)

@@ -98,12 +98,14 @@ impl ValidationError {
 }
 
 impl NewLocationEvent {
-    /// Validates the event received at `received_at`, allowing `recorded_at` up to
-    /// `max_future_skew_s` seconds ahead of it, and assigns the final `event_id`.
+    /// Validates the event received at `received_at`, allowing `recorded_at` from
+    /// `late_horizon_s` seconds before it (the late path's horizon) to `max_future_skew_s`
+    /// seconds after it, and assigns the final `event_id`. Errors name the field.
     pub fn validate(
         self,
         received_at: Micros,
         max_future_skew_s: u32,
+        late_horizon_s: u32,
     ) -> Result<LocationEvent, ValidationError> {
         if self.person_id <= 0 {
             return Err(ValidationError::new(
@@ -139,6 +141,17 @@ impl NewLocationEvent {
                 format!(
                     "is {:.1} s in the future; at most {max_future_skew_s} s of clock skew is allowed",
                     (self.recorded_at - received_at) as f64 / MICROS_PER_S as f64
+                ),
+            ));
+        }
+        let oldest = received_at.saturating_sub(i64::from(late_horizon_s) * MICROS_PER_S);
+        if self.recorded_at < oldest {
+            return Err(ValidationError::new(
+                "recorded_at",
+                format!(
+                    "is {:.1} s before the time it was received; reports older than the late \
+                     horizon of {late_horizon_s} s (late_horizon_s) are not accepted",
+                    (received_at - self.recorded_at) as f64 / MICROS_PER_S as f64
                 ),
             ));
         }
@@ -399,25 +412,27 @@ mod tests {
 
     #[test]
     fn valid_event_gets_a_deterministic_id() {
-        let a = new_event().validate(T0, 60).unwrap();
-        let b = new_event().validate(T0 + 5 * MICROS_PER_S, 60).unwrap();
+        let a = new_event().validate(T0, 60, 86_400).unwrap();
+        let b = new_event()
+            .validate(T0 + 5 * MICROS_PER_S, 60, 86_400)
+            .unwrap();
         assert_eq!(a.event_id, b.event_id, "a retried send is the same event");
         assert_eq!(a.event_id.get_version_num(), 5);
         let moved = NewLocationEvent {
             lat: 35.0586,
             ..new_event()
         };
-        assert_ne!(moved.validate(T0, 60).unwrap().event_id, a.event_id);
+        assert_ne!(moved.validate(T0, 60, 86_400).unwrap().event_id, a.event_id);
         let later = NewLocationEvent {
             recorded_at: T0 + 1,
             ..new_event()
         };
-        assert_ne!(later.validate(T0, 60).unwrap().event_id, a.event_id);
+        assert_ne!(later.validate(T0, 60, 86_400).unwrap().event_id, a.event_id);
         let other = NewLocationEvent {
             person_id: 8,
             ..new_event()
         };
-        assert_ne!(other.validate(T0, 60).unwrap().event_id, a.event_id);
+        assert_ne!(other.validate(T0, 60, 86_400).unwrap().event_id, a.event_id);
         let zero = NewLocationEvent {
             lat: 0.0,
             ..new_event()
@@ -427,8 +442,8 @@ mod tests {
             ..new_event()
         };
         assert_eq!(
-            zero.validate(T0, 60).unwrap().event_id,
-            minus_zero.validate(T0, 60).unwrap().event_id
+            zero.validate(T0, 60, 86_400).unwrap().event_id,
+            minus_zero.validate(T0, 60, 86_400).unwrap().event_id
         );
     }
 
@@ -439,7 +454,7 @@ mod tests {
             event_id: Some(id),
             ..new_event()
         };
-        assert_eq!(e.validate(T0, 60).unwrap().event_id, id);
+        assert_eq!(e.validate(T0, 60, 86_400).unwrap().event_id, id);
     }
 
     #[test]
@@ -494,9 +509,17 @@ mod tests {
                 },
                 "recorded_at",
             ),
+            // Older than the late horizon (a day).
+            (
+                NewLocationEvent {
+                    recorded_at: T0 - 86_401 * MICROS_PER_S,
+                    ..new_event()
+                },
+                "recorded_at",
+            ),
         ];
         for (event, field) in cases {
-            let err = event.validate(T0, 60).unwrap_err();
+            let err = event.validate(T0, 60, 86_400).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(err.to_string().starts_with(field), "{err}");
         }
@@ -506,7 +529,12 @@ mod tests {
             recorded_at: T0 + 60 * MICROS_PER_S,
             ..new_event()
         };
-        assert!(edge.validate(T0, 60).is_ok());
+        assert!(edge.validate(T0, 60, 86_400).is_ok());
+        let oldest = NewLocationEvent {
+            recorded_at: T0 - 86_400 * MICROS_PER_S,
+            ..new_event()
+        };
+        assert!(oldest.validate(T0, 60, 86_400).is_ok());
     }
 
     #[test]

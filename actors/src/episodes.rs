@@ -27,7 +27,27 @@ use crate::zones::{mix64, ZoneId};
 /// How many recent sightings a person keeps for its live view.
 pub const TRAJECTORY_LEN: usize = 32;
 
-/// An open episode with one peer.
+/// The episode rules a person applies, in µs (from [`EngineParams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpisodeRules {
+    /// `episode_gap_s`: co-locations at most this far apart are one episode.
+    pub gap_us: Micros,
+    /// How long a closed episode is kept for late co-locations after its deadline
+    /// ([`EngineParams::closed_retention_us`]).
+    pub closed_retention_us: Micros,
+}
+
+impl EpisodeRules {
+    /// The rules of `params`.
+    pub fn of(params: &EngineParams) -> Self {
+        Self {
+            gap_us: i64::from(params.episode_gap_s) * MICROS_PER_S,
+            closed_retention_us: params.closed_retention_us(),
+        }
+    }
+}
+
+/// An episode with one peer: open, or closed and kept for late co-locations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Segment {
     start: Micros,
@@ -39,6 +59,9 @@ struct Segment {
     /// Stored rows that merged into this one, to remove at the next flush.
     absorbed: Vec<Micros>,
     dirty: bool,
+    /// Closed (announced as ended) and kept only for late co-locations to reshape, until the
+    /// minimum watermark is `closed_retention_us` past its deadline.
+    closed: bool,
 }
 
 /// One of a person's own events, for the live view.
@@ -142,28 +165,45 @@ impl PersonState {
     }
 
     /// Adds a co-location summary reported by a source whose watermark (as this partition has
-    /// seen it) is `source_watermark`. Returns the new episode's deadline when one was opened.
+    /// seen it) is `source_watermark`, when the minimum watermark over all sources is
+    /// `min_watermark`. Returns the deadline of the episode it opened or reopened, if any.
     ///
     /// Its co-locations join the episodes within `gap_us` of any of them; since they span at
     /// most `window_s <= episode_gap_s` with no gap wider than that, they join as one, and an
     /// episode is within reach of one of them exactly when it is within reach of `first` or
     /// `last` (an episode's reach is at least twice the gap wide).
+    ///
+    /// A late summary (the late path: found by a copy that arrived after its zone partition's
+    /// watermark) may be earlier than the source's watermark and may reach closed episodes,
+    /// which are kept for that: the result is announced as `connection.updated` (or
+    /// `connection.started`, then `connection.ended` when it is a new episode already past its
+    /// deadline), and rewritten with its `ended_at` when still closed.
+    #[allow(clippy::too_many_arguments)]
     pub fn colocation(
         &mut self,
         c: &ColocationSummary,
+        late: bool,
         source_watermark: Micros,
-        gap_us: Micros,
+        min_watermark: Micros,
+        params: &EpisodeRules,
         out: &mut PersonOutput,
         capture: bool,
     ) -> Option<Micros> {
-        // Everything a source reports after publishing watermark w is at or after w: an
-        // earlier summary is a replay of one counted before.
-        if c.first < source_watermark {
+        let gap_us = params.gap_us;
+        // Everything a source reports on time after publishing watermark w is at or after w:
+        // an earlier summary is a replay of one counted before.
+        if !late && c.first < source_watermark {
             self.counters.repeats += u64::from(c.count);
             return None;
         }
-        let key = summary_key(c);
-        if self.recent.insert(key, c.first).is_some() {
+        let key = summary_key(c) ^ u64::from(late);
+        // A late summary's key is kept as long as the episodes it may reach.
+        let keep_until = if late {
+            c.first.saturating_add(params.closed_retention_us)
+        } else {
+            c.first
+        };
+        if self.recent.insert(key, keep_until).is_some() {
             self.counters.repeats += u64::from(c.count);
             return None;
         }
@@ -181,6 +221,8 @@ impl PersonState {
             end += 1;
         }
         if first == end {
+            let deadline = c.last.saturating_add(gap_us);
+            let closed = late && deadline < min_watermark;
             segments.insert(
                 first,
                 Segment {
@@ -191,6 +233,7 @@ impl PersonState {
                     stored_start: None,
                     absorbed: Vec::new(),
                     dirty: true,
+                    closed,
                 },
             );
             self.counters.started += 1;
@@ -200,20 +243,35 @@ impl PersonState {
                 episode,
                 Vec::new(),
             ));
+            if closed {
+                self.counters.ended += 1;
+                let ended = episode_of(person, c.peer, &segments[first], Some(c.last));
+                out.notifications.push(Notification::new(
+                    NotificationKind::Ended,
+                    ended,
+                    Vec::new(),
+                ));
+            }
             if !was_dirty {
                 self.dirty_peers.push(c.peer);
             }
-            return Some(c.last.saturating_add(gap_us));
+            return Some(if closed {
+                deadline.saturating_add(params.closed_retention_us)
+            } else {
+                deadline
+            });
         }
         let mut merged: Vec<Segment> = segments.drain(first + 1..end).collect();
         let seg = &mut segments[first];
         let before = seg.start;
+        let mut reshaped_closed = seg.closed;
         let mut replaced = Vec::new();
         seg.start = seg.start.min(c.first);
         seg.last = seg.last.max(c.last);
         seg.count += c.count;
         seg.closest = seg.closest.min(c.closest);
         for m in merged.drain(..) {
+            reshaped_closed |= m.closed;
             replaced.push(m.start);
             seg.last = seg.last.max(m.last);
             seg.count += m.count;
@@ -224,15 +282,20 @@ impl PersonState {
         if seg.start != before {
             replaced.push(before);
         }
+        let deadline = seg.last.saturating_add(gap_us);
+        let reopened = reshaped_closed && deadline >= min_watermark;
+        seg.closed = reshaped_closed && !reopened;
         // A stored open episode that only grew keeps its row until it closes (history shows
         // an open episode as it was announced; its live figures are in the person's state):
         // rows are written when an episode opens, is reshaped (its start or its merges change
-        // the stored rows) and closes, not on every co-location.
-        if !replaced.is_empty() {
+        // the stored rows) and closes, not on every co-location. A closed one that changes in
+        // any way is rewritten and announced.
+        if !replaced.is_empty() || reshaped_closed {
             seg.dirty = true;
             replaced.sort_unstable();
             self.counters.updated += 1;
-            let episode = episode_of(person, c.peer, seg, None);
+            let ended_at = seg.closed.then_some(seg.last);
+            let episode = episode_of(person, c.peer, seg, ended_at);
             out.notifications.push(Notification::new(
                 NotificationKind::Updated,
                 episode,
@@ -242,7 +305,12 @@ impl PersonState {
                 self.dirty_peers.push(c.peer);
             }
         }
-        None
+        if reopened {
+            Some(deadline)
+        } else {
+            seg.closed
+                .then(|| deadline.saturating_add(params.closed_retention_us))
+        }
     }
 
     /// Emits the changed open episodes for the sink.
@@ -252,26 +320,41 @@ impl PersonState {
                 continue;
             };
             for seg in segments.iter_mut().filter(|s| s.dirty) {
-                out.changes.push(change_of(self.person, peer, seg, None));
+                let ended_at = seg.closed.then_some(seg.last);
+                out.changes
+                    .push(change_of(self.person, peer, seg, ended_at));
             }
         }
     }
 
-    /// Closes the episodes that nothing can extend once every source is past `min_watermark`;
-    /// returns the earliest deadline of those still open.
+    /// Closes the episodes that nothing on time can extend once every source is past
+    /// `min_watermark` (they are kept, closed, for late co-locations), and forgets closed ones
+    /// `closed_retention_us` past their deadline; returns the earliest time at which this has
+    /// more to do.
     pub fn close(
         &mut self,
         min_watermark: Micros,
-        gap_us: Micros,
+        params: &EpisodeRules,
         out: &mut PersonOutput,
     ) -> Option<Micros> {
+        let gap_us = params.gap_us;
         let mut next: Option<Micros> = None;
+        let mut sooner = |t: Micros| next = Some(next.map_or(t, |n: Micros| n.min(t)));
         let person = self.person;
         let mut emptied = Vec::new();
         for (&peer, segments) in self.peers.iter_mut() {
             segments.retain_mut(|seg| {
                 let deadline = seg.last.saturating_add(gap_us);
+                let forget_at = deadline.saturating_add(params.closed_retention_us);
+                if seg.closed {
+                    if forget_at < min_watermark && !seg.dirty {
+                        return false;
+                    }
+                    sooner(forget_at);
+                    return true;
+                }
                 if deadline < min_watermark {
+                    seg.closed = true;
                     let change = change_of(person, peer, seg, Some(seg.last));
                     self.counters.ended += 1;
                     out.notifications.push(Notification::new(
@@ -280,11 +363,11 @@ impl PersonState {
                         Vec::new(),
                     ));
                     out.changes.push(change);
-                    false
+                    sooner(forget_at);
                 } else {
-                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
-                    true
+                    sooner(deadline);
                 }
+                true
             });
             if segments.is_empty() {
                 emptied.push(peer);
@@ -299,7 +382,7 @@ impl PersonState {
 
     /// Whether any episode is open.
     pub fn has_open_episodes(&self) -> bool {
-        !self.peers.is_empty()
+        self.peers.values().flatten().any(|s| !s.closed)
     }
 
     /// The open episodes, by peer then start.
@@ -308,7 +391,7 @@ impl PersonState {
             .peers
             .iter()
             .flat_map(|(&peer, segs)| {
-                segs.iter().map(move |s| OpenEpisode {
+                segs.iter().filter(|s| !s.closed).map(move |s| OpenEpisode {
                     peer,
                     started_at: s.start,
                     last_seen_at: s.last,
@@ -464,7 +547,7 @@ impl Deadlines {
 /// The synchronous core of one person partition.
 #[derive(Debug)]
 pub struct PersonPartition {
-    gap_us: Micros,
+    rules: EpisodeRules,
     watermarks: Watermarks,
     persons: FxHashMap<PersonId, PersonState>,
     deadlines: Deadlines,
@@ -477,7 +560,7 @@ impl PersonPartition {
     /// accepted co-location in the output (for tests).
     pub fn new(params: &EngineParams, zone_partitions: u32, capture: bool) -> Self {
         Self {
-            gap_us: i64::from(params.episode_gap_s) * MICROS_PER_S,
+            rules: EpisodeRules::of(params),
             watermarks: Watermarks::new(zone_partitions),
             persons: FxHashMap::default(),
             deadlines: Deadlines::default(),
@@ -492,6 +575,7 @@ impl PersonPartition {
         self.counters.batches += 1;
         let notified_before = out.notifications.len();
         let source_watermark = self.watermarks.of(batch.source);
+        let min_watermark = self.watermarks.min();
         let mut touched: Vec<PersonId> = Vec::new();
         for update in &batch.updates {
             self.counters.updates += 1;
@@ -502,11 +586,18 @@ impl PersonPartition {
                 .or_insert_with(|| PersonState::new(person));
             match update {
                 PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
-                PersonUpdate::Colocations(c) => {
+                PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => {
+                    let late = matches!(update, PersonUpdate::LateColocations(_));
                     let before = state.counters.colocations;
-                    if let Some(deadline) =
-                        state.colocation(c, source_watermark, self.gap_us, out, self.capture)
-                    {
+                    if let Some(deadline) = state.colocation(
+                        c,
+                        late,
+                        source_watermark,
+                        min_watermark,
+                        &self.rules,
+                        out,
+                        self.capture,
+                    ) {
                         self.deadlines.push(deadline, person);
                     }
                     self.counters.colocations += state.counters.colocations - before;
@@ -527,7 +618,7 @@ impl PersonPartition {
         if min > before {
             for person in self.deadlines.due(min) {
                 if let Some(state) = self.persons.get_mut(&person) {
-                    if let Some(next) = state.close(min, self.gap_us, out) {
+                    if let Some(next) = state.close(min, &self.rules, out) {
                         self.deadlines.push(next, person);
                     }
                 }
@@ -554,5 +645,139 @@ impl PersonPartition {
     /// The partition's counters.
     pub fn counters(&self) -> PersonPartitionCounters {
         self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Micros = 1_790_000_000 * MICROS_PER_S;
+    const S: Micros = MICROS_PER_S;
+
+    fn rules() -> EpisodeRules {
+        EpisodeRules {
+            gap_us: 600 * S,
+            closed_retention_us: 3_600 * S,
+        }
+    }
+
+    /// One co-location of person 1 with person 2 at `t_s`, `n` telling them apart.
+    fn at(t_s: i64, n: u128) -> ColocationSummary {
+        let (own, peer) = (Uuid::from_u128(n), Uuid::from_u128(1_000 + n));
+        let t = T0 + t_s * S;
+        ColocationSummary {
+            person: 1,
+            peer: 2,
+            arriving_event: own,
+            zone: 7,
+            count: 1,
+            first: t,
+            last: t,
+            closest: Closest {
+                distance_m: 1.0 + n as f64,
+                time: t,
+                own_event: own,
+                peer_event: peer,
+                lat: 0.0,
+                lon: 0.0,
+            },
+        }
+    }
+
+    fn kinds(out: &PersonOutput) -> Vec<NotificationKind> {
+        out.notifications.iter().map(|n| n.kind).collect()
+    }
+
+    #[test]
+    fn late_co_locations_reshape_closed_episodes_and_are_announced() {
+        use NotificationKind::{Ended, Started, Updated};
+        let r = rules();
+        let mut p = PersonState::new(1);
+        let mut out = PersonOutput::default();
+        // On time: co-locations at 0 s and 100 s, one episode, closed once the minimum
+        // watermark is past 100 + 600 s.
+        p.colocation(&at(0, 1), false, T0, T0, &r, &mut out, false);
+        p.colocation(&at(100, 2), false, T0, T0, &r, &mut out, false);
+        p.flush(&mut out);
+        let min = T0 + 701 * S;
+        let forget_at = p.close(min, &r, &mut out);
+        assert_eq!(kinds(&out), [Started, Ended]);
+        assert_eq!(forget_at, Some(T0 + (100 + 600 + 3_600) * S));
+        assert!(!p.has_open_episodes() && p.open_episodes().is_empty());
+
+        // A late one at -300 s moves the start earlier: announced as updated, still ended, and
+        // the row stored under the old start is replaced.
+        let mut out = PersonOutput::default();
+        p.colocation(&at(-300, 3), true, min, min, &r, &mut out, false);
+        p.flush(&mut out);
+        assert_eq!(kinds(&out), [Updated]);
+        let n = &out.notifications[0];
+        assert_eq!(
+            (
+                n.episode.started_at,
+                n.episode.ended_at,
+                n.episode.colocations
+            ),
+            (T0 - 300 * S, Some(T0 + 100 * S), 3)
+        );
+        assert_eq!(n.replaces, [T0]);
+        assert_eq!(out.changes.len(), 1);
+        assert_eq!(out.changes[0].episode, n.episode);
+        assert_eq!(out.changes[0].replaces, [T0]);
+
+        // The same late summary again (a replayed zone partition): nothing.
+        let mut out = PersonOutput::default();
+        p.colocation(&at(-300, 3), true, min, min, &r, &mut out, false);
+        p.flush(&mut out);
+        assert!(out.notifications.is_empty() && out.changes.is_empty());
+        assert_eq!(p.counters().repeats, 1);
+
+        // A late one 2,000 s on, its deadline already passed: a new episode, started and ended.
+        let mut out = PersonOutput::default();
+        let later = T0 + 2_000 * S;
+        let min = later + 601 * S;
+        p.colocation(&at(2_000, 4), true, min, min, &r, &mut out, false);
+        p.flush(&mut out);
+        assert_eq!(kinds(&out), [Started, Ended]);
+        assert_eq!(out.changes.len(), 1);
+        assert_eq!(out.changes[0].episode.ended_at, Some(later));
+
+        // Late ones at 650 s and 1,200 s extend the first; one at 1,500 s then bridges the gap
+        // to the second: the two merge into one, the second's row replaced.
+        let mut out = PersonOutput::default();
+        p.colocation(&at(650, 5), true, min, min, &r, &mut out, false);
+        p.colocation(&at(1_200, 6), true, min, min, &r, &mut out, false);
+        p.colocation(&at(1_500, 8), true, min, min, &r, &mut out, false);
+        p.flush(&mut out);
+        assert_eq!(kinds(&out), [Updated, Updated, Updated]);
+        let merged = &out.notifications[2];
+        assert_eq!(
+            (
+                merged.episode.started_at,
+                merged.episode.ended_at,
+                merged.episode.colocations
+            ),
+            (T0 - 300 * S, Some(later), 7),
+            "{merged:?}"
+        );
+        assert_eq!(merged.replaces, [later]);
+        assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
+        assert_eq!(out.changes[0].replaces, [later]);
+
+        // A late co-location that brings the deadline past the minimum watermark reopens it.
+        let mut out = PersonOutput::default();
+        p.colocation(&at(2_500, 7), true, min, min, &r, &mut out, false);
+        assert_eq!(kinds(&out), [Updated]);
+        assert_eq!(out.notifications[0].episode.ended_at, None);
+        assert_eq!(p.open_episodes().len(), 1);
+
+        // Closed episodes are forgotten once the retention has passed.
+        let mut out = PersonOutput::default();
+        let far = T0 + 100_000 * S;
+        p.close(far, &r, &mut out);
+        assert_eq!(kinds(&out), [Ended]);
+        p.close(far + 1, &r, &mut out);
+        assert!(p.peers.is_empty(), "{:?}", p.peers);
     }
 }

@@ -29,6 +29,62 @@ pub struct RetainedPoint {
     pub home: bool,
 }
 
+/// A copy a zone saw in an earlier batch, as the store returns it for a late copy's matching
+/// (the service: `location` for home copies, `halo_copy` for ghosts).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StoredCopy {
+    pub event_id: Uuid,
+    pub person: PersonId,
+    /// µs since the Unix epoch.
+    pub recorded_at: Micros,
+    /// WGS84 degrees.
+    pub lat: f64,
+    pub lon: f64,
+    /// Whether the zone is the event's home zone.
+    pub home: bool,
+}
+
+impl StoredCopy {
+    /// The copy of `routed` a zone keeps.
+    pub fn of(routed: &RoutedEvent) -> Self {
+        let e = &routed.event;
+        Self {
+            event_id: e.event_id,
+            person: e.person_id,
+            recorded_at: e.recorded_at,
+            lat: e.lat,
+            lon: e.lon,
+            home: routed.home,
+        }
+    }
+
+    /// As a retained point (its Earth-centred position computed).
+    pub fn point(&self) -> RetainedPoint {
+        RetainedPoint {
+            ecef: Ecef::from_degrees(self.lat, self.lon),
+            recorded_at: self.recorded_at,
+            person: self.person,
+            event_id: self.event_id,
+            lat: self.lat,
+            lon: self.lon,
+            home: self.home,
+        }
+    }
+}
+
+impl From<&RetainedPoint> for StoredCopy {
+    fn from(p: &RetainedPoint) -> Self {
+        Self {
+            event_id: p.event_id,
+            person: p.person,
+            recorded_at: p.recorded_at,
+            lat: p.lat,
+            lon: p.lon,
+            home: p.home,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct CellPoints {
     points: Vec<RetainedPoint>,
@@ -131,12 +187,45 @@ impl ZoneIndex {
         neighbors: &[FineCell],
         out: &mut Vec<PersonUpdate>,
     ) -> Arrival {
+        self.arrive(routed, neighbors, None, out)
+    }
+
+    /// Matches a late copy (one that arrived after the partition's watermark had passed it)
+    /// against every copy this zone saw before it: the retained points of `neighbors` and
+    /// `stored`, the zone's copies from earlier batches that the store returned for it (they
+    /// may repeat retained ones; each partner counts once). Its co-locations go out as
+    /// [`PersonUpdate::LateColocations`] under the same reporting rule; then it is retained,
+    /// so that copies arriving after it match it in real time. A copy whose id the zone saw
+    /// before is a repeat and changes nothing.
+    pub fn insert_late(
+        &mut self,
+        routed: &RoutedEvent,
+        neighbors: &[FineCell],
+        stored: &[StoredCopy],
+        out: &mut Vec<PersonUpdate>,
+    ) -> Arrival {
+        self.arrive(routed, neighbors, Some(stored), out)
+    }
+
+    fn arrive(
+        &mut self,
+        routed: &RoutedEvent,
+        neighbors: &[FineCell],
+        stored: Option<&[StoredCopy]>,
+        out: &mut Vec<PersonUpdate>,
+    ) -> Arrival {
         let e = &routed.event;
         if let Some(cell) = self.cells.get(&routed.fine_cell) {
             if cell.points.iter().any(|p| p.event_id == e.event_id) {
                 self.counters.duplicates += 1;
                 return Arrival::Duplicate;
             }
+        }
+        let late = stored.is_some();
+        let stored = stored.unwrap_or(&[]);
+        if stored.iter().any(|p| p.event_id == e.event_id) {
+            self.counters.duplicates += 1;
+            return Arrival::Duplicate;
         }
         let ecef = Ecef::from_degrees(e.lat, e.lon);
         if routed.home {
@@ -168,50 +257,68 @@ impl ZoneIndex {
                 }
             }
         };
+        let (window_us, radius_m) = (self.window_us, self.radius_m);
+        let mut consider = |p: &RetainedPoint| {
+            // Nobody to tell when neither event is home here.
+            if !(routed.home || p.home) || p.person == e.person_id {
+                return;
+            }
+            if (p.recorded_at - e.recorded_at).abs() > window_us {
+                return;
+            }
+            let Some(distance_m) = ecef.within(&p.ecef, radius_m) else {
+                return;
+            };
+            found += 1;
+            let time = p.recorded_at.max(e.recorded_at);
+            if routed.home {
+                report(ColocationReport {
+                    person: e.person_id,
+                    own_event: e.event_id,
+                    peer: p.person,
+                    peer_event: p.event_id,
+                    time,
+                    distance_m,
+                    lat: e.lat,
+                    lon: e.lon,
+                });
+            }
+            if p.home {
+                report(ColocationReport {
+                    person: p.person,
+                    own_event: p.event_id,
+                    peer: e.person_id,
+                    peer_event: e.event_id,
+                    time,
+                    distance_m,
+                    lat: p.lat,
+                    lon: p.lon,
+                });
+            }
+        };
+        // A stored copy that is also retained is matched once, as the retained one.
+        let mut retained_ids: Vec<Uuid> = Vec::new();
         for cell in neighbors {
             let Some(points) = self.cells.get(cell) else {
                 continue;
             };
             for p in &points.points {
-                // Nobody to tell when neither event is home here.
-                if !(routed.home || p.home) || p.person == e.person_id {
-                    continue;
+                if late {
+                    retained_ids.push(p.event_id);
                 }
-                if (p.recorded_at - e.recorded_at).abs() > self.window_us {
-                    continue;
-                }
-                let Some(distance_m) = ecef.within(&p.ecef, self.radius_m) else {
-                    continue;
-                };
-                found += 1;
-                let time = p.recorded_at.max(e.recorded_at);
-                if routed.home {
-                    report(ColocationReport {
-                        person: e.person_id,
-                        own_event: e.event_id,
-                        peer: p.person,
-                        peer_event: p.event_id,
-                        time,
-                        distance_m,
-                        lat: e.lat,
-                        lon: e.lon,
-                    });
-                }
-                if p.home {
-                    report(ColocationReport {
-                        person: p.person,
-                        own_event: p.event_id,
-                        peer: e.person_id,
-                        peer_event: e.event_id,
-                        time,
-                        distance_m,
-                        lat: p.lat,
-                        lon: p.lon,
-                    });
-                }
+                consider(p);
             }
         }
-        out.extend(summaries.drain(..).map(PersonUpdate::Colocations));
+        for copy in stored {
+            if !retained_ids.contains(&copy.event_id) {
+                consider(&copy.point());
+            }
+        }
+        if late {
+            out.extend(summaries.drain(..).map(PersonUpdate::LateColocations));
+        } else {
+            out.extend(summaries.drain(..).map(PersonUpdate::Colocations));
+        }
         self.scratch = summaries;
         self.scratch_index = index;
         self.counters.colocations += u64::from(found);
@@ -248,6 +355,11 @@ impl ZoneIndex {
     /// Drops the points that no event at or after `watermark` can match (older than
     /// `watermark - window_s`), keeping memory bounded whatever the input rate.
     pub fn evict(&mut self, watermark: Micros) {
+        self.evict_into(watermark, None);
+    }
+
+    /// [`ZoneIndex::evict`], keeping the evicted points in `evicted` when given.
+    pub fn evict_into(&mut self, watermark: Micros, mut evicted_out: Option<&mut Vec<StoredCopy>>) {
         if watermark <= self.watermark {
             return;
         }
@@ -267,6 +379,14 @@ impl ZoneIndex {
                     continue;
                 }
                 let before = cell.points.len();
+                if let Some(into) = evicted_out.as_deref_mut() {
+                    into.extend(
+                        cell.points
+                            .iter()
+                            .filter(|p| p.recorded_at < horizon)
+                            .map(StoredCopy::from),
+                    );
+                }
                 cell.points.retain(|p| p.recorded_at >= horizon);
                 let evicted = before - cell.points.len();
                 self.retained -= evicted;
@@ -376,16 +496,24 @@ impl EventClock {
     }
 }
 
+/// A copy taken into a zone partition's batch, in arrival order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admitted {
+    pub routed: RoutedEvent,
+    /// Whether the partition's watermark had passed it on arrival: it is matched by
+    /// [`ZoneIndex::insert_late`] against everything its zone saw before.
+    pub late: bool,
+}
+
 /// The intake of a zone partition's batch, in arrival order: every home event goes to
-/// `home_events` (for the `location` table, late ones included); a late copy is counted and, if
-/// home, only reported as a sighting; copies on time go to `on_time` for matching.
+/// `home_events` (for the `location` table, late ones included), every copy to `admitted` with
+/// whether it is late (earlier than the watermark on arrival; counted).
 pub fn admit(
     clock: &mut EventClock,
     counters: &mut PartitionCounters,
     batch: impl IntoIterator<Item = RoutedEvent>,
     home_events: &mut Vec<RoutedEvent>,
-    updates: &mut Vec<PersonUpdate>,
-    on_time: &mut Vec<RoutedEvent>,
+    admitted: &mut Vec<Admitted>,
 ) {
     counters.batches += 1;
     for routed in batch {
@@ -393,17 +521,11 @@ pub fn admit(
         if routed.home {
             home_events.push(routed);
         }
-        if clock.observe(routed.event.recorded_at, routed.event.received_at) {
+        let late = clock.observe(routed.event.recorded_at, routed.event.received_at);
+        if late {
             counters.late += 1;
-            if routed.home {
-                updates.push(PersonUpdate::Sighting {
-                    event: routed.event,
-                    zone: routed.zone,
-                });
-            }
-        } else {
-            on_time.push(routed);
         }
+        admitted.push(Admitted { routed, late });
     }
 }
 
@@ -446,6 +568,9 @@ pub struct ZonePartition {
     person_partitions: u32,
     cache: CellCache,
     zones: FxHashMap<ZoneId, ZoneIndex>,
+    /// Copies evicted from each zone's index, kept for late copies to match (the service keeps
+    /// them in PostgreSQL); dropped once older than the late horizon.
+    evicted: FxHashMap<ZoneId, Vec<StoredCopy>>,
     clock: EventClock,
     counters: PartitionCounters,
 }
@@ -459,6 +584,7 @@ impl ZonePartition {
             person_partitions,
             cache: CellCache::new(ZoneGrid::new(params)),
             zones: FxHashMap::default(),
+            evicted: FxHashMap::default(),
             clock: EventClock::new(params),
             counters: PartitionCounters::default(),
         }
@@ -468,28 +594,47 @@ impl ZonePartition {
     pub fn process(&mut self, batch: &[RoutedEvent]) -> ZoneBatchOutput {
         let mut updates = Vec::new();
         let mut home_events = Vec::new();
-        let mut on_time = Vec::new();
+        let mut admitted = Vec::new();
         admit(
             &mut self.clock,
             &mut self.counters,
             batch.iter().copied(),
             &mut home_events,
-            &mut updates,
-            &mut on_time,
+            &mut admitted,
         );
-        for routed in &on_time {
+        let window_us = i64::from(self.params.window_s) * MICROS_PER_S;
+        for Admitted { routed, late } in &admitted {
             let neighbors = self.cache.neighbors(routed.fine_cell);
             let params = &self.params;
             let index = self
                 .zones
                 .entry(routed.zone)
                 .or_insert_with(|| ZoneIndex::new(routed.zone, params));
-            index.insert(routed, neighbors, &mut updates);
+            if *late {
+                let t = routed.event.recorded_at;
+                let stored: Vec<StoredCopy> = self
+                    .evicted
+                    .get(&routed.zone)
+                    .map(|v| {
+                        v.iter()
+                            .filter(|c| (c.recorded_at - t).abs() <= window_us)
+                            .copied()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                index.insert_late(routed, neighbors, &stored, &mut updates);
+            } else {
+                index.insert(routed, neighbors, &mut updates);
+            }
         }
         let watermark = self.clock.watermark();
+        let keep_after = watermark.saturating_sub(self.params.closed_retention_us());
         for index in self.zones.values_mut() {
-            index.evict(watermark);
+            let log = self.evicted.entry(index.zone()).or_default();
+            index.evict_into(watermark, Some(log));
+            log.retain(|c| c.recorded_at >= keep_after);
         }
+        self.evicted.retain(|_, log| !log.is_empty());
         self.zones.retain(|_, z| z.retained() > 0);
         ZoneBatchOutput {
             person_batches: pack_updates(
@@ -566,7 +711,7 @@ mod tests {
         out.iter()
             .filter_map(|u| match u {
                 PersonUpdate::Colocations(c) => Some((c.person, c.peer)),
-                PersonUpdate::Sighting { .. } => None,
+                PersonUpdate::Sighting { .. } | PersonUpdate::LateColocations(_) => None,
             })
             .collect()
     }
@@ -608,7 +753,7 @@ mod tests {
     fn summaries(out: &[PersonUpdate]) -> Vec<(PersonId, PersonId, u32, i64, i64)> {
         out.iter()
             .filter_map(|u| match u {
-                PersonUpdate::Colocations(c) => Some((
+                PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => Some((
                     c.person,
                     c.peer,
                     c.count,

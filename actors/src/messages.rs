@@ -18,6 +18,14 @@ pub struct RoutedEvent {
     pub home: bool,
 }
 
+/// A copy as a zone partition saw it: with `seq`, the input offset that brought it (copies of
+/// one record share it), which orders what a zone saw before what.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SeenCopy {
+    pub routed: RoutedEvent,
+    pub seq: i64,
+}
+
 /// One update for one person, from the zone stage.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum PersonUpdate {
@@ -26,6 +34,10 @@ pub enum PersonUpdate {
     /// The person's co-locations with one peer found by one arriving event, reported by the
     /// person's home zone.
     Colocations(ColocationSummary),
+    /// The same, found by a late copy (one that arrived after its zone partition's watermark
+    /// had passed it): its time may be earlier than the source's watermark, and it may reshape
+    /// an episode already closed (the late path of docs/architecture.md).
+    LateColocations(ColocationSummary),
 }
 
 impl PersonUpdate {
@@ -33,7 +45,7 @@ impl PersonUpdate {
     pub fn person(&self) -> PersonId {
         match self {
             Self::Sighting { event, .. } => event.person_id,
-            Self::Colocations(c) => c.person,
+            Self::Colocations(c) | Self::LateColocations(c) => c.person,
         }
     }
 }

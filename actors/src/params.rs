@@ -23,10 +23,20 @@ pub struct EngineParams {
     /// and with them everyone else's reports, further than this.
     #[serde(default = "default_clock_skew_s")]
     pub clock_skew_s: u32,
+    /// How old a report may be when it arrives, seconds before its receive time: older ones
+    /// are refused (naming `recorded_at`); younger ones that are later than `lateness_s` take
+    /// the late path, and the person stage keeps closed episodes this long (in event time) so
+    /// that late co-locations can still reshape them.
+    #[serde(default = "default_late_horizon_s")]
+    pub late_horizon_s: u32,
 }
 
 fn default_clock_skew_s() -> u32 {
     5
+}
+
+fn default_late_horizon_s() -> u32 {
+    86_400
 }
 
 impl Default for EngineParams {
@@ -38,6 +48,7 @@ impl Default for EngineParams {
             episode_gap_s: 600,
             zone_resolution: 8,
             clock_skew_s: default_clock_skew_s(),
+            late_horizon_s: default_late_horizon_s(),
         }
     }
 }
@@ -87,6 +98,18 @@ impl EngineParams {
         )
     }
 
+    /// How long (event time, µs) the person stage keeps an episode after it closed: a late
+    /// co-location is at most `late_horizon_s` (plus the clock skew) older than the receive
+    /// time, which the minimum watermark never passes, and it can reach an episode whose last
+    /// co-location is up to `episode_gap_s` earlier.
+    pub fn closed_retention_us(&self) -> crate::domain::Micros {
+        (i64::from(self.late_horizon_s)
+            + i64::from(self.episode_gap_s)
+            + i64::from(self.clock_skew_s)
+            + i64::from(self.window_s))
+            * crate::domain::MICROS_PER_S
+    }
+
     /// Checks every parameter and names the first one out of range.
     pub fn validate(&self) -> Result<(), ParamsError> {
         if !(self.radius_m.is_finite() && self.radius_m > 0.0 && self.radius_m <= MAX_RADIUS_M) {
@@ -106,6 +129,7 @@ impl EngineParams {
         let positive = [
             ("window_s", self.window_s),
             ("episode_gap_s", self.episode_gap_s),
+            ("late_horizon_s", self.late_horizon_s),
         ];
         for (field, value) in positive {
             if value == 0 {

@@ -250,6 +250,7 @@ pub struct Ingestor {
     known_ids: KnownIds,
     sequencer: Sequencer,
     future_skew_s: u32,
+    late_horizon_s: u32,
     /// What the heartbeats promise.
     event_time: Mutex<EventTime>,
     /// The engine's parameters (clock skew, lateness).
@@ -469,6 +470,7 @@ impl Ingestor {
             known_ids: KnownIds::new(pool),
             sequencer: Sequencer::default(),
             future_skew_s: config.future_skew_s,
+            late_horizon_s: config.late_horizon_s,
             event_time: Mutex::new(EventTime::default()),
             params: config.engine_params(),
             partitions,
@@ -542,7 +544,7 @@ impl Ingestor {
         let mut report = IngestReport::default();
         let mut valid: Vec<(usize, LocationEvent)> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
-            match e.validate(received_at, self.future_skew_s) {
+            match e.validate(received_at, self.future_skew_s, self.late_horizon_s) {
                 Ok(event) => valid.push((index, event)),
                 Err(error) => report.rejected.push(Rejection {
                     index,

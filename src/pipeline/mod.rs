@@ -192,6 +192,10 @@ impl Pipeline {
         let dead_letters = Arc::new(AtomicU64::new(0));
         let locations = Arc::new(PgLocations {
             pool: pool.clone(),
+            window_s: params.window_s,
+            radius_m: params.radius_m,
+            late_copies: AtomicU64::new(0),
+            late_searches: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             id_reused: AtomicU64::new(0),
             dead_letters: DeadLetters {
@@ -503,7 +507,7 @@ const PARTITION_COUNTERS: [(&str, &str); 12] = [
     ),
     (
         "late_events",
-        "Event copies that arrived later than the watermark (stored, not matched in real time)",
+        "Event copies that arrived later than the watermark (matched by the late path against the copies their zone saw before)",
     ),
     ("updates", "Per-person updates the person partition handled"),
     (

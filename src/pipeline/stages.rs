@@ -22,7 +22,8 @@ use udaconnect_actors::actors::ports::{
 use udaconnect_actors::actors::zone::{ZoneSupervisor, ZoneSupervisorArgs, ZoneSupervisorMsg};
 use udaconnect_actors::actors::PartitionHandle;
 use udaconnect_actors::domain::{Micros, Notification};
-use udaconnect_actors::messages::{EpisodeChange, PersonBatch, RoutedEvent};
+use udaconnect_actors::index::StoredCopy;
+use udaconnect_actors::messages::{EpisodeChange, PersonBatch, RoutedEvent, SeenCopy};
 use udaconnect_actors::params::EngineParams;
 use udaconnect_actors::zones::person_partition;
 
@@ -30,17 +31,26 @@ use crate::kafka::{Broker, OutRecord, Producer};
 use crate::pipeline::codec::{self, LocationRecord};
 use crate::pipeline::consumer::{Checkpoint, PartitionWorker, Record, WorkerFactory};
 use crate::pipeline::offsets::{self, OffsetMismatch};
-use crate::store::pipeline::{apply_changes, store_locations, PgOwners, PgSnapshots};
+use crate::store::pipeline::{
+    apply_changes, late_partners, store_locations, PgOwners, PgSnapshots,
+};
 
 /// How long a call to a supervisor may take (a snapshot of a big partition included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Batches in flight in front of a supervisor.
 const IN_FLIGHT: usize = 4;
 
-/// Home events into `location`; a report whose `event_id` a different stored report holds
-/// goes to the locations dead-letter topic instead, with the reason.
+/// Home events into `location`, ghost copies into `halo_copy`; a report whose `event_id` a
+/// different stored report holds goes to the locations dead-letter topic instead, with the
+/// reason. Late copies' partners come from the same tables ([`late_partners`]).
 pub struct PgLocations {
     pub pool: deadpool_postgres::Pool,
+    /// The co-location rule's window and radius, for the late path's search.
+    pub window_s: u32,
+    pub radius_m: f64,
+    /// Late copies matched, and searches made for them.
+    pub late_copies: AtomicU64,
+    pub late_searches: AtomicU64,
     pub stored: AtomicU64,
     /// Reports dead-lettered because their id was already another report's.
     pub id_reused: AtomicU64,
@@ -48,10 +58,27 @@ pub struct PgLocations {
 }
 
 impl LocationSink for PgLocations {
+    fn late_partners<'a>(
+        &'a self,
+        _partition: u32,
+        late: &'a [RoutedEvent],
+        before: i64,
+    ) -> BoxFuture<'a, Result<Vec<Vec<StoredCopy>>, PortError>> {
+        Box::pin(async move {
+            let found = late_partners(&self.pool, late, before, self.window_s, self.radius_m)
+                .await
+                .map_err(|e| PortError(e.to_string()))?;
+            self.late_searches.fetch_add(1, Ordering::Relaxed);
+            self.late_copies
+                .fetch_add(late.len() as u64, Ordering::Relaxed);
+            Ok(found)
+        })
+    }
+
     fn store<'a>(
         &'a self,
         partition: u32,
-        events: &'a [RoutedEvent],
+        events: &'a [SeenCopy],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
             let stored = store_locations(&self.pool, events)
@@ -550,7 +577,7 @@ impl WorkerFactory for ZoneStage {
 }
 
 impl ZoneWorker {
-    async fn send_events(&mut self, events: Vec<RoutedEvent>, next_offset: i64) {
+    async fn send_events(&mut self, events: Vec<SeenCopy>, next_offset: i64) {
         let sent = self
             .core
             .handle
@@ -574,14 +601,17 @@ impl PartitionWorker for ZoneWorker {
     }
 
     async fn handle(&mut self, records: Vec<Record>) {
-        let mut events: Vec<RoutedEvent> = Vec::new();
+        let mut events: Vec<SeenCopy> = Vec::new();
         for record in records {
             // Covered by the snapshot the partition was restored from.
             if record.offset < self.core.next_offset {
                 continue;
             }
             match LocationRecord::decode(record.payload.as_deref()) {
-                Ok(LocationRecord::Events(mut copies)) => events.append(&mut copies),
+                Ok(LocationRecord::Events(copies)) => {
+                    let seq = record.offset;
+                    events.extend(copies.into_iter().map(|routed| SeenCopy { routed, seq }));
+                }
                 Ok(LocationRecord::Heartbeat { max_event_time }) => {
                     if !events.is_empty() {
                         self.send_events(std::mem::take(&mut events), record.offset)

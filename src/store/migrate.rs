@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "connection writes",
         sql: include_str!("migrations/0003_connection_writes.sql"),
     },
+    Migration {
+        version: 4,
+        name: "late path",
+        sql: include_str!("migrations/0004_late_path.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serializes concurrent migrators.

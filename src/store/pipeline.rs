@@ -7,7 +7,8 @@ use deadpool_postgres::Pool;
 use rustc_hash::{FxHashMap, FxHashSet};
 use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
 use udaconnect_actors::domain::{Episode, Micros, PersonId, ReportFingerprint};
-use udaconnect_actors::messages::{EpisodeChange, RoutedEvent};
+use udaconnect_actors::index::StoredCopy;
+use udaconnect_actors::messages::{EpisodeChange, RoutedEvent, SeenCopy};
 use uuid::Uuid;
 
 use crate::store::StoreError;
@@ -36,27 +37,32 @@ pub struct StoredLocations {
     pub id_reused: Vec<RoutedEvent>,
 }
 
-/// Stores home events: one multi-row statement per batch, `ON CONFLICT (event_id) DO NOTHING
-/// RETURNING event_id`; only when some were not inserted are their stored reports read back,
-/// to return the events whose id a different report holds ([`ReportFingerprint`]; an identical
-/// replay is not one). Events of persons that do not exist are skipped (ingest refuses them, so
-/// they only come from records written to the topic by something else).
+/// Stores the copies a zone partition saw, each with the input offset that brought it (`seq`):
+/// home events into `location`, in one multi-row statement per batch, `ON CONFLICT (event_id)
+/// DO NOTHING RETURNING event_id`; only when some were not inserted are their stored reports
+/// read back, to return the events whose id a different report holds ([`ReportFingerprint`];
+/// an identical replay is not one). Ghost copies go to `halo_copy` (for the late path). Events
+/// of persons that do not exist are skipped (ingest refuses them, so they only come from
+/// records written to the topic by something else).
 pub async fn store_locations(
     pool: &Pool,
-    events: &[RoutedEvent],
+    copies: &[SeenCopy],
 ) -> Result<StoredLocations, StoreError> {
+    let client = pool.get().await?;
+    store_halo_copies(&client, copies).await?;
     // The same id twice in one batch: the first one stands, a different second one is a reuse.
     let mut seen: FxHashMap<Uuid, ReportFingerprint> = FxHashMap::default();
     let mut id_reused = Vec::new();
-    let mut unique = Vec::with_capacity(events.len());
-    for r in events {
+    let mut unique = Vec::with_capacity(copies.len());
+    for c in copies.iter().filter(|c| c.routed.home) {
+        let r = &c.routed;
         let mine = ReportFingerprint::of(&r.event);
         match seen.get(&r.event.event_id) {
             Some(first) if *first != mine => id_reused.push(*r),
             Some(_) => {}
             None => {
                 seen.insert(r.event.event_id, mine);
-                unique.push(r);
+                unique.push(c);
             }
         }
     }
@@ -68,7 +74,10 @@ pub async fn store_locations(
     let mut recorded = Vec::with_capacity(n);
     let mut received = Vec::with_capacity(n);
     let mut zones = Vec::with_capacity(n);
-    for r in &unique {
+    let mut seqs = Vec::with_capacity(n);
+    for c in &unique {
+        let r = &c.routed;
+        seqs.push(c.seq);
         ids.push(r.event.event_id);
         persons.push(r.event.person_id);
         lats.push(r.event.lat);
@@ -77,14 +86,14 @@ pub async fn store_locations(
         received.push(timestamp(r.event.received_at));
         zones.push(r.zone as i64);
     }
-    let client = pool.get().await?;
     // X = latitude, Y = longitude: the POC's axis convention (see the migration).
     let statement = client
         .prepare_cached(
-            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone)
-             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone
+            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone, seq)
+             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone, e.seq
              FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[], $5::timestamptz[],
-                         $6::timestamptz[], $7::int8[]) AS e(id, person, lat, lon, rec, recv, zone)
+                         $6::timestamptz[], $7::int8[], $8::int8[])
+                  AS e(id, person, lat, lon, rec, recv, zone, seq)
              JOIN person p ON p.id = e.person
              ON CONFLICT (event_id) DO NOTHING
              RETURNING event_id",
@@ -93,7 +102,9 @@ pub async fn store_locations(
     let rows = client
         .query(
             &statement,
-            &[&ids, &persons, &lats, &lons, &recorded, &received, &zones],
+            &[
+                &ids, &persons, &lats, &lons, &recorded, &received, &zones, &seqs,
+            ],
         )
         .await?;
     let inserted: FxHashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
@@ -109,18 +120,156 @@ pub async fn store_locations(
         id_reused.extend(
             unique
                 .iter()
-                .filter(|r| {
+                .filter(|c| {
                     stored
-                        .get(&r.event.event_id)
-                        .is_some_and(|f| *f != ReportFingerprint::of(&r.event))
+                        .get(&c.routed.event.event_id)
+                        .is_some_and(|f| *f != ReportFingerprint::of(&c.routed.event))
                 })
-                .map(|r| **r),
+                .map(|c| c.routed),
         );
     }
     Ok(StoredLocations {
         inserted: inserted.len() as u64,
         id_reused,
     })
+}
+
+/// Stores the ghost copies among `copies` into `halo_copy` (a repeat is already there).
+async fn store_halo_copies(
+    client: &deadpool_postgres::Client,
+    copies: &[SeenCopy],
+) -> Result<(), StoreError> {
+    let ghosts: Vec<&SeenCopy> = copies.iter().filter(|c| !c.routed.home).collect();
+    if ghosts.is_empty() {
+        return Ok(());
+    }
+    let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut times, mut seqs) = (Vec::new(), Vec::new());
+    for c in ghosts {
+        let e = &c.routed.event;
+        cols.0.push(c.routed.zone as i64);
+        cols.1.push(e.event_id);
+        cols.2.push(e.person_id);
+        cols.3.push(e.lat);
+        cols.4.push(e.lon);
+        times.push(timestamp(e.recorded_at));
+        seqs.push(c.seq);
+    }
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO halo_copy (zone, event_id, person_id, lat, lon, recorded_at, seq)
+             SELECT g.zone, g.id, g.person, g.lat, g.lon, g.rec, g.seq
+             FROM unnest($1::int8[], $2::uuid[], $3::int8[], $4::float8[], $5::float8[],
+                         $6::timestamptz[], $7::int8[]) AS g(zone, id, person, lat, lon, rec, seq)
+             JOIN person p ON p.id = g.person
+             ON CONFLICT (zone, event_id) DO NOTHING",
+        )
+        .await?;
+    client
+        .execute(
+            &statement,
+            &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &times, &seqs],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The late path's search (one statement for a batch's late copies): for each late copy, the
+/// copies its zone saw with an input offset below `before` (home ones in `location`, ghosts in
+/// `halo_copy`) whose time is within `window_s` of its own and that lie within `radius_m` + 1 m
+/// of it (`ST_DWithin` on geography: the WGS84 geodesic, as the engine's own distance, which
+/// decides), of other persons, plus its own earlier copy if it is a repeat. One list per late
+/// copy, in order.
+pub async fn late_partners(
+    pool: &Pool,
+    late: &[RoutedEvent],
+    before: i64,
+    window_s: u32,
+    radius_m: f64,
+) -> Result<Vec<Vec<StoredCopy>>, StoreError> {
+    let n = late.len();
+    let (mut idx, mut zones, mut ids, mut persons) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut times, mut lats, mut lons) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (i, r) in late.iter().enumerate() {
+        idx.push(i as i32);
+        zones.push(r.zone as i64);
+        ids.push(r.event.event_id);
+        persons.push(r.event.person_id);
+        times.push(timestamp(r.event.recorded_at));
+        lats.push(r.event.lat);
+        lons.push(r.event.lon);
+    }
+    let client = pool.get().await?;
+    // `location` keeps the POC's axes (X = latitude); the geography is built lon, lat.
+    let statement = client
+        .prepare_cached(
+            "WITH l AS (
+                 SELECT l.*, ST_SetSRID(ST_MakePoint(l.lon, l.lat), 4326)::geography AS g,
+                        make_interval(secs => $9) AS w
+                 FROM unnest($1::int4[], $2::int8[], $3::uuid[], $4::int8[], $5::timestamptz[],
+                             $6::float8[], $7::float8[]) AS l(i, zone, id, person, t, lat, lon))
+             SELECT l.i, c.event_id, c.person_id, c.recorded_at, c.lat, c.lon, c.home
+             FROM l CROSS JOIN LATERAL (
+                 SELECT event_id, person_id, recorded_at, ST_X(coordinate) AS lat,
+                        ST_Y(coordinate) AS lon, true AS home
+                 FROM location
+                 WHERE zone = l.zone AND seq < $8
+                   AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
+                   AND (person_id <> l.person OR event_id = l.id)
+                   AND ST_DWithin(ST_SetSRID(ST_MakePoint(ST_Y(coordinate), ST_X(coordinate)),
+                                             4326)::geography, l.g, $10)
+                 UNION ALL
+                 SELECT event_id, person_id, recorded_at, lat, lon, false
+                 FROM halo_copy
+                 WHERE zone = l.zone AND seq < $8
+                   AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
+                   AND (person_id <> l.person OR event_id = l.id)
+                   AND ST_DWithin(ST_SetSRID(ST_MakePoint(lon, lat), 4326)::geography, l.g, $10)
+             ) c",
+        )
+        .await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &idx,
+                &zones,
+                &ids,
+                &persons,
+                &times,
+                &lats,
+                &lons,
+                &before,
+                &f64::from(window_s),
+                &(radius_m + 1.0),
+            ],
+        )
+        .await?;
+    let mut found: Vec<Vec<StoredCopy>> = vec![Vec::new(); n];
+    for r in rows {
+        let i: i32 = r.get(0);
+        let at: DateTime<Utc> = r.get(3);
+        if let Some(list) = found.get_mut(i as usize) {
+            list.push(StoredCopy {
+                event_id: r.get(1),
+                person: r.get(2),
+                recorded_at: micros(at),
+                lat: r.get(4),
+                lon: r.get(5),
+                home: r.get(6),
+            });
+        }
+    }
+    Ok(found)
 }
 
 /// The stored reports' fingerprints of those of `ids` that are in `location`.

@@ -11,7 +11,7 @@ use udaconnect::pipeline::ingest::Ingestor;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::store::pipeline::{micros, timestamp};
 use udaconnect_actors::domain::{
-    Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind,
+    Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind, MICROS_PER_S,
 };
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 use udaconnect_bench::produce::{ensure_persons, wire};
@@ -997,6 +997,11 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
         .arg(file.path())
         .env("UDACONNECT_DATABASE_URL", &config.database_url)
         .env("UDACONNECT_KAFKA_BROKERS", &config.kafka_brokers)
+        // The file's reports are of 2026-03-10, older than the default late horizon.
+        .env(
+            "UDACONNECT_LATE_HORIZON_S",
+            crate::helpers::REPLAY_HORIZON_S.to_string(),
+        )
         .env("UDACONNECT_TOPIC_PREFIX", &config.topic_prefix)
         .env("UDACONNECT_LOCATIONS_PARTITIONS", "2")
         .env("UDACONNECT_PERSON_UPDATES_PARTITIONS", "2")
@@ -1046,6 +1051,84 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
         assert!(Instant::now() < deadline, "accepted events not stored");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// The late path end to end: a tenth of the phones go offline for 5 to 30 minutes and upload
+/// what they recorded meanwhile when they are back (after everyone else's reports have moved
+/// event time on), out of order. The `connection` table equals the reference over all accepted
+/// events (the engine, which the oracle property tests hold equal to the brute force), and
+/// sending a suffix of the input again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phones_offline_for_up_to_30_minutes_upload_late_and_still_equal_the_reference() {
+    let (events, db, client, config) = conference_in_db(500, 2_400).await;
+    let params = config.engine_params();
+    let start = events.iter().map(|e| e.recorded_at).min().expect("events");
+    let mix = |x: u64| udaconnect_actors::zones::mix64(x);
+    // Offline persons and their offline windows [from, to), from a hash of the person.
+    let window = |person: i64| -> Option<(Micros, Micros)> {
+        let h = mix(person as u64);
+        if h % 10 != 3 {
+            return None;
+        }
+        let from = start + ((h >> 8) % 1_500) as i64 * MICROS_PER_S;
+        let minutes = 5 + ((h >> 24) % 26) as i64;
+        Some((from, from + minutes * 60 * MICROS_PER_S))
+    };
+    let mut order: Vec<LocationEvent> = Vec::with_capacity(events.len());
+    let mut held: Vec<(Micros, u64, LocationEvent)> = Vec::new();
+    for e in &events {
+        match window(e.person_id) {
+            Some((from, to)) if (from..to).contains(&e.recorded_at) => {
+                held.push((to, mix(e.event_id.as_u64_pair().0), *e));
+            }
+            _ => order.push(*e),
+        }
+    }
+    // Each upload goes out, shuffled, once the others' reports have passed its window's end.
+    held.sort_by_key(|(to, shuffle, _)| (*to, *shuffle));
+    let uploaded = held.len();
+    assert!(uploaded > 500, "offline reports: {uploaded}");
+    let mut merged = Vec::with_capacity(events.len());
+    let mut held = held.into_iter().peekable();
+    let mut stream_time = Micros::MIN;
+    for e in order {
+        stream_time = stream_time.max(e.recorded_at);
+        while let Some((_, _, h)) = held.next_if(|(to, _, _)| *to <= stream_time) {
+            merged.push(h);
+        }
+        merged.push(e);
+    }
+    merged.extend(held.map(|(_, _, h)| h));
+    assert_eq!(merged.len(), events.len());
+
+    let app = TestApp::spawn(config).await;
+    let pipeline = wait_for_assignment(&app, 4, 3).await;
+    let ingestor = pipeline.ingestor();
+    let expected = finish_and_compare(ingestor, &merged, &events, &params, &client, || {
+        "offline uploads".to_owned()
+    })
+    .await;
+    assert!(expected.len() > 500, "episodes: {}", expected.len());
+    let status = pipeline.status().await;
+    let late: u64 = status.stages[0]
+        .partitions
+        .iter()
+        .map(|p| p.figures.counters.get("late_events").copied().unwrap_or(0))
+        .sum();
+    assert!(
+        late as usize >= uploaded / 2,
+        "late copies {late} of {uploaded} held back"
+    );
+
+    // The last half again, as a client retrying: nothing changes.
+    ingest_all(ingestor, &merged[merged.len() / 2..]).await;
+    wait_until_settled(&pipeline, &client, Duration::from_secs(300)).await;
+    assert!(
+        stored_episodes(&client).await == expected,
+        "a replayed suffix changed the episodes"
+    );
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }

@@ -350,7 +350,7 @@ async fn a_seed_location_for_an_unknown_person_is_refused_and_nothing_is_loaded(
 async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored() {
     use udaconnect::store::pipeline::store_locations;
     use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
-    use udaconnect_actors::messages::RoutedEvent;
+    use udaconnect_actors::messages::{RoutedEvent, SeenCopy};
 
     let (db, client) = TestDb::migrated().await;
     client
@@ -377,17 +377,22 @@ async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored
         fine_cell: 7,
         home: true,
     };
+    let seen = |routed: RoutedEvent| SeenCopy { routed, seq: 1 };
     let barcelona = event(41.387, 2.17);
     let munich = event(48.1374, 11.5755);
     // In one batch: the first stands, the different second is returned.
-    let stored = store_locations(&pool, &[barcelona, munich, barcelona])
+    let stored = store_locations(&pool, &[seen(barcelona), seen(munich), seen(barcelona)])
         .await
         .expect("stored");
     assert_eq!((stored.inserted, stored.id_reused), (1, vec![munich]));
     // Against the stored row: a replay is nothing, a reuse is returned.
-    let stored = store_locations(&pool, &[barcelona]).await.expect("stored");
+    let stored = store_locations(&pool, &[seen(barcelona)])
+        .await
+        .expect("stored");
     assert_eq!((stored.inserted, stored.id_reused.len()), (0, 0));
-    let stored = store_locations(&pool, &[munich]).await.expect("stored");
+    let stored = store_locations(&pool, &[seen(munich)])
+        .await
+        .expect("stored");
     assert_eq!((stored.inserted, stored.id_reused), (0, vec![munich]));
     assert_eq!(
         scalar(
@@ -397,5 +402,100 @@ async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored
         .await,
         1
     );
+    db.drop_db().await;
+}
+
+/// The late path's search: a late copy finds the copies of its zone (home rows in `location`,
+/// ghosts in `halo_copy`) that came in before the batch (`seq`), within the window and the
+/// radius (the geodesic, with a margin of a meter), of other persons, and its own earlier copy
+/// when it is a repeat; nothing of another zone, later, farther or outside the window.
+#[tokio::test]
+async fn a_late_copy_finds_what_its_zone_saw_before_it() {
+    use udaconnect::store::pipeline::{late_partners, store_locations};
+    use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
+    use udaconnect_actors::messages::{RoutedEvent, SeenCopy};
+
+    let (db, client) = TestDb::migrated().await;
+    client
+        .batch_execute(
+            "INSERT INTO person (id, first_name, last_name, company_name)
+             VALUES (1, 'A', 'A', 'A'), (2, 'B', 'B', 'B'), (3, 'C', 'C', 'C')",
+        )
+        .await
+        .expect("persons");
+    let config = crate::helpers::test_config(&db);
+    let pool = udaconnect::store::pool(&config, std::time::Duration::from_secs(5)).expect("pool");
+    let t = 1_790_000_000 * MICROS_PER_S;
+    let (lat, lon) = (35.0845, -106.6511);
+    // ~1.1e-5 degrees of latitude per meter.
+    let copy = |person: i64, north_m: f64, dt_s: i64, zone: u64, home: bool, seq: i64| SeenCopy {
+        routed: RoutedEvent {
+            event: LocationEvent {
+                event_id: uuid::Uuid::new_v4(),
+                person_id: person,
+                lat: lat + north_m / 110_950.0,
+                lon,
+                recorded_at: t + dt_s * MICROS_PER_S,
+                received_at: t + dt_s * MICROS_PER_S,
+            },
+            zone,
+            fine_cell: 1,
+            home,
+        },
+        seq,
+    };
+    let near_home = copy(2, 3.0, 10, 7, true, 5);
+    let near_ghost = copy(3, -4.0, -50, 7, false, 6);
+    let own = copy(1, 0.0, 0, 7, true, 6);
+    let stored = vec![
+        near_home,
+        near_ghost,
+        own,
+        copy(2, 8.0, 0, 7, true, 5),   // 8 m: beyond radius + margin
+        copy(3, 1.0, 90, 7, false, 5), // 90 s: outside the window
+        copy(2, 1.0, 0, 8, true, 5),   // another zone
+        copy(3, 1.0, 0, 7, false, 20), // came in with or after the batch
+        copy(1, 1.0, 0, 7, true, 5),   // the same person
+    ];
+    store_locations(&pool, &stored).await.expect("stored");
+    let mut late = own.routed;
+    let mut other = copy(2, 0.0, 0, 7, true, 20).routed;
+    other.event.person_id = 3;
+    let found = late_partners(&pool, &[late, other], 10, 60, 5.0)
+        .await
+        .expect("searched");
+    let ids = |i: usize| {
+        let mut v: Vec<uuid::Uuid> = found[i].iter().map(|c| c.event_id).collect();
+        v.sort();
+        v
+    };
+    let mut want = vec![
+        near_home.routed.event.event_id,
+        near_ghost.routed.event.event_id,
+        own.routed.event.event_id,
+    ];
+    want.sort();
+    assert_eq!(ids(0), want, "{:?}", found[0]);
+    let ghost = found[0]
+        .iter()
+        .find(|c| c.event_id == near_ghost.routed.event.event_id)
+        .expect("the ghost");
+    assert!(!ghost.home);
+    assert!((ghost.lat - near_ghost.routed.event.lat).abs() < 1e-12);
+    // Person 3's own copy is not its partner; person 1's are.
+    let mut want = vec![
+        near_home.routed.event.event_id,
+        own.routed.event.event_id,
+        stored[7].routed.event.event_id,
+    ];
+    want.sort();
+    assert_eq!(ids(1), want);
+    // Nothing came in before offset 5.
+    late.event.event_id = uuid::Uuid::new_v4();
+    let found = late_partners(&pool, &[late], 5, 60, 5.0)
+        .await
+        .expect("searched");
+    assert!(found[0].is_empty(), "{:?}", found[0]);
+    drop(client);
     db.drop_db().await;
 }

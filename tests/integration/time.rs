@@ -234,3 +234,129 @@ async fn an_event_id_reused_for_a_different_report_is_refused_naming_it() {
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
+
+/// Case 1 of the late path: persons A and B each post one batch of 6 reports, 1 m apart,
+/// stamped 10 to 5 minutes ago (a phone whose Wi-Fi came back), while event time is at now.
+/// Every report is late; the pair still gets its episode, with every co-location the oracle
+/// counts (the same 6 times on both sides, 60 s apart with a 60 s window: 6 + 2 × 5 = 16),
+/// and both hear `connection.started` within seconds of the upload.
+#[tokio::test]
+async fn an_offline_pair_gets_its_episode_within_seconds_of_the_upload() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.late_horizon_s = 86_400;
+    let app = TestApp::spawn(config).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let a = create_person(&app, "A").await;
+    let b = create_person(&app, "B").await;
+    let c = create_person(&app, "C").await;
+    let mut heard_a = Notifications::of(&app, a).await;
+    let mut heard_b = Notifications::of(&app, b).await;
+
+    // Someone 2 km away reports now and then: event time is now.
+    for _ in 0..3 {
+        accepted(&app, &report(c, 2_000.0, &at(0))).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The same six times for both (60 s apart: each report also meets the peer's next one).
+    let first = chrono::Utc::now() - chrono::Duration::seconds(600);
+    let times: Vec<String> = (0..6)
+        .map(|k| {
+            (first + chrono::Duration::seconds(60 * k))
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        })
+        .collect();
+    let upload = |person: i64, meters_north: f64| {
+        let events: Vec<Value> = times
+            .iter()
+            .map(|t| report(person, meters_north, t))
+            .collect();
+        json!({ "events": events })
+    };
+    let uploaded = Instant::now();
+    for (person, north) in [(a, 0.0), (b, 1.0)] {
+        let (status, answer) = post(&app.url("/v1/locations/batch"), &upload(person, north)).await;
+        assert_eq!(
+            (status, answer["accepted"].as_u64()),
+            (202, Some(6)),
+            "{answer}"
+        );
+    }
+    let to_a = heard_a
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    let to_b = heard_b
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    assert!(uploaded.elapsed() < Duration::from_secs(20));
+    assert_eq!(to_a["peer_id"].as_i64(), Some(b), "{to_a}");
+    assert_eq!(to_b["peer_id"].as_i64(), Some(a), "{to_b}");
+
+    // The stored episode starts at the first report; it stays open until the gap has passed,
+    // and the person's live state counts all 16 co-locations.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, page) = get(&app.url(&format!("/v1/persons/{a}/connections"))).await;
+        let (_, live) = get(&app.url(&format!("/v1/persons/{a}/live"))).await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        let open = live["open_connections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let counted = open.first().and_then(|e| e["colocations"].as_i64());
+        if let (Some(e), Some(16)) = (items.first(), counted) {
+            assert_eq!((items.len(), open.len()), (1, 1), "{page} {live}");
+            assert_eq!(e["peer"]["id"].as_i64(), Some(b), "{e}");
+            assert_eq!(
+                chrono::DateTime::parse_from_rfc3339(e["started_at"].as_str().expect("start")),
+                chrono::DateTime::parse_from_rfc3339(&times[0]),
+                "{e}"
+            );
+            assert!(e["ended_at"].is_null(), "{e}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no episode of 16 co-locations: {page} {live}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // They took the late path.
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    let late: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("udaconnect_partition_late_events_total{stage=\"zones\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(late >= 12.0, "late copies: {late}");
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// The late path's horizon: a report older than `late_horizon_s` before its receive time is
+/// refused naming `recorded_at`; one just inside it is accepted.
+#[tokio::test]
+async fn a_report_older_than_the_late_horizon_is_refused_naming_recorded_at() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.late_horizon_s = 3_600;
+    let app = TestApp::spawn(config).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let a = create_person(&app, "A").await;
+    let url = app.url("/v1/locations");
+    let answer = post(&url, &report(a, 0.0, &at(-3_700))).await;
+    assert_error(&answer, 400, "invalid_argument", Some("recorded_at"));
+    assert!(
+        answer.1.to_string().contains("late horizon"),
+        "{}",
+        answer.1
+    );
+    accepted(&app, &report(a, 0.0, &at(-3_500))).await;
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rustc_hash::FxHashMap;
 
 use crate::actors::person::{
     PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg, PersonView,
@@ -20,7 +21,8 @@ use crate::actors::zone::{
 use crate::actors::PartitionHandle;
 use crate::domain::{Episode, LocationEvent, Notification, PersonId};
 use crate::engine::{EpisodeTable, Router};
-use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, RoutedEvent};
+use crate::index::StoredCopy;
+use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, RoutedEvent, SeenCopy};
 use crate::params::EngineParams;
 use crate::zones::{zone_partition, ZoneId};
 
@@ -52,13 +54,26 @@ impl PersonUpdateSink for InProcessUpdates {
     }
 }
 
-/// Counts home events (in place of the `location` table).
+/// The `location` table in memory: counts home events and keeps every copy (home and ghost)
+/// for late copies to match, per zone partition, in input order.
 #[derive(Default)]
 pub struct CountingLocations {
     stored: std::sync::atomic::AtomicU64,
+    copies: Mutex<FxHashMap<u32, Vec<SeenCopy>>>,
+    /// Whether copies are kept: benches whose input is never late leave them out (a late copy
+    /// then finds only what its zone still retains).
+    keep_copies: bool,
 }
 
 impl CountingLocations {
+    /// A store that keeps copies when `keep_copies`.
+    pub fn new(keep_copies: bool) -> Self {
+        Self {
+            keep_copies,
+            ..Self::default()
+        }
+    }
+
     /// Home events stored so far.
     pub fn stored(&self) -> u64 {
         self.stored.load(std::sync::atomic::Ordering::Relaxed)
@@ -68,12 +83,45 @@ impl CountingLocations {
 impl LocationSink for CountingLocations {
     fn store<'a>(
         &'a self,
-        _partition: u32,
-        events: &'a [RoutedEvent],
+        partition: u32,
+        copies: &'a [SeenCopy],
     ) -> BoxFuture<'a, Result<(), PortError>> {
+        let home = copies.iter().filter(|c| c.routed.home).count();
         self.stored
-            .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(home as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.keep_copies {
+            let mut kept = self.copies.lock().expect("not poisoned");
+            kept.entry(partition).or_default().extend_from_slice(copies);
+        }
         Box::pin(async { Ok(()) })
+    }
+
+    fn late_partners<'a>(
+        &'a self,
+        partition: u32,
+        late: &'a [RoutedEvent],
+        before: i64,
+    ) -> BoxFuture<'a, Result<Vec<Vec<StoredCopy>>, PortError>> {
+        let kept = self.copies.lock().expect("not poisoned");
+        let none = Vec::new();
+        let copies = kept.get(&partition).unwrap_or(&none);
+        // Time only: the zone index decides the distance.
+        let found = late
+            .iter()
+            .map(|l| {
+                copies
+                    .iter()
+                    .filter(|c| {
+                        c.seq < before
+                            && c.routed.zone == l.zone
+                            && (c.routed.event.person_id != l.event.person_id
+                                || c.routed.event.event_id == l.event.event_id)
+                    })
+                    .map(|c| StoredCopy::of(&c.routed))
+                    .collect()
+            })
+            .collect();
+        Box::pin(async move { Ok(found) })
     }
 }
 
@@ -157,7 +205,8 @@ pub struct ActorEngineOptions {
     /// Batches in flight per partition before senders wait.
     pub capacity: usize,
     pub passivate_after_s: u32,
-    /// Keep accepted co-locations and notifications (tests).
+    /// Keep accepted co-locations and notifications, and every copy for late copies to match
+    /// (tests; benches with no late input leave it off to measure the engine alone).
     pub capture: bool,
 }
 
@@ -223,7 +272,7 @@ impl ActorEngine {
         let zp = options.zone_partitions.max(1);
         let pp = options.person_partitions.max(1);
         let connections = Arc::new(MemoryConnections::with_table(table, options.capture));
-        let locations = Arc::new(CountingLocations::default());
+        let locations = Arc::new(CountingLocations::new(options.capture));
         let mut persons = Vec::new();
         for q in 0..pp {
             let args = PersonSupervisorArgs {
@@ -278,8 +327,13 @@ impl ActorEngine {
             if batch.is_empty() {
                 continue;
             }
-            self.zone_offsets[p] += batch.len() as u64;
+            let seq = self.zone_offsets[p] as i64;
+            self.zone_offsets[p] += 1;
             let next_offset = self.zone_offsets[p];
+            let batch: Vec<SeenCopy> = batch
+                .into_iter()
+                .map(|routed| SeenCopy { routed, seq })
+                .collect();
             self.zones[p]
                 .send(|permit| ZoneSupervisorMsg::Batch {
                     events: batch,

@@ -23,7 +23,9 @@ use crate::actors::ports::{
 };
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
-use crate::episodes::{Deadlines, OpenEpisode, PersonCounters, PersonState, Sighting, Watermarks};
+use crate::episodes::{
+    Deadlines, EpisodeRules, OpenEpisode, PersonCounters, PersonState, Sighting, Watermarks,
+};
 use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
 use crate::params::EngineParams;
 use crate::zones::ZoneId;
@@ -32,7 +34,7 @@ use crate::zones::ZoneId;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Snapshot format of a person partition: postcard of [`PersonPartitionSnapshot`], and of a
 /// [`PersonState`] per part (keyed by person id).
-pub const PERSON_SNAPSHOT_FORMAT: u32 = 2;
+pub const PERSON_SNAPSHOT_FORMAT: u32 = 3;
 /// How long episode changes may wait before they are written to the sink (history queries
 /// see an episode's changes up to this much later than its notifications).
 pub const CHANGES_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -44,18 +46,20 @@ const MAX_CHANGES_PER_WRITE: usize = 100_000;
 
 /// A person actor: configuration only; its state is a [`PersonState`].
 pub struct PersonActor {
-    gap_us: Micros,
+    rules: EpisodeRules,
     capture: bool,
 }
 
 /// Messages of a person actor.
 pub enum PersonMsg {
     /// Updates from zone partition `source`, whose watermark this partition has seen is
-    /// `source_watermark`. Replies with the output, the deadline of any new episode and how
-    /// many co-locations were accepted.
+    /// `source_watermark` (the minimum over all sources: `min_watermark`). Replies with the
+    /// output, the earliest deadline of an episode it opened, reopened or closed, and how many
+    /// co-locations were accepted.
     Apply {
         updates: Vec<PersonUpdate>,
         source_watermark: Micros,
+        min_watermark: Micros,
         reply: RpcReplyPort<(PersonOutput, Option<Micros>, u64)>,
     },
     /// Close what `min_watermark` allows; replies with the output and the next deadline.
@@ -121,6 +125,7 @@ impl Actor for PersonActor {
             PersonMsg::Apply {
                 updates,
                 source_watermark,
+                min_watermark,
                 reply,
             } => {
                 let mut out = PersonOutput::default();
@@ -129,11 +134,13 @@ impl Actor for PersonActor {
                 for u in &updates {
                     match u {
                         PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
-                        PersonUpdate::Colocations(c) => {
+                        PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => {
                             if let Some(d) = state.colocation(
                                 c,
+                                matches!(u, PersonUpdate::LateColocations(_)),
                                 source_watermark,
-                                self.gap_us,
+                                min_watermark,
+                                &self.rules,
                                 &mut out,
                                 self.capture,
                             ) {
@@ -151,7 +158,7 @@ impl Actor for PersonActor {
                 reply,
             } => {
                 let mut out = PersonOutput::default();
-                let next = state.close(min_watermark, self.gap_us, &mut out);
+                let next = state.close(min_watermark, &self.rules, &mut out);
                 let _ = reply.send((out, next));
             }
             PersonMsg::View(reply) => {
@@ -219,7 +226,7 @@ pub struct PersonSupervisorArgs {
 /// A person supervisor's state.
 pub struct PersonSupervisorState {
     partition: u32,
-    gap_us: Micros,
+    rules: EpisodeRules,
     passivate_after_us: Micros,
     capture: bool,
     connections: Arc<dyn ConnectionSink>,
@@ -329,7 +336,7 @@ impl PersonSupervisorState {
     ) -> Result<ActorRef<PersonMsg>, ActorProcessingErr> {
         let person = state.person();
         let actor = PersonActor {
-            gap_us: self.gap_us,
+            rules: self.rules,
             capture: self.capture,
         };
         let (actor, _) = Actor::spawn_linked(None, actor, state, myself.get_cell()).await?;
@@ -348,12 +355,13 @@ impl PersonSupervisorState {
         self.counters.batches += 1;
         self.counters.updates += batch.updates.len() as u64;
         let source_watermark = self.watermarks.of(batch.source);
+        let min_watermark = self.watermarks.min();
         let mut by_person: FxHashMap<PersonId, Vec<PersonUpdate>> = FxHashMap::default();
         for u in batch.updates {
             let person = u.person();
             let t = match &u {
                 PersonUpdate::Sighting { event, .. } => event.recorded_at,
-                PersonUpdate::Colocations(c) => c.last,
+                PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => c.last,
             };
             let active = self.last_active.entry(person).or_insert(t);
             *active = (*active).max(t);
@@ -369,6 +377,7 @@ impl PersonSupervisorState {
                         |reply| PersonMsg::Apply {
                             updates,
                             source_watermark,
+                            min_watermark,
                             reply,
                         },
                         Some(CALL_TIMEOUT),
@@ -418,7 +427,7 @@ impl PersonSupervisorState {
                     (person, success(r))
                 });
             } else if let Some(state) = self.passivated.get_mut(&person) {
-                if let Some(next) = state.close(min, self.gap_us, out) {
+                if let Some(next) = state.close(min, &self.rules, out) {
                     self.deadlines.push(next, person);
                 }
             }
@@ -600,7 +609,7 @@ impl Actor for PersonSupervisor {
         );
         let mut state = PersonSupervisorState {
             partition: args.partition,
-            gap_us: i64::from(args.params.episode_gap_s) * MICROS_PER_S,
+            rules: EpisodeRules::of(&args.params),
             passivate_after_us: i64::from(args.passivate_after_s) * MICROS_PER_S,
             capture: args.capture,
             connections: args.connections,

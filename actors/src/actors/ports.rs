@@ -5,22 +5,35 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Notification;
-use crate::messages::{EpisodeChange, PersonBatch, RoutedEvent};
+use crate::index::StoredCopy;
+use crate::messages::{EpisodeChange, PersonBatch, RoutedEvent, SeenCopy};
 
 /// A port's failure; the actors retry until it succeeds (backpressure, never loss).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct PortError(pub String);
 
-/// Where the zone stage stores home events (the `location` table; idempotent on event id).
+/// Where the zone stage keeps the copies its zones saw: home events in the `location` table
+/// (idempotent on event id), ghost copies beside them, each with the input offset that
+/// brought it, so that a late copy can be matched against everything its zone saw before it.
 pub trait LocationSink: Send + Sync + 'static {
-    /// Stores a batch of home events (home copies, with their zone) of zone partition
-    /// `partition`.
+    /// Stores a run of copies of zone partition `partition`, in input order.
     fn store<'a>(
         &'a self,
         partition: u32,
-        events: &'a [RoutedEvent],
+        copies: &'a [SeenCopy],
     ) -> BoxFuture<'a, Result<(), PortError>>;
+
+    /// For each late copy, the stored copies of its zone with an input offset below `before`
+    /// whose time is within `window_s` of its own and whose place is within `radius_m` (plus a
+    /// margin: the caller decides with the engine's own distance), of other persons, and its
+    /// own earlier copy if it is a repeat. One list per late copy, in order.
+    fn late_partners<'a>(
+        &'a self,
+        partition: u32,
+        late: &'a [RoutedEvent],
+        before: i64,
+    ) -> BoxFuture<'a, Result<Vec<Vec<StoredCopy>>, PortError>>;
 }
 
 /// Where the zone stage sends per-person updates (the `person-updates` topic).

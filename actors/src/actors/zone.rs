@@ -23,9 +23,10 @@ use crate::actors::ports::{
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
 use crate::index::{
-    admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, ZoneCounters, ZoneIndex,
+    admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, StoredCopy, ZoneCounters,
+    ZoneIndex,
 };
-use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent};
+use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
 use crate::params::EngineParams;
 use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
@@ -50,11 +51,18 @@ pub struct ZoneState {
     cache: CellCache,
 }
 
+/// A copy handed to a zone actor, in arrival order: a late one comes with the stored copies of
+/// its zone to match it against ([`ZoneIndex::insert_late`]).
+pub struct Arriving {
+    pub routed: RoutedEvent,
+    pub stored: Option<Vec<StoredCopy>>,
+}
+
 /// Messages of a zone actor.
 pub enum ZoneMsg {
-    /// Copies that are not late, in arrival order; evict at `watermark` afterwards.
+    /// The zone's copies of a batch, in arrival order; evict at `watermark` afterwards.
     Batch {
-        events: Vec<RoutedEvent>,
+        events: Vec<Arriving>,
         watermark: Micros,
         reply: RpcReplyPort<Vec<PersonUpdate>>,
     },
@@ -113,9 +121,14 @@ impl Actor for ZoneActor {
                 reply,
             } => {
                 let mut out = Vec::new();
-                for e in &events {
-                    let neighbors = state.cache.neighbors(e.fine_cell);
-                    state.index.insert(e, neighbors, &mut out);
+                for Arriving { routed, stored } in &events {
+                    let neighbors = state.cache.neighbors(routed.fine_cell);
+                    match stored {
+                        Some(stored) => {
+                            state.index.insert_late(routed, neighbors, stored, &mut out)
+                        }
+                        None => state.index.insert(routed, neighbors, &mut out),
+                    };
                 }
                 state.index.evict(watermark);
                 // The supervisor may have given up waiting; nothing else to do then.
@@ -173,8 +186,10 @@ pub struct ZoneSupervisorState {
     params: EngineParams,
     grid: ZoneGrid,
     person_partitions: u32,
-    /// Stores home events (`location`).
-    locations: Writer<RoutedEvent>,
+    /// Stores the copies seen (`location`, `halo_copy`).
+    locations: Writer<SeenCopy>,
+    /// The same store, asked for late copies' partners.
+    location_sink: Arc<dyn LocationSink>,
     updates: Arc<dyn PersonUpdateSink>,
     clock: EventClock,
     counters: PartitionCounters,
@@ -187,9 +202,10 @@ pub struct ZoneSupervisorState {
 
 /// Messages of a zone supervisor.
 pub enum ZoneSupervisorMsg {
-    /// The next batch of the partition; `next_offset` is the input offset after it.
+    /// The next batch of the partition, each copy with the input offset that brought it;
+    /// `next_offset` is the input offset after it.
     Batch {
-        events: Vec<RoutedEvent>,
+        events: Vec<SeenCopy>,
         next_offset: u64,
         /// Released when the batch is done: the bounded hand-off in front of the supervisor.
         permit: Option<OwnedSemaphorePermit>,
@@ -262,22 +278,45 @@ impl ZoneSupervisorState {
     async fn process(
         &mut self,
         myself: &ActorRef<ZoneSupervisorMsg>,
-        events: Vec<RoutedEvent>,
+        events: Vec<SeenCopy>,
     ) -> Result<(), ActorProcessingErr> {
         let mut updates = Vec::new();
         let mut home_events = Vec::new();
-        let mut on_time = Vec::new();
+        let mut admitted = Vec::with_capacity(events.len());
         admit(
             &mut self.clock,
             &mut self.counters,
-            events,
+            events.iter().map(|c| c.routed),
             &mut home_events,
-            &mut updates,
-            &mut on_time,
+            &mut admitted,
         );
-        let mut per_zone: FxHashMap<ZoneId, Vec<RoutedEvent>> = FxHashMap::default();
-        for routed in on_time {
-            per_zone.entry(routed.zone).or_default().push(routed);
+        // Late copies are matched against everything their zone saw before this batch: wait
+        // until the copies handed to the writer are stored, then ask the store (one query for
+        // the batch).
+        let late: Vec<RoutedEvent> = admitted
+            .iter()
+            .filter(|a| a.late)
+            .map(|a| a.routed)
+            .collect();
+        let mut partners = Vec::new().into_iter();
+        if !late.is_empty() {
+            let _ = self.locations.stored_so_far().await.await;
+            let before = events.first().map_or(i64::MAX, |c| c.seq);
+            let (sink, partition) = (&self.location_sink, self.partition);
+            let (found, retries) = retry("matching late copies", partition, || {
+                sink.late_partners(partition, &late, before)
+            })
+            .await;
+            self.port_retries += retries;
+            partners = found.into_iter();
+        }
+        let mut per_zone: FxHashMap<ZoneId, Vec<Arriving>> = FxHashMap::default();
+        for a in admitted {
+            let stored = a.late.then(|| partners.next().unwrap_or_default());
+            per_zone.entry(a.routed.zone).or_default().push(Arriving {
+                routed: a.routed,
+                stored,
+            });
         }
         let watermark = self.clock.watermark();
         let mut calls = Vec::with_capacity(per_zone.len());
@@ -312,7 +351,7 @@ impl ZoneSupervisorState {
                 let _ = actor.cast(ZoneMsg::Evict { watermark });
             }
         }
-        if !self.locations.write(home_events).await {
+        if !self.locations.write(events).await {
             tracing::error!(partition = self.partition, "the location writer is gone");
         }
         self.publish(updates, watermark).await;
@@ -393,7 +432,7 @@ impl Actor for ZoneSupervisor {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (sink, partition) = (args.locations, args.partition);
+        let (sink, partition) = (Arc::clone(&args.locations), args.partition);
         let mut state = ZoneSupervisorState {
             partition: args.partition,
             params: args.params,
@@ -409,6 +448,7 @@ impl Actor for ZoneSupervisor {
                     Box::pin(async move { sink.store(partition, events).await })
                 }),
             ),
+            location_sink: Arc::clone(&args.locations),
             updates: args.updates,
             clock: EventClock::new(&args.params),
             counters: PartitionCounters::default(),

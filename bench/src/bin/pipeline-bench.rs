@@ -25,6 +25,12 @@
 //!    to the acknowledgement of the event whose `recorded_at` is the episode's `started_at`
 //!    (the person's or the peer's).
 //!
+//! With `--late-share`, that share of the reports is held back and uploaded late, as phones
+//! that were offline do (60 s to `--late-delay-s` of event time after the others): the pipeline
+//! phase then also checks the stored episodes against the reference engine, and the latency
+//! phase reports the late path's delay (a late upload's acknowledgement to the
+//! `connection.started` of the episode it starts) apart from the on-time figures.
+//!
 //! Progress goes to stderr; the last line of stdout is one JSON object with the figures.
 
 use std::collections::HashMap;
@@ -115,6 +121,15 @@ struct Cli {
     /// order) makes the event at an episode's started_at the one whose arrival opened it.
     #[arg(long, default_value_t = 0)]
     latency_disorder_s: u32,
+    /// Share of the reports uploaded late (0 to 0.5): each is held back until the others'
+    /// event time is past it by a delay drawn from 60 s to `--late-delay-s` (a phone that was
+    /// offline), so it takes the late path. The pipeline phase then also checks the episodes
+    /// against the reference engine, and the latency phase measures the late path's delay.
+    #[arg(long, default_value_t = 0.0)]
+    late_share: f64,
+    /// Longest delay of a late report, simulated seconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(61..=86_400))]
+    late_delay_s: u32,
     /// Phases to run (comma separated); bare needs pipeline.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Phase::Pipeline, Phase::Bare, Phase::Latency])]
     phases: Vec<Phase>,
@@ -189,6 +204,9 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
     if let Some(p) = cli.connections_partitions {
         base.connections_partitions = p;
     }
+    // The bench replays a conference of 2026-03-10: its reports are older than the default
+    // late horizon of a day, which would refuse them.
+    base.late_horizon_s = base.late_horizon_s.max(10 * 366 * 86_400);
     base.validate()?;
     let admin_url = match &cli.admin_url {
         Some(url) => url.clone(),
@@ -241,6 +259,8 @@ async fn phases(
             "latency_tick_ms": cli.latency_tick_ms,
             "fetch_wait_ms": cli.fetch_wait_ms,
             "latency_disorder_s": cli.latency_disorder_s,
+            "late_share": cli.late_share,
+            "late_delay_s": cli.late_delay_s,
         },
     });
     let mut events_per_s = None;
@@ -279,12 +299,59 @@ async fn phases(
         let c = latency_phase(cli, base, admin_url, rate, leftovers).await?;
         out["p50_ms"] = json!(c.p50_ms);
         out["p99_ms"] = json!(c.p99_ms);
+        out["late_path_p50_ms"] = c.figures["late_path_p50_ms"].clone();
+        out["late_path_p99_ms"] = c.figures["late_path_p99_ms"].clone();
         out["latency"] = c.figures;
     }
     Ok(out)
 }
 
 // ------------------------------------------------------------------------------- set-up
+
+/// Holds back `share` of `events` (chosen by a hash of the event id and position) as phones
+/// that were offline do: each goes out once the event time of the others (their latest
+/// `recorded_at` so far) is past its own by a delay from 60 s to `max_delay_s`, uploads in the
+/// order they become due. Returns the new order and which positions of it are late uploads.
+fn hold_back_late(
+    events: Vec<LocationEvent>,
+    share: f64,
+    max_delay_s: u32,
+    seed: u64,
+) -> (Vec<LocationEvent>, Vec<bool>) {
+    let mix = udaconnect_actors::zones::mix64;
+    if share <= 0.0 {
+        let n = events.len();
+        return (events, vec![false; n]);
+    }
+    let threshold = (share.min(1.0) * u64::MAX as f64) as u64;
+    let mut order = Vec::with_capacity(events.len());
+    let mut late = Vec::with_capacity(events.len());
+    let mut held: std::collections::BTreeMap<(Micros, usize), LocationEvent> = Default::default();
+    let mut stream_time = Micros::MIN;
+    for (i, e) in events.into_iter().enumerate() {
+        let h = mix(e.event_id.as_u64_pair().0 ^ mix(i as u64 ^ seed));
+        if h < threshold {
+            let delay_s = 60 + mix(h) % u64::from(max_delay_s - 60 + 1);
+            held.insert((e.recorded_at + delay_s as i64 * MICROS_PER_S, i), e);
+            continue;
+        }
+        stream_time = stream_time.max(e.recorded_at);
+        while let Some(entry) = held.first_entry() {
+            if entry.key().0 > stream_time {
+                break;
+            }
+            order.push(entry.remove());
+            late.push(true);
+        }
+        order.push(e);
+        late.push(false);
+    }
+    for (_, e) in held {
+        order.push(e);
+        late.push(true);
+    }
+    (order, late)
+}
 
 /// The simulated conference of the bench: a sparse crowd, as in the pipeline test.
 fn conference(cli: &Cli, seed: u64, duration_s: u32, disorder_s: Option<u32>) -> ConferenceConfig {
@@ -862,6 +929,29 @@ async fn pipeline_phase(
     let mut config = fresh(base, admin_url, leftovers).await?;
     config.zone_resolution = conference.zone_resolution;
     let (sim, events) = generate(conference.clone())?;
+    let (events, late) = hold_back_late(events, cli.late_share, cli.late_delay_s, cli.seed);
+    let late_uploads = late.iter().filter(|l| **l).count();
+    // With late uploads, what the episodes must be (before the clock starts): the engine,
+    // which the oracle property tests hold equal to the brute force.
+    let expected_episodes = if late_uploads > 0 {
+        say(format!(
+            "pipeline phase: {late_uploads} reports held back as late uploads; computing the \
+             reference episodes"
+        ));
+        let mut engine = udaconnect_actors::Engine::new(
+            &config.engine_params(),
+            udaconnect_actors::EngineOptions::default(),
+        )?;
+        for chunk in events.chunks(1_000) {
+            engine.ingest(chunk);
+        }
+        engine.finish();
+        let episodes = engine.episodes();
+        let colocations: i64 = episodes.iter().map(|e| i64::from(e.colocations)).sum();
+        Some((episodes.len() as i64, colocations))
+    } else {
+        None
+    };
     let (services, pipeline) = start_pipeline(&config, &sim).await?;
     let topics = config.topics();
     let tap = Tap::start(
@@ -965,6 +1055,17 @@ async fn pipeline_phase(
         stored == distinct,
         "the pipeline stored {stored} locations of {distinct} distinct events"
     );
+    if let Some(expected) = expected_episodes {
+        let colocations =
+            count("SELECT coalesce(sum(colocations), 0)::int8 FROM connection").await?;
+        anyhow::ensure!(
+            (episodes, colocations) == expected,
+            "the pipeline stored {episodes} episode rows of {colocations} co-locations; the \
+             reference has {} of {}",
+            expected.0,
+            expected.1
+        );
+    }
     let locations_records = total_records(&config, &topics.locations, config.locations_partitions)?;
     let person_update_records = total_records(
         &config,
@@ -987,6 +1088,11 @@ async fn pipeline_phase(
             "ingest_acked_s": (ingested * 1000.0).round() / 1000.0,
             "events_per_s": events_per_s.round(),
             "distinct_events": distinct,
+            "late_uploads": late_uploads,
+            "late_copies": status.stages[0].partitions.iter()
+                .map(|p| p.figures.counters.get("late_events").copied().unwrap_or(0))
+                .sum::<u64>(),
+            "episodes_expected": expected_episodes.map(|e| e.0),
             "locations_stored": stored,
             "episodes": episodes,
             "open_episodes_after": open,
@@ -1327,7 +1433,14 @@ async fn latency_phase(
     ));
     let mut config = fresh(base, admin_url, leftovers).await?;
     config.zone_resolution = conf.zone_resolution;
-    let (sim, mut events) = generate(conf)?;
+    let (sim, events) = generate(conf)?;
+    let (mut events, late) = hold_back_late(events, cli.late_share, cli.late_delay_s, cli.seed + 1);
+    let late_keys: std::collections::HashSet<(PersonId, Micros)> = events
+        .iter()
+        .zip(&late)
+        .filter(|(_, l)| **l)
+        .map(|(e, _)| (e.person_id, e.recorded_at))
+        .collect();
     let (_services, pipeline) = start_pipeline(&config, &sim).await?;
     let topics = config.topics();
     let tap = Tap::start(
@@ -1417,6 +1530,9 @@ async fn latency_phase(
     )?;
 
     let mut latencies = Vec::new();
+    // `connection.started` of an episode whose first co-location involves a late upload: the
+    // late path's delay from that upload's acknowledgement.
+    let mut late_path = Vec::new();
     let (mut started_count, mut unmatched, mut other) = (0u64, 0u64, 0u64);
     // The warm-up's notifications were all read before the pace began.
     let mut delivery_ms = Vec::new();
@@ -1442,15 +1558,19 @@ async fn latency_phase(
             let ep = &n.episode;
             let ack = [ep.person, ep.peer]
                 .iter()
-                .filter_map(|p| acks.get(&(*p, ep.started_at)))
+                .filter_map(|p| acks.get(&(*p, ep.started_at)).map(|a| (a, *p)))
                 .max();
             match ack {
-                Some(ack) => {
+                Some((ack, p)) => {
                     let ms = if at >= ack {
                         (*at - *ack).as_secs_f64() * 1e3
                     } else {
                         -((*ack - *at).as_secs_f64() * 1e3)
                     };
+                    if late_keys.contains(&(p, ep.started_at)) {
+                        late_path.push(ms);
+                        continue;
+                    }
                     latencies.push(ms);
                     let window = ack.saturating_duration_since(paced_from).as_secs() / 5;
                     by_window.entry(window).or_default().push(ms);
@@ -1469,6 +1589,7 @@ async fn latency_phase(
         })
         .collect();
     latencies.sort_by(f64::total_cmp);
+    late_path.sort_by(f64::total_cmp);
     ack_ms.sort_by(f64::total_cmp);
     delivery_ms.sort_by(f64::total_cmp);
     anyhow::ensure!(
@@ -1508,6 +1629,11 @@ async fn latency_phase(
             "p50_ms_per_5s": p50_by_window,
             "ingest_call_ack_p50_ms": r(percentile(&ack_ms, 0.5)),
             "ingest_call_ack_p99_ms": r(percentile(&ack_ms, 0.99)),
+            "late_uploads": late_keys.len(),
+            "late_path_matched": late_path.len(),
+            "late_path_p50_ms": (!late_path.is_empty()).then(|| r(percentile(&late_path, 0.5))),
+            "late_path_p99_ms": (!late_path.is_empty()).then(|| r(percentile(&late_path, 0.99))),
+            "late_path_max_ms": late_path.last().map(|x| r(*x)),
             "notification_produced_to_read_p50_ms": percentile(&delivery_ms, 0.5),
             "notification_produced_to_read_p99_ms": percentile(&delivery_ms, 0.99),
             "cpu": cpu,

@@ -144,6 +144,20 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
             config.future_skew_s
         );
     }
+    // A conference replayed from the past is what a gateway uploading old reports sends: its
+    // own ingest takes them in, however much older than the default late horizon they are.
+    let mut config = config.clone();
+    if !cli.realtime && c.start < now - i64::from(config.late_horizon_s) * MICROS_PER_S {
+        let age_s = (now - c.start) / MICROS_PER_S + 86_400;
+        config.late_horizon_s = u32::try_from(age_s).unwrap_or(u32::MAX);
+        eprintln!(
+            "udaconnect-sim: the conference started {} s ago, before the late horizon; this \
+             run's ingest takes reports up to late_horizon_s = {} s old",
+            (now - c.start) / MICROS_PER_S,
+            config.late_horizon_s
+        );
+    }
+    let config = &config;
     eprintln!(
         "udaconnect-sim: connecting to postgres at {} and the kafka broker at {}",
         udaconnect::config::redact_url(&config.database_url),
