@@ -102,6 +102,10 @@ pub struct EngineOptions {
     pub person_partitions: u32,
     /// Keep every accepted co-location and notification (tests).
     pub capture: bool,
+    /// Keep the copies each zone evicted, for late copies to match (the service keeps them in
+    /// PostgreSQL). Off only for benches whose input is never late: a late copy then matches
+    /// only what its zone still retains.
+    pub keep_copies: bool,
 }
 
 impl Default for EngineOptions {
@@ -110,6 +114,7 @@ impl Default for EngineOptions {
             zone_partitions: 1,
             person_partitions: 1,
             capture: false,
+            keep_copies: true,
         }
     }
 }
@@ -145,7 +150,9 @@ impl Engine {
         let pp = options.person_partitions.max(1);
         Ok(Self {
             router: Router::new(params, zp),
-            zones: (0..zp).map(|p| ZonePartition::new(p, params, pp)).collect(),
+            zones: (0..zp)
+                .map(|p| ZonePartition::new(p, params, pp, options.keep_copies))
+                .collect(),
             persons: (0..pp)
                 .map(|_| PersonPartition::new(params, zp, options.capture))
                 .collect(),

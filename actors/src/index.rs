@@ -569,22 +569,27 @@ pub struct ZonePartition {
     cache: CellCache,
     zones: FxHashMap<ZoneId, ZoneIndex>,
     /// Copies evicted from each zone's index, kept for late copies to match (the service keeps
-    /// them in PostgreSQL); dropped once older than the late horizon.
-    evicted: FxHashMap<ZoneId, Vec<StoredCopy>>,
+    /// them in PostgreSQL); dropped once older than the late horizon. `None`: not kept.
+    evicted: Option<FxHashMap<ZoneId, Vec<StoredCopy>>>,
     clock: EventClock,
     counters: PartitionCounters,
 }
 
 impl ZonePartition {
-    /// An empty partition.
-    pub fn new(partition: u32, params: &EngineParams, person_partitions: u32) -> Self {
+    /// An empty partition; `keep_copies` keeps evicted copies for late copies to match.
+    pub fn new(
+        partition: u32,
+        params: &EngineParams,
+        person_partitions: u32,
+        keep_copies: bool,
+    ) -> Self {
         Self {
             partition,
             params: *params,
             person_partitions,
             cache: CellCache::new(ZoneGrid::new(params)),
             zones: FxHashMap::default(),
-            evicted: FxHashMap::default(),
+            evicted: keep_copies.then(FxHashMap::default),
             clock: EventClock::new(params),
             counters: PartitionCounters::default(),
         }
@@ -614,7 +619,8 @@ impl ZonePartition {
                 let t = routed.event.recorded_at;
                 let stored: Vec<StoredCopy> = self
                     .evicted
-                    .get(&routed.zone)
+                    .as_ref()
+                    .and_then(|e| e.get(&routed.zone))
                     .map(|v| {
                         v.iter()
                             .filter(|c| (c.recorded_at - t).abs() <= window_us)
@@ -630,11 +636,18 @@ impl ZonePartition {
         let watermark = self.clock.watermark();
         let keep_after = watermark.saturating_sub(self.params.closed_retention_us());
         for index in self.zones.values_mut() {
-            let log = self.evicted.entry(index.zone()).or_default();
-            index.evict_into(watermark, Some(log));
-            log.retain(|c| c.recorded_at >= keep_after);
+            match self.evicted.as_mut() {
+                Some(evicted) => {
+                    let log = evicted.entry(index.zone()).or_default();
+                    index.evict_into(watermark, Some(log));
+                    log.retain(|c| c.recorded_at >= keep_after);
+                }
+                None => index.evict(watermark),
+            }
         }
-        self.evicted.retain(|_, log| !log.is_empty());
+        if let Some(evicted) = self.evicted.as_mut() {
+            evicted.retain(|_, log| !log.is_empty());
+        }
         self.zones.retain(|_, z| z.retained() > 0);
         ZoneBatchOutput {
             person_batches: pack_updates(

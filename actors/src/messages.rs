@@ -26,6 +26,14 @@ pub struct SeenCopy {
     pub seq: i64,
 }
 
+/// A late copy on its way to the store's search ([`crate::actors::ports::LocationSink::late_partners`]),
+/// with the fine cells whose points can be within the radius of it (its own included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateCopy {
+    pub routed: RoutedEvent,
+    pub near_cells: Vec<FineCell>,
+}
+
 /// One update for one person, from the zone stage.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum PersonUpdate {

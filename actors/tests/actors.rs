@@ -63,6 +63,7 @@ fn sync_engine(events: &[LocationEvent], zp: u32, pp: u32) -> Engine {
             zone_partitions: zp,
             person_partitions: pp,
             capture: true,
+            keep_copies: true,
         },
     )
     .unwrap();
@@ -96,6 +97,7 @@ async fn actors_equal_the_engine_and_the_oracle() {
         capacity: 2,
         passivate_after_s: 120,
         capture: true,
+        keep_copies: true,
     };
     let mut engine = ActorEngine::start(&params(), options, None).await.unwrap();
     for chunk in events.chunks(97) {

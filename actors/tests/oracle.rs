@@ -170,6 +170,7 @@ fn run(s: &Scenario, replay: bool) -> Engine {
         zone_partitions: s.zone_partitions,
         person_partitions: s.person_partitions,
         capture: true,
+        keep_copies: true,
     };
     let mut engine = Engine::new(&s.params, options).expect("valid params");
     let mut pending: Vec<VecDeque<(u32, PersonBatch)>> =

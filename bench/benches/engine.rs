@@ -62,6 +62,7 @@ fn engine(c: &mut Criterion) {
                         zone_partitions: 2,
                         person_partitions: 2,
                         capture: false,
+                        keep_copies: false,
                     },
                 )
                 .expect("valid")

@@ -30,6 +30,7 @@ async fn compare(attendees: u32, duration_s: u32, seed: u64, zp: u32, pp: u32) {
             zone_partitions: 1,
             person_partitions: 1,
             capture: false,
+            keep_copies: true,
         },
     )
     .unwrap();
@@ -50,6 +51,7 @@ async fn compare(attendees: u32, duration_s: u32, seed: u64, zp: u32, pp: u32) {
         capacity: 2,
         passivate_after_s: 300,
         capture: false,
+        keep_copies: true,
     };
     let mut actors = ActorEngine::start(&params, options, None).await.unwrap();
     for chunk in events.chunks(3_000) {

@@ -23,7 +23,7 @@ use udaconnect_actors::actors::zone::{ZoneSupervisor, ZoneSupervisorArgs, ZoneSu
 use udaconnect_actors::actors::PartitionHandle;
 use udaconnect_actors::domain::{Micros, Notification};
 use udaconnect_actors::index::StoredCopy;
-use udaconnect_actors::messages::{EpisodeChange, PersonBatch, RoutedEvent, SeenCopy};
+use udaconnect_actors::messages::{EpisodeChange, LateCopy, PersonBatch, SeenCopy};
 use udaconnect_actors::params::EngineParams;
 use udaconnect_actors::zones::person_partition;
 
@@ -61,7 +61,7 @@ impl LocationSink for PgLocations {
     fn late_partners<'a>(
         &'a self,
         _partition: u32,
-        late: &'a [RoutedEvent],
+        late: &'a [LateCopy],
         before: i64,
     ) -> BoxFuture<'a, Result<Vec<Vec<StoredCopy>>, PortError>> {
         Box::pin(async move {

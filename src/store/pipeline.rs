@@ -8,7 +8,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
 use udaconnect_actors::domain::{Episode, Micros, PersonId, ReportFingerprint};
 use udaconnect_actors::index::StoredCopy;
-use udaconnect_actors::messages::{EpisodeChange, RoutedEvent, SeenCopy};
+use udaconnect_actors::messages::{EpisodeChange, LateCopy, RoutedEvent, SeenCopy};
 use uuid::Uuid;
 
 use crate::store::StoreError;
@@ -75,9 +75,11 @@ pub async fn store_locations(
     let mut received = Vec::with_capacity(n);
     let mut zones = Vec::with_capacity(n);
     let mut seqs = Vec::with_capacity(n);
+    let mut cells = Vec::with_capacity(n);
     for c in &unique {
         let r = &c.routed;
         seqs.push(c.seq);
+        cells.push(r.fine_cell as i64);
         ids.push(r.event.event_id);
         persons.push(r.event.person_id);
         lats.push(r.event.lat);
@@ -89,11 +91,13 @@ pub async fn store_locations(
     // X = latitude, Y = longitude: the POC's axis convention (see the migration).
     let statement = client
         .prepare_cached(
-            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone, seq)
-             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv, e.zone, e.seq
+            "INSERT INTO location (event_id, person_id, coordinate, recorded_at, received_at, zone,
+                                   seq, fine_cell)
+             SELECT e.id, e.person, ST_SetSRID(ST_MakePoint(e.lat, e.lon), 4326), e.rec, e.recv,
+                    e.zone, e.seq, e.cell
              FROM unnest($1::uuid[], $2::int8[], $3::float8[], $4::float8[], $5::timestamptz[],
-                         $6::timestamptz[], $7::int8[], $8::int8[])
-                  AS e(id, person, lat, lon, rec, recv, zone, seq)
+                         $6::timestamptz[], $7::int8[], $8::int8[], $9::int8[])
+                  AS e(id, person, lat, lon, rec, recv, zone, seq, cell)
              JOIN person p ON p.id = e.person
              ON CONFLICT (event_id) DO NOTHING
              RETURNING event_id",
@@ -103,7 +107,7 @@ pub async fn store_locations(
         .query(
             &statement,
             &[
-                &ids, &persons, &lats, &lons, &recorded, &received, &zones, &seqs,
+                &ids, &persons, &lats, &lons, &recorded, &received, &zones, &seqs, &cells,
             ],
         )
         .await?;
@@ -144,8 +148,9 @@ async fn store_halo_copies(
         return Ok(());
     }
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut times, mut seqs) = (Vec::new(), Vec::new());
+    let (mut times, mut seqs, mut cells) = (Vec::new(), Vec::new(), Vec::new());
     for c in ghosts {
+        cells.push(c.routed.fine_cell as i64);
         let e = &c.routed.event;
         cols.0.push(c.routed.zone as i64);
         cols.1.push(e.event_id);
@@ -157,10 +162,11 @@ async fn store_halo_copies(
     }
     let statement = client
         .prepare_cached(
-            "INSERT INTO halo_copy (zone, event_id, person_id, lat, lon, recorded_at, seq)
-             SELECT g.zone, g.id, g.person, g.lat, g.lon, g.rec, g.seq
+            "INSERT INTO halo_copy (zone, event_id, person_id, lat, lon, recorded_at, seq, fine_cell)
+             SELECT g.zone, g.id, g.person, g.lat, g.lon, g.rec, g.seq, g.cell
              FROM unnest($1::int8[], $2::uuid[], $3::int8[], $4::float8[], $5::float8[],
-                         $6::timestamptz[], $7::int8[]) AS g(zone, id, person, lat, lon, rec, seq)
+                         $6::timestamptz[], $7::int8[], $8::int8[])
+                  AS g(zone, id, person, lat, lon, rec, seq, cell)
              JOIN person p ON p.id = g.person
              ON CONFLICT (zone, event_id) DO NOTHING",
         )
@@ -168,7 +174,9 @@ async fn store_halo_copies(
     client
         .execute(
             &statement,
-            &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &times, &seqs],
+            &[
+                &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &times, &seqs, &cells,
+            ],
         )
         .await?;
     Ok(())
@@ -176,37 +184,36 @@ async fn store_halo_copies(
 
 /// The late path's search (one statement for a batch's late copies): for each late copy, the
 /// copies its zone saw with an input offset below `before` (home ones in `location`, ghosts in
-/// `halo_copy`) whose time is within `window_s` of its own and that lie within `radius_m` + 1 m
-/// of it (`ST_DWithin` on geography: the WGS84 geodesic, as the engine's own distance, which
-/// decides), of other persons, plus its own earlier copy if it is a repeat. One list per late
-/// copy, in order.
+/// `halo_copy`) that lie in the fine cells near it (its `near_cells`, the engine's neighbour
+/// list: the cells whose points can be within `radius_m`), whose time is within `window_s` of
+/// its own and that lie within `radius_m` + 1 m of it (`ST_DWithin` on geography: the WGS84
+/// geodesic, as the engine's own distance, which decides), of other persons, plus its own
+/// earlier copy if it is a repeat. The cells and times are searched through btrees
+/// (`location (fine_cell, recorded_at)`, `halo_copy (zone, fine_cell, recorded_at)`). One list
+/// per late copy, in order.
 pub async fn late_partners(
     pool: &Pool,
-    late: &[RoutedEvent],
+    late: &[LateCopy],
     before: i64,
     window_s: u32,
     radius_m: f64,
 ) -> Result<Vec<Vec<StoredCopy>>, StoreError> {
-    let n = late.len();
-    let (mut idx, mut zones, mut ids, mut persons) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut times, mut lats, mut lons) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (i, r) in late.iter().enumerate() {
-        idx.push(i as i32);
-        zones.push(r.zone as i64);
-        ids.push(r.event.event_id);
-        persons.push(r.event.person_id);
-        times.push(timestamp(r.event.recorded_at));
-        lats.push(r.event.lat);
-        lons.push(r.event.lon);
+    // One row per (late copy, near cell).
+    let (mut idx, mut zones, mut cells, mut ids, mut persons) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut times, mut lats, mut lons) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, l) in late.iter().enumerate() {
+        let r = &l.routed;
+        for cell in &l.near_cells {
+            idx.push(i as i32);
+            zones.push(r.zone as i64);
+            cells.push(*cell as i64);
+            ids.push(r.event.event_id);
+            persons.push(r.event.person_id);
+            times.push(timestamp(r.event.recorded_at));
+            lats.push(r.event.lat);
+            lons.push(r.event.lon);
+        }
     }
     let client = pool.get().await?;
     // `location` keeps the POC's axes (X = latitude); the geography is built lon, lat.
@@ -214,26 +221,27 @@ pub async fn late_partners(
         .prepare_cached(
             "WITH l AS (
                  SELECT l.*, ST_SetSRID(ST_MakePoint(l.lon, l.lat), 4326)::geography AS g,
-                        make_interval(secs => $9) AS w
-                 FROM unnest($1::int4[], $2::int8[], $3::uuid[], $4::int8[], $5::timestamptz[],
-                             $6::float8[], $7::float8[]) AS l(i, zone, id, person, t, lat, lon))
+                        make_interval(secs => $10) AS w
+                 FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::uuid[], $5::int8[],
+                             $6::timestamptz[], $7::float8[], $8::float8[])
+                      AS l(i, zone, cell, id, person, t, lat, lon))
              SELECT l.i, c.event_id, c.person_id, c.recorded_at, c.lat, c.lon, c.home
              FROM l CROSS JOIN LATERAL (
                  SELECT event_id, person_id, recorded_at, ST_X(coordinate) AS lat,
                         ST_Y(coordinate) AS lon, true AS home
                  FROM location
-                 WHERE zone = l.zone AND seq < $8
+                 WHERE fine_cell = l.cell AND zone = l.zone AND seq < $9
                    AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
                    AND (person_id <> l.person OR event_id = l.id)
                    AND ST_DWithin(ST_SetSRID(ST_MakePoint(ST_Y(coordinate), ST_X(coordinate)),
-                                             4326)::geography, l.g, $10)
+                                             4326)::geography, l.g, $11)
                  UNION ALL
                  SELECT event_id, person_id, recorded_at, lat, lon, false
                  FROM halo_copy
-                 WHERE zone = l.zone AND seq < $8
+                 WHERE zone = l.zone AND fine_cell = l.cell AND seq < $9
                    AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
                    AND (person_id <> l.person OR event_id = l.id)
-                   AND ST_DWithin(ST_SetSRID(ST_MakePoint(lon, lat), 4326)::geography, l.g, $10)
+                   AND ST_DWithin(ST_SetSRID(ST_MakePoint(lon, lat), 4326)::geography, l.g, $11)
              ) c",
         )
         .await?;
@@ -243,6 +251,7 @@ pub async fn late_partners(
             &[
                 &idx,
                 &zones,
+                &cells,
                 &ids,
                 &persons,
                 &times,
@@ -254,7 +263,7 @@ pub async fn late_partners(
             ],
         )
         .await?;
-    let mut found: Vec<Vec<StoredCopy>> = vec![Vec::new(); n];
+    let mut found: Vec<Vec<StoredCopy>> = vec![Vec::new(); late.len()];
     for r in rows {
         let i: i32 = r.get(0);
         let at: DateTime<Utc> = r.get(3);

@@ -413,7 +413,7 @@ async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored
 async fn a_late_copy_finds_what_its_zone_saw_before_it() {
     use udaconnect::store::pipeline::{late_partners, store_locations};
     use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
-    use udaconnect_actors::messages::{RoutedEvent, SeenCopy};
+    use udaconnect_actors::messages::{LateCopy, RoutedEvent, SeenCopy};
 
     let (db, client) = TestDb::migrated().await;
     client
@@ -444,6 +444,11 @@ async fn a_late_copy_finds_what_its_zone_saw_before_it() {
         },
         seq,
     };
+    let in_cell = |person: i64, north_m: f64, dt_s: i64, zone: u64, home: bool, seq: i64, cell| {
+        let mut c = copy(person, north_m, dt_s, zone, home, seq);
+        c.routed.fine_cell = cell;
+        c
+    };
     let near_home = copy(2, 3.0, 10, 7, true, 5);
     let near_ghost = copy(3, -4.0, -50, 7, false, 6);
     let own = copy(1, 0.0, 0, 7, true, 6);
@@ -451,17 +456,23 @@ async fn a_late_copy_finds_what_its_zone_saw_before_it() {
         near_home,
         near_ghost,
         own,
-        copy(2, 8.0, 0, 7, true, 5),   // 8 m: beyond radius + margin
-        copy(3, 1.0, 90, 7, false, 5), // 90 s: outside the window
-        copy(2, 1.0, 0, 8, true, 5),   // another zone
-        copy(3, 1.0, 0, 7, false, 20), // came in with or after the batch
-        copy(1, 1.0, 0, 7, true, 5),   // the same person
+        copy(2, 8.0, 0, 7, true, 5),        // 8 m: beyond radius + margin
+        copy(3, 1.0, 90, 7, false, 5),      // 90 s: outside the window
+        copy(2, 1.0, 0, 8, true, 5),        // another zone
+        copy(3, 1.0, 0, 7, false, 20),      // came in with or after the batch
+        copy(1, 1.0, 0, 7, true, 5),        // the same person
+        in_cell(2, 1.0, 0, 7, true, 5, 99), // a cell not near the late copy's
+        in_cell(3, 1.0, 0, 7, false, 5, 2), // a ghost in a near cell
     ];
     store_locations(&pool, &stored).await.expect("stored");
     let mut late = own.routed;
     let mut other = copy(2, 0.0, 0, 7, true, 20).routed;
     other.event.person_id = 3;
-    let found = late_partners(&pool, &[late, other], 10, 60, 5.0)
+    let near = |routed: RoutedEvent| LateCopy {
+        routed,
+        near_cells: vec![1, 2, 3],
+    };
+    let found = late_partners(&pool, &[near(late), near(other)], 10, 60, 5.0)
         .await
         .expect("searched");
     let ids = |i: usize| {
@@ -473,6 +484,7 @@ async fn a_late_copy_finds_what_its_zone_saw_before_it() {
         near_home.routed.event.event_id,
         near_ghost.routed.event.event_id,
         own.routed.event.event_id,
+        stored[9].routed.event.event_id,
     ];
     want.sort();
     assert_eq!(ids(0), want, "{:?}", found[0]);
@@ -492,7 +504,7 @@ async fn a_late_copy_finds_what_its_zone_saw_before_it() {
     assert_eq!(ids(1), want);
     // Nothing came in before offset 5.
     late.event.event_id = uuid::Uuid::new_v4();
-    let found = late_partners(&pool, &[late], 5, 60, 5.0)
+    let found = late_partners(&pool, &[near(late)], 5, 60, 5.0)
         .await
         .expect("searched");
     assert!(found[0].is_empty(), "{:?}", found[0]);

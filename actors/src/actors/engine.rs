@@ -22,7 +22,7 @@ use crate::actors::PartitionHandle;
 use crate::domain::{Episode, LocationEvent, Notification, PersonId};
 use crate::engine::{EpisodeTable, Router};
 use crate::index::StoredCopy;
-use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, RoutedEvent, SeenCopy};
+use crate::messages::{EpisodeChange, LateCopy, PersonBatch, PersonOutput, SeenCopy};
 use crate::params::EngineParams;
 use crate::zones::{zone_partition, ZoneId};
 
@@ -99,27 +99,33 @@ impl LocationSink for CountingLocations {
     fn late_partners<'a>(
         &'a self,
         partition: u32,
-        late: &'a [RoutedEvent],
+        late: &'a [LateCopy],
         before: i64,
     ) -> BoxFuture<'a, Result<Vec<Vec<StoredCopy>>, PortError>> {
         let kept = self.copies.lock().expect("not poisoned");
         let none = Vec::new();
         let copies = kept.get(&partition).unwrap_or(&none);
-        // Time only: the zone index decides the distance.
+        // By cell only: the zone index decides the time and the distance.
         let found = late
             .iter()
-            .map(|l| {
-                copies
-                    .iter()
-                    .filter(|c| {
-                        c.seq < before
-                            && c.routed.zone == l.zone
-                            && (c.routed.event.person_id != l.event.person_id
-                                || c.routed.event.event_id == l.event.event_id)
-                    })
-                    .map(|c| StoredCopy::of(&c.routed))
-                    .collect()
-            })
+            .map(
+                |LateCopy {
+                     routed: l,
+                     near_cells,
+                 }| {
+                    copies
+                        .iter()
+                        .filter(|c| {
+                            c.seq < before
+                                && c.routed.zone == l.zone
+                                && near_cells.contains(&c.routed.fine_cell)
+                                && (c.routed.event.person_id != l.event.person_id
+                                    || c.routed.event.event_id == l.event.event_id)
+                        })
+                        .map(|c| StoredCopy::of(&c.routed))
+                        .collect()
+                },
+            )
             .collect();
         Box::pin(async move { Ok(found) })
     }
@@ -205,9 +211,11 @@ pub struct ActorEngineOptions {
     /// Batches in flight per partition before senders wait.
     pub capacity: usize,
     pub passivate_after_s: u32,
-    /// Keep accepted co-locations and notifications, and every copy for late copies to match
-    /// (tests; benches with no late input leave it off to measure the engine alone).
+    /// Keep accepted co-locations and notifications (tests).
     pub capture: bool,
+    /// Keep every copy for late copies to match (see [`CountingLocations`]); off only for
+    /// benches whose input is never late.
+    pub keep_copies: bool,
 }
 
 impl Default for ActorEngineOptions {
@@ -218,6 +226,7 @@ impl Default for ActorEngineOptions {
             capacity: 4,
             passivate_after_s: 900,
             capture: false,
+            keep_copies: true,
         }
     }
 }
@@ -272,7 +281,7 @@ impl ActorEngine {
         let zp = options.zone_partitions.max(1);
         let pp = options.person_partitions.max(1);
         let connections = Arc::new(MemoryConnections::with_table(table, options.capture));
-        let locations = Arc::new(CountingLocations::new(options.capture));
+        let locations = Arc::new(CountingLocations::new(options.keep_copies));
         let mut persons = Vec::new();
         for q in 0..pp {
             let args = PersonSupervisorArgs {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Notification;
 use crate::index::StoredCopy;
-use crate::messages::{EpisodeChange, PersonBatch, RoutedEvent, SeenCopy};
+use crate::messages::{EpisodeChange, LateCopy, PersonBatch, SeenCopy};
 
 /// A port's failure; the actors retry until it succeeds (backpressure, never loss).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,13 +25,14 @@ pub trait LocationSink: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), PortError>>;
 
     /// For each late copy, the stored copies of its zone with an input offset below `before`
-    /// whose time is within `window_s` of its own and whose place is within `radius_m` (plus a
-    /// margin: the caller decides with the engine's own distance), of other persons, and its
-    /// own earlier copy if it is a repeat. One list per late copy, in order.
+    /// in its `near_cells`, whose time is within `window_s` of its own and whose place is
+    /// within `radius_m` (a store may add a margin: the caller decides with the engine's own
+    /// distance), of other persons, and its own earlier copy if it is a repeat. One list per
+    /// late copy, in order.
     fn late_partners<'a>(
         &'a self,
         partition: u32,
-        late: &'a [RoutedEvent],
+        late: &'a [LateCopy],
         before: i64,
     ) -> BoxFuture<'a, Result<Vec<Vec<StoredCopy>>, PortError>>;
 }

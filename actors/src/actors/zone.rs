@@ -26,7 +26,7 @@ use crate::index::{
     admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, StoredCopy, ZoneCounters,
     ZoneIndex,
 };
-use crate::messages::{PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
+use crate::messages::{LateCopy, PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
 use crate::params::EngineParams;
 use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
@@ -190,6 +190,8 @@ pub struct ZoneSupervisorState {
     locations: Writer<SeenCopy>,
     /// The same store, asked for late copies' partners.
     location_sink: Arc<dyn LocationSink>,
+    /// Fine-cell neighbour lists, for the late copies' search.
+    cells: CellCache,
     updates: Arc<dyn PersonUpdateSink>,
     clock: EventClock,
     counters: PartitionCounters,
@@ -293,10 +295,14 @@ impl ZoneSupervisorState {
         // Late copies are matched against everything their zone saw before this batch: wait
         // until the copies handed to the writer are stored, then ask the store (one query for
         // the batch).
-        let late: Vec<RoutedEvent> = admitted
+        let cache = &mut self.cells;
+        let late: Vec<LateCopy> = admitted
             .iter()
             .filter(|a| a.late)
-            .map(|a| a.routed)
+            .map(|a| LateCopy {
+                routed: a.routed,
+                near_cells: cache.neighbors(a.routed.fine_cell).to_vec(),
+            })
             .collect();
         let mut partners = Vec::new().into_iter();
         if !late.is_empty() {
@@ -449,6 +455,7 @@ impl Actor for ZoneSupervisor {
                 }),
             ),
             location_sink: Arc::clone(&args.locations),
+            cells: CellCache::new(ZoneGrid::new(&args.params)),
             updates: args.updates,
             clock: EventClock::new(&args.params),
             counters: PartitionCounters::default(),

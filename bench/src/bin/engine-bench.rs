@@ -192,6 +192,8 @@ fn run_actors(
             capacity: 4,
             passivate_after_s: 900,
             capture: false,
+            // The simulated input is never later than lateness_s: nothing to keep for late copies.
+            keep_copies: false,
         };
         let mut engine = ActorEngine::start(params, options, None)
             .await
@@ -236,6 +238,8 @@ fn run_sync(args: &Args, params: &EngineParams, events: &[LocationEvent]) -> Fig
         zone_partitions: args.zone_partitions,
         person_partitions: args.person_partitions,
         capture: false,
+        // The simulated input is never later than lateness_s: nothing to keep for late copies.
+        keep_copies: false,
     };
     let mut engine = Engine::new(params, options).expect("validated");
     let started = Instant::now();

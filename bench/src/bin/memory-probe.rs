@@ -83,7 +83,8 @@ fn main() {
         ..EngineParams::default()
     };
     let mut router = Router::new(&params, 1);
-    let mut partition = ZonePartition::new(0, &params, 1);
+    // Memory of the retained points alone: nothing evicted is kept for late copies.
+    let mut partition = ZonePartition::new(0, &params, 1, false);
     let rss0 = rss_bytes();
     let before = live();
     for chunk_start in (0..args.points).step_by(10_000) {
