@@ -186,11 +186,12 @@ async fn store_halo_copies(
 /// copies its zone saw with an input offset below `before` (home ones in `location`, ghosts in
 /// `halo_copy`) that lie in the fine cells near it (its `near_cells`, the engine's neighbour
 /// list: the cells whose points can be within `radius_m`), whose time is within `window_s` of
-/// its own and that lie within `radius_m` + 1 m of it (`ST_DWithin` on geography: the WGS84
-/// geodesic, as the engine's own distance, which decides), of other persons, plus its own
-/// earlier copy if it is a repeat. The cells and times are searched through btrees
-/// (`location (fine_cell, recorded_at)`, `halo_copy (zone, fine_cell, recorded_at)`). One list
-/// per late copy, in order.
+/// its own and that lie in the latitude-longitude box around it that holds every point within
+/// `radius_m` + 1 m ([`search_box`]), of other persons, plus its own earlier copy if it is a
+/// repeat. The cells and times are searched through btrees (`location (fine_cell,
+/// recorded_at)`, `halo_copy (zone, fine_cell, recorded_at)`); the exact geodesic decision is
+/// the engine's, as for copies on time (a spheroid `ST_DWithin` here cost 7 times the search
+/// itself on a crowded venue). One list per late copy, in order.
 pub async fn late_partners(
     pool: &Pool,
     late: &[LateCopy],
@@ -199,49 +200,59 @@ pub async fn late_partners(
     radius_m: f64,
 ) -> Result<Vec<Vec<StoredCopy>>, StoreError> {
     // One row per (late copy, near cell).
-    let (mut idx, mut zones, mut cells, mut ids, mut persons) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut times, mut lats, mut lons) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut idx, mut zones, mut cells, mut ids, mut persons, mut times) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let (mut lat_lo, mut lat_hi, mut lon_lo, mut lon_hi) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, l) in late.iter().enumerate() {
-        let r = &l.routed;
+        let e = &l.routed.event;
+        let (lat, lon) = search_box(e.lat, e.lon, radius_m + 1.0);
         for cell in &l.near_cells {
             idx.push(i as i32);
-            zones.push(r.zone as i64);
+            zones.push(l.routed.zone as i64);
             cells.push(*cell as i64);
-            ids.push(r.event.event_id);
-            persons.push(r.event.person_id);
-            times.push(timestamp(r.event.recorded_at));
-            lats.push(r.event.lat);
-            lons.push(r.event.lon);
+            ids.push(e.event_id);
+            persons.push(e.person_id);
+            times.push(timestamp(e.recorded_at));
+            lat_lo.push(lat.0);
+            lat_hi.push(lat.1);
+            lon_lo.push(lon.0);
+            lon_hi.push(lon.1);
         }
     }
     let client = pool.get().await?;
-    // `location` keeps the POC's axes (X = latitude); the geography is built lon, lat.
+    // `location` keeps the POC's axes: X is the latitude, Y the longitude.
     let statement = client
         .prepare_cached(
             "WITH l AS (
-                 SELECT l.*, ST_SetSRID(ST_MakePoint(l.lon, l.lat), 4326)::geography AS g,
-                        make_interval(secs => $10) AS w
+                 SELECT l.*, make_interval(secs => $12) AS w
                  FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::uuid[], $5::int8[],
-                             $6::timestamptz[], $7::float8[], $8::float8[])
-                      AS l(i, zone, cell, id, person, t, lat, lon))
+                             $6::timestamptz[], $7::float8[], $8::float8[], $9::float8[],
+                             $10::float8[])
+                      AS l(i, zone, cell, id, person, t, lat_lo, lat_hi, lon_lo, lon_hi))
              SELECT l.i, c.event_id, c.person_id, c.recorded_at, c.lat, c.lon, c.home
              FROM l CROSS JOIN LATERAL (
                  SELECT event_id, person_id, recorded_at, ST_X(coordinate) AS lat,
                         ST_Y(coordinate) AS lon, true AS home
                  FROM location
-                 WHERE fine_cell = l.cell AND zone = l.zone AND seq < $9
+                 WHERE fine_cell = l.cell AND zone = l.zone AND seq < $11
                    AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
                    AND (person_id <> l.person OR event_id = l.id)
-                   AND ST_DWithin(ST_SetSRID(ST_MakePoint(ST_Y(coordinate), ST_X(coordinate)),
-                                             4326)::geography, l.g, $11)
+                   AND ST_X(coordinate) BETWEEN l.lat_lo AND l.lat_hi
+                   AND ST_Y(coordinate) BETWEEN l.lon_lo AND l.lon_hi
                  UNION ALL
                  SELECT event_id, person_id, recorded_at, lat, lon, false
                  FROM halo_copy
-                 WHERE zone = l.zone AND fine_cell = l.cell AND seq < $9
+                 WHERE zone = l.zone AND fine_cell = l.cell AND seq < $11
                    AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
                    AND (person_id <> l.person OR event_id = l.id)
-                   AND ST_DWithin(ST_SetSRID(ST_MakePoint(lon, lat), 4326)::geography, l.g, $11)
+                   AND lat BETWEEN l.lat_lo AND l.lat_hi AND lon BETWEEN l.lon_lo AND l.lon_hi
              ) c",
         )
         .await?;
@@ -255,11 +266,12 @@ pub async fn late_partners(
                 &ids,
                 &persons,
                 &times,
-                &lats,
-                &lons,
+                &lat_lo,
+                &lat_hi,
+                &lon_lo,
+                &lon_hi,
                 &before,
                 &f64::from(window_s),
-                &(radius_m + 1.0),
             ],
         )
         .await?;
@@ -279,6 +291,25 @@ pub async fn late_partners(
         }
     }
     Ok(found)
+}
+
+/// The latitude and longitude ranges (WGS84 degrees, each `(low, high)`) that hold every point
+/// within `distance_m` of (`lat`, `lon`): a degree of latitude is at least 110,574 m (at the
+/// equator) and a degree of longitude at least 111,319 m × cos(latitude) (the equatorial
+/// radius); near a pole, or where the range would cross the antimeridian, every longitude.
+pub fn search_box(lat: f64, lon: f64, distance_m: f64) -> ((f64, f64), (f64, f64)) {
+    let dlat = distance_m / 110_574.0;
+    let lat_range = ((lat - dlat).max(-90.0), (lat + dlat).min(90.0));
+    let widest = lat.abs() + dlat;
+    let cos = widest.min(90.0).to_radians().cos();
+    if cos < 1e-6 {
+        return (lat_range, (-180.0, 180.0));
+    }
+    let dlon = distance_m / (111_319.0 * cos);
+    if lon - dlon < -180.0 || lon + dlon > 180.0 {
+        return (lat_range, (-180.0, 180.0));
+    }
+    (lat_range, (lon - dlon, lon + dlon))
 }
 
 /// The stored reports' fingerprints of those of `ids` that are in `location`.
@@ -694,6 +725,37 @@ pub async fn shard_owners(pool: &Pool, topics: &[&str]) -> Result<Vec<ShardOwner
             snapshot_age_s: r.get(8),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod search_box_tests {
+    use super::search_box;
+
+    /// Every point at `d` meters (geodesic, GeographicLib) in 36 directions from places from
+    /// the equator to near the poles lies in the box; across the antimeridian every longitude.
+    #[test]
+    fn the_box_holds_every_point_within_the_distance() {
+        let geod = geographiclib_rs::Geodesic::wgs84();
+        for &(lat, lon) in &[
+            (0.0, 0.0),
+            (41.387, 2.17),
+            (-60.0, 100.0),
+            (89.99, 10.0),
+            (10.0, 179.99999),
+        ] {
+            let (la, lo) = search_box(lat, lon, 6.0);
+            for k in 0..36 {
+                use geographiclib_rs::DirectGeodesic;
+                let (lat2, lon2): (f64, f64) = geod.direct(lat, lon, f64::from(k) * 10.0, 6.0);
+                assert!(la.0 <= lat2 && lat2 <= la.1, "{lat},{lon} -> {lat2}");
+                assert!(
+                    lo.0 <= lon2 && lon2 <= lo.1,
+                    "{lat},{lon} -> {lon2} not in {lo:?}"
+                );
+            }
+        }
+        assert_eq!(search_box(10.0, 179.99999, 6.0).1, (-180.0, 180.0));
+    }
 }
 
 #[cfg(test)]
