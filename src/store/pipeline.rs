@@ -2,11 +2,13 @@
 //! `connection`, partition snapshots into `shard_snapshot`. Every write is idempotent, so a
 //! replayed batch changes nothing (DESIGN §4, §6).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use rustc_hash::{FxHashMap, FxHashSet};
 use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
-use udaconnect_actors::domain::{Episode, Micros, PersonId, ReportFingerprint};
+use udaconnect_actors::domain::{Episode, Micros, PersonId, ReportFingerprint, MICROS_PER_S};
 use udaconnect_actors::index::StoredCopy;
 use udaconnect_actors::messages::{EpisodeChange, LateCopy, RoutedEvent, SeenCopy};
 use uuid::Uuid;
@@ -188,10 +190,14 @@ async fn store_halo_copies(
 /// list: the cells whose points can be within `radius_m`), whose time is within `window_s` of
 /// its own and that lie in the latitude-longitude box around it that holds every point within
 /// `radius_m` + 1 m ([`search_box`]), of other persons, plus its own earlier copy if it is a
-/// repeat. The cells and times are searched through btrees (`location (fine_cell,
-/// recorded_at)`, `halo_copy (zone, fine_cell, recorded_at)`); the exact geodesic decision is
-/// the engine's, as for copies on time (a spheroid `ST_DWithin` here cost 7 times the search
-/// itself on a crowded venue). One list per late copy, in order.
+/// repeat. One list per late copy, in order.
+///
+/// Late copies of one batch crowd the same cells (a booth, a talk), so the statement reads each
+/// (zone, cell, slice of `2 × window_s` that holds the late copy's time) once, from the slice's
+/// start − `window_s` to its end + `window_s` (at most twice what one copy needs), through
+/// btrees (`location (fine_cell, recorded_at)`, `halo_copy (zone, fine_cell, recorded_at)`),
+/// and the copies are sorted out here; the exact geodesic decision is the engine's, as for copies on time (a spheroid
+/// `ST_DWithin` per candidate cost 7 times the search itself on a crowded venue).
 pub async fn late_partners(
     pool: &Pool,
     late: &[LateCopy],
@@ -199,88 +205,58 @@ pub async fn late_partners(
     window_s: u32,
     radius_m: f64,
 ) -> Result<Vec<Vec<StoredCopy>>, StoreError> {
-    // One row per (late copy, near cell).
-    let (mut idx, mut zones, mut cells, mut ids, mut persons, mut times) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    let (mut lat_lo, mut lat_hi, mut lon_lo, mut lon_hi) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (i, l) in late.iter().enumerate() {
-        let e = &l.routed.event;
-        let (lat, lon) = search_box(e.lat, e.lon, radius_m + 1.0);
+    let window_us = i64::from(window_s) * MICROS_PER_S;
+    let slice_us = 2 * window_us;
+    let slice = |t: Micros| t.div_euclid(slice_us);
+    // The (zone, cell, slice) groups the late copies need, each read once.
+    let mut needed: BTreeMap<(u64, u64, i64), usize> = BTreeMap::new();
+    for l in late {
         for cell in &l.near_cells {
-            idx.push(i as i32);
-            zones.push(l.routed.zone as i64);
-            cells.push(*cell as i64);
-            ids.push(e.event_id);
-            persons.push(e.person_id);
-            times.push(timestamp(e.recorded_at));
-            lat_lo.push(lat.0);
-            lat_hi.push(lat.1);
-            lon_lo.push(lon.0);
-            lon_hi.push(lon.1);
+            let n = needed.len();
+            needed
+                .entry((l.routed.zone, *cell, slice(l.routed.event.recorded_at)))
+                .or_insert(n);
         }
+    }
+    let (mut groups, mut zones, mut cells, mut from, mut to) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (&(zone, cell, s), &group) in &needed {
+        groups.push(group as i32);
+        zones.push(zone as i64);
+        cells.push(cell as i64);
+        from.push(timestamp(s * slice_us - window_us));
+        to.push(timestamp((s + 1) * slice_us + window_us));
     }
     let client = pool.get().await?;
     // `location` keeps the POC's axes: X is the latitude, Y the longitude.
     let statement = client
         .prepare_cached(
-            "WITH l AS (
-                 SELECT l.*, make_interval(secs => $12) AS w
-                 FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::uuid[], $5::int8[],
-                             $6::timestamptz[], $7::float8[], $8::float8[], $9::float8[],
-                             $10::float8[])
-                      AS l(i, zone, cell, id, person, t, lat_lo, lat_hi, lon_lo, lon_hi))
-             SELECT l.i, c.event_id, c.person_id, c.recorded_at, c.lat, c.lon, c.home
-             FROM l CROSS JOIN LATERAL (
+            "SELECT n.g, c.event_id, c.person_id, c.recorded_at, c.lat, c.lon, c.home
+             FROM unnest($1::int4[], $2::int8[], $3::int8[], $4::timestamptz[],
+                         $5::timestamptz[])
+                  AS n(g, zone, cell, t_from, t_to)
+             CROSS JOIN LATERAL (
                  SELECT event_id, person_id, recorded_at, ST_X(coordinate) AS lat,
                         ST_Y(coordinate) AS lon, true AS home
                  FROM location
-                 WHERE fine_cell = l.cell AND zone = l.zone AND seq < $11
-                   AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
-                   AND (person_id <> l.person OR event_id = l.id)
-                   AND ST_X(coordinate) BETWEEN l.lat_lo AND l.lat_hi
-                   AND ST_Y(coordinate) BETWEEN l.lon_lo AND l.lon_hi
+                 WHERE fine_cell = n.cell AND zone = n.zone AND seq < $6
+                   AND recorded_at BETWEEN n.t_from AND n.t_to
                  UNION ALL
                  SELECT event_id, person_id, recorded_at, lat, lon, false
                  FROM halo_copy
-                 WHERE zone = l.zone AND fine_cell = l.cell AND seq < $11
-                   AND recorded_at BETWEEN l.t - l.w AND l.t + l.w
-                   AND (person_id <> l.person OR event_id = l.id)
-                   AND lat BETWEEN l.lat_lo AND l.lat_hi AND lon BETWEEN l.lon_lo AND l.lon_hi
+                 WHERE zone = n.zone AND fine_cell = n.cell AND seq < $6
+                   AND recorded_at BETWEEN n.t_from AND n.t_to
              ) c",
         )
         .await?;
     let rows = client
-        .query(
-            &statement,
-            &[
-                &idx,
-                &zones,
-                &cells,
-                &ids,
-                &persons,
-                &times,
-                &lat_lo,
-                &lat_hi,
-                &lon_lo,
-                &lon_hi,
-                &before,
-                &f64::from(window_s),
-            ],
-        )
+        .query(&statement, &[&groups, &zones, &cells, &from, &to, &before])
         .await?;
-    let mut found: Vec<Vec<StoredCopy>> = vec![Vec::new(); late.len()];
+    let mut by_group: Vec<Vec<StoredCopy>> = vec![Vec::new(); needed.len()];
     for r in rows {
-        let i: i32 = r.get(0);
         let at: DateTime<Utc> = r.get(3);
-        if let Some(list) = found.get_mut(i as usize) {
-            list.push(StoredCopy {
+        if let Some(group) = by_group.get_mut(r.get::<_, i32>(0) as usize) {
+            group.push(StoredCopy {
                 event_id: r.get(1),
                 person: r.get(2),
                 recorded_at: micros(at),
@@ -290,7 +266,26 @@ pub async fn late_partners(
             });
         }
     }
-    Ok(found)
+    Ok(late
+        .iter()
+        .map(|l| {
+            let e = &l.routed.event;
+            let (lat, lon) = search_box(e.lat, e.lon, radius_m + 1.0);
+            let s = slice(e.recorded_at);
+            l.near_cells
+                .iter()
+                .filter_map(|cell| needed.get(&(l.routed.zone, *cell, s)))
+                .flat_map(|&group| &by_group[group])
+                .filter(|c| {
+                    (c.person != e.person_id || c.event_id == e.event_id)
+                        && (c.recorded_at - e.recorded_at).abs() <= window_us
+                        && (lat.0..=lat.1).contains(&c.lat)
+                        && (lon.0..=lon.1).contains(&c.lon)
+                })
+                .copied()
+                .collect()
+        })
+        .collect())
 }
 
 /// The latitude and longitude ranges (WGS84 degrees, each `(low, high)`) that hold every point
