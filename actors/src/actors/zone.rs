@@ -8,6 +8,7 @@
 //! PostgreSQL on the way to a notification); a snapshot is finished only once the home events
 //! it covers are stored.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,6 +193,9 @@ pub struct ZoneSupervisorState {
     location_sink: Arc<dyn LocationSink>,
     /// Fine-cell neighbour lists, for the late copies' search.
     cells: CellCache,
+    /// Batches handed to the location writer and not yet confirmed stored, oldest first, each
+    /// with the signal of its storing: searched in memory for late copies.
+    unconfirmed: VecDeque<(tokio::sync::oneshot::Receiver<()>, Vec<SeenCopy>)>,
     updates: Arc<dyn PersonUpdateSink>,
     clock: EventClock,
     counters: PartitionCounters,
@@ -251,6 +255,47 @@ pub struct ZonePartitionView {
     pub port_retries: u64,
 }
 
+/// Adds to each late copy's partners the copies of `unconfirmed` batches in its zone and near
+/// cells, within `window_us` of it, of other persons (or its own earlier copy): the part of
+/// [`LocationSink::late_partners`] the store may not hold yet. As in the store, an event counts
+/// once, as its first copy: a repeat (a retried send) among them adds nothing.
+fn search_unconfirmed(
+    unconfirmed: &VecDeque<(tokio::sync::oneshot::Receiver<()>, Vec<SeenCopy>)>,
+    late: &[LateCopy],
+    window_us: crate::domain::Micros,
+    found: &mut [Vec<StoredCopy>],
+) {
+    if unconfirmed.is_empty() {
+        return;
+    }
+    let mut by_cell: FxHashMap<(ZoneId, u64), Vec<&SeenCopy>> = FxHashMap::default();
+    for c in unconfirmed.iter().flat_map(|(_, copies)| copies) {
+        by_cell
+            .entry((c.routed.zone, c.routed.fine_cell))
+            .or_default()
+            .push(c);
+    }
+    for (l, partners) in late.iter().zip(found.iter_mut()) {
+        let e = &l.routed.event;
+        let mut seen: rustc_hash::FxHashSet<uuid::Uuid> =
+            partners.iter().map(|p| p.event_id).collect();
+        for cell in &l.near_cells {
+            let Some(copies) = by_cell.get(&(l.routed.zone, *cell)) else {
+                continue;
+            };
+            for c in copies {
+                let o = &c.routed.event;
+                if (o.person_id != e.person_id || o.event_id == e.event_id)
+                    && (o.recorded_at - e.recorded_at).abs() <= window_us
+                    && seen.insert(o.event_id)
+                {
+                    partners.push(StoredCopy::of(&c.routed));
+                }
+            }
+        }
+    }
+}
+
 impl ZoneSupervisorState {
     async fn zone(
         &mut self,
@@ -292,9 +337,18 @@ impl ZoneSupervisorState {
             &mut home_events,
             &mut admitted,
         );
-        // Late copies are matched against everything their zone saw before this batch: wait
-        // until the copies handed to the writer are stored, then ask the store (one query for
-        // the batch).
+        // Late copies are matched against everything their zone saw before this batch: what the
+        // store holds (one query for the batch, below the first copy the writer has not
+        // confirmed) and the copies handed to the writer since (searched here), so nothing
+        // waits for the writer.
+        while let Some((stored, _)) = self.unconfirmed.front_mut() {
+            match stored.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                _ => {
+                    self.unconfirmed.pop_front();
+                }
+            }
+        }
         let cache = &mut self.cells;
         let late: Vec<LateCopy> = admitted
             .iter()
@@ -306,14 +360,20 @@ impl ZoneSupervisorState {
             .collect();
         let mut partners = Vec::new().into_iter();
         if !late.is_empty() {
-            let _ = self.locations.stored_so_far().await.await;
-            let before = events.first().map_or(i64::MAX, |c| c.seq);
+            let batch_start = events.first().map_or(i64::MAX, |c| c.seq);
+            let before = self
+                .unconfirmed
+                .front()
+                .and_then(|(_, copies)| copies.first())
+                .map_or(batch_start, |c| c.seq.min(batch_start));
             let (sink, partition) = (&self.location_sink, self.partition);
-            let (found, retries) = retry("matching late copies", partition, || {
+            let (mut found, retries) = retry("matching late copies", partition, || {
                 sink.late_partners(partition, &late, before)
             })
             .await;
             self.port_retries += retries;
+            let window_us = i64::from(self.params.window_s) * crate::domain::MICROS_PER_S;
+            search_unconfirmed(&self.unconfirmed, &late, window_us, &mut found);
             partners = found.into_iter();
         }
         let mut per_zone: FxHashMap<ZoneId, Vec<Arriving>> = FxHashMap::default();
@@ -357,9 +417,12 @@ impl ZoneSupervisorState {
                 let _ = actor.cast(ZoneMsg::Evict { watermark });
             }
         }
+        let kept = events.clone();
         if !self.locations.write(events).await {
             tracing::error!(partition = self.partition, "the location writer is gone");
         }
+        let stored = self.locations.stored_so_far().await;
+        self.unconfirmed.push_back((stored, kept));
         self.publish(updates, watermark).await;
         Ok(())
     }
@@ -456,6 +519,7 @@ impl Actor for ZoneSupervisor {
             ),
             location_sink: Arc::clone(&args.locations),
             cells: CellCache::new(ZoneGrid::new(&args.params)),
+            unconfirmed: VecDeque::new(),
             updates: args.updates,
             clock: EventClock::new(&args.params),
             counters: PartitionCounters::default(),
