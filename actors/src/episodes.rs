@@ -62,6 +62,11 @@ struct Segment {
     /// Closed (announced as ended) and kept only for late co-locations to reshape, until the
     /// minimum watermark is `closed_retention_us` past its deadline.
     closed: bool,
+    /// Whether `connection.started` went out for it (announcements wait for the flush, so that
+    /// one batch announces each episode once, with its figures at the end of the batch).
+    announced: bool,
+    /// A `connection.updated` is due at the flush, replacing these announced starts.
+    update: Option<Vec<Micros>>,
 }
 
 /// One of a person's own events, for the live view.
@@ -211,7 +216,6 @@ impl PersonState {
         if capture {
             out.accepted.push(*c);
         }
-        let person = self.person;
         let segments = self.peers.entry(c.peer).or_default();
         // A peer is listed in `dirty_peers` once, while any of its episodes is dirty.
         let was_dirty = segments.iter().any(|s| s.dirty);
@@ -234,24 +238,10 @@ impl PersonState {
                     absorbed: Vec::new(),
                     dirty: true,
                     closed,
+                    announced: false,
+                    update: None,
                 },
             );
-            self.counters.started += 1;
-            let episode = episode_of(person, c.peer, &segments[first], None);
-            out.notifications.push(Notification::new(
-                NotificationKind::Started,
-                episode,
-                Vec::new(),
-            ));
-            if closed {
-                self.counters.ended += 1;
-                let ended = episode_of(person, c.peer, &segments[first], Some(c.last));
-                out.notifications.push(Notification::new(
-                    NotificationKind::Ended,
-                    ended,
-                    Vec::new(),
-                ));
-            }
             if !was_dirty {
                 self.dirty_peers.push(c.peer);
             }
@@ -265,22 +255,34 @@ impl PersonState {
         let seg = &mut segments[first];
         let before = seg.start;
         let mut reshaped_closed = seg.closed;
+        // The announced starts this one replaces (the others were never heard of).
         let mut replaced = Vec::new();
+        let mut stored_changed = false;
         seg.start = seg.start.min(c.first);
         seg.last = seg.last.max(c.last);
         seg.count += c.count;
         seg.closest = seg.closest.min(c.closest);
         for m in merged.drain(..) {
             reshaped_closed |= m.closed;
-            replaced.push(m.start);
+            stored_changed = true;
+            if m.announced {
+                replaced.push(m.start);
+            }
+            seg.announced |= m.announced;
             seg.last = seg.last.max(m.last);
             seg.count += m.count;
             seg.closest = seg.closest.min(m.closest);
             seg.absorbed.extend(m.stored_start);
             seg.absorbed.extend(m.absorbed);
+            if let Some(r) = m.update {
+                replaced.extend(r);
+            }
         }
         if seg.start != before {
-            replaced.push(before);
+            stored_changed = true;
+            if seg.announced {
+                replaced.push(before);
+            }
         }
         let deadline = seg.last.saturating_add(gap_us);
         let reopened = reshaped_closed && deadline >= min_watermark;
@@ -290,17 +292,11 @@ impl PersonState {
         // rows are written when an episode opens, is reshaped (its start or its merges change
         // the stored rows) and closes, not on every co-location. A closed one that changes in
         // any way is rewritten and announced.
-        if !replaced.is_empty() || reshaped_closed {
+        if stored_changed || reshaped_closed {
             seg.dirty = true;
-            replaced.sort_unstable();
-            self.counters.updated += 1;
-            let ended_at = seg.closed.then_some(seg.last);
-            let episode = episode_of(person, c.peer, seg, ended_at);
-            out.notifications.push(Notification::new(
-                NotificationKind::Updated,
-                episode,
-                replaced,
-            ));
+            if seg.announced {
+                seg.update.get_or_insert_with(Vec::new).extend(replaced);
+            }
             if !was_dirty {
                 self.dirty_peers.push(c.peer);
             }
@@ -320,6 +316,7 @@ impl PersonState {
                 continue;
             };
             for seg in segments.iter_mut().filter(|s| s.dirty) {
+                announce(self.person, peer, seg, &mut self.counters, out);
                 let ended_at = seg.closed.then_some(seg.last);
                 out.changes
                     .push(change_of(self.person, peer, seg, ended_at));
@@ -354,6 +351,7 @@ impl PersonState {
                     return true;
                 }
                 if deadline < min_watermark {
+                    announce(person, peer, seg, &mut self.counters, out);
                     seg.closed = true;
                     let change = change_of(person, peer, seg, Some(seg.last));
                     self.counters.ended += 1;
@@ -412,6 +410,49 @@ impl PersonState {
     /// The person's counters.
     pub fn counters(&self) -> PersonCounters {
         self.counters
+    }
+}
+
+/// The announcements a segment has due: `connection.started` for a new one (then
+/// `connection.ended` when a late one is already closed), or `connection.updated` (with the
+/// announced starts it replaces) for an announced one that changed.
+fn announce(
+    person: PersonId,
+    peer: PersonId,
+    seg: &mut Segment,
+    counters: &mut PersonCounters,
+    out: &mut PersonOutput,
+) {
+    let ended_at = seg.closed.then_some(seg.last);
+    if !seg.announced {
+        seg.announced = true;
+        seg.update = None;
+        counters.started += 1;
+        let episode = episode_of(person, peer, seg, None);
+        out.notifications.push(Notification::new(
+            NotificationKind::Started,
+            episode,
+            Vec::new(),
+        ));
+        if ended_at.is_some() {
+            counters.ended += 1;
+            let ended = episode_of(person, peer, seg, ended_at);
+            out.notifications.push(Notification::new(
+                NotificationKind::Ended,
+                ended,
+                Vec::new(),
+            ));
+        }
+    } else if let Some(mut replaces) = seg.update.take() {
+        replaces.sort_unstable();
+        replaces.dedup();
+        counters.updated += 1;
+        let episode = episode_of(person, peer, seg, ended_at);
+        out.notifications.push(Notification::new(
+            NotificationKind::Updated,
+            episode,
+            replaces,
+        ));
     }
 }
 
@@ -744,14 +785,16 @@ mod tests {
         assert_eq!(out.changes[0].episode.ended_at, Some(later));
 
         // Late ones at 650 s and 1,200 s extend the first; one at 1,500 s then bridges the gap
-        // to the second: the two merge into one, the second's row replaced.
+        // to the second: the two merge into one, the second's row replaced. One batch, one
+        // announcement, with the figures at its end.
         let mut out = PersonOutput::default();
         p.colocation(&at(650, 5), true, min, min, &r, &mut out, false);
         p.colocation(&at(1_200, 6), true, min, min, &r, &mut out, false);
         p.colocation(&at(1_500, 8), true, min, min, &r, &mut out, false);
+        assert!(out.notifications.is_empty(), "announced at the flush");
         p.flush(&mut out);
-        assert_eq!(kinds(&out), [Updated, Updated, Updated]);
-        let merged = &out.notifications[2];
+        assert_eq!(kinds(&out), [Updated]);
+        let merged = &out.notifications[0];
         assert_eq!(
             (
                 merged.episode.started_at,
@@ -768,6 +811,7 @@ mod tests {
         // A late co-location that brings the deadline past the minimum watermark reopens it.
         let mut out = PersonOutput::default();
         p.colocation(&at(2_500, 7), true, min, min, &r, &mut out, false);
+        p.flush(&mut out);
         assert_eq!(kinds(&out), [Updated]);
         assert_eq!(out.notifications[0].episode.ended_at, None);
         assert_eq!(p.open_episodes().len(), 1);

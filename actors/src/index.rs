@@ -483,6 +483,20 @@ impl EventClock {
         self.watermark
     }
 
+    /// Applies `params`' `lateness_s` and `clock_skew_s` to a clock restored from a snapshot
+    /// taken under other settings. The watermark moves to the latest trusted time seen minus
+    /// the new lateness when that is later; it never goes back, so a longer lateness takes
+    /// effect as event time moves on.
+    pub fn reconfigure(&mut self, params: &EngineParams) {
+        self.lateness_us = i64::from(params.lateness_s) * MICROS_PER_S;
+        self.skew_us = i64::from(params.clock_skew_s) * MICROS_PER_S;
+        if self.max_seen != Micros::MIN {
+            self.watermark = self
+                .watermark
+                .max(self.max_seen.saturating_sub(self.lateness_us));
+        }
+    }
+
     /// Moves the clock to at least `max_event_time` without an event: the ingest side's
     /// promise that nothing later than this arrives earlier than `max_event_time - lateness`
     /// (a heartbeat). Lets partitions without traffic advance.
@@ -884,6 +898,16 @@ mod tests {
         // Received at T0, stamped 290 s ahead: not late, but trusted only to T0 + skew.
         assert!(!clock.observe(T0 + 290 * MICROS_PER_S, T0));
         assert_eq!(clock.watermark(), T0 + skew - lateness);
+        // Restored under a shorter lateness: the watermark moves up to it, never back.
+        let mut shorter = clock;
+        shorter.reconfigure(&EngineParams {
+            lateness_s: params.lateness_s / 3,
+            ..params
+        });
+        assert_eq!(shorter.watermark(), T0 + skew - lateness / 3);
+        let mut longer = shorter;
+        longer.reconfigure(&params);
+        assert_eq!(longer.watermark(), shorter.watermark());
         // A report stamped and received at T0 + 1 s is on time.
         assert!(!clock.observe(T0 + MICROS_PER_S, T0 + MICROS_PER_S));
         assert_eq!(params.trusted_time(T0 + 290 * MICROS_PER_S, T0), T0 + skew);

@@ -248,6 +248,8 @@ pub struct Ingestor {
     router: Mutex<Router>,
     persons: PersonDirectory,
     known_ids: KnownIds,
+    /// The store, to resume event time from at start.
+    pool: Pool,
     sequencer: Sequencer,
     future_skew_s: u32,
     late_horizon_s: u32,
@@ -290,9 +292,14 @@ pub struct IngestCounters {
 /// declared.
 #[derive(Debug, Default)]
 pub struct EventTime {
-    /// The latest trusted time of an acknowledged report and when that report was received
-    /// (µs since the Unix epoch).
-    latest: Option<(Micros, Micros)>,
+    /// The latest trusted time of an acknowledged report (µs since the Unix epoch).
+    latest: Option<Micros>,
+    /// The most timely acknowledged report's trusted time minus its receive time (µs): while
+    /// no report comes, event time follows the receive clock by this much, when that report
+    /// was live (received at most `lateness_s` after its time). Kept apart from `latest`, so
+    /// that late uploads (newer than every live report but received long after their time)
+    /// cannot stop the clock.
+    live_offset: Option<Micros>,
     /// Trusted times of reports sent and not yet acknowledged, with their counts.
     in_flight: BTreeMap<Micros, u32>,
     /// The latest time declared by [`Ingestor::advance_event_time`].
@@ -302,20 +309,20 @@ pub struct EventTime {
 impl EventTime {
     /// What a heartbeat sent at `now` promises, or `None` before any report or declaration.
     pub fn heartbeat(&self, now: Micros, lateness_us: Micros) -> Option<Micros> {
-        let moved = self.latest.map(|(t, received)| {
-            // Only a live stream follows the clock: a conference replayed from the past has
-            // no clock of its own, and its event time moves with its reports alone.
-            if received.saturating_sub(t) > lateness_us {
-                return t;
-            }
-            let mut h = t.saturating_add(now.saturating_sub(received).max(0));
-            if let Some((&oldest, _)) = self.in_flight.first_key_value() {
-                h = h.min(oldest.saturating_add(lateness_us));
-            }
-            h.max(t)
-        });
+        // Only a live stream follows the clock: a conference replayed from the past has no
+        // clock of its own, and its event time moves with its reports alone.
+        let live = self
+            .live_offset
+            .filter(|offset| *offset >= -lateness_us)
+            .map(|offset| {
+                let h = now.saturating_add(offset);
+                match self.in_flight.first_key_value() {
+                    Some((&oldest, _)) => h.min(oldest.saturating_add(lateness_us)),
+                    None => h,
+                }
+            });
         // `None` orders before any `Some`.
-        moved.max(self.declared)
+        live.max(self.latest).max(self.declared)
     }
 
     /// Reports whose earliest trusted time is `t` are on their way to the broker.
@@ -333,15 +340,27 @@ impl EventTime {
             }
         }
         if let Some((latest, received_at)) = acked {
-            if self.latest.is_none_or(|(t, _)| latest > t) {
-                self.latest = Some((latest, received_at));
-            }
+            self.observe(latest, received_at);
+        }
+    }
+
+    /// Takes in an acknowledged report: trusted time `t`, received at `received_at`.
+    fn observe(&mut self, t: Micros, received_at: Micros) {
+        self.latest = self.latest.max(Some(t));
+        self.live_offset = self.live_offset.max(Some(t.saturating_sub(received_at)));
+    }
+
+    /// Starts from what the stored reports say (a restarted process, or one that has not
+    /// received a report yet): `stored`, the (trusted time, receive time) of recent reports.
+    pub fn resume(&mut self, stored: impl IntoIterator<Item = (Micros, Micros)>) {
+        for (t, received_at) in stored {
+            self.observe(t, received_at);
         }
     }
 
     /// The latest trusted or declared time, without the clock's progress.
     pub fn max_event_time(&self) -> Option<Micros> {
-        self.latest.map(|(t, _)| t).max(self.declared)
+        self.latest.max(self.declared)
     }
 }
 
@@ -467,7 +486,8 @@ impl Ingestor {
             topic: config.topics().locations,
             router: Mutex::new(Router::new(&config.engine_params(), partitions)),
             persons: PersonDirectory::new(pool.clone()),
-            known_ids: KnownIds::new(pool),
+            known_ids: KnownIds::new(pool.clone()),
+            pool,
             sequencer: Sequencer::default(),
             future_skew_s: config.future_skew_s,
             late_horizon_s: config.late_horizon_s,
@@ -775,6 +795,48 @@ impl Ingestor {
         Ok(Self::new(config, producer, pool, partitions))
     }
 
+    /// How many of the latest stored reports a starting process reads to resume event time.
+    const RESUME_FROM: i64 = 1_000;
+
+    /// Resumes event time from the latest stored reports ([`EventTime::resume`]), so that a
+    /// restarted process (or one that has not received a report yet) keeps moving it while
+    /// nobody reports and quiet meetings still end. A store that does not answer is logged and
+    /// skipped: the first report received then starts it.
+    async fn resume_event_time(&self) {
+        let skew_us = i64::from(self.params.clock_skew_s) * udaconnect_actors::domain::MICROS_PER_S;
+        let rows = async {
+            let client = self.pool.get().await?;
+            let rows = client
+                .query(
+                    "SELECT recorded_at, received_at FROM location
+                     WHERE zone IS NOT NULL ORDER BY recorded_at DESC LIMIT $1",
+                    &[&Self::RESUME_FROM],
+                )
+                .await?;
+            Ok::<_, crate::store::StoreError>(rows)
+        }
+        .await;
+        match rows {
+            Ok(rows) => {
+                let stored: Vec<(Micros, Micros)> = rows
+                    .iter()
+                    .map(|r| {
+                        let recorded = crate::store::pipeline::micros(r.get(0));
+                        let received = crate::store::pipeline::micros(r.get(1));
+                        let trusted =
+                            udaconnect_actors::params::trusted_time(recorded, received, skew_us);
+                        (trusted, received)
+                    })
+                    .collect();
+                self.event_time
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .resume(stored);
+            }
+            Err(e) => warn!(error = %e, "event time not resumed from the stored reports"),
+        }
+    }
+
     /// Sends heartbeats every `interval` while event time moves (with reports, or with the
     /// clock once there was one), until `shutdown` turns true.
     pub fn spawn_heartbeats(
@@ -784,6 +846,7 @@ impl Ingestor {
     ) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
+            this.resume_event_time().await;
             let mut sent = Micros::MIN;
             let mut ticker = tokio::time::interval(interval);
             loop {
@@ -933,6 +996,27 @@ mod tests {
         // A declaration (the end of a conference) wins when it is later.
         time.declared = Some(T + 1_000 * S);
         assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 1_000 * S));
+
+        // A late upload newer than every live report (stamped T + 10 s, received at T + 40 s)
+        // does not stop the clock: it keeps following the live report.
+        let mut time = EventTime::default();
+        time.sending(T);
+        time.sent(T, Some((T, T)));
+        time.sending(T + 10 * S);
+        time.sent(T + 10 * S, Some((T + 10 * S, T + 40 * S)));
+        assert_eq!(time.heartbeat(T + 100 * S, lateness), Some(T + 100 * S));
+        assert_eq!(time.max_event_time(), Some(T + 10 * S));
+
+        // A process that starts from the stored reports follows the clock from the live ones.
+        let mut restarted = EventTime::default();
+        restarted.resume([(T - 3_600 * S, T - 3_000 * S), (T, T + S)]);
+        assert_eq!(restarted.heartbeat(T + 100 * S, lateness), Some(T + 99 * S));
+        let mut replayed = EventTime::default();
+        replayed.resume([(T - 3_600 * S, T)]);
+        assert_eq!(
+            replayed.heartbeat(T + 100 * S, lateness),
+            Some(T - 3_600 * S)
+        );
     }
 
     #[tokio::test]

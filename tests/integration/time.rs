@@ -291,6 +291,12 @@ async fn an_offline_pair_gets_its_episode_within_seconds_of_the_upload() {
     assert!(uploaded.elapsed() < Duration::from_secs(20));
     assert_eq!(to_a["peer_id"].as_i64(), Some(b), "{to_a}");
     assert_eq!(to_b["peer_id"].as_i64(), Some(a), "{to_b}");
+    // One upload, one announcement each, with the episode's figures after it.
+    assert_eq!(
+        (to_a["colocations"].as_i64(), to_b["colocations"].as_i64()),
+        (Some(16), Some(16)),
+        "{to_a} {to_b}"
+    );
 
     // The stored episode starts at the first report; it stays open until the gap has passed,
     // and the person's live state counts all 16 co-locations.
@@ -357,6 +363,93 @@ async fn a_report_older_than_the_late_horizon_is_refused_naming_recorded_at() {
         answer.1
     );
     accepted(&app, &report(a, 0.0, &at(-3_500))).await;
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// A late upload newer than every live report (a phone back online after the last live report
+/// of the day) does not stop event time: the quiet pair's episode still ends within the gap
+/// and the lateness plus a few seconds.
+#[tokio::test]
+async fn a_late_upload_after_the_last_live_report_does_not_stop_the_clock() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.episode_gap_s = 30;
+    config.lateness_s = 10;
+    let app = TestApp::spawn(config).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let a = create_person(&app, "A").await;
+    let b = create_person(&app, "B").await;
+    let c = create_person(&app, "C").await;
+    let mut heard = Notifications::of(&app, a).await;
+
+    let posted = Instant::now();
+    let met = chrono::Utc::now();
+    let stamp = |after_s: i64| {
+        (met + chrono::Duration::seconds(after_s))
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    };
+    accepted(&app, &report(a, 0.0, &stamp(0))).await;
+    accepted(&app, &report(b, 1.0, &stamp(0))).await;
+    heard
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    // 13 s later, C (2 km away) uploads two reports stamped 1 and 2 s after the meeting:
+    // newer than every live report, and late (received more than lateness_s after their time).
+    tokio::time::sleep(Duration::from_secs(13).saturating_sub(posted.elapsed())).await;
+    accepted(&app, &report(c, 2_000.0, &stamp(1))).await;
+    accepted(&app, &report(c, 2_000.0, &stamp(2))).await;
+    let ended = heard
+        .next("connection.ended", Duration::from_secs(70))
+        .await;
+    let silence = posted.elapsed();
+    assert!(
+        silence >= Duration::from_secs(38) && silence <= Duration::from_secs(58),
+        "ended after {silence:?}: {ended}"
+    );
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// A restarted service resumes event time from the stored reports: a meeting still open when
+/// it stopped ends on the clock although nobody reports after the restart.
+#[tokio::test]
+async fn a_meeting_open_at_a_restart_ends_on_the_clock_with_nobody_reporting() {
+    let db = TestDb::new().await;
+    let mut config = test_config(&db);
+    config.episode_gap_s = 30;
+    config.lateness_s = 10;
+    let app = TestApp::spawn(config.clone()).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let a = create_person(&app, "A").await;
+    let b = create_person(&app, "B").await;
+    let posted = Instant::now();
+    accepted(&app, &report(a, 0.0, &at(0))).await;
+    accepted(&app, &report(b, 1.0, &at(0))).await;
+    let mut heard = Notifications::of(&app, a).await;
+    heard
+        .next("connection.started", Duration::from_secs(20))
+        .await;
+    app.stop().await.expect("clean shutdown");
+
+    let app = TestApp::spawn(config).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    // The episode ends once the clock is 40 s past the meeting, plus the restart's seconds.
+    let deadline = posted + Duration::from_secs(90);
+    loop {
+        let (status, page) = get(&app.url(&format!("/v1/persons/{a}/connections"))).await;
+        assert_eq!(status, 200, "{page}");
+        if page["items"][0]["ended_at"].is_string() {
+            assert!(posted.elapsed() >= Duration::from_secs(38), "{page}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still open {:?} after the meeting: {page}",
+            posted.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }

@@ -539,6 +539,8 @@ impl Actor for ZoneSupervisor {
             }
             let snapshot: ZonePartitionSnapshot = postcard::from_bytes(&blob.bytes)?;
             state.clock = snapshot.clock;
+            // The lateness and clock skew are this run's, whatever the snapshot's were.
+            state.clock.reconfigure(&args.params);
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
             for (zone, bytes) in blob.part_states() {
