@@ -15,8 +15,10 @@ pub trait FromJson: Sized {
     fn from_json(value: &Value) -> Result<Self, ApiError>;
 }
 
-/// Parses JSON text; a number JSON allows but a double cannot hold (`1e999`) names the field
-/// it came in (its path, e.g. `lat` or `events[3].lat`); any other syntax error names `body`.
+/// Parses JSON text; a number JSON allows but a double cannot hold (`1e999`) and a value that
+/// is not JSON (`NaN`, `Infinity`, `1.2.3`, a bare word) name the field they came in (its path,
+/// e.g. `lat` or `events[3].lat`); any other syntax error (a cut or broken document) names
+/// `body`.
 pub fn parse_json(text: &[u8]) -> Result<Value, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(text);
     let value: Value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -24,10 +26,23 @@ pub fn parse_json(text: &[u8]) -> Result<Value, ApiError> {
         let inner = e.into_inner();
         // A number too large for a double is a bad value of its field; any other syntax
         // error is the body's (where a cut or broken document stops says little).
-        if inner.to_string().starts_with("number out of range") && path != "." {
+        let message = inner.to_string();
+        if message.starts_with("number out of range") && path != "." {
             ApiError::invalid(
                 path,
                 "is a number out of the range of a double (at most about 1.8e308)",
+            )
+        } else if ["expected value", "expected ident", "invalid number"]
+            .iter()
+            .any(|m| message.starts_with(m))
+            && path != "."
+        {
+            ApiError::invalid(
+                path,
+                format!(
+                    "is not a JSON value (NaN, Infinity and bare words are not JSON numbers): \
+                     {message}"
+                ),
             )
         } else {
             ApiError::invalid("body", format!("is not valid JSON: {inner}"))
@@ -246,6 +261,18 @@ mod tests {
         assert!(e.message.contains("out of the range"), "{}", e.message);
         let e = parse_json(br#"{"events": [{"lat": 1}, {"lon": -1e400}]}"#).expect_err("-1e400");
         assert_eq!(e.field.as_deref(), Some("events[1].lon"));
+        for (body, field) in [
+            (&br#"{"person_id": 1, "lat": NaN, "lon": 2}"#[..], "lat"),
+            (
+                br#"{"events": [{"lat": 1}, {"lon": Infinity}]}"#,
+                "events[1].lon",
+            ),
+            (br#"{"lat": 1.2.3}"#, "body"),
+            (br#"{"lat": north}"#, "lat"),
+        ] {
+            let e = parse_json(body).expect_err("not JSON");
+            assert_eq!(e.field.as_deref(), Some(field), "{}", e.message);
+        }
         let e = parse_json(br#"{"lat": 1,"#).expect_err("cut");
         assert!(e.message.contains("not valid JSON"), "{}", e.message);
         assert_eq!(e.field.as_deref(), Some("body"));

@@ -581,6 +581,26 @@ impl Pipeline {
             self.locations.id_reused.load(Ordering::Relaxed) as f64,
         );
         out.family(
+            "udaconnect_late_searches_total",
+            Kind::Counter,
+            "Searches of the stored copies for late copies (one per zone batch that has any)",
+        )
+        .sample(
+            "udaconnect_late_searches_total",
+            &[],
+            self.locations.late_searches.load(Ordering::Relaxed) as f64,
+        );
+        out.family(
+            "udaconnect_late_copies_searched_total",
+            Kind::Counter,
+            "Late copies matched against the copies their zone saw before them (the late path)",
+        )
+        .sample(
+            "udaconnect_late_copies_searched_total",
+            &[],
+            self.locations.late_copies.load(Ordering::Relaxed) as f64,
+        );
+        out.family(
             "udaconnect_ingest_records_total",
             Kind::Counter,
             "Records produced to the locations topic",

@@ -340,6 +340,12 @@ async fn an_offline_pair_gets_its_episode_within_seconds_of_the_upload() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(late >= 12.0, "late copies: {late}");
+    let searched: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("udaconnect_late_copies_searched_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("udaconnect_late_copies_searched_total");
+    assert!(searched >= 12.0, "late copies searched: {searched}");
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
