@@ -254,6 +254,7 @@ impl PersonState {
         let mut merged: Vec<Segment> = segments.drain(first + 1..end).collect();
         let seg = &mut segments[first];
         let before = seg.start;
+        let before_announced = seg.announced;
         let mut reshaped_closed = seg.closed;
         // The announced starts this one replaces (the others were never heard of).
         let mut replaced = Vec::new();
@@ -280,7 +281,7 @@ impl PersonState {
         }
         if seg.start != before {
             stored_changed = true;
-            if seg.announced {
+            if before_announced {
                 replaced.push(before);
             }
         }
