@@ -1,4 +1,4 @@
-//! Live state across the cluster (DESIGN §5): a question about a person's or a zone's actor
+//! Live state across the cluster (docs/design.md §5): a question about a person's or a zone's actor
 //! is answered by this process when it owns the actor's partition, and forwarded over gRPC
 //! (`udaconnect.v1.Admin`) to the owner otherwise, whose address is the `owner_addr` of the
 //! partition's `shard_owner` row. A forwarded request carries [`FORWARDED`] and is answered

@@ -300,7 +300,7 @@ impl Config {
         }
     }
 
-    /// The Kafka topics of DESIGN §2 under this configuration's prefix.
+    /// The Kafka topics of docs/design.md §2 under this configuration's prefix.
     pub fn topics(&self) -> Topics {
         Topics::new(&self.topic_prefix)
     }
@@ -460,7 +460,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Names of the Kafka topics (DESIGN §2).
+/// Names of the Kafka topics (docs/design.md §2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     /// Location events, partitioned by zone.

@@ -113,7 +113,7 @@ pub struct TopicSpec {
     pub partitions: i32,
 }
 
-/// The topics of DESIGN §2 with the configured partition counts.
+/// The topics of docs/design.md §2 with the configured partition counts.
 pub fn topic_specs(config: &Config) -> Vec<TopicSpec> {
     let topics = config.topics();
     let spec = |name: String, partitions| TopicSpec { name, partitions };
@@ -441,7 +441,7 @@ pub struct OutRecord<'a> {
     pub headers: Vec<(&'static str, String)>,
 }
 
-/// The process's one producer (DESIGN §4): idempotent, `acks=all`, shared by every stage.
+/// The process's one producer (docs/design.md §4): idempotent, `acks=all`, shared by every stage.
 #[derive(Clone)]
 pub struct Producer {
     inner: rdkafka::producer::FutureProducer,

@@ -1,5 +1,5 @@
 //! The `udaconnect` service: configuration, start-up wiring, Kafka I/O, the PostgreSQL store,
-//! the REST and gRPC front ends and the command line (DESIGN §8).
+//! the REST and gRPC front ends and the command line (docs/design.md §8).
 
 pub mod cli;
 pub mod cluster;

@@ -1,4 +1,5 @@
-//! Domain types of DESIGN §1: persons, location events, co-locations, episodes, notifications.
+//! Domain types of docs/design.md §1: persons, location events, co-locations, episodes,
+//! notifications.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -181,7 +182,7 @@ pub fn derived_event_id(person_id: PersonId, recorded_at: Micros, lat: f64, lon:
     Uuid::new_v5(&EVENT_ID_NAMESPACE, &name)
 }
 
-/// One co-location as one of its two persons hears of it (DESIGN §3's reporting rule).
+/// One co-location as one of its two persons hears of it (docs/design.md §3's reporting rule).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ColocationReport {
     /// The person this report is for; `own_event` is theirs.
@@ -306,7 +307,7 @@ impl ColocationSummary {
     }
 }
 
-/// A connection: one person's episode of co-locations with one peer (DESIGN §1).
+/// A connection: one person's episode of co-locations with one peer (docs/design.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Episode {
     pub person: PersonId,

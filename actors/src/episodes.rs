@@ -1,5 +1,5 @@
 //! The person stage's core: each person's trajectory and episodes with each peer, closed only
-//! once the minimum watermark over all zone partitions has passed them (DESIGN §1, §3).
+//! once the minimum watermark over all zone partitions has passed them (docs/design.md §1, §3).
 //!
 //! Episodes are the connected components of a (person, peer)'s co-location times, linked when
 //! at most `episode_gap_s` apart. Adding a time only ever merges components, so an open

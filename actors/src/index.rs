@@ -1,5 +1,5 @@
 //! The zone stage's core: a fine-cell index of one zone's recent points, the partition's
-//! event-time watermark, and detection on arrival with the reporting rule (DESIGN §3).
+//! event-time watermark, and detection on arrival with the reporting rule (docs/design.md §3).
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,5 @@
-//! What flows between the stages (DESIGN §2): routed events into zones, per-person updates and
+//! What flows between the stages (docs/design.md §2): routed events into zones, per-person updates
+//! and
 //! zone watermarks into persons, episode changes and notifications out.
 
 use serde::{Deserialize, Serialize};

@@ -1,11 +1,12 @@
-//! Engine parameters: what counts as a co-location and how episodes are cut (DESIGN §1).
+//! Engine parameters: what counts as a co-location and how episodes are cut (docs/design.md §1).
 
 use serde::{Deserialize, Serialize};
 
-/// The largest radius the hot-path distance is specified for (DESIGN §1: < 1 mm up to 1 km).
+/// The largest radius the hot-path distance is specified for (docs/design.md §1: < 1 mm up to 1
+/// km).
 pub const MAX_RADIUS_M: f64 = 1_000.0;
 
-/// Tunables of co-location detection, with the defaults of DESIGN §1.
+/// Tunables of co-location detection, with the defaults of docs/design.md §1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EngineParams {
     /// Two events are co-located when their geodesic distance is at most this many meters.

@@ -1,4 +1,4 @@
-//! Zones and halo routing with H3 (DESIGN §3).
+//! Zones and halo routing with H3 (docs/design.md §3).
 //!
 //! A zone is an H3 cell at the coarse `zone_resolution`, the shard key of the zone stage. Inside
 //! a zone, points are indexed by fine H3 cells sized from `radius_m`. A fine cell belongs to the

@@ -1,4 +1,4 @@
-//! The engine against the brute-force oracle (DESIGN §3): co-locations and final episodes
+//! The engine against the brute-force oracle (docs/design.md §3): co-locations and final episodes
 //! must be equal whatever the zone sizes, partition counts, batch boundaries, arrival order
 //! within `lateness_s`, phones that were offline for up to 30 minutes and upload late and out
 //! of order (the late path), lag between zone partitions, repeats and replays. The engine sums up

@@ -17,7 +17,7 @@ pub enum LocationRecord {
     /// Events routed to zones of this partition, in the order they were accepted.
     Events(Vec<RoutedEvent>),
     /// The ingest side's heartbeat: it has accepted events up to `max_event_time`, so later
-    /// records hold nothing earlier than `max_event_time - lateness` (DESIGN §3).
+    /// records hold nothing earlier than `max_event_time - lateness` (docs/design.md §3).
     Heartbeat { max_event_time: Micros },
 }
 

@@ -1,4 +1,5 @@
-//! A stage's Kafka consumer (DESIGN §4, §5; quickwit's source is the model): a dedicated thread
+//! A stage's Kafka consumer (docs/design.md §4, §5; quickwit's source is the model): a dedicated
+//! thread
 //! polls the group's partitions and hands records to one worker task per assigned partition
 //! through a bounded channel (backpressure: a full channel stops the polling). A partition is
 //! paused when it is assigned; its worker restores it from the last snapshot, checks the

@@ -1,4 +1,5 @@
-//! The NotificationHub (DESIGN §2): every process reads the whole `connections` topic from its
+//! The NotificationHub (docs/design.md §2): every process reads the whole `connections` topic from
+//! its
 //! end (no group, no committed offsets), drops repeats by notification id (a replay after a
 //! crash re-derives the same ids) and fans each notification out to the in-process
 //! subscribers of its person (REST SSE / WebSocket and gRPC streams) and to those of everyone.

@@ -1,4 +1,5 @@
-//! The ingest path (DESIGN §2, §4): validate, assign `event_id`, route each event to its home
+//! The ingest path (docs/design.md §2, §4): validate, assign `event_id`, route each event to its
+//! home
 //! zone and halo zones, pack the copies of one locations partition into few records, produce
 //! them, and answer only after the broker acknowledged. Used by the CLI now and by REST and
 //! gRPC later. A heartbeat tells every zone partition how far event time has come.

@@ -1,4 +1,5 @@
-//! The Kafka pipeline (DESIGN §2, §4, §5): ingest → locations topic → zone stage → person-updates
+//! The Kafka pipeline (docs/design.md §2, §4, §5): ingest → locations topic → zone stage →
+//! person-updates
 //! topic → person stage → `connection` + connections topic, with snapshots and at-least-once,
 //! idempotent effects.
 

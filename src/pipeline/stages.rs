@@ -1,4 +1,4 @@
-//! The two stages' partition workers (DESIGN §2): stage one feeds a partition's
+//! The two stages' partition workers (docs/design.md §2): stage one feeds a partition's
 //! `ZoneSupervisor` from the locations topic, stage two a `PersonSupervisor` from the
 //! person-updates topic. The ports they emit to are implemented here with PostgreSQL and the
 //! shared producer.

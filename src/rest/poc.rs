@@ -1,4 +1,4 @@
-//! The POC's REST contract under `/api` (DESIGN §1), unchanged in shape so its frontend and
+//! The POC's REST contract under `/api` (docs/design.md §1), unchanged in shape so its frontend and
 //! Postman collections keep working; malformed input gets a 400 naming the field (the POC
 //! answered 500) and unknown ids a 404.
 

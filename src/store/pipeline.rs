@@ -1,6 +1,6 @@
 //! The pipeline's PostgreSQL effects: home events into `location`, episode changes into
 //! `connection`, partition snapshots into `shard_snapshot`. Every write is idempotent, so a
-//! replayed batch changes nothing (DESIGN §4, §6).
+//! replayed batch changes nothing (docs/design.md §4, §6).
 
 use std::collections::BTreeMap;
 
@@ -607,7 +607,7 @@ pub struct ShardOwner {
     pub snapshot_age_s: Option<f64>,
 }
 
-/// `shard_owner` rows written by one process (DESIGN §5): it claims a partition when it is
+/// `shard_owner` rows written by one process (docs/design.md §5): it claims a partition when it is
 /// assigned, confirms it with each snapshot, and releases it on revocation.
 #[derive(Clone)]
 pub struct PgOwners {

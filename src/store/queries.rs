@@ -216,7 +216,8 @@ pub struct PocConnection {
     pub location: StoredLocation,
 }
 
-/// The POC's connection query (DESIGN §1), in one statement: every other person's location with
+/// The POC's connection query (docs/design.md §1), in one statement: every other person's location
+/// with
 /// `start <= t < end + 1 day` within `meters` (geodesic, on the raw points cast to geography) of
 /// one of the person's own locations with `start <= t < end`, time-agnostic; each (person,
 /// location) once, ordered by person then location id. Dates are UTC days.

@@ -29,7 +29,7 @@ async fn ready_with_postgres_and_the_broker_and_topics_are_created() {
     assert!(missing(&body).is_empty(), "{body}");
     assert_eq!(body["checks"].as_array().map(Vec::len), Some(2), "{body}");
 
-    // Start-up created the topics of DESIGN §2 with the configured partition counts.
+    // Start-up created the topics of docs/design.md §2 with the configured partition counts.
     let broker = Broker::new(&config).expect("kafka client");
     let topics = config.topics();
     let expected = [

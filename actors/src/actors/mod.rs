@@ -1,4 +1,4 @@
-//! The actor engine (ractor): two stages as in DESIGN §2, each partition a supervisor with
+//! The actor engine (ractor): two stages as in docs/design.md §2, each partition a supervisor with
 //! one actor per zone or per person, bounded hand-off in front, outputs through ports.
 
 pub mod engine;

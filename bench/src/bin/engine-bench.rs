@@ -2,7 +2,7 @@
 //!
 //! The events are generated first (not timed), then routed, matched in the zone actors and
 //! turned into episodes by the person actors, as fast as the engine takes them. The last line
-//! is one JSON object with the figures (DESIGN §10).
+//! is one JSON object with the figures (docs/design.md §10).
 
 use std::process::ExitCode;
 use std::time::Instant;

@@ -1,4 +1,5 @@
-//! `history-bench`: history queries at volume (DESIGN §10: p99 ≤ 10 ms at 1M stored locations),
+//! `history-bench`: history queries at volume (docs/design.md §10: p99 ≤ 10 ms at 1M stored
+//! locations),
 //! through the running REST API, with the POC's own algorithm as the peer.
 //!
 //! A fresh database gets `--persons` persons, `--locations` locations spread over a venue of

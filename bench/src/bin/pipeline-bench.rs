@@ -1,4 +1,4 @@
-//! `pipeline-bench`: the pipeline end to end through the broker (DESIGN §10), against bare
+//! `pipeline-bench`: the pipeline end to end through the broker (docs/design.md §10), against bare
 //! producers and consumers moving the same Kafka records through the same broker in the same
 //! run, and the ingest-ack → notification latency at half the sustainable rate.
 //!

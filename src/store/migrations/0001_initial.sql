@@ -1,4 +1,4 @@
--- UdaConnect schema, version 1 (DESIGN §6).
+-- UdaConnect schema, version 1 (docs/design.md §6).
 CREATE EXTENSION IF NOT EXISTS postgis;
 
 -- Attendees, in the POC's shape; ids are kept when the POC seed is loaded.
