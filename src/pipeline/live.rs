@@ -142,7 +142,7 @@ impl Pipeline {
             stage: stage.as_str(),
             partition,
         };
-        let consumer = self.stage(stage.as_str()).lock().await;
+        let consumer = self.stage(stage).lock().await;
         let consumer = consumer.as_ref().ok_or(LocalError::NotOwned {
             stage: stage.as_str(),
             partition,

@@ -338,24 +338,23 @@ impl Pipeline {
     }
 
     /// Stops fetching one partition of a stage (operations; the tests of watermark alignment).
-    pub async fn pause(&self, stage: &str, partition: i32) {
+    pub async fn pause(&self, stage: Stage, partition: i32) {
         if let Some(c) = self.stage(stage).lock().await.as_ref() {
             c.pause(partition).await;
         }
     }
 
     /// Fetches a paused partition again.
-    pub async fn resume(&self, stage: &str, partition: i32) {
+    pub async fn resume(&self, stage: Stage, partition: i32) {
         if let Some(c) = self.stage(stage).lock().await.as_ref() {
             c.resume(partition).await;
         }
     }
 
-    fn stage(&self, stage: &str) -> &Mutex<Option<StageConsumer>> {
-        if stage == "zones" {
-            &self.zones
-        } else {
-            &self.persons
+    fn stage(&self, stage: Stage) -> &Mutex<Option<StageConsumer>> {
+        match stage {
+            Stage::Zones => &self.zones,
+            Stage::Persons => &self.persons,
         }
     }
 

@@ -10,6 +10,7 @@ use udaconnect::pipeline::hub::{NotificationHub, Subscription};
 use udaconnect::pipeline::ingest::Ingestor;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::store::pipeline::{micros, timestamp};
+use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::domain::{
     Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind, MICROS_PER_S,
 };
@@ -814,7 +815,7 @@ async fn a_zone_partition_held_back_for_a_minute_still_equals_the_reference() {
     );
     let app = TestApp::spawn(config).await;
     let pipeline = wait_for_assignment(&app, 4, 3).await;
-    pipeline.pause("zones", held).await;
+    pipeline.pause(Stage::Zones, held).await;
     let paused_at = Instant::now();
 
     let ingestor = pipeline.ingestor();
@@ -860,7 +861,7 @@ async fn a_zone_partition_held_back_for_a_minute_still_equals_the_reference() {
         "episodes closed while a zone partition was held back"
     );
     tokio::time::sleep(Duration::from_secs(60).saturating_sub(paused_at.elapsed())).await;
-    pipeline.resume("zones", held).await;
+    pipeline.resume(Stage::Zones, held).await;
 
     wait_until_settled(&pipeline, &client, Duration::from_secs(300)).await;
     let expected = reference(&events, &params);
