@@ -171,7 +171,9 @@ impl PersonState {
 
     /// Adds a co-location summary reported by a source whose watermark (as this partition has
     /// seen it) is `source_watermark`, when the minimum watermark over all sources is
-    /// `min_watermark`. Returns the deadline of the episode it opened or reopened, if any.
+    /// `min_watermark`. Returns when the person needs a [`PersonState::close`] call for the
+    /// episode it touched, if it does: the deadline of one it opened or reopened, or when a
+    /// closed one it created or reshaped is to be forgotten.
     ///
     /// Its co-locations join the episodes within `gap_us` of any of them; since they span at
     /// most `window_s <= episode_gap_s` with no gap wider than that, they join as one, and an

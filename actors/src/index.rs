@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -192,8 +192,8 @@ impl ZoneIndex {
 
     /// Matches a late copy (one that arrived after the partition's watermark had passed it)
     /// against every copy this zone saw before it: the retained points of `neighbors` and
-    /// `stored`, the zone's copies from earlier batches that the store returned for it (they
-    /// may repeat retained ones; each partner counts once). Its co-locations go out as
+    /// `stored`, the zone's copies from earlier batches that the store returned for it, in input
+    /// order (they may repeat retained ones, or one event sent twice; each event counts once). Its co-locations go out as
     /// [`PersonUpdate::LateColocations`] under the same reporting rule; then it is retained,
     /// so that copies arriving after it match it in real time. A copy whose id the zone saw
     /// before is a repeat and changes nothing.
@@ -296,21 +296,22 @@ impl ZoneIndex {
                 });
             }
         };
-        // A stored copy that is also retained is matched once, as the retained one.
-        let mut retained_ids: Vec<Uuid> = Vec::new();
+        // An event is matched once: a stored copy that is also retained as the retained one,
+        // one stored several times (a retried send) as its first copy.
+        let mut matched: FxHashSet<Uuid> = FxHashSet::default();
         for cell in neighbors {
             let Some(points) = self.cells.get(cell) else {
                 continue;
             };
             for p in &points.points {
                 if late {
-                    retained_ids.push(p.event_id);
+                    matched.insert(p.event_id);
                 }
                 consider(p);
             }
         }
         for copy in stored {
-            if !retained_ids.contains(&copy.event_id) {
+            if matched.insert(copy.event_id) {
                 consider(&copy.point());
             }
         }
@@ -519,22 +520,17 @@ pub struct Admitted {
     pub late: bool,
 }
 
-/// The intake of a zone partition's batch, in arrival order: every home event goes to
-/// `home_events` (for the `location` table, late ones included), every copy to `admitted` with
-/// whether it is late (earlier than the watermark on arrival; counted).
+/// The intake of a zone partition's batch, in arrival order: every copy goes to `admitted`
+/// with whether it is late (earlier than the watermark on arrival; counted).
 pub fn admit(
     clock: &mut EventClock,
     counters: &mut PartitionCounters,
     batch: impl IntoIterator<Item = RoutedEvent>,
-    home_events: &mut Vec<RoutedEvent>,
     admitted: &mut Vec<Admitted>,
 ) {
     counters.batches += 1;
     for routed in batch {
         counters.events += 1;
-        if routed.home {
-            home_events.push(routed);
-        }
         let late = clock.observe(routed.event.recorded_at, routed.event.received_at);
         if late {
             counters.late += 1;
@@ -612,13 +608,12 @@ impl ZonePartition {
     /// Processes one batch in order and evicts at its end.
     pub fn process(&mut self, batch: &[RoutedEvent]) -> ZoneBatchOutput {
         let mut updates = Vec::new();
-        let mut home_events = Vec::new();
+        let home_events: Vec<RoutedEvent> = batch.iter().filter(|r| r.home).copied().collect();
         let mut admitted = Vec::new();
         admit(
             &mut self.clock,
             &mut self.counters,
             batch.iter().copied(),
-            &mut home_events,
             &mut admitted,
         );
         let window_us = i64::from(self.params.window_s) * MICROS_PER_S;

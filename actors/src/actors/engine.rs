@@ -113,8 +113,6 @@ impl LocationSink for CountingLocations {
                      routed: l,
                      near_cells,
                  }| {
-                    // An event counts once, as its first copy (a repeat adds nothing).
-                    let mut seen = rustc_hash::FxHashSet::default();
                     copies
                         .iter()
                         .filter(|c| {
@@ -123,7 +121,6 @@ impl LocationSink for CountingLocations {
                                 && near_cells.contains(&c.routed.fine_cell)
                                 && (c.routed.event.person_id != l.event.person_id
                                     || c.routed.event.event_id == l.event.event_id)
-                                && seen.insert(c.routed.event.event_id)
                         })
                         .map(|c| StoredCopy::of(&c.routed))
                         .collect()

@@ -28,7 +28,8 @@ pub trait LocationSink: Send + Sync + 'static {
     /// in its `near_cells`, whose time is within `window_s` of its own and whose place is
     /// within `radius_m` (a store may add a margin: the caller decides with the engine's own
     /// distance), of other persons, and its own earlier copy if it is a repeat. One list per
-    /// late copy, in order.
+    /// late copy, in order, each in input order (an event sent twice may appear twice: the zone
+    /// index counts it once, as its first copy).
     fn late_partners<'a>(
         &'a self,
         partition: u32,

@@ -257,8 +257,8 @@ pub struct ZonePartitionView {
 
 /// Adds to each late copy's partners the copies of `unconfirmed` batches in its zone and near
 /// cells, within `window_us` of it, of other persons (or its own earlier copy): the part of
-/// [`LocationSink::late_partners`] the store may not hold yet. As in the store, an event counts
-/// once, as its first copy: a repeat (a retried send) among them adds nothing.
+/// [`LocationSink::late_partners`] the store may not hold yet, after the store's (in input
+/// order: the zone index counts each event once, as its first copy).
 fn search_unconfirmed(
     unconfirmed: &VecDeque<(tokio::sync::oneshot::Receiver<()>, Vec<SeenCopy>)>,
     late: &[LateCopy],
@@ -277,21 +277,20 @@ fn search_unconfirmed(
     }
     for (l, partners) in late.iter().zip(found.iter_mut()) {
         let e = &l.routed.event;
-        let mut seen: rustc_hash::FxHashSet<uuid::Uuid> =
-            partners.iter().map(|p| p.event_id).collect();
         for cell in &l.near_cells {
             let Some(copies) = by_cell.get(&(l.routed.zone, *cell)) else {
                 continue;
             };
-            for c in copies {
-                let o = &c.routed.event;
-                if (o.person_id != e.person_id || o.event_id == e.event_id)
-                    && (o.recorded_at - e.recorded_at).abs() <= window_us
-                    && seen.insert(o.event_id)
-                {
-                    partners.push(StoredCopy::of(&c.routed));
-                }
-            }
+            partners.extend(
+                copies
+                    .iter()
+                    .filter(|c| {
+                        let o = &c.routed.event;
+                        (o.person_id != e.person_id || o.event_id == e.event_id)
+                            && (o.recorded_at - e.recorded_at).abs() <= window_us
+                    })
+                    .map(|c| StoredCopy::of(&c.routed)),
+            );
         }
     }
 }
@@ -328,13 +327,11 @@ impl ZoneSupervisorState {
         events: Vec<SeenCopy>,
     ) -> Result<(), ActorProcessingErr> {
         let mut updates = Vec::new();
-        let mut home_events = Vec::new();
         let mut admitted = Vec::with_capacity(events.len());
         admit(
             &mut self.clock,
             &mut self.counters,
             events.iter().map(|c| c.routed),
-            &mut home_events,
             &mut admitted,
         );
         // Late copies are matched against everything their zone saw before this batch: what the
