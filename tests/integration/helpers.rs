@@ -610,3 +610,23 @@ pub fn spawn_serve(
         .map(Served)
         .expect("start udaconnect serve")
 }
+
+/// Polls `probe` until it answers `Ok`, every 250 ms for up to `within`, and returns that
+/// answer; panics naming `what` and the last `Err` the probe gave (what it saw instead).
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match probe().await {
+            Ok(answer) => return answer,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}; last seen: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -5,6 +5,7 @@
 mod cli;
 mod grpc;
 mod helpers;
+mod metrics;
 mod pipeline;
 mod recovery;
 mod rest;
