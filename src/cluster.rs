@@ -19,11 +19,11 @@ use udaconnect_actors::zones::ZoneId;
 
 use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
-use crate::grpc::convert;
-use crate::grpc::v1::admin_client::AdminClient;
-use crate::grpc::v1::{GetPersonRequest, GetZoneRequest};
 use crate::pipeline::live::LocalError;
 use crate::pipeline::Pipeline;
+use crate::proto::convert;
+use crate::proto::v1::admin_client::AdminClient;
+use crate::proto::v1::{GetPersonRequest, GetZoneRequest};
 use crate::store::pipeline::{shard_owners, ShardOwner};
 
 /// Metadata key marking a request one process forwarded to another: answer it locally.

@@ -10,6 +10,7 @@ pub mod input;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod proto;
 pub mod rest;
 pub mod startup;
 pub mod store;

@@ -10,18 +10,19 @@ use futures::future::join_all;
 use tonic::{Request, Response, Status};
 use udaconnect_actors::actors::ports::Stage;
 
-use super::v1::admin_server::Admin;
-use super::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, GetPersonRequest, GetZoneRequest,
-    ListZonesRequest, ListZonesResponse, PartitionStatus, PersonState, Process,
-    TriggerSnapshotRequest, TriggerSnapshotResponse, ZonePartition, ZoneState, ZoneSummary,
-};
-use super::{convert, unauthenticated, GrpcState};
+use super::{unauthenticated, GrpcState};
 use crate::cluster::{forward_error, peer_error, FORWARDED};
 use crate::config::Secret;
 use crate::error::ApiError;
 use crate::pipeline::live::LocalError;
 use crate::pipeline::{Pipeline, PipelineStatus};
+use crate::proto::convert;
+use crate::proto::v1::admin_server::Admin;
+use crate::proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, GetPersonRequest, GetZoneRequest,
+    ListZonesRequest, ListZonesResponse, PartitionStatus, PersonState, Process,
+    TriggerSnapshotRequest, TriggerSnapshotResponse, ZonePartition, ZoneState, ZoneSummary,
+};
 use crate::store::pipeline::ShardOwner;
 
 /// Points of a zone returned when the request names no limit.
@@ -129,7 +130,7 @@ impl AdminService {
         for stage in &status.stages {
             for p in &stage.partitions {
                 partitions.push(PartitionStatus {
-                    stage: stage.stage.to_owned(),
+                    stage: stage.stage.as_str().to_owned(),
                     topic: stage.topic.clone(),
                     partition: p.partition,
                     owner: status.node.clone(),

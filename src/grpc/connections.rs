@@ -8,10 +8,11 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 use udaconnect_actors::domain::PersonId;
 
-use super::v1::connections_server::Connections;
-use super::v1::{ConnectionEvent, HistoryPage, HistoryRequest, SubscribeRequest};
-use super::{convert, GrpcState};
+use super::GrpcState;
 use crate::error::ApiError;
+use crate::proto::convert;
+use crate::proto::v1::connections_server::Connections;
+use crate::proto::v1::{ConnectionEvent, HistoryPage, HistoryRequest, SubscribeRequest};
 use crate::store::queries::{connection_history, HistoryCursor, HistoryQuery};
 
 /// Page size when the request names none.

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 use udaconnect_actors::domain::NewLocationEvent;
 
-use super::v1::ingest_server::Ingest;
-use super::v1::{Ack, IngestSummary, LocationEvent, Rejection};
-use super::{convert, GrpcState};
+use super::GrpcState;
 use crate::error::ApiError;
+use crate::proto::convert;
+use crate::proto::v1::ingest_server::Ingest;
+use crate::proto::v1::{Ack, IngestSummary, LocationEvent, Rejection};
 
 /// Events of a stream sent to the broker together (one ingest call, packed per partition).
 pub const STREAM_BATCH: usize = 1_000;

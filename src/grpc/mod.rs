@@ -4,7 +4,6 @@
 
 pub mod admin;
 pub mod connections;
-pub mod convert;
 pub mod ingest;
 
 use std::future::Future;
@@ -23,24 +22,8 @@ use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
 use crate::kafka::Broker;
 use crate::pipeline::Pipeline;
+use crate::proto::{v1, FILE_DESCRIPTOR_SET, SERVICES};
 use crate::store;
-
-/// Messages and services of `proto/udaconnect/v1/`.
-pub mod v1 {
-    #![allow(clippy::all, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/udaconnect.v1.rs"));
-}
-
-/// The encoded `FileDescriptorSet` of `udaconnect.v1`, served by reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/udaconnect_v1_descriptor.bin"));
-
-/// Full names of the `udaconnect.v1` services.
-pub const SERVICES: [&str; 3] = [
-    "udaconnect.v1.Ingest",
-    "udaconnect.v1.Connections",
-    "udaconnect.v1.Admin",
-];
 
 /// How often the health service re-checks readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);

@@ -23,21 +23,11 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+use udaconnect_actors::actors::ports::Stage;
 
 use crate::config::Config;
 use crate::kafka::consumer_config;
-use crate::metrics::SizeHistogram;
-
-/// What a stage's consumer counts (for `/metrics`).
-#[derive(Debug, Default)]
-pub struct StageCounters {
-    /// Records handed to the partitions' workers.
-    pub records: AtomicU64,
-    /// Time the poll thread waited for room in a worker's channel (backpressure), µs.
-    pub backpressure_us: AtomicU64,
-    /// Records per worker batch.
-    pub batch_records: SizeHistogram,
-}
+use crate::metrics::StageCounters;
 
 /// One record of an assigned partition.
 #[derive(Debug, Clone)]
@@ -284,7 +274,7 @@ async fn run_worker<F: WorkerFactory>(
             }
         };
         if !records.is_empty() {
-            counters.batch_records.observe(records.len() as u64);
+            counters.batch_records.observe(records.len() as f64);
             worker.handle(records).await;
         }
         match control {
@@ -346,17 +336,18 @@ pub struct StageConsumer {
     thread: Option<JoinHandle<()>>,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
-    counters: Arc<StageCounters>,
     workers: Workers,
 }
 
 /// Consumer settings of a stage: the group, no auto-commit, start from the beginning when the
 /// group has no offset yet.
 pub struct StageOptions {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub group: String,
     pub topic: String,
     pub snapshot_interval: Duration,
+    /// Where the consumer counts (a pipeline's registered series).
+    pub counters: StageCounters,
 }
 
 impl StageConsumer {
@@ -368,10 +359,10 @@ impl StageConsumer {
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let (commands, command_rx) = std_mpsc::channel();
         let assigned = Arc::new(Mutex::new(Vec::new()));
-        let counters = Arc::new(StageCounters::default());
+        let counters = Arc::new(options.counters);
         let workers: Workers = Arc::default();
         let context = StageContext {
-            stage: options.stage,
+            stage: options.stage.as_str(),
             topic: options.topic.clone(),
             factory,
             runtime: tokio::runtime::Handle::current(),
@@ -399,7 +390,7 @@ impl StageConsumer {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
-            let stage = options.stage;
+            let stage = options.stage.as_str();
             let topic = options.topic.clone();
             std::thread::Builder::new()
                 .name(format!("poll-{stage}"))
@@ -407,25 +398,19 @@ impl StageConsumer {
                 .expect("spawn the poll thread")
         };
         info!(
-            stage = options.stage,
+            stage = options.stage.as_str(),
             topic = options.topic,
             group = options.group,
             "stage consumer started"
         );
         Ok(Self {
-            stage: options.stage,
+            stage: options.stage.as_str(),
             stop,
             thread: Some(thread),
             commands,
             assigned,
-            counters,
             workers,
         })
-    }
-
-    /// What the consumer counted.
-    pub fn counters(&self) -> &Arc<StageCounters> {
-        &self.counters
     }
 
     /// The partitions this process owns in the stage right now.
@@ -667,15 +652,15 @@ fn poll_loop<F: WorkerFactory>(
                     .cloned();
                 if let Some(tx) = tx {
                     let counters = &consumer.context().counters;
-                    counters.records.fetch_add(1, Ordering::Relaxed);
+                    counters.records.inc();
                     match tx.try_send(Input::Record(record)) {
                         Err(mpsc::error::TrySendError::Full(input)) => {
                             // Waits while the worker is busy: backpressure reaches the broker.
                             let waited = Instant::now();
                             let _ = tx.blocking_send(input);
                             counters
-                                .backpressure_us
-                                .fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
+                                .backpressure_s
+                                .inc_by(waited.elapsed().as_secs_f64());
                         }
                         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::kafka::{OutRecord, Producer};
-use crate::metrics::SizeHistogram;
+use crate::metrics::IngestCounters;
 use crate::pipeline::codec::LocationRecord;
 use crate::store::pipeline::stored_fingerprints;
 use crate::store::StoreError;
@@ -266,22 +266,6 @@ pub struct Ingestor {
     brokers: String,
     /// How long a call waits for the broker's acknowledgement.
     ack_timeout: Duration,
-}
-
-/// What the ingest side counted (for `/metrics`).
-#[derive(Debug, Default)]
-pub struct IngestCounters {
-    pub accepted: AtomicU64,
-    pub rejected: AtomicU64,
-    /// Locations records produced (each packs many routed copies).
-    pub records: AtomicU64,
-    /// Routed copies (home and halo) per locations record: the packing.
-    pub copies_per_record: SizeHistogram,
-    /// Accepted reports stamped further ahead of their receive time than `clock_skew_s`:
-    /// matched with the time they carry, but trusted to move event time only that far.
-    pub ahead_of_clock: AtomicU64,
-    /// Reports refused because their `event_id` was already a different report's.
-    pub id_reused: AtomicU64,
 }
 
 /// The ingest side's event time, which its heartbeats carry to every zone partition (see
@@ -536,22 +520,21 @@ impl Ingestor {
     pub async fn ingest(&self, events: &[NewLocationEvent]) -> Result<IngestReport, IngestError> {
         let report = self.ingest_uncounted(events).await?;
         let c = &self.counters;
-        c.accepted
-            .fetch_add(report.accepted.len() as u64, Ordering::Relaxed);
-        c.rejected
-            .fetch_add(report.rejected.len() as u64, Ordering::Relaxed);
+        c.accepted.inc_by(report.accepted.len() as u64);
+        c.rejected.inc_by(report.rejected.len() as u64);
         let reused = report
             .rejected
             .iter()
             .filter(|r| r.kind == RejectionKind::IdReused)
             .count();
-        c.id_reused.fetch_add(reused as u64, Ordering::Relaxed);
+        c.id_reused.inc_by(reused as u64);
         Ok(report)
     }
 
-    /// What the ingest side counted.
-    pub fn counters(&self) -> &IngestCounters {
-        &self.counters
+    /// Counts into `counters` (a pipeline's registered series) instead of its own.
+    pub fn with_counters(mut self, counters: IngestCounters) -> Self {
+        self.counters = counters;
+        self
     }
 
     async fn ingest_uncounted(
@@ -627,13 +610,11 @@ impl Ingestor {
             ahead += u64::from(t < e.recorded_at);
             latest = latest.max(t);
         }
-        self.counters
-            .ahead_of_clock
-            .fetch_add(ahead, Ordering::Relaxed);
+        self.counters.ahead_of_clock.inc_by(ahead);
         let mut records = Vec::new();
         for (p, copies) in per_partition.iter().enumerate() {
             for chunk in copies.chunks(MAX_COPIES_PER_RECORD) {
-                self.counters.copies_per_record.observe(chunk.len() as u64);
+                self.counters.copies_per_record.observe(chunk.len() as f64);
                 records.push(OutRecord {
                     topic: &self.topic,
                     partition: Some(p as i32),
@@ -651,9 +632,7 @@ impl Ingestor {
         produced?;
         let mut claims = claims;
         claims.kept = true;
-        self.counters
-            .records
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.counters.records.inc_by(records.len() as u64);
         report.accepted = valid.iter().map(|(i, e)| (*i, e.event_id)).collect();
         Ok(report)
     }

@@ -4,11 +4,12 @@
 //! shared producer.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tracing::{error, info, warn};
@@ -28,6 +29,7 @@ use udaconnect_actors::params::EngineParams;
 use udaconnect_actors::zones::person_partition;
 
 use crate::kafka::{Broker, OutRecord, Producer};
+use crate::metrics::{LocationCounters, MismatchLabels};
 use crate::pipeline::codec::{self, LocationRecord};
 use crate::pipeline::consumer::{Checkpoint, PartitionWorker, Record, WorkerFactory};
 use crate::pipeline::offsets::{self, OffsetMismatch};
@@ -48,12 +50,8 @@ pub struct PgLocations {
     /// The co-location rule's window and radius, for the late path's search.
     pub window_s: u32,
     pub radius_m: f64,
-    /// Late copies matched, and searches made for them.
-    pub late_copies: AtomicU64,
-    pub late_searches: AtomicU64,
-    pub stored: AtomicU64,
-    /// Reports dead-lettered because their id was already another report's.
-    pub id_reused: AtomicU64,
+    /// Stored events, late copies and searches, reused ids.
+    pub counters: LocationCounters,
     pub dead_letters: DeadLetters,
 }
 
@@ -68,9 +66,8 @@ impl LocationSink for PgLocations {
             let found = late_partners(&self.pool, late, before, self.window_s, self.radius_m)
                 .await
                 .map_err(|e| PortError(e.to_string()))?;
-            self.late_searches.fetch_add(1, Ordering::Relaxed);
-            self.late_copies
-                .fetch_add(late.len() as u64, Ordering::Relaxed);
+            self.counters.late_searches.inc();
+            self.counters.late_copies.inc_by(late.len() as u64);
             Ok(found)
         })
     }
@@ -84,7 +81,7 @@ impl LocationSink for PgLocations {
             let stored = store_locations(&self.pool, events)
                 .await
                 .map_err(|e| PortError(e.to_string()))?;
-            self.stored.fetch_add(stored.inserted, Ordering::Relaxed);
+            self.counters.stored.inc_by(stored.inserted);
             for r in &stored.id_reused {
                 let e = &r.event;
                 let reason = format!(
@@ -96,7 +93,7 @@ impl LocationSink for PgLocations {
                 self.dead_letters
                     .send_payload(partition as i32, payload, &reason)
                     .await;
-                self.id_reused.fetch_add(1, Ordering::Relaxed);
+                self.counters.id_reused.inc();
             }
             Ok(())
         })
@@ -229,7 +226,8 @@ pub struct DeadLetters {
     pub producer: Producer,
     pub source_topic: String,
     pub topic: String,
-    pub count: Arc<AtomicU64>,
+    /// Records sent, over both stages.
+    pub count: Counter,
 }
 
 impl DeadLetters {
@@ -278,7 +276,7 @@ impl DeadLetters {
             self.producer.send_all(&out)
         })
         .await;
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.count.inc();
     }
 }
 
@@ -305,8 +303,8 @@ pub struct PartitionStore {
 pub struct OffsetMismatches {
     /// The mismatch each owned partition was restored with, until it is released.
     pub current: Mutex<BTreeMap<i32, OffsetMismatch>>,
-    /// How many were found, by kind.
-    pub found: Mutex<BTreeMap<&'static str, u64>>,
+    /// How many were found, by stage and kind (`udaconnect_snapshot_offset_mismatches_total`).
+    pub found: Family<MismatchLabels, Counter>,
 }
 
 /// How long a restore waits for the broker's answer about a partition's log, per attempt.
@@ -414,13 +412,14 @@ impl<M: ractor::Message> PartitionCore<M> {
                 "snapshot offset contradicted by the log: {}",
                 m.describe()
             );
-            *store
+            store
                 .mismatches
                 .found
-                .lock()
-                .expect("not poisoned")
-                .entry(m.kind.as_str())
-                .or_default() += 1;
+                .get_or_create(&MismatchLabels {
+                    stage: stage.as_str(),
+                    kind: m.kind.as_str(),
+                })
+                .inc();
         }
         {
             let mut current = store.mismatches.current.lock().expect("not poisoned");

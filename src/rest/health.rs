@@ -125,14 +125,11 @@ impl HealthApi {
     /// pipeline has started (the broker or its topics are not there yet).
     #[oai(path = "/metrics", method = "get")]
     async fn metrics(&self) -> PlainText<String> {
-        let up = "# HELP udaconnect_pipeline_up Whether this process's pipeline runs\n\
-                  # TYPE udaconnect_pipeline_up gauge\n";
         match self.state.pipeline.get() {
-            Some(pipeline) => PlainText(format!(
-                "{up}udaconnect_pipeline_up 1\n{}",
-                pipeline.prometheus().await
-            )),
-            None => PlainText(format!("{up}udaconnect_pipeline_up 0\n")),
+            Some(pipeline) => PlainText(pipeline.prometheus().await),
+            None => PlainText(crate::metrics::render(&[&crate::metrics::pipeline_up(
+                false,
+            )])),
         }
     }
 }

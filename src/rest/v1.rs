@@ -755,7 +755,7 @@ impl V1Api {
                     .iter()
                     .find(|o| o.topic == stage.topic && o.partition == p.partition);
                 partitions.push(PartitionRow {
-                    stage: stage.stage.to_owned(),
+                    stage: stage.stage.as_str().to_owned(),
                     topic: stage.topic.clone(),
                     partition: p.partition,
                     owner: Some(status.node.clone()),

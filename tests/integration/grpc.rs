@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
-use udaconnect::grpc::convert::timestamp;
-use udaconnect::grpc::v1::admin_client::AdminClient;
-use udaconnect::grpc::v1::connections_client::ConnectionsClient;
-use udaconnect::grpc::v1::ingest_client::IngestClient;
-use udaconnect::grpc::v1::{
+use udaconnect::proto::convert::timestamp;
+use udaconnect::proto::v1::admin_client::AdminClient;
+use udaconnect::proto::v1::connections_client::ConnectionsClient;
+use udaconnect::proto::v1::ingest_client::IngestClient;
+use udaconnect::proto::v1::{
     ClusterStatusRequest, ConnectionEventKind, GetPersonRequest, GetZoneRequest, HistoryRequest,
     ListZonesRequest, LocationEvent, PersonState, SubscribeRequest, TriggerSnapshotRequest,
     ZoneState,
@@ -537,7 +537,7 @@ async fn history_pages_through_episodes_and_checks_its_arguments() {
         .await
         .expect("history")
         .into_inner();
-    let peers = |page: &udaconnect::grpc::v1::HistoryPage| -> Vec<i64> {
+    let peers = |page: &udaconnect::proto::v1::HistoryPage| -> Vec<i64> {
         page.connections
             .iter()
             .map(|c| c.peer.as_ref().expect("peer").id)
@@ -552,7 +552,7 @@ async fn history_pages_through_episodes_and_checks_its_arguments() {
     );
     assert_eq!(
         c.started_at,
-        Some(udaconnect::grpc::convert::chrono_timestamp(base))
+        Some(udaconnect::proto::convert::chrono_timestamp(base))
     );
     assert_eq!((c.colocations, c.min_distance_m), (3, 1.5));
     assert!(c.ended_at.is_some());
@@ -568,10 +568,10 @@ async fn history_pages_through_episodes_and_checks_its_arguments() {
     // [from, to) keeps the episodes overlapping it: only the one with 3.
     let window = connections
         .history(HistoryRequest {
-            from: Some(udaconnect::grpc::convert::chrono_timestamp(
+            from: Some(udaconnect::proto::convert::chrono_timestamp(
                 base + chrono::Duration::minutes(30),
             )),
-            to: Some(udaconnect::grpc::convert::chrono_timestamp(
+            to: Some(udaconnect::proto::convert::chrono_timestamp(
                 base + chrono::Duration::minutes(90),
             )),
             ..request(0, String::new())

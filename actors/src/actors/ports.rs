@@ -66,6 +66,7 @@ pub trait ConnectionSink: Send + Sync + 'static {
 
 /// Which stage a snapshot belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Stage {
     Zones,
     Persons,
