@@ -19,6 +19,7 @@ use udaconnect_actors::zones::ZoneId;
 
 use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
+use crate::input::zone_hex;
 use crate::pipeline::live::LocalError;
 use crate::pipeline::Pipeline;
 use crate::proto::convert;
@@ -76,37 +77,28 @@ impl Cluster {
         })
     }
 
-    /// The person's actor state, wherever it lives. NOT_FOUND when its partition has no state
-    /// for the person; UNAVAILABLE when the owner does not answer or the pipeline has not
-    /// started.
-    pub async fn person_view(&self, person: PersonId) -> Result<PersonView, ApiError> {
-        self.person(person, false).await.map(|a| a.value)
-    }
-
-    /// The zone's actor state with at most `limit` points, wherever it lives; NOT_FOUND and
-    /// UNAVAILABLE as for [`Cluster::person_view`].
-    pub async fn zone_view(&self, zone: ZoneId, limit: usize) -> Result<ZoneView, ApiError> {
-        self.zone(zone, limit, false).await.map(|a| a.value)
-    }
-
-    /// The person's actor state and its owner; with `local_only` (a forwarded request) only
-    /// this process's partitions are asked.
+    /// A person's live state, wherever its actor lives: one answer for REST
+    /// (`/v1/persons/{id}/live`) and gRPC (`Admin.GetPerson`). `value` is `None` when no actor
+    /// holds state for the person (never seen, or idle past the window); then `owner` is
+    /// empty. NOT_FOUND naming `person_id` when no person has that id (not checked again by
+    /// the owner of a forwarded question, `local_only`); UNAVAILABLE when the owner does not
+    /// answer or the pipeline has not started.
     pub async fn person(
         &self,
         person: PersonId,
         local_only: bool,
-    ) -> Result<FromOwner<PersonView>, ApiError> {
+    ) -> Result<FromOwner<Option<PersonView>>, ApiError> {
+        if !local_only
+            && crate::store::queries::person(&self.pool, person)
+                .await?
+                .is_none()
+        {
+            return Err(ApiError::unknown_person(person));
+        }
         let pipeline = self.pipeline()?;
         let partition = pipeline.person_partition_of(person);
-        let not_found = || {
-            ApiError::not_found(
-                Some("person_id"),
-                format!("no actor state for person {person} (never seen, or idle past the window)"),
-            )
-        };
         let local = pipeline.person_view(person).await;
-        if let Some(answer) = Self::answer_here(&pipeline, partition, local, local_only, not_found)?
-        {
+        if let Some(answer) = Self::answer_here(&pipeline, partition, local, local_only)? {
             return Ok(answer);
         }
         let owner = self.owner(&pipeline, Stage::Persons, partition).await?;
@@ -117,15 +109,21 @@ impl Cluster {
             .await
             .map_err(|s| forward_error(&owner, s))?
             .into_inner();
+        let value = convert::person_view(&answer).map_err(|e| bad_answer(&owner, e))?;
         Ok(FromOwner {
-            value: convert::person_view(&answer).map_err(|e| bad_answer(&owner, e))?,
+            owner: if value.is_some() {
+                owner.owner
+            } else {
+                String::new()
+            },
+            value,
             partition,
-            owner: owner.owner,
         })
     }
 
-    /// The zone's actor state and its owner; with `local_only` only this process's
-    /// partitions are asked.
+    /// The zone's actor state and its owner, with at most `limit` points; with `local_only`
+    /// only this process's partitions are asked. NOT_FOUND naming `zone` when the zone has no
+    /// actor (no recent points); UNAVAILABLE as for [`Cluster::person`].
     pub async fn zone(
         &self,
         zone: ZoneId,
@@ -134,23 +132,23 @@ impl Cluster {
     ) -> Result<FromOwner<ZoneView>, ApiError> {
         let pipeline = self.pipeline()?;
         let partition = pipeline.zone_partition_of(zone);
-        let not_found = || {
-            ApiError::not_found(
-                Some("zone"),
-                format!(
-                    "zone {zone} ({}) has no actor (no recent points)",
-                    convert::h3(zone)
-                ),
-            )
-        };
         let local = pipeline.zone_view(zone, limit).await;
-        if let Some(answer) = Self::answer_here(&pipeline, partition, local, local_only, not_found)?
-        {
-            return Ok(answer);
+        if let Some(answer) = Self::answer_here(&pipeline, partition, local, local_only)? {
+            let value = answer.value.ok_or_else(|| {
+                ApiError::not_found(
+                    Some("zone"),
+                    format!("zone {} has no actor (no recent points)", zone_hex(zone)),
+                )
+            })?;
+            return Ok(FromOwner {
+                value,
+                partition,
+                owner: answer.owner,
+            });
         }
         let owner = self.owner(&pipeline, Stage::Zones, partition).await?;
         let request = self.forwarded(GetZoneRequest {
-            zone,
+            zone: zone_hex(zone),
             point_limit: u32::try_from(limit).unwrap_or(u32::MAX),
         })?;
         let answer = self
@@ -166,27 +164,26 @@ impl Cluster {
         })
     }
 
-    /// The answer when this process owns the partition (NOT_FOUND when its actor has no state),
-    /// `None` when the question must go to the owner; UNAVAILABLE when the local supervisor did
-    /// not answer, or when a forwarded question (`local_only`) reached a process that does not own
-    /// the partition (any more).
+    /// The answer when this process owns the partition (`value` is `None` when no actor holds
+    /// state for the key; `owner` then empty), `None` when the question must go to the owner;
+    /// UNAVAILABLE when the local supervisor did not answer, or when a forwarded question
+    /// (`local_only`) reached a process that does not own the partition (any more).
     fn answer_here<T>(
         pipeline: &Pipeline,
         partition: i32,
         local: Result<Option<T>, LocalError>,
         local_only: bool,
-        not_found: impl FnOnce() -> ApiError,
-    ) -> Result<Option<FromOwner<T>>, ApiError> {
+    ) -> Result<Option<FromOwner<Option<T>>>, ApiError> {
         match local {
-            Ok(view) => view
-                .map(|value| {
-                    Some(FromOwner {
-                        value,
-                        partition,
-                        owner: pipeline.node().to_owned(),
-                    })
-                })
-                .ok_or_else(not_found),
+            Ok(value) => Ok(Some(FromOwner {
+                owner: if value.is_some() {
+                    pipeline.node().to_owned()
+                } else {
+                    String::new()
+                },
+                value,
+                partition,
+            })),
             Err(e @ LocalError::NoAnswer { .. }) => Err(ApiError::unavailable(e.to_string())),
             Err(e @ LocalError::NotOwned { .. }) if local_only => {
                 Err(ApiError::unavailable(e.to_string()))

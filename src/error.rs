@@ -94,6 +94,11 @@ impl ApiError {
         }
     }
 
+    /// No person has `id` (404/NOT_FOUND naming `person_id`).
+    pub fn unknown_person(id: i64) -> Self {
+        Self::not_found(Some("person_id"), format!("no person with id {id}"))
+    }
+
     /// A dependency does not answer.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {

@@ -5,9 +5,43 @@
 use chrono::{DateTime, Timelike, Utc};
 use serde_json::{Map, Value};
 use udaconnect_actors::domain::NewLocationEvent;
+use udaconnect_actors::zones::ZoneId;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+
+/// A zone (an H3 cell at the zone resolution) as users' tools print it: H3's own lowercase
+/// hexadecimal form (`88390d51ddfffff`), the one way REST, gRPC and the docs write a zone.
+pub fn zone_hex(zone: ZoneId) -> String {
+    format!("{zone:x}")
+}
+
+/// Reads a zone written in H3's hexadecimal form; with `resolution`, the cell must be at that
+/// resolution (the zone resolution). 400 naming `field` otherwise.
+pub fn parse_zone(text: &str, field: &str, resolution: Option<u8>) -> Result<ZoneId, ApiError> {
+    let cell: h3o::CellIndex = text.trim().parse().map_err(|_| {
+        ApiError::invalid(
+            field,
+            format!("is not an H3 cell in hexadecimal, like 88390d51ddfffff (got {text:?})"),
+        )
+    })?;
+    let at = u8::from(cell.resolution());
+    match resolution {
+        Some(zones) if zones != at => Err(ApiError::invalid(
+            field,
+            format!(
+                "is an H3 cell at resolution {at}, zones are at resolution {zones} (got {text})"
+            ),
+        )),
+        _ => Ok(u64::from(cell)),
+    }
+}
+
+/// Reads a UUID (an `event_id`) in any of its text forms; 400 naming `field` otherwise.
+pub fn parse_uuid(text: &str, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|e| ApiError::invalid(field, format!("must be a UUID ({e}; got {text:?})")))
+}
 
 /// A body type read from raw JSON with errors that name the field.
 pub trait FromJson: Sized {
@@ -178,9 +212,7 @@ impl<'a> Fields<'a> {
     pub fn uuid(&self, name: &str) -> Result<Option<Uuid>, ApiError> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::String(s)) => Uuid::parse_str(s)
-                .map(Some)
-                .map_err(|_| ApiError::invalid(name, format!("must be a UUID (got {s:?})"))),
+            Some(Value::String(s)) => parse_uuid(s, name).map(Some),
             Some(other) => Err(ApiError::invalid(
                 name,
                 format!("must be a UUID string (got {})", kind(other)),
@@ -208,6 +240,30 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_zone_reads_back_from_its_hex_form_and_other_text_names_the_field() {
+        let zone = u64::from(
+            h3o::LatLng::new(52.5163, 13.3777)
+                .expect("coordinates")
+                .to_cell(h3o::Resolution::Eight),
+        );
+        assert_eq!(zone_hex(zone), "881f1d4887fffff");
+        assert_eq!(parse_zone("881f1d4887fffff", "zone", Some(8)), Ok(zone));
+        assert_eq!(parse_zone(" 881F1D4887FFFFF ", "zone", None), Ok(zone));
+        for (text, resolution) in [("42", None), ("613036919424548863", None), ("", None)] {
+            let e = parse_zone(text, "zone", resolution).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("zone"), "{text}");
+            assert!(e.message.contains("not an H3 cell"), "{}", e.message);
+        }
+        let e = parse_zone("881f1d4887fffff", "zone", Some(9)).unwrap_err();
+        assert!(
+            e.message
+                .contains("at resolution 8, zones are at resolution 9"),
+            "{}",
+            e.message
+        );
+    }
 
     #[test]
     fn errors_name_the_field_and_the_problem() {

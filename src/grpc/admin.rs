@@ -14,6 +14,7 @@ use super::{unauthenticated, GrpcState};
 use crate::cluster::{forward_error, peer_error, FORWARDED};
 use crate::config::Secret;
 use crate::error::ApiError;
+use crate::input::{parse_zone, zone_hex};
 use crate::pipeline::live::LocalError;
 use crate::pipeline::{Pipeline, PipelineStatus};
 use crate::proto::convert;
@@ -190,12 +191,11 @@ impl AdminService {
                 _ => 0,
             };
             zones.push(ZoneSummary {
-                zone,
-                h3: convert::h3(zone),
+                zone: zone_hex(zone),
                 retained,
             });
         }
-        zones.sort_by_key(|z| z.zone);
+        zones.sort_by(|a, b| a.zone.cmp(&b.zone)); // same-resolution cells: hex order is numeric order
         Ok(ZonePartition {
             partition,
             owner: pipeline.node().to_owned(),
@@ -406,20 +406,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ZoneState>, Status> {
         let forwarded = is_forwarded(&request);
         let r = request.into_inner();
-        let cell = h3o::CellIndex::try_from(r.zone).map_err(|_| {
-            ApiError::invalid("zone", format!("is not an H3 cell (got {})", r.zone))
-        })?;
-        if u8::from(cell.resolution()) != self.state.zone_resolution {
-            return Err(ApiError::invalid(
-                "zone",
-                format!(
-                    "is an H3 cell at resolution {}, zones are at resolution {} (got {cell})",
-                    u8::from(cell.resolution()),
-                    self.state.zone_resolution
-                ),
-            )
-            .into());
-        }
+        let zone = parse_zone(&r.zone, "zone", Some(self.state.zone_resolution))?;
         let limit = match r.point_limit {
             0 => DEFAULT_POINT_LIMIT,
             n if n <= MAX_POINT_LIMIT => n,
@@ -434,7 +421,7 @@ impl Admin for AdminService {
         let answer = self
             .state
             .cluster
-            .zone(r.zone, limit as usize, forwarded)
+            .zone(zone, limit as usize, forwarded)
             .await?;
         Ok(Response::new(convert::zone_state(
             &answer.value,
@@ -458,7 +445,8 @@ impl Admin for AdminService {
         }
         let answer = self.state.cluster.person(person, forwarded).await?;
         Ok(Response::new(convert::person_state(
-            &answer.value,
+            person,
+            answer.value.as_ref(),
             answer.partition,
             &answer.owner,
         )))

@@ -7,10 +7,10 @@ use udaconnect_actors::domain::{Micros, NewLocationEvent, Notification, Notifica
 use udaconnect_actors::episodes::{OpenEpisode, PersonCounters, Sighting};
 use udaconnect_actors::geo::Ecef;
 use udaconnect_actors::index::{RetainedPoint, ZoneCounters};
-use uuid::Uuid;
 
 use super::v1;
 use crate::error::ApiError;
+use crate::input::{parse_uuid, parse_zone, zone_hex};
 use crate::store::queries::{HistoryItem, Person};
 
 /// Microseconds since the epoch as a protobuf timestamp.
@@ -57,11 +57,10 @@ pub fn chrono_time(t: &Timestamp, field: &str) -> Result<chrono::DateTime<chrono
 /// A location event as the ingest path takes it; the checks of values (ranges, skew) are
 /// the ingest path's, this only reads the shape.
 pub fn new_location_event(e: &v1::LocationEvent) -> Result<NewLocationEvent, ApiError> {
+    // proto3 has no absent string: empty means none (the service derives one).
     let event_id = match e.event_id.trim() {
         "" => None,
-        text => Some(Uuid::parse_str(text).map_err(|err| {
-            ApiError::invalid("event_id", format!("is not a UUID ({err}; got {text:?})"))
-        })?),
+        text => Some(parse_uuid(text, "event_id")?),
     };
     let recorded_at = e
         .recorded_at
@@ -139,30 +138,38 @@ pub fn connection_event(n: &Notification) -> v1::ConnectionEvent {
     }
 }
 
-/// An H3 cell in its usual hexadecimal notation.
-pub fn h3(zone: u64) -> String {
-    format!("{zone:x}")
-}
-
 fn sighting(s: &Sighting) -> v1::Sighting {
     v1::Sighting {
         event_id: s.event_id.to_string(),
         recorded_at: Some(timestamp(s.recorded_at)),
         lat: s.lat,
         lon: s.lon,
-        zone: s.zone,
+        zone: zone_hex(s.zone),
     }
 }
 
-/// A person actor's view, with where it lives.
-pub fn person_state(v: &PersonView, partition: i32, owner: &str) -> v1::PersonState {
+/// A person's live state, with where it lives; without a view (no actor holds state for the
+/// person) only `person_id` and `partition` are set, and `counters` is unset.
+pub fn person_state(
+    person: i64,
+    v: Option<&PersonView>,
+    partition: i32,
+    owner: &str,
+) -> v1::PersonState {
+    let Some(v) = v else {
+        return v1::PersonState {
+            person_id: person,
+            partition,
+            ..v1::PersonState::default()
+        };
+    };
     let c = v.counters;
     v1::PersonState {
         person_id: v.person,
         partition,
         owner: owner.to_owned(),
         passivated: v.passivated,
-        current_zone: v.current_zone,
+        current_zone: v.current_zone.map(zone_hex),
         last_location: v.last_location.as_ref().map(sighting),
         trajectory: v.trajectory.iter().map(sighting).collect(),
         open_episodes: v
@@ -194,26 +201,29 @@ fn time_of(t: &Option<Timestamp>, field: &str) -> Result<Micros, ApiError> {
     }
 }
 
-fn uuid_of(text: &str, field: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|e| ApiError::invalid(field, e.to_string()))
-}
-
 fn sighting_view(s: &v1::Sighting) -> Result<Sighting, ApiError> {
     Ok(Sighting {
-        event_id: uuid_of(&s.event_id, "event_id")?,
+        event_id: parse_uuid(&s.event_id, "event_id")?,
         recorded_at: time_of(&s.recorded_at, "recorded_at")?,
         lat: s.lat,
         lon: s.lon,
-        zone: s.zone,
+        zone: parse_zone(&s.zone, "zone", None)?,
     })
 }
 
-/// A person actor's view back from a forwarded answer.
-pub fn person_view(s: &v1::PersonState) -> Result<PersonView, ApiError> {
-    let c = s.counters.unwrap_or_default();
-    Ok(PersonView {
+/// A person actor's view back from a forwarded answer; `None` when the answer has no counters
+/// (no actor holds state for the person, see [`person_state`]).
+pub fn person_view(s: &v1::PersonState) -> Result<Option<PersonView>, ApiError> {
+    let Some(c) = s.counters else {
+        return Ok(None);
+    };
+    Ok(Some(PersonView {
         person: s.person_id,
-        current_zone: s.current_zone,
+        current_zone: s
+            .current_zone
+            .as_deref()
+            .map(|z| parse_zone(z, "current_zone", None))
+            .transpose()?,
         last_location: s.last_location.as_ref().map(sighting_view).transpose()?,
         trajectory: s
             .trajectory
@@ -242,15 +252,14 @@ pub fn person_view(s: &v1::PersonState) -> Result<PersonView, ApiError> {
             ended: c.ended,
         },
         passivated: s.passivated,
-    })
+    }))
 }
 
 /// A zone actor's view, with where it lives.
 pub fn zone_state(v: &ZoneView, partition: i32, owner: &str) -> v1::ZoneState {
     let c = v.counters;
     v1::ZoneState {
-        zone: v.zone,
-        h3: h3(v.zone),
+        zone: zone_hex(v.zone),
         partition,
         owner: owner.to_owned(),
         retained: v.retained as u64,
@@ -282,7 +291,7 @@ pub fn zone_state(v: &ZoneView, partition: i32, owner: &str) -> v1::ZoneState {
 pub fn zone_view(s: &v1::ZoneState) -> Result<ZoneView, ApiError> {
     let c = s.counters.unwrap_or_default();
     Ok(ZoneView {
-        zone: s.zone,
+        zone: parse_zone(&s.zone, "zone", None)?,
         retained: s.retained as usize,
         cells: s.cells as usize,
         watermark: match &s.watermark {
@@ -304,7 +313,7 @@ pub fn zone_view(s: &v1::ZoneState) -> Result<ZoneView, ApiError> {
                     ecef: Ecef::from_degrees(p.lat, p.lon),
                     recorded_at: time_of(&p.recorded_at, "recorded_at")?,
                     person: p.person_id,
-                    event_id: uuid_of(&p.event_id, "event_id")?,
+                    event_id: parse_uuid(&p.event_id, "event_id")?,
                     lat: p.lat,
                     lon: p.lon,
                     home: p.home,

@@ -17,7 +17,7 @@ use super::input::Checked;
 use super::poc::MAX_NAME_CHARS;
 use super::RestState;
 use crate::error::{ApiError, ErrorCode};
-use crate::input::{parse_rfc3339, Fields, FromJson};
+use crate::input::{parse_rfc3339, zone_hex, Fields, FromJson};
 use crate::pipeline::ingest::IngestReport;
 use crate::store::pipeline::timestamp;
 use crate::store::queries::{self, HistoryCursor, HistoryQuery, NewPerson};
@@ -390,7 +390,7 @@ fn sighting_out(s: &udaconnect_actors::episodes::Sighting) -> SightingOut {
         recorded_at: timestamp(s.recorded_at),
         lat: s.lat,
         lon: s.lon,
-        zone: format!("{:x}", s.zone),
+        zone: zone_hex(s.zone),
     }
 }
 
@@ -596,9 +596,7 @@ impl V1Api {
         tag = "ApiTags::Locations"
     )]
     async fn get_location(&self, event_id: Path<String>) -> RestResult<LocationOk> {
-        let id = Uuid::parse_str(event_id.0.trim()).map_err(|_| {
-            ApiError::invalid("event_id", format!("must be a UUID (got {:?})", event_id.0))
-        })?;
+        let id = crate::input::parse_uuid(event_id.0.trim(), "event_id")?;
         match queries::location_by_event(&self.state.pool, id).await? {
             Some(l) => Ok(LocationOk::Ok(Json(Location {
                 event_id: l.event_id,
@@ -608,7 +606,7 @@ impl V1Api {
                 lon: l.y,
                 recorded_at: l.recorded_at,
                 received_at: l.received_at,
-                zone: l.zone.map(|z| format!("{:x}", z as u64)),
+                zone: l.zone.map(|z| zone_hex(z as u64)),
             }))),
             None => Err(ApiError::not_found(
                 Some("event_id"),
@@ -689,19 +687,15 @@ impl V1Api {
     )]
     async fn live(&self, person_id: Path<i64>) -> RestResult<LiveOk> {
         let id = person_id.0;
-        if queries::person(&self.state.pool, id).await?.is_none() {
-            return Err(unknown_person(id));
-        }
-        let pipeline = self.state.pipeline()?;
-        let live = match self.state.cluster.person(id, false).await {
-            Ok(answer) => {
-                let v = answer.value;
+        let answer = self.state.cluster.person(id, false).await?;
+        let live = match answer.value {
+            Some(v) => {
                 let c = v.counters;
                 PersonLive {
                     person_id: id,
                     partition: answer.partition,
                     owner: Some(answer.owner),
-                    current_zone: v.current_zone.map(|z| format!("{z:x}")),
+                    current_zone: v.current_zone.map(zone_hex),
                     last_location: v.last_location.as_ref().map(sighting_out),
                     trajectory: v.trajectory.iter().map(sighting_out).collect(),
                     open_connections: v
@@ -727,9 +721,9 @@ impl V1Api {
                 }
             }
             // A known person no actor holds state for: nothing recent.
-            Err(e) if e.code == ErrorCode::NotFound => PersonLive {
+            None => PersonLive {
                 person_id: id,
-                partition: pipeline.person_partition_of(id),
+                partition: answer.partition,
                 owner: None,
                 current_zone: None,
                 last_location: None,
@@ -738,7 +732,6 @@ impl V1Api {
                 counters: None,
                 passivated: false,
             },
-            Err(e) => return Err(e.into()),
         };
         Ok(LiveOk::Ok(Json(live)))
     }
@@ -802,5 +795,5 @@ impl V1Api {
 
 /// The 404 of a person that does not exist.
 pub fn unknown_person(id: i64) -> ErrorResponse {
-    ApiError::not_found(Some("person_id"), format!("no person with id {id}")).into()
+    ApiError::unknown_person(id).into()
 }

@@ -22,7 +22,9 @@ use udaconnect::Config;
 use udaconnect_actors::domain::Micros;
 use udaconnect_actors::zones::{zone_partition, ZoneGrid};
 
-use crate::helpers::{free_port, scalar, spawn_serve, test_config, Served, TestApp, TestDb};
+use crate::helpers::{
+    free_port, get_json, scalar, spawn_serve, test_config, Served, TestApp, TestDb,
+};
 
 const TOKEN: &str = "grpc-test-token";
 /// The venue of these tests (Brandenburg Gate); persons stand 500 m apart (different zones).
@@ -162,7 +164,7 @@ async fn zone_eventually(client: &AdminClient<Channel>, zone: u64, within: Durat
         let mut c = client.clone();
         async move {
             Ok(c.get_zone(admin(GetZoneRequest {
-                zone,
+                zone: format!("{zone:x}"),
                 point_limit: 0,
             }))
             .await?
@@ -805,14 +807,14 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     );
     assert_eq!(person.trajectory.len(), 1);
     assert_eq!(person.trajectory[0].recorded_at, Some(timestamp(t)));
-    assert_eq!(person.current_zone, Some(zone));
+    assert_eq!(person.current_zone, Some(format!("{zone:x}")));
     assert_eq!(person.open_episodes.len(), 1);
     assert_eq!(person.open_episodes[0].peer_id, 2);
     assert_eq!(person.counters.map(|c| c.started), Some(1));
 
     // The zone both stand in: both points, home.
     let zone_state = zone_eventually(&admin_client, zone, Duration::from_secs(30)).await;
-    assert_eq!(zone_state.h3, format!("{zone:x}"));
+    assert_eq!(zone_state.zone, format!("{zone:x}"));
     assert_eq!(zone_state.partition, zone_partition(zone, 2) as i32);
     let mut points: Vec<(i64, bool)> = zone_state
         .points
@@ -828,7 +830,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     );
     let limited = admin_client
         .get_zone(admin(GetZoneRequest {
-            zone,
+            zone: format!("{zone:x}"),
             point_limit: 1,
         }))
         .await
@@ -845,12 +847,12 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
         .expect("zones")
         .into_inner();
     assert_eq!(listed.partitions.len(), 1);
-    let zones: Vec<(u64, u64)> = listed.partitions[0]
+    let zones: Vec<(&str, u64)> = listed.partitions[0]
         .zones
         .iter()
-        .map(|z| (z.zone, z.retained))
+        .map(|z| (z.zone.as_str(), z.retained))
         .collect();
-    assert_eq!(zones, [(zone, 2)]);
+    assert_eq!(zones, [(format!("{zone:x}").as_str(), 2)]);
     let all = admin_client
         .list_zones(admin(ListZonesRequest { partition: None }))
         .await
@@ -955,7 +957,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     let far_zone = grid.home_zone(-45.0, 170.0);
     let not_found = admin_client
         .get_zone(admin(GetZoneRequest {
-            zone: far_zone,
+            zone: format!("{far_zone:x}"),
             point_limit: 0,
         }))
         .await
@@ -964,10 +966,36 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
         code_and_field(&not_found),
         (Code::NotFound, Some("zone".to_owned()))
     );
-    let not_found = admin_client
+    // A person never seen: an empty state, as REST's live state answers it; an id no person
+    // has: NOT_FOUND naming person_id, as REST's 404.
+    let unseen = admin_client
         .get_person(admin(GetPersonRequest { person_id: 3 }))
         .await
-        .expect_err("never seen");
+        .expect("a known person never seen")
+        .into_inner();
+    assert_eq!(
+        (
+            unseen.person_id,
+            unseen.owner.as_str(),
+            unseen.counters,
+            unseen.trajectory.len()
+        ),
+        (3, "", None, 0)
+    );
+    let (status, live) = get_json(&app.url("/v1/persons/3/live")).await;
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(
+        (
+            live["owner"].is_null(),
+            live["counters"].is_null(),
+            live["partition"].as_i64()
+        ),
+        (true, true, Some(i64::from(unseen.partition)))
+    );
+    let not_found = admin_client
+        .get_person(admin(GetPersonRequest { person_id: 99 }))
+        .await
+        .expect_err("no such person");
     assert_eq!(
         code_and_field(&not_found),
         (Code::NotFound, Some("person_id".to_owned()))
@@ -979,7 +1007,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
         (
             admin_client
                 .get_zone(admin(GetZoneRequest {
-                    zone: 42,
+                    zone: "42".to_owned(),
                     point_limit: 0,
                 }))
                 .await
@@ -989,7 +1017,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
         (
             admin_client
                 .get_zone(admin(GetZoneRequest {
-                    zone: u64::from(fine_cell),
+                    zone: fine_cell.to_string(),
                     point_limit: 0,
                 }))
                 .await
@@ -999,7 +1027,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
         (
             admin_client
                 .get_zone(admin(GetZoneRequest {
-                    zone,
+                    zone: format!("{zone:x}"),
                     point_limit: 10_001,
                 }))
                 .await
@@ -1274,7 +1302,11 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
         for p in &listed.partitions {
             assert!(p.error.is_empty(), "{p:?}");
             assert_eq!(p.owner, split[&("zones".to_owned(), p.partition)], "{p:?}");
-            listed_zones.extend(p.zones.iter().map(|z| z.zone));
+            listed_zones.extend(
+                p.zones
+                    .iter()
+                    .map(|z| u64::from_str_radix(&z.zone, 16).expect("hex")),
+            );
         }
         assert_eq!(listed_zones, zones, "from {node}");
 

@@ -4,6 +4,7 @@
 
 mod cli;
 mod grpc;
+mod grpc_docs;
 mod helpers;
 mod metrics;
 mod pipeline;
