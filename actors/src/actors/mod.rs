@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod person;
 pub mod ports;
+mod supervision;
 pub mod zone;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
@@ -21,6 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, ConnectionSink, PendingSnapshot, SnapshotBlob,
 };
+use crate::actors::supervision::{restore_header, restore_parts, Child, Children};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{
@@ -173,6 +174,37 @@ impl Actor for PersonActor {
     }
 }
 
+impl Child for PersonActor {
+    type Key = PersonId;
+    type Part = PersonState;
+    const KIND: &'static str = "person";
+    const CALL_TIMEOUT: Duration = CALL_TIMEOUT;
+
+    fn key(state: &PersonState) -> PersonId {
+        state.person()
+    }
+
+    fn part_key(state: &PersonState) -> PersonId {
+        state.person()
+    }
+
+    fn stored_key(person: PersonId) -> i64 {
+        person
+    }
+
+    fn snapshot_request(reply: RpcReplyPort<PersonState>) -> PersonMsg {
+        PersonMsg::Snapshot(reply)
+    }
+
+    fn crash_request() -> PersonMsg {
+        PersonMsg::Crash
+    }
+
+    fn log_restart(partition: u32, person: PersonId, error: &ActorProcessingErr) {
+        tracing::error!(partition, person, %error, "person actor failed, restarting it empty");
+    }
+}
+
 /// The partition-wide state of a person partition's snapshot (each person's state is a part
 /// of its own, stored only when it changed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,13 +264,12 @@ pub struct PersonSupervisorState {
     connections: Arc<dyn ConnectionSink>,
     watermarks: Watermarks,
     deadlines: Deadlines,
-    actors: FxHashMap<PersonId, ActorRef<PersonMsg>>,
-    by_actor: FxHashMap<ActorId, PersonId>,
+    /// The active persons' actors, with their panics and restarts.
+    actors: Children<PersonActor>,
     /// Event time of each active person's latest update.
     last_active: FxHashMap<PersonId, Micros>,
     passivated: FxHashMap<PersonId, PersonState>,
     counters: PersonSupervisorCounters,
-    supervision: SupervisionCounters,
     next_offset: u64,
     port_retries: u64,
     captured: PersonOutput,
@@ -334,15 +365,11 @@ impl PersonSupervisorState {
         myself: &ActorRef<PersonSupervisorMsg>,
         state: PersonState,
     ) -> Result<ActorRef<PersonMsg>, ActorProcessingErr> {
-        let person = state.person();
         let actor = PersonActor {
             rules: self.rules,
             capture: self.capture,
         };
-        let (actor, _) = Actor::spawn_linked(None, actor, state, myself.get_cell()).await?;
-        self.by_actor.insert(actor.get_id(), person);
-        self.actors.insert(person, actor.clone());
-        Ok(actor)
+        self.actors.spawn(actor, state, myself.get_cell()).await
     }
 
     /// Applies one batch, adding its changes and notifications to `out`.
@@ -395,7 +422,7 @@ impl PersonSupervisorState {
                         self.deadlines.push(d, person);
                     }
                 }
-                None => self.supervision.lost_batches += 1,
+                None => self.actors.lost_batch(),
             }
         }
         let before = self.watermarks.min();
@@ -440,7 +467,7 @@ impl PersonSupervisorState {
                         self.deadlines.push(next, person);
                     }
                 }
-                None => self.supervision.lost_batches += 1,
+                None => self.actors.lost_batch(),
             }
         }
     }
@@ -468,9 +495,7 @@ impl PersonSupervisorState {
                 continue;
             }
             self.last_active.remove(&person);
-            self.actors.remove(&person);
-            self.by_actor.remove(&actor.get_id());
-            actor.stop(Some("passivated".into()));
+            self.actors.stop(person, "passivated");
             self.passivated.insert(person, state);
             self.counters.passivations += 1;
         }
@@ -538,15 +563,12 @@ impl PersonSupervisorState {
             self.changed.iter().copied().collect()
         };
         wanted.sort_unstable();
-        let calls = wanted
-            .iter()
-            .filter_map(|p| self.actors.get(p))
-            .map(|a| async move { success(a.call(PersonMsg::Snapshot, Some(CALL_TIMEOUT)).await) });
-        let mut active = FxHashMap::default();
-        for state in join_all(calls).await {
-            let state = state.ok_or("a person actor did not answer the snapshot request")?;
-            active.insert(state.person(), state);
-        }
+        let mut active: FxHashMap<PersonId, PersonState> = self
+            .actors
+            .states(wanted.iter().copied())
+            .await?
+            .into_iter()
+            .collect();
         let parts = wanted
             .iter()
             .filter_map(|p| {
@@ -615,12 +637,10 @@ impl Actor for PersonSupervisor {
             connections: args.connections,
             watermarks: Watermarks::new(args.zone_partitions),
             deadlines: Deadlines::default(),
-            actors: FxHashMap::default(),
-            by_actor: FxHashMap::default(),
+            actors: Children::new(),
             last_active: FxHashMap::default(),
             passivated: FxHashMap::default(),
             counters: PersonSupervisorCounters::default(),
-            supervision: SupervisionCounters::default(),
             next_offset: 0,
             port_retries: 0,
             captured: PersonOutput::default(),
@@ -632,29 +652,16 @@ impl Actor for PersonSupervisor {
             snapshot_failed: Arc::default(),
         };
         if let Some(blob) = args.snapshot {
-            if blob.format != PERSON_SNAPSHOT_FORMAT {
-                return Err(format!(
-                    "person snapshot format {} is not {}",
-                    blob.format, PERSON_SNAPSHOT_FORMAT
-                )
-                .into());
-            }
-            let snapshot: PersonPartitionSnapshot = postcard::from_bytes(&blob.bytes)?;
+            let snapshot: PersonPartitionSnapshot =
+                restore_header::<PersonActor, _>(&blob, PERSON_SNAPSHOT_FORMAT)?;
             state.watermarks = snapshot.watermarks;
             state.deadlines = snapshot.deadlines;
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
             // Restored persons start passivated; their actors start on their next update.
-            for (person, bytes) in blob.part_states() {
-                let restored: PersonState = postcard::from_bytes(bytes)?;
-                if restored.person() != person {
-                    return Err(format!(
-                        "person snapshot part {person} holds person {}",
-                        restored.person()
-                    )
-                    .into());
-                }
-                state.passivated.insert(person, restored);
+            for restored in restore_parts::<PersonActor>(&blob) {
+                let restored = restored?;
+                state.passivated.insert(restored.person(), restored);
             }
             // The stored parts are this snapshot's: the next one may build on them.
             state.complete_next = false;
@@ -707,7 +714,7 @@ impl Actor for PersonSupervisor {
                     active_persons: state.actors.len(),
                     passivated_persons: state.passivated.len(),
                     counters: state.counters,
-                    supervision: state.supervision,
+                    supervision: state.actors.supervision(),
                     port_retries: state.port_retries + state.writer.retries(),
                 });
             }
@@ -722,11 +729,7 @@ impl Actor for PersonSupervisor {
             PersonSupervisorMsg::TakeCaptured(reply) => {
                 let _ = reply.send(std::mem::take(&mut state.captured));
             }
-            PersonSupervisorMsg::CrashPerson(person) => {
-                if let Some(actor) = state.actors.get(&person) {
-                    let _ = actor.cast(PersonMsg::Crash);
-                }
-            }
+            PersonSupervisorMsg::CrashPerson(person) => state.actors.crash(person),
         }
         Ok(())
     }
@@ -737,27 +740,16 @@ impl Actor for PersonSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorFailed(cell, error) => {
-                let Some(person) = state.by_actor.remove(&cell.get_id()) else {
-                    return Ok(());
-                };
-                state.supervision.panics += 1;
-                state.actors.remove(&person);
-                tracing::error!(partition = state.partition, person, %error, "person actor failed, restarting it empty");
-                state.supervision.lost_batches += 1;
-                state.changed.insert(person);
-                state.spawn(&myself, PersonState::new(person)).await?;
-                state.supervision.restarts += 1;
-            }
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if let Some(person) = state.by_actor.remove(&cell.get_id()) {
-                    state.actors.remove(&person);
-                }
-            }
-            _ => {}
-        }
-        Ok(())
+        // A failed person actor restarts with an empty state, which the next snapshot, even an
+        // incremental one, must hold: the person counts as changed.
+        let (rules, capture, changed) = (state.rules, state.capture, &mut state.changed);
+        state
+            .actors
+            .supervise(event, state.partition, myself.get_cell(), |person| {
+                changed.insert(person);
+                (PersonActor { rules, capture }, PersonState::new(person))
+            })
+            .await
     }
 
     async fn post_stop(
@@ -765,9 +757,7 @@ impl Actor for PersonSupervisor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for actor in state.actors.values() {
-            actor.stop(None);
-        }
+        state.actors.stop_all();
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
@@ -21,6 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, LocationSink, PendingSnapshot, PersonUpdateSink, SnapshotBlob,
 };
+use crate::actors::supervision::{restore_header, restore_parts, Child, Children};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
 use crate::index::{
@@ -148,6 +149,37 @@ impl Actor for ZoneActor {
     }
 }
 
+impl Child for ZoneActor {
+    type Key = ZoneId;
+    type Part = ZoneIndex;
+    const KIND: &'static str = "zone";
+    const CALL_TIMEOUT: Duration = CALL_TIMEOUT;
+
+    fn key((index, _): &Self::Arguments) -> ZoneId {
+        index.zone()
+    }
+
+    fn part_key(index: &ZoneIndex) -> ZoneId {
+        index.zone()
+    }
+
+    fn stored_key(zone: ZoneId) -> i64 {
+        zone as i64
+    }
+
+    fn snapshot_request(reply: RpcReplyPort<ZoneIndex>) -> ZoneMsg {
+        ZoneMsg::Snapshot(reply)
+    }
+
+    fn crash_request() -> ZoneMsg {
+        ZoneMsg::Crash
+    }
+
+    fn log_restart(partition: u32, zone: ZoneId, error: &ActorProcessingErr) {
+        tracing::error!(partition, zone, %error, "zone actor failed, restarting it empty");
+    }
+}
+
 fn zone_view(index: &ZoneIndex, limit: usize) -> ZoneView {
     ZoneView {
         zone: index.zone(),
@@ -199,9 +231,8 @@ pub struct ZoneSupervisorState {
     updates: Arc<dyn PersonUpdateSink>,
     clock: EventClock,
     counters: PartitionCounters,
-    zones: FxHashMap<ZoneId, ActorRef<ZoneMsg>>,
-    by_actor: FxHashMap<ActorId, ZoneId>,
-    supervision: SupervisionCounters,
+    /// The zone actors, with their panics and restarts.
+    zones: Children<ZoneActor>,
     next_offset: u64,
     port_retries: u64,
 }
@@ -313,12 +344,9 @@ impl ZoneSupervisorState {
         myself: &ActorRef<ZoneSupervisorMsg>,
         index: ZoneIndex,
     ) -> Result<ActorRef<ZoneMsg>, ActorProcessingErr> {
-        let zone = index.zone();
-        let (actor, _) =
-            Actor::spawn_linked(None, ZoneActor, (index, self.grid), myself.get_cell()).await?;
-        self.by_actor.insert(actor.get_id(), zone);
-        self.zones.insert(zone, actor.clone());
-        Ok(actor)
+        self.zones
+            .spawn(ZoneActor, (index, self.grid), myself.get_cell())
+            .await
     }
 
     async fn process(
@@ -405,12 +433,12 @@ impl ZoneSupervisorState {
                 Ok(_) | Err(_) => {
                     // The zone actor died or timed out: its updates for this batch are lost
                     // until the partition replays from its snapshot, which the view reports.
-                    self.supervision.lost_batches += 1;
+                    self.zones.lost_batch();
                 }
             }
         }
         if called < self.zones.len() {
-            for actor in self.zones.values() {
+            for actor in self.zones.actors() {
                 let _ = actor.cast(ZoneMsg::Evict { watermark });
             }
         }
@@ -427,7 +455,7 @@ impl ZoneSupervisorState {
     /// Evicts what the clock's watermark left behind and tells every person partition.
     async fn publish_watermark(&mut self) {
         let watermark = self.clock.watermark();
-        for actor in self.zones.values() {
+        for actor in self.zones.actors() {
             let _ = actor.cast(ZoneMsg::Evict { watermark });
         }
         self.publish(Vec::new(), watermark).await;
@@ -453,31 +481,20 @@ impl ZoneSupervisorState {
 
     async fn snapshot(&self) -> Result<PendingSnapshot, ActorProcessingErr> {
         let stored = self.locations.stored_so_far().await;
-        let calls = self
-            .zones
-            .values()
-            .map(|actor| actor.call(ZoneMsg::Snapshot, Some(CALL_TIMEOUT)));
-        let mut zones = Vec::with_capacity(self.zones.len());
-        for result in join_all(calls).await {
-            match result {
-                Ok(ractor::rpc::CallResult::Success(index)) => zones.push(index),
-                _ => return Err("a zone actor did not answer the snapshot request".into()),
-            }
-        }
-        zones.sort_by_key(ZoneIndex::zone);
+        // Every zone, every time: zones are few, and each one's points change with each
+        // watermark anyway.
+        let zones = self.zones.states(self.zones.sorted_keys()).await?;
         let header = ZonePartitionSnapshot {
             partition: self.partition,
             clock: self.clock,
             counters: self.counters,
         };
-        // Every zone, every time: zones are few, and each one's points change with each
-        // watermark anyway.
         Ok(PendingSnapshot::serialize(
             CapturedSnapshot {
                 header,
                 parts: zones
                     .into_iter()
-                    .map(|z| (z.zone() as i64, Some(z)))
+                    .map(|(zone, index)| (ZoneActor::stored_key(zone), Some(index)))
                     .collect(),
                 complete: true,
                 next_offset: self.next_offset,
@@ -520,34 +537,21 @@ impl Actor for ZoneSupervisor {
             updates: args.updates,
             clock: EventClock::new(&args.params),
             counters: PartitionCounters::default(),
-            zones: FxHashMap::default(),
-            by_actor: FxHashMap::default(),
-            supervision: SupervisionCounters::default(),
+            zones: Children::new(),
             next_offset: 0,
             port_retries: 0,
         };
         if let Some(blob) = args.snapshot {
-            if blob.format != ZONE_SNAPSHOT_FORMAT {
-                return Err(format!(
-                    "zone snapshot format {} is not {}",
-                    blob.format, ZONE_SNAPSHOT_FORMAT
-                )
-                .into());
-            }
-            let snapshot: ZonePartitionSnapshot = postcard::from_bytes(&blob.bytes)?;
+            let snapshot: ZonePartitionSnapshot =
+                restore_header::<ZoneActor, _>(&blob, ZONE_SNAPSHOT_FORMAT)?;
             state.clock = snapshot.clock;
             // The lateness and clock skew are this run's, whatever the snapshot's were.
             state.clock.reconfigure(&args.params);
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
-            for (zone, bytes) in blob.part_states() {
-                let index: ZoneIndex = postcard::from_bytes(bytes)?;
-                if index.zone() as i64 != zone {
-                    return Err(
-                        format!("zone snapshot part {zone} holds zone {}", index.zone()).into(),
-                    );
-                }
-                state.spawn_zone(&myself, index).await?;
+            // Restored zones start right away, each with its index.
+            for index in restore_parts::<ZoneActor>(&blob) {
+                state.spawn_zone(&myself, index?).await?;
             }
         }
         Ok(state)
@@ -601,15 +605,13 @@ impl Actor for ZoneSupervisor {
                 let _ = reply.send(blob);
             }
             ZoneSupervisorMsg::View(reply) => {
-                let mut zones: Vec<ZoneId> = state.zones.keys().copied().collect();
-                zones.sort_unstable();
                 let _ = reply.send(ZonePartitionView {
                     partition: state.partition,
                     watermark: state.clock.watermark(),
                     next_offset: state.next_offset,
-                    zones,
+                    zones: state.zones.sorted_keys(),
                     counters: state.counters,
-                    supervision: state.supervision,
+                    supervision: state.zones.supervision(),
                     port_retries: state.port_retries + state.locations.retries(),
                 });
             }
@@ -626,11 +628,7 @@ impl Actor for ZoneSupervisor {
                 };
                 let _ = reply.send(view);
             }
-            ZoneSupervisorMsg::CrashZone(zone) => {
-                if let Some(actor) = state.zones.get(&zone) {
-                    let _ = actor.cast(ZoneMsg::Crash);
-                }
-            }
+            ZoneSupervisorMsg::CrashZone(zone) => state.zones.crash(zone),
         }
         Ok(())
     }
@@ -641,30 +639,14 @@ impl Actor for ZoneSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorFailed(cell, error) => {
-                let Some(zone) = state.by_actor.remove(&cell.get_id()) else {
-                    return Ok(());
-                };
-                state.supervision.panics += 1;
-                state.zones.remove(&zone);
-                tracing::error!(partition = state.partition, zone, %error, "zone actor failed, restarting it empty");
-                // Its points are gone: matches against them are lost until the partition
-                // replays from its last snapshot (the pipeline's job; `lost_batches` tells).
-                state.supervision.lost_batches += 1;
-                state
-                    .spawn_zone(&myself, ZoneIndex::new(zone, &state.params))
-                    .await?;
-                state.supervision.restarts += 1;
-            }
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if let Some(zone) = state.by_actor.remove(&cell.get_id()) {
-                    state.zones.remove(&zone);
-                }
-            }
-            _ => {}
-        }
-        Ok(())
+        // A failed zone actor restarts with an empty index: its points are gone.
+        let (params, grid) = (&state.params, state.grid);
+        state
+            .zones
+            .supervise(event, state.partition, myself.get_cell(), |zone| {
+                (ZoneActor, (ZoneIndex::new(zone, params), grid))
+            })
+            .await
     }
 
     async fn post_stop(
@@ -672,9 +654,7 @@ impl Actor for ZoneSupervisor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        for actor in state.zones.values() {
-            actor.stop(None);
-        }
+        state.zones.stop_all();
         Ok(())
     }
 }
