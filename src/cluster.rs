@@ -72,9 +72,10 @@ impl Cluster {
 
     /// The pipeline; UNAVAILABLE until it started.
     pub fn pipeline(&self) -> Result<Arc<Pipeline>, ApiError> {
-        self.pipeline.get().cloned().ok_or_else(|| {
-            ApiError::unavailable("the pipeline has not started yet (broker or topics missing)")
-        })
+        self.pipeline
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable(crate::readiness::PIPELINE_NOT_STARTED))
     }
 
     /// A person's live state, wherever its actor lives: one answer for REST

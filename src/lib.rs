@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod proto;
+pub mod readiness;
 pub mod rest;
 pub mod startup;
 pub mod store;

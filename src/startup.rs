@@ -16,6 +16,7 @@ use crate::config::{redact_url, Config};
 use crate::grpc::{self, GrpcState};
 use crate::kafka::{topic_specs, Broker};
 use crate::pipeline::Pipeline;
+use crate::readiness::ReadinessProbe;
 use crate::rest::{self, RestState};
 use crate::store;
 
@@ -109,10 +110,15 @@ impl Server {
             Arc::clone(&self.pipeline),
         ));
 
-        let state = Arc::new(RestState {
+        let readiness = ReadinessProbe {
             pool: self.pool.clone(),
             broker: self.broker.clone(),
-            readiness_timeout: Duration::from_millis(self.config.readiness_timeout_ms),
+            pipeline: Arc::clone(&self.pipeline),
+            timeout: Duration::from_millis(self.config.readiness_timeout_ms),
+        };
+        let state = Arc::new(RestState {
+            pool: self.pool.clone(),
+            readiness: readiness.clone(),
             pipeline: Arc::clone(&self.pipeline),
             cors_origins: self
                 .config
@@ -140,12 +146,11 @@ impl Server {
         let grace = Duration::from_secs(self.config.shutdown_grace_s);
         let grpc_state = Arc::new(GrpcState {
             pool: self.pool.clone(),
-            broker: self.broker.clone(),
+            readiness,
             pipeline: Arc::clone(&self.pipeline),
             cluster: self.cluster.clone(),
             admin_token: self.config.admin_token.clone(),
             zone_resolution: self.config.zone_resolution,
-            readiness_timeout: Duration::from_millis(self.config.readiness_timeout_ms),
             shutdown: stop_rx.clone(),
         });
         let grpc = tokio::spawn(grpc::serve(

@@ -20,10 +20,9 @@ use tracing::{info, warn};
 use crate::cluster::Cluster;
 use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
-use crate::kafka::Broker;
 use crate::pipeline::Pipeline;
 use crate::proto::{v1, FILE_DESCRIPTOR_SET, SERVICES};
-use crate::store;
+use crate::readiness::ReadinessProbe;
 
 /// How often the health service re-checks readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -32,8 +31,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 pub struct GrpcState {
     /// PostgreSQL pool.
     pub pool: Pool,
-    /// The broker probe (readiness).
-    pub broker: Broker,
+    /// Readiness, the rule REST `/readyz` follows too.
+    pub readiness: ReadinessProbe,
     /// The pipeline, once it started.
     pub pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
     /// Local-or-forwarded live state.
@@ -42,8 +41,6 @@ pub struct GrpcState {
     pub admin_token: Option<Secret>,
     /// H3 resolution of a zone (to check `zone` arguments).
     pub zone_resolution: u8,
-    /// How long each readiness check may take.
-    pub readiness_timeout: Duration,
     /// Turns true when the service shuts down: live streams end then.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -52,23 +49,6 @@ impl GrpcState {
     /// The pipeline; UNAVAILABLE until it started.
     pub fn pipeline(&self) -> Result<Arc<Pipeline>, ApiError> {
         self.cluster.pipeline()
-    }
-
-    /// Whether PostgreSQL and the broker answer and the pipeline runs.
-    pub async fn ready(&self) -> bool {
-        if self.pipeline.get().is_none() {
-            return false;
-        }
-        let timeout = self.readiness_timeout;
-        let postgres = async {
-            matches!(
-                tokio::time::timeout(timeout, store::ping(&self.pool)).await,
-                Ok(Ok(()))
-            )
-        };
-        let kafka = async { self.broker.ping(timeout).await.is_ok() };
-        let (postgres, kafka) = tokio::join!(postgres, kafka);
-        postgres && kafka
     }
 }
 
@@ -145,7 +125,7 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, state: Ar
     loop {
         let status = if *shutdown.borrow() {
             ServingStatus::NotServing
-        } else if state.ready().await {
+        } else if state.readiness.ready().await {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing

@@ -24,9 +24,13 @@ fn offline_state() -> anyhow::Result<Arc<RestState>> {
     // Nothing here connects before it is used.
     Ok(Arc::new(RestState {
         cluster: crate::cluster::Cluster::new(Arc::clone(&pipeline), pool.clone(), None),
+        readiness: crate::readiness::ReadinessProbe {
+            pool: pool.clone(),
+            broker: Broker::new(&config)?,
+            pipeline: Arc::clone(&pipeline),
+            timeout: Duration::from_secs(1),
+        },
         pool,
-        broker: Broker::new(&config)?,
-        readiness_timeout: Duration::from_secs(1),
         pipeline,
         cors_origins: Vec::new(),
     }))

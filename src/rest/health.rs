@@ -1,4 +1,5 @@
-//! `/healthz` (the process is alive), `/readyz` (PostgreSQL and the broker answer) and
+//! `/healthz` (the process is alive), `/readyz` (PostgreSQL and the broker answer, the pipeline
+//! runs) and
 //! `/metrics` (Prometheus).
 
 use std::sync::Arc;
@@ -7,7 +8,6 @@ use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use super::RestState;
-use crate::store;
 
 #[derive(Tags)]
 enum ApiTags {
@@ -30,7 +30,7 @@ struct Liveness {
 /// One dependency's state.
 #[derive(Debug, Object)]
 struct DependencyCheck {
-    /// `postgres` or `kafka`.
+    /// `postgres`, `kafka` or `pipeline`.
     name: String,
     /// Whether it answered in time.
     ok: bool,
@@ -52,7 +52,7 @@ struct Readiness {
 
 #[derive(ApiResponse)]
 enum ReadinessResponse {
-    /// PostgreSQL and the broker both answer.
+    /// PostgreSQL and the broker answer, and the pipeline runs.
     #[oai(status = 200)]
     Ready(Json<Readiness>),
     /// At least one dependency does not answer; `missing` names it.
@@ -70,32 +70,21 @@ impl HealthApi {
         })
     }
 
-    /// Readiness: 200 only when PostgreSQL and the Kafka broker answer, else 503 naming
-    /// what is missing.
+    /// Readiness (`crate::readiness`, the rule gRPC health follows too): 200 only when
+    /// PostgreSQL and the Kafka broker answer and the pipeline has started, else 503 naming
+    /// what is missing (`postgres`, `kafka`, `pipeline`).
     #[oai(path = "/readyz", method = "get")]
     async fn readyz(&self) -> ReadinessResponse {
-        let timeout = self.state.readiness_timeout;
-        let postgres = async {
-            match tokio::time::timeout(timeout, store::ping(&self.state.pool)).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("postgres did not answer within {timeout:?}")),
-            }
-        };
-        let kafka = async {
-            self.state
-                .broker
-                .ping(timeout)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let (postgres, kafka) = tokio::join!(postgres, kafka);
-
-        let checks: Vec<DependencyCheck> = [("postgres", postgres), ("kafka", kafka)]
+        let checks: Vec<DependencyCheck> = self
+            .state
+            .readiness
+            .check()
+            .await
             .into_iter()
-            .map(|(name, result)| DependencyCheck {
-                name: name.to_owned(),
-                ok: result.is_ok(),
-                error: result.err(),
+            .map(|c| DependencyCheck {
+                name: c.name.to_owned(),
+                ok: c.error.is_none(),
+                error: c.error,
             })
             .collect();
         let missing: Vec<String> = checks

@@ -10,7 +10,6 @@ mod streams;
 mod v1;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use poem::http::StatusCode;
 use poem::middleware::Cors;
@@ -18,7 +17,6 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::OpenApiService;
 
 use crate::error::ApiError;
-use crate::kafka::Broker;
 use crate::pipeline::Pipeline;
 
 /// Largest accepted request body: a full batch of 10,000 events fits with room to spare.
@@ -28,10 +26,8 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub struct RestState {
     /// PostgreSQL pool.
     pub pool: deadpool_postgres::Pool,
-    /// The broker probe.
-    pub broker: Broker,
-    /// How long each readiness check may take.
-    pub readiness_timeout: Duration,
+    /// Readiness, the rule gRPC health follows too.
+    pub readiness: crate::readiness::ReadinessProbe,
     /// The pipeline, once it started.
     pub pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
     /// Origins a browser page may call the API from (`*` for any); empty: no CORS headers.
@@ -41,13 +37,9 @@ pub struct RestState {
 }
 
 impl RestState {
-    /// The pipeline, or a 503 while it has not started (broker or topics not there yet).
-    pub fn pipeline(&self) -> Result<&Arc<Pipeline>, ApiError> {
-        self.pipeline.get().ok_or_else(|| {
-            ApiError::unavailable(
-                "the pipeline has not started yet (the broker or its topics are not available); retry later",
-            )
-        })
+    /// The pipeline, or a 503 while it has not started (see [`crate::cluster::Cluster::pipeline`]).
+    pub fn pipeline(&self) -> Result<Arc<Pipeline>, ApiError> {
+        self.cluster.pipeline()
     }
 }
 

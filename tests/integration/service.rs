@@ -27,7 +27,13 @@ async fn ready_with_postgres_and_the_broker_and_topics_are_created() {
     let body = wait_for_status(&app.url("/readyz"), 200, Duration::from_secs(20)).await;
     assert_eq!(body["status"], "ready");
     assert!(missing(&body).is_empty(), "{body}");
-    assert_eq!(body["checks"].as_array().map(Vec::len), Some(2), "{body}");
+    let checked: Vec<&str> = body["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(checked, ["postgres", "kafka", "pipeline"], "{body}");
 
     // Start-up created the topics of docs/design.md §2 with the configured partition counts.
     let broker = Broker::new(&config).expect("kafka client");
@@ -159,4 +165,29 @@ async fn start_up_fails_with_a_clear_error_when_postgres_never_answers() {
         )),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn readiness_names_the_pipeline_while_it_has_not_started() {
+    let db = TestDb::new().await;
+    let config = Config {
+        kafka_brokers: format!("127.0.0.1:{}", free_port()),
+        ..test_config(&db)
+    };
+    let app = TestApp::spawn(config).await;
+    let body = wait_for_status(&app.url("/readyz"), 503, Duration::from_secs(20)).await;
+    assert_eq!(
+        missing(&body),
+        vec!["kafka".to_owned(), "pipeline".to_owned()],
+        "{body}"
+    );
+    let pipeline_check = &body["checks"][2];
+    assert!(
+        pipeline_check["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("has not started")),
+        "{body}"
+    );
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
 }
