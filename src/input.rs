@@ -9,6 +9,7 @@ use udaconnect_actors::zones::ZoneId;
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::store::queries::{HistoryCursor, HistoryQuery};
 
 /// A zone (an H3 cell at the zone resolution) as users' tools print it: H3's own lowercase
 /// hexadecimal form (`88390d51ddfffff`), the one way REST, gRPC and the docs write a zone.
@@ -41,6 +42,75 @@ pub fn parse_zone(text: &str, field: &str, resolution: Option<u8>) -> Result<Zon
 pub fn parse_uuid(text: &str, field: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
         .map_err(|e| ApiError::invalid(field, format!("must be a UUID ({e}; got {text:?})")))
+}
+
+/// Most episodes one history page holds, and how many when the request does not say.
+pub const MAX_PAGE_SIZE: u32 = 1_000;
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+/// A page size from 1 to [`MAX_PAGE_SIZE`], [`DEFAULT_PAGE_SIZE`] when `None`; 400 naming
+/// `field` otherwise. Every paginated list of REST and gRPC follows it.
+pub fn page_size(size: Option<i64>, field: &str) -> Result<u32, ApiError> {
+    match size {
+        None => Ok(DEFAULT_PAGE_SIZE),
+        Some(n) if (1..=i64::from(MAX_PAGE_SIZE)).contains(&n) => Ok(n as u32),
+        Some(n) => Err(ApiError::invalid(
+            field,
+            format!("must be from 1 to {MAX_PAGE_SIZE} (got {n})"),
+        )),
+    }
+}
+
+/// What a front end calls the page size and the cursor (named in its errors): REST
+/// `limit`/`cursor`, gRPC `page_size`/`page_token`.
+#[derive(Debug, Clone, Copy)]
+pub struct PageFields {
+    pub size: &'static str,
+    pub cursor: &'static str,
+}
+
+/// The one check of a history request: `person_id` positive, `to` not before `from`, a
+/// page size from 1 to [`MAX_PAGE_SIZE`] (`None`: [`DEFAULT_PAGE_SIZE`]), and a cursor this
+/// API handed out. Errors are 400s naming the field as `fields` calls it.
+pub fn history_query(
+    person_id: i64,
+    (from, to): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    size: Option<i64>,
+    cursor: Option<&str>,
+    fields: PageFields,
+) -> Result<HistoryQuery, ApiError> {
+    if person_id <= 0 {
+        return Err(ApiError::invalid(
+            "person_id",
+            format!("must be a positive id (got {person_id})"),
+        ));
+    }
+    if let (Some(from), Some(to)) = (from, to) {
+        if from > to {
+            return Err(ApiError::invalid(
+                "to",
+                format!("must not be before from (from {from}, to {to})"),
+            ));
+        }
+    }
+    let limit = page_size(size, fields.size)?;
+    let cursor = cursor
+        .map(|text| {
+            HistoryCursor::decode(text).ok_or_else(|| {
+                ApiError::invalid(
+                    fields.cursor,
+                    format!("is not a cursor this API handed out (got {text:?})"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(HistoryQuery {
+        person_id,
+        from,
+        to,
+        limit,
+        cursor,
+    })
 }
 
 /// A body type read from raw JSON with errors that name the field.

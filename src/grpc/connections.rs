@@ -10,15 +10,12 @@ use udaconnect_actors::domain::PersonId;
 
 use super::GrpcState;
 use crate::error::ApiError;
+use crate::input::{self, PageFields};
 use crate::proto::convert;
 use crate::proto::v1::connections_server::Connections;
 use crate::proto::v1::{ConnectionEvent, HistoryPage, HistoryRequest, SubscribeRequest};
-use crate::store::queries::{connection_history, HistoryCursor, HistoryQuery};
+use crate::store::queries::{connection_history, HistoryQuery};
 
-/// Page size when the request names none.
-pub const DEFAULT_PAGE_SIZE: u32 = 100;
-/// Largest page size.
-pub const MAX_PAGE_SIZE: u32 = 1_000;
 /// Most persons one subscription may follow.
 pub const MAX_SUBSCRIBED_PERSONS: usize = 1_000;
 
@@ -34,14 +31,9 @@ impl ConnectionsService {
     }
 }
 
-/// Checks a history request and turns it into the store's query.
+/// Checks a history request (the rule REST follows too) and turns it into the store's query;
+/// `page_size` 0 and an empty `page_token` mean unset (proto3 has no absent number or string).
 pub fn history_query(r: &HistoryRequest) -> Result<HistoryQuery, ApiError> {
-    if r.person_id <= 0 {
-        return Err(ApiError::invalid(
-            "person_id",
-            format!("must be a positive id (got {})", r.person_id),
-        ));
-    }
     let from = r
         .from
         .as_ref()
@@ -51,39 +43,17 @@ pub fn history_query(r: &HistoryRequest) -> Result<HistoryQuery, ApiError> {
         r.to.as_ref()
             .map(|t| convert::chrono_time(t, "to"))
             .transpose()?;
-    if let (Some(from), Some(to)) = (from, to) {
-        if from > to {
-            return Err(ApiError::invalid(
-                "to",
-                format!("must not be before from (from {from}, to {to})"),
-            ));
-        }
-    }
-    let limit = match r.page_size {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n <= MAX_PAGE_SIZE => n,
-        n => {
-            return Err(ApiError::invalid(
-                "page_size",
-                format!(
-                    "must be between 1 and {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE} (got {n})"
-                ),
-            ))
-        }
-    };
-    let cursor = match r.page_token.trim() {
-        "" => None,
-        token => Some(HistoryCursor::decode(token).ok_or_else(|| {
-            ApiError::invalid("page_token", "is not a page token this API handed out")
-        })?),
-    };
-    Ok(HistoryQuery {
-        person_id: r.person_id,
-        from,
-        to,
-        limit,
-        cursor,
-    })
+    let token = r.page_token.trim();
+    input::history_query(
+        r.person_id,
+        (from, to),
+        (r.page_size != 0).then_some(i64::from(r.page_size)),
+        (!token.is_empty()).then_some(token),
+        PageFields {
+            size: "page_size",
+            cursor: "page_token",
+        },
+    )
 }
 
 /// The persons among `ids` that do not exist.
@@ -190,6 +160,8 @@ impl Connections for ConnectionsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::DEFAULT_PAGE_SIZE;
+    use crate::store::queries::HistoryCursor;
 
     fn request() -> HistoryRequest {
         HistoryRequest {

@@ -17,10 +17,10 @@ use super::input::Checked;
 use super::poc::MAX_NAME_CHARS;
 use super::RestState;
 use crate::error::{ApiError, ErrorCode};
-use crate::input::{parse_rfc3339, zone_hex, Fields, FromJson};
+use crate::input::{history_query, parse_rfc3339, zone_hex, Fields, FromJson, PageFields};
 use crate::pipeline::ingest::IngestReport;
 use crate::store::pipeline::timestamp;
-use crate::store::queries::{self, HistoryCursor, HistoryQuery, NewPerson};
+use crate::store::queries::{self, NewPerson};
 
 #[derive(Tags)]
 enum ApiTags {
@@ -403,20 +403,9 @@ enum StatusOk {
 
 /// Most items in one batch.
 pub const MAX_BATCH: usize = 10_000;
-/// Default and largest page sizes.
-pub const DEFAULT_LIMIT: i64 = 100;
-pub const MAX_LIMIT: i64 = 1_000;
-
 /// A page size from the query string.
 pub fn limit(value: Option<i64>) -> Result<u32, ApiError> {
-    match value {
-        None => Ok(DEFAULT_LIMIT as u32),
-        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n as u32),
-        Some(n) => Err(ApiError::invalid(
-            "limit",
-            format!("must be from 1 to {MAX_LIMIT} (got {n})"),
-        )),
-    }
+    crate::input::page_size(value, "limit")
 }
 
 fn time_param(name: &str, value: Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
@@ -636,25 +625,16 @@ impl V1Api {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> RestResult<ConnectionsOk> {
-        let from = time_param("from", from.0)?;
-        let to = time_param("to", to.0)?;
-        if let (Some(f), Some(t)) = (from, to) {
-            if f > t {
-                return Err(ApiError::invalid("to", "must not be before from").into());
-            }
-        }
-        let limit = self::limit(limit.0)?;
-        let cursor = match cursor.0.as_deref() {
-            None => None,
-            Some(text) => Some(HistoryCursor::decode(text).ok_or_else(|| bad_cursor(text))?),
-        };
-        let query = HistoryQuery {
-            person_id: person_id.0,
-            from,
-            to,
-            limit,
-            cursor,
-        };
+        let query = history_query(
+            person_id.0,
+            (time_param("from", from.0)?, time_param("to", to.0)?),
+            limit.0,
+            cursor.0.as_deref(),
+            PageFields {
+                size: "limit",
+                cursor: "cursor",
+            },
+        )?;
         let page = queries::connection_history(&self.state.pool, &query)
             .await?
             .ok_or_else(|| unknown_person(person_id.0))?;

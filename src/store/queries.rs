@@ -316,7 +316,8 @@ pub fn decode_person_cursor(text: &str) -> Option<i64> {
         .ok()
 }
 
-/// A connection-history request, validated by the front end.
+/// A connection-history request, checked by `crate::input::history_query` (REST and gRPC
+/// alike).
 #[derive(Debug, Clone)]
 pub struct HistoryQuery {
     pub person_id: i64,
