@@ -8,18 +8,20 @@ use std::path::Path;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use udaconnect_actors::EngineParams;
 
 /// Prefix of every environment variable the service reads.
 pub const ENV_PREFIX: &str = "UDACONNECT_";
 
 /// The whole service configuration (one flat table; every key is also `UDACONNECT_<KEY>`).
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// PostgreSQL (with PostGIS) connection URL.
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// Largest number of pooled PostgreSQL connections.
     pub database_pool_size: usize,
     /// Kafka bootstrap servers, comma separated.
@@ -90,7 +92,7 @@ impl Default for Config {
     fn default() -> Self {
         let engine = EngineParams::default();
         Self {
-            database_url: "postgres://postgres@127.0.0.1:55432/udaconnect".to_owned(),
+            database_url: DatabaseUrl::new("postgres://postgres@127.0.0.1:55432/udaconnect"),
             database_pool_size: 16,
             kafka_brokers: "127.0.0.1:19092".to_owned(),
             kafka_producer_options: String::new(),
@@ -258,12 +260,17 @@ impl Config {
                 });
             }
         }
-        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
+        if self
+            .database_url
+            .expose()
+            .parse::<tokio_postgres::Config>()
+            .is_err()
+        {
             return Err(ConfigError::OutOfRange {
                 field: "database_url",
                 reason: format!(
                     "is not a PostgreSQL URL (got {})",
-                    redact_url(&self.database_url)
+                    self.database_url.redacted()
                 ),
             });
         }
@@ -384,61 +391,75 @@ fn describe_figment_error(error: figment::Error) -> String {
         .join("; ")
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Written by hand so the database password and the admin token never reach a log.
-        f.debug_struct("Config")
-            .field("database_url", &redact_url(&self.database_url))
-            .field("database_pool_size", &self.database_pool_size)
-            .field("kafka_brokers", &self.kafka_brokers)
-            .field("kafka_producer_options", &self.kafka_producer_options)
-            .field("kafka_consumer_options", &self.kafka_consumer_options)
-            .field("topic_prefix", &self.topic_prefix)
-            .field("locations_partitions", &self.locations_partitions)
-            .field("person_updates_partitions", &self.person_updates_partitions)
-            .field("connections_partitions", &self.connections_partitions)
-            .field("topic_replication", &self.topic_replication)
-            .field("rest_addr", &self.rest_addr)
-            .field("cors_origins", &self.cors_origins)
-            .field("grpc_addr", &self.grpc_addr)
-            .field("grpc_advertise_addr", &self.grpc_advertise_addr)
-            .field("admin_token", &self.admin_token)
-            .field("radius_m", &self.radius_m)
-            .field("window_s", &self.window_s)
-            .field("lateness_s", &self.lateness_s)
-            .field("episode_gap_s", &self.episode_gap_s)
-            .field("zone_resolution", &self.zone_resolution)
-            .field("future_skew_s", &self.future_skew_s)
-            .field("clock_skew_s", &self.clock_skew_s)
-            .field("late_horizon_s", &self.late_horizon_s)
-            .field("readiness_timeout_ms", &self.readiness_timeout_ms)
-            .field("ingest_ack_timeout_ms", &self.ingest_ack_timeout_ms)
-            .field("startup_wait_s", &self.startup_wait_s)
-            .field("shutdown_grace_s", &self.shutdown_grace_s)
-            .finish()
-    }
-}
-
-/// A configuration value that must never be printed.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A configuration value that must never be printed: kept in a `secrecy` box (zeroed when
+/// dropped; `Debug` shows `[REDACTED]`), compared in constant time (`subtle`), read only
+/// through [`Secret::expose`]. Serialized as the value itself, which only the configuration's
+/// own defaults and key list do.
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl Secret {
     /// Wraps a secret value.
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
     }
 
-    /// The secret itself, for the one place that compares or sends it.
+    /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
+    }
+
+    /// Whether `given` is this secret, in time that does not depend on where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        self.expose().as_bytes().ct_eq(given.as_bytes()).into()
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(other.expose())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.expose())
+    }
+}
+
+/// A PostgreSQL URL, which may carry a password: a [`Secret`] whose `Debug` shows the URL with
+/// the password replaced by `***` ([`redact_url`]).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(Secret);
+
+impl DatabaseUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(Secret::new(url))
+    }
+
+    /// The URL itself, for connecting.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        redact_url(self.expose())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
     }
 }
 
@@ -502,7 +523,7 @@ mod tests {
         assert_eq!(c.rest_addr.port(), 30001);
         assert_eq!(c.grpc_addr.port(), 30005);
         assert_eq!(c.kafka_brokers, "127.0.0.1:19092");
-        assert!(c.database_url.contains("127.0.0.1:55432"));
+        assert!(c.database_url.expose().contains("127.0.0.1:55432"));
         assert_eq!(c.validate().map_err(|e| e.to_string()), Ok(()));
     }
 
@@ -634,7 +655,7 @@ mod tests {
     #[test]
     fn secrets_never_reach_debug_output() {
         let c = Config {
-            database_url: "postgres://app:hunter2@db:5432/udaconnect".to_owned(),
+            database_url: DatabaseUrl::new("postgres://app:hunter2@db:5432/udaconnect"),
             admin_token: Some(Secret::new("tok-123")),
             ..Config::default()
         };
@@ -645,6 +666,13 @@ mod tests {
             printed.contains("postgres://app:***@db:5432/udaconnect"),
             "{printed}"
         );
+        // Derived: every key is there (the hand-written one had missed node_name).
+        for key in Config::keys() {
+            assert!(printed.contains(&format!("{key}:")), "{key} in {printed}");
+        }
+        let token = Secret::new("tok-123");
+        assert!(token.matches("tok-123"));
+        assert!(!token.matches("tok-12") && !token.matches("tok-1234") && !token.matches(""));
     }
 
     #[test]

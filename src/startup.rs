@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::cluster::Cluster;
-use crate::config::{redact_url, Config};
+use crate::config::Config;
 use crate::grpc::{self, GrpcState};
 use crate::kafka::{topic_specs, Broker};
 use crate::pipeline::Pipeline;
@@ -202,14 +202,14 @@ pub async fn wait_for_postgres(
         match pool.get().await {
             Ok(client) => return Ok(client),
             Err(e) if Instant::now() < deadline => {
-                warn!(database = %redact_url(&config.database_url), error = %e, "waiting for postgres");
+                warn!(database = %config.database_url.redacted(), error = %e, "waiting for postgres");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!(
                         "postgres at {} did not answer within startup_wait_s = {}",
-                        redact_url(&config.database_url),
+                        config.database_url.redacted(),
                         config.startup_wait_s
                     )
                 })

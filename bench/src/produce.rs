@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use udaconnect::config::redact_url;
 use udaconnect::kafka::Broker;
 use udaconnect::pipeline::ingest::{IngestError, IngestReport, Ingestor};
 use udaconnect::Config;
@@ -35,7 +34,7 @@ impl Services {
                 Err(e) if Instant::now() >= deadline => {
                     anyhow::bail!(
                         "postgres at {} is unreachable (waited {wait:?}): {}",
-                        redact_url(&config.database_url),
+                        config.database_url.redacted(),
                         describe(&e)
                     )
                 }

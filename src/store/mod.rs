@@ -12,7 +12,7 @@ pub use migrate::{migrate, MigrationReport, MIGRATIONS};
 pub use seed::{seed_poc, SeedReport};
 use tokio_postgres::NoTls;
 
-use crate::config::{redact_url, Config};
+use crate::config::Config;
 
 /// What can go wrong talking to PostgreSQL or loading data into it.
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +57,10 @@ pub fn pool(config: &Config, connect_timeout: Duration) -> Result<Pool, StoreErr
     let mut pg: tokio_postgres::Config =
         config
             .database_url
+            .expose()
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::BadUrl {
-                url: redact_url(&config.database_url),
+                url: config.database_url.redacted(),
                 reason: e.to_string(),
             })?;
     pg.connect_timeout(connect_timeout);

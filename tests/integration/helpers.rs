@@ -118,7 +118,7 @@ pub fn test_config(db: &TestDb) -> Config {
 /// A test configuration for the database at `url`.
 pub fn test_config_for(url: &str) -> Config {
     Config {
-        database_url: url.to_owned(),
+        database_url: udaconnect::config::DatabaseUrl::new(url),
         kafka_brokers: kafka_brokers(),
         topic_prefix: format!("test-{}", Uuid::new_v4().simple()),
         rest_addr: "127.0.0.1:0".parse().expect("addr"),
@@ -585,7 +585,7 @@ pub fn spawn_serve(
     }
     command
         .arg("serve")
-        .env("UDACONNECT_DATABASE_URL", &config.database_url)
+        .env("UDACONNECT_DATABASE_URL", config.database_url.expose())
         .env("UDACONNECT_KAFKA_BROKERS", &config.kafka_brokers)
         .env("UDACONNECT_TOPIC_PREFIX", &config.topic_prefix)
         .env(

@@ -996,7 +996,7 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_udaconnect"))
         .args(["ingest", "--file"])
         .arg(file.path())
-        .env("UDACONNECT_DATABASE_URL", &config.database_url)
+        .env("UDACONNECT_DATABASE_URL", config.database_url.expose())
         .env("UDACONNECT_KAFKA_BROKERS", &config.kafka_brokers)
         // The file's reports are of 2026-03-10, older than the default late horizon.
         .env(

@@ -128,7 +128,7 @@ async fn readiness_names_postgres_when_it_is_cut_off_and_recovers() {
         .replacen(&postgres_addr().to_string(), &proxy.addr.to_string(), 1);
     assert_ne!(url, db.url, "the database URL goes through the proxy");
     let config = Config {
-        database_url: url,
+        database_url: udaconnect::config::DatabaseUrl::new(url),
         ..test_config(&db)
     };
     let app = TestApp::spawn(config).await;
@@ -150,7 +150,9 @@ async fn readiness_names_postgres_when_it_is_cut_off_and_recovers() {
 async fn start_up_fails_with_a_clear_error_when_postgres_never_answers() {
     let unused_port = free_port();
     let config = Config {
-        database_url: format!("postgres://postgres@127.0.0.1:{unused_port}/udaconnect"),
+        database_url: udaconnect::config::DatabaseUrl::new(format!(
+            "postgres://postgres@127.0.0.1:{unused_port}/udaconnect"
+        )),
         startup_wait_s: 1,
         rest_addr: "127.0.0.1:0".parse().expect("addr"),
         ..Config::default()

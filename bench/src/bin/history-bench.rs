@@ -90,7 +90,7 @@ async fn run(cli: &Cli) -> anyhow::Result<Value> {
     let base = Config::load(None)?;
     let admin_url = match &cli.admin_url {
         Some(url) => url.clone(),
-        None => with_database(&base.database_url, "postgres")?,
+        None => with_database(base.database_url.expose(), "postgres")?,
     };
     let name = format!("udaconnect_bench_history_{}", Uuid::new_v4().simple());
     let admin = connect(&admin_url).await?;
@@ -196,7 +196,7 @@ async fn measure(cli: &Cli, base: &Config, url: &str) -> anyhow::Result<Value> {
     let load = populate(cli, &db).await?;
 
     let mut config = base.clone();
-    config.database_url = url.to_owned();
+    config.database_url = udaconnect::config::DatabaseUrl::new(url);
     config.rest_addr = "127.0.0.1:0".parse()?;
     config.grpc_addr = "127.0.0.1:0".parse()?;
     // Nothing answers there: the pipeline never starts and no topic is created.

@@ -210,7 +210,7 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
     base.validate()?;
     let admin_url = match &cli.admin_url {
         Some(url) => url.clone(),
-        None => with_database(&base.database_url, "postgres")?,
+        None => with_database(base.database_url.expose(), "postgres")?,
     };
     if cli.phases.contains(&Phase::Bare) && !cli.phases.contains(&Phase::Pipeline) {
         anyhow::bail!(
@@ -391,7 +391,7 @@ async fn fresh(
         .with_context(|| format!("failed to create database {name}"))?;
     leftovers.databases.push(name.clone());
     let mut config = base.clone();
-    config.database_url = with_database(admin_url, &name)?;
+    config.database_url = udaconnect::config::DatabaseUrl::new(with_database(admin_url, &name)?);
     config.topic_prefix = format!("bench-{id}");
     leftovers.prefixes.push(config.topic_prefix.clone());
     Ok(config)
@@ -756,6 +756,7 @@ impl CpuProbe {
             .and_then(|(_, p)| p.trim().parse::<u16>().ok());
         let database = config
             .database_url
+            .expose()
             .split('?')
             .next()
             .and_then(|u| u.rsplit_once('/'))

@@ -160,7 +160,7 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
     let config = &config;
     eprintln!(
         "udaconnect-sim: connecting to postgres at {} and the kafka broker at {}",
-        udaconnect::config::redact_url(&config.database_url),
+        config.database_url.redacted(),
         config.kafka_brokers
     );
     let services = Services::connect(config, Duration::from_secs(cli.wait_s)).await?;
