@@ -3,12 +3,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
+use backon::{ConstantBuilder, Retryable};
 use deadpool_postgres::Pool;
 use poem::listener::TcpAcceptor;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cluster::Cluster;
@@ -131,17 +133,13 @@ impl Server {
             cluster: self.cluster.clone(),
         });
         // One shutdown signal for both servers (and the live streams).
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stop_tx = Arc::new(stop_tx);
+        let stop = CancellationToken::new();
         let trigger = {
-            let stop_tx = Arc::clone(&stop_tx);
+            let stop = stop.clone();
             tokio::spawn(async move {
                 shutdown.await;
-                let _ = stop_tx.send(true);
+                stop.cancel();
             })
-        };
-        let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
         };
         let grace = Duration::from_secs(self.config.shutdown_grace_s);
         let grpc_state = Arc::new(GrpcState {
@@ -151,23 +149,27 @@ impl Server {
             cluster: self.cluster.clone(),
             admin_token: self.config.admin_token.clone(),
             zone_resolution: self.config.zone_resolution,
-            shutdown: stop_rx.clone(),
+            shutdown: stop.clone(),
         });
         let grpc = tokio::spawn(grpc::serve(
             self.grpc_listener,
             grpc_state,
-            signal(stop_rx.clone()),
+            stop.clone().cancelled_owned(),
             grace,
         ));
 
         let acceptor = TcpAcceptor::from_tokio(self.rest_listener)?;
         info!(rest_addr = %self.rest_addr, "rest server listening");
         let rest_result = poem::Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(rest::app(state), signal(stop_rx), Some(grace))
+            .run_with_graceful_shutdown(
+                rest::app(state),
+                stop.clone().cancelled_owned(),
+                Some(grace),
+            )
             .await
             .context("rest server failed");
         // The REST server may also have ended on an error: stop gRPC as well.
-        let _ = stop_tx.send(true);
+        stop.cancel();
         trigger.abort();
         let grpc_result = match grpc.await {
             Ok(result) => result,
@@ -192,31 +194,31 @@ pub async fn serve(
     Server::build(config).await?.run(shutdown).await
 }
 
-/// Waits until PostgreSQL hands out a connection, or `startup_wait_s` passed.
+/// Waits until PostgreSQL hands out a connection, asking every second for `startup_wait_s`.
 pub async fn wait_for_postgres(
     pool: &Pool,
     config: &Config,
 ) -> anyhow::Result<deadpool_postgres::Object> {
-    let deadline = Instant::now() + Duration::from_secs(config.startup_wait_s);
-    loop {
-        match pool.get().await {
-            Ok(client) => return Ok(client),
-            Err(e) if Instant::now() < deadline => {
-                warn!(database = %config.database_url.redacted(), error = %e, "waiting for postgres");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "postgres at {} did not answer within startup_wait_s = {}",
-                        config.database_url.redacted(),
-                        config.startup_wait_s
-                    )
-                })
-            }
-        }
-    }
+    let every_second = ConstantBuilder::new()
+        .with_delay(Duration::from_secs(1))
+        .with_max_times(config.startup_wait_s as usize);
+    (|| pool.get())
+        .retry(every_second)
+        .notify(|e, _| warn!(database = %config.database_url.redacted(), error = %e, "waiting for postgres"))
+        .await
+        .with_context(|| {
+            format!(
+                "postgres at {} did not answer within startup_wait_s = {}",
+                config.database_url.redacted(),
+                config.startup_wait_s
+            )
+        })
 }
+
+/// Every 2 s until it works: how start-up waits for the broker (readiness reports it).
+const UNTIL_THE_BROKER_ANSWERS: ConstantBuilder = ConstantBuilder::new()
+    .with_delay(Duration::from_secs(2))
+    .without_max_times();
 
 /// Creates the topics, then starts the pipeline, retrying while the broker is away.
 async fn start_pipeline(
@@ -225,42 +227,26 @@ async fn start_pipeline(
     pool: Pool,
     cell: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
 ) {
-    create_topics_until_done(&broker, &config).await;
-    loop {
-        match Pipeline::start(&config, pool.clone(), &broker).await {
-            Ok(pipeline) => {
-                let _ = cell.set(Arc::new(pipeline));
-                info!("pipeline started");
-                return;
-            }
-            Err(e) => {
-                warn!(
-                    error = format!("{e:#}"),
-                    "cannot start the pipeline yet; retrying"
-                );
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
+    let specs = topic_specs(&config);
+    let created =
+        (|| broker.ensure_topics(&specs, config.topic_replication, Duration::from_secs(5)))
+            .retry(UNTIL_THE_BROKER_ANSWERS)
+            .notify(|e, _| warn!(error = %e, "cannot create topics yet; retrying"))
+            .await;
+    if let Ok(created) = created {
+        info!(created = created.len(), total = specs.len(), "topics ready");
     }
-}
-
-/// Creates the service's topics, retrying while the broker is away (readiness reports it).
-async fn create_topics_until_done(broker: &Broker, config: &Config) {
-    let specs = topic_specs(config);
-    let timeout = Duration::from_secs(5);
-    loop {
-        match broker
-            .ensure_topics(&specs, config.topic_replication, timeout)
-            .await
-        {
-            Ok(created) => {
-                info!(created = created.len(), total = specs.len(), "topics ready");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot create topics yet; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
+    let started = (|| Pipeline::start(&config, pool.clone(), &broker))
+        .retry(UNTIL_THE_BROKER_ANSWERS)
+        .notify(|e, _| {
+            warn!(
+                error = format!("{e:#}"),
+                "cannot start the pipeline yet; retrying"
+            )
+        })
+        .await;
+    if let Ok(pipeline) = started {
+        let _ = cell.set(Arc::new(pipeline));
+        info!("pipeline started");
     }
 }

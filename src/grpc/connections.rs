@@ -128,10 +128,10 @@ impl Connections for ConnectionsService {
         let subscription = pipeline.hub().subscribe(&persons);
         let shutdown = self.state.shutdown.clone();
         let stream = futures::stream::unfold(Some((subscription, shutdown)), |state| async move {
-            let (mut subscription, mut shutdown) = state?;
+            let (mut subscription, shutdown) = state?;
             let next = tokio::select! {
                 n = subscription.recv() => n,
-                _ = shutdown.wait_for(|s| *s) => {
+                _ = shutdown.cancelled() => {
                     let status: Status =
                         ApiError::unavailable("the server is shutting down; subscribe again")
                             .into();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -42,7 +42,7 @@ pub struct GrpcState {
     /// H3 resolution of a zone (to check `zone` arguments).
     pub zone_resolution: u8,
     /// Turns true when the service shuts down: live streams end then.
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
 }
 
 impl GrpcState {
@@ -84,7 +84,8 @@ pub async fn serve(
         admin::authorize(state.admin_token.clone()),
     );
     let addr = listener.local_addr()?;
-    let (stopped_tx, mut stopped_rx) = watch::channel(false);
+    let stopped = CancellationToken::new();
+    let server_stopped = stopped.clone();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -98,7 +99,7 @@ pub async fn serve(
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
             shutdown.await;
-            let _ = stopped_tx.send(true);
+            server_stopped.cancel();
         });
     info!(grpc_addr = %addr, "grpc server listening");
     tokio::pin!(server);
@@ -106,7 +107,7 @@ pub async fn serve(
     let result = tokio::select! {
         result = &mut server => result,
         _ = async {
-            let _ = stopped_rx.wait_for(|s| *s).await;
+            stopped.cancelled().await;
             tokio::time::sleep(grace).await;
         } => {
             warn!("grpc requests still running after the grace period; closing");
@@ -120,10 +121,10 @@ pub async fn serve(
 /// Keeps `grpc.health.v1` in step with readiness: SERVING (overall and for each
 /// `udaconnect.v1` service) only while PostgreSQL and the broker answer and the pipeline runs.
 async fn report_health(reporter: tonic_health::server::HealthReporter, state: Arc<GrpcState>) {
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = &state.shutdown;
     let mut last = None;
     loop {
-        let status = if *shutdown.borrow() {
+        let status = if shutdown.is_cancelled() {
             ServingStatus::NotServing
         } else if state.readiness.ready().await {
             ServingStatus::Serving
@@ -138,9 +139,15 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, state: Ar
             }
             last = Some(status);
         }
+        if shutdown.is_cancelled() {
+            if last == Some(ServingStatus::NotServing) {
+                return;
+            }
+            continue;
+        }
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
-            _ = shutdown.changed() => {}
+            _ = shutdown.cancelled() => {}
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use udaconnect_actors::actors::ports::Stage;
 
@@ -332,7 +333,7 @@ pub struct NotOwned;
 /// A running stage consumer.
 pub struct StageConsumer {
     stage: &'static str,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
@@ -387,9 +388,9 @@ impl StageConsumer {
             .set("max.poll.interval.ms", "45000")
             .create_with_context(context)?;
         consumer.subscribe(&[&options.topic])?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let thread = {
-            let stop = Arc::clone(&stop);
+            let stop = stop.clone();
             let stage = options.stage.as_str();
             let topic = options.topic.clone();
             std::thread::Builder::new()
@@ -456,7 +457,7 @@ impl StageConsumer {
     /// Flushes, snapshots and commits every owned partition, leaves the group, and returns
     /// when done.
     pub async fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.cancel();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
@@ -561,7 +562,7 @@ fn start_partitions<F: WorkerFactory>(
 fn poll_loop<F: WorkerFactory>(
     consumer: BaseConsumer<StageContext<F>>,
     topic: &str,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     commands: &std_mpsc::Receiver<Command>,
 ) {
     let mut pending_commits: BTreeMap<i32, i64> = BTreeMap::new();
@@ -571,7 +572,7 @@ fn poll_loop<F: WorkerFactory>(
     // Partitions paused by an operator.
     let mut held: BTreeSet<i32> = BTreeSet::new();
     let mut last_commit = Instant::now();
-    while !stop.load(Ordering::Acquire) {
+    while !stop.is_cancelled() {
         while let Ok(command) = commands.try_recv() {
             match command {
                 Command::Commit(p, offset) => {

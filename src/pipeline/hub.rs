@@ -9,7 +9,7 @@
 //! reconnects and reads what it missed from the history API.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use udaconnect_actors::domain::{Notification, PersonId};
 use uuid::Uuid;
@@ -198,7 +199,7 @@ pub enum HubError {
 /// Reads the connections topic and fans notifications out to subscribers.
 pub struct NotificationHub {
     shared: Arc<HubShared>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -231,10 +232,10 @@ impl NotificationHub {
         }
         consumer.assign(&tpl)?;
         let shared = Arc::new(HubShared::default());
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let thread = {
             let shared = Arc::clone(&shared);
-            let stop = Arc::clone(&stop);
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name("notification-hub".to_owned())
                 .spawn(move || read_loop(&consumer, &shared, &stop))
@@ -302,7 +303,7 @@ impl NotificationHub {
 
     /// Stops reading; every subscription's stream ends.
     pub async fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.cancel();
         let thread = self.thread.lock().expect("not poisoned").take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -316,14 +317,14 @@ impl NotificationHub {
 
 impl Drop for NotificationHub {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.cancel();
     }
 }
 
-fn read_loop(consumer: &BaseConsumer, shared: &HubShared, stop: &AtomicBool) {
+fn read_loop(consumer: &BaseConsumer, shared: &HubShared, stop: &CancellationToken) {
     let mut recent = RecentIds::new(REMEMBERED_IDS);
     let mut poll_errors = ErrorThrottle::new(Duration::from_secs(10));
-    while !stop.load(Ordering::Acquire) {
+    while !stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => match codec::decode_notifications(message.payload()) {
                 Ok(notifications) => {
@@ -396,7 +397,7 @@ mod tests {
         let shared = Arc::new(HubShared::default());
         let hub = NotificationHub {
             shared: Arc::clone(&shared),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: CancellationToken::new(),
             thread: Mutex::new(None),
         };
         let mut seven = hub.subscribe(&[7, 7, 9]);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use udaconnect_actors::domain::{
     LocationEvent, Micros, NewLocationEvent, PersonId, ReportFingerprint, ValidationError,
@@ -818,11 +819,11 @@ impl Ingestor {
     }
 
     /// Sends heartbeats every `interval` while event time moves (with reports, or with the
-    /// clock once there was one), until `shutdown` turns true.
+    /// clock once there was one), until `shutdown` is cancelled.
     pub fn spawn_heartbeats(
         self: &Arc<Self>,
         interval: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -832,7 +833,7 @@ impl Ingestor {
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.cancelled() => return,
                 }
                 let Some(now) = this.heartbeat_time() else {
                     continue;

@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use rdkafka::consumer::BaseConsumer;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use udaconnect_actors::actors::person::PersonSupervisorMsg;
 use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::actors::zone::ZoneSupervisorMsg;
@@ -60,7 +61,7 @@ pub struct Pipeline {
     pool: Pool,
     probe: Arc<BaseConsumer>,
     topics: crate::config::Topics,
-    shutdown: watch::Sender<bool>,
+    shutdown: CancellationToken,
     heartbeats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     zone_partitions: u32,
     person_partitions: u32,
@@ -197,8 +198,8 @@ impl Pipeline {
             Ingestor::new(config, producer, pool.clone(), zone_partitions)
                 .with_counters(metrics.ingest.clone()),
         );
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, shutdown_rx);
+        let shutdown = CancellationToken::new();
+        let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, shutdown.clone());
         let probe: BaseConsumer = client_config(config)
             .create()
             .context("failed to create the kafka probe")?;
@@ -258,7 +259,7 @@ impl Pipeline {
     /// Stops heartbeats and both stages; every owned partition is flushed, snapshotted and
     /// committed first.
     pub async fn stop(&self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
         let heartbeats = self.heartbeats.lock().expect("not poisoned").take();
         if let Some(h) = heartbeats {
             let _ = h.await;

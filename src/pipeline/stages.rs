@@ -65,7 +65,7 @@ impl LocationSink for PgLocations {
         Box::pin(async move {
             let found = late_partners(&self.pool, late, before, self.window_s, self.radius_m)
                 .await
-                .map_err(|e| PortError(e.to_string()))?;
+                .map_err(PortError::of)?;
             self.counters.late_searches.inc();
             self.counters.late_copies.inc_by(late.len() as u64);
             Ok(found)
@@ -80,7 +80,7 @@ impl LocationSink for PgLocations {
         Box::pin(async move {
             let stored = store_locations(&self.pool, events)
                 .await
-                .map_err(|e| PortError(e.to_string()))?;
+                .map_err(PortError::of)?;
             self.counters.stored.inc_by(stored.inserted);
             for r in &stored.id_reused {
                 let e = &r.event;
@@ -130,7 +130,7 @@ impl PersonUpdateSink for KafkaPersonUpdates {
             self.producer
                 .send_all(&records)
                 .await
-                .map_err(|e| PortError(e.to_string()))
+                .map_err(PortError::of)
         })
     }
 }
@@ -185,7 +185,7 @@ impl ConnectionSink for PgConnections {
         Box::pin(async move {
             apply_changes(&self.pool, changes)
                 .await
-                .map_err(|e| PortError(e.to_string()))
+                .map_err(PortError::of)
         })
     }
 
@@ -215,7 +215,7 @@ impl ConnectionSink for PgConnections {
             self.producer
                 .send_all(&records)
                 .await
-                .map_err(|e| PortError(e.to_string()))
+                .map_err(PortError::of)
         })
     }
 }

@@ -18,11 +18,15 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database URL does not parse.
-    #[error("invalid database_url {url}: {reason}")]
-    BadUrl { url: String, reason: String },
-    /// No connection could be had from the pool.
+    #[error("invalid database_url {url}: {source}")]
+    BadUrl {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No connection could be had from the pool (or the pool could not be built).
     #[error("postgres unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A statement failed.
     #[error("postgres error: {0}")]
     Postgres(#[from] tokio_postgres::Error),
@@ -46,7 +50,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
-            other => StoreError::Unavailable(other.to_string()),
+            other => StoreError::Unavailable(Box::new(other)),
         }
     }
 }
@@ -59,9 +63,9 @@ pub fn pool(config: &Config, connect_timeout: Duration) -> Result<Pool, StoreErr
             .database_url
             .expose()
             .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::BadUrl {
+            .map_err(|source: tokio_postgres::Error| StoreError::BadUrl {
                 url: config.database_url.redacted(),
-                reason: e.to_string(),
+                source,
             })?;
     pg.connect_timeout(connect_timeout);
     pg.application_name("udaconnect");
@@ -82,7 +86,7 @@ pub fn pool(config: &Config, connect_timeout: Duration) -> Result<Pool, StoreErr
         .create_timeout(Some(connect_timeout))
         .recycle_timeout(Some(connect_timeout))
         .build()
-        .map_err(|e| StoreError::Unavailable(e.to_string()))
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))
 }
 
 /// Answers whether PostgreSQL takes a query right now.

@@ -25,10 +25,6 @@ pub fn micros(t: DateTime<Utc>) -> Micros {
     t.timestamp_micros()
 }
 
-fn port(e: impl std::fmt::Display) -> PortError {
-    PortError(e.to_string())
-}
-
 /// What [`store_locations`] did with a batch.
 #[derive(Debug, Default, PartialEq)]
 pub struct StoredLocations {
@@ -471,8 +467,8 @@ impl PgSnapshots {
         snapshot: &SnapshotBlob,
         topic_id: &str,
     ) -> Result<(), PortError> {
-        let mut client = self.pool.get().await.map_err(port)?;
-        let tx = client.transaction().await.map_err(port)?;
+        let mut client = self.pool.get().await.map_err(PortError::of)?;
+        let tx = client.transaction().await.map_err(PortError::of)?;
         let (stage, partition) = (stage.as_str(), partition as i32);
         tx.execute(
             "INSERT INTO shard_snapshot
@@ -492,7 +488,7 @@ impl PgSnapshots {
             ],
         )
         .await
-        .map_err(port)?;
+        .map_err(PortError::of)?;
         let (mut keys, mut states, mut removed) = (Vec::new(), Vec::new(), Vec::new());
         for (key, state) in &snapshot.parts {
             match state {
@@ -510,7 +506,7 @@ impl PgSnapshots {
                 &[&stage, &self.topic, &partition, &keys],
             )
             .await
-            .map_err(port)?;
+            .map_err(PortError::of)?;
         } else if !removed.is_empty() {
             tx.execute(
                 "DELETE FROM shard_snapshot_part
@@ -518,7 +514,7 @@ impl PgSnapshots {
                 &[&stage, &self.topic, &partition, &removed],
             )
             .await
-            .map_err(port)?;
+            .map_err(PortError::of)?;
         }
         if !keys.is_empty() {
             tx.execute(
@@ -528,9 +524,9 @@ impl PgSnapshots {
                 &[&stage, &self.topic, &partition, &keys, &states],
             )
             .await
-            .map_err(port)?;
+            .map_err(PortError::of)?;
         }
-        tx.commit().await.map_err(port)?;
+        tx.commit().await.map_err(PortError::of)?;
         Ok(())
     }
 
@@ -541,7 +537,7 @@ impl PgSnapshots {
         stage: Stage,
         partition: u32,
     ) -> Result<Option<(SnapshotBlob, Option<String>)>, PortError> {
-        let mut client = self.pool.get().await.map_err(port)?;
+        let mut client = self.pool.get().await.map_err(PortError::of)?;
         // The row and its parts as of one moment (a previous owner may still be storing).
         let tx = client
             .build_transaction()
@@ -549,7 +545,7 @@ impl PgSnapshots {
             .read_only(true)
             .start()
             .await
-            .map_err(port)?;
+            .map_err(PortError::of)?;
         let (stage, partition) = (stage.as_str(), partition as i32);
         let Some(row) = tx
             .query_opt(
@@ -558,7 +554,7 @@ impl PgSnapshots {
                 &[&stage, &self.topic, &partition],
             )
             .await
-            .map_err(port)?
+            .map_err(PortError::of)?
         else {
             return Ok(None);
         };
@@ -569,11 +565,11 @@ impl PgSnapshots {
                 &[&stage, &self.topic, &partition],
             )
             .await
-            .map_err(port)?
+            .map_err(PortError::of)?
             .into_iter()
             .map(|r| (r.get::<_, i64>(0), Some(r.get::<_, Vec<u8>>(1))))
             .collect();
-        tx.commit().await.map_err(port)?;
+        tx.commit().await.map_err(PortError::of)?;
         Ok(Some((
             SnapshotBlob {
                 next_offset: row.get::<_, i64>(0) as u64,
@@ -629,7 +625,7 @@ impl PgOwners {
 
     /// Records this process as the partition's owner (replacing a previous owner's row).
     pub async fn claim(&self, stage: Stage, partition: u32) -> Result<(), PortError> {
-        let client = self.pool.get().await.map_err(port)?;
+        let client = self.pool.get().await.map_err(PortError::of)?;
         client
             .execute(
                 "INSERT INTO shard_owner (stage, topic, partition, owner, owner_addr)
@@ -646,7 +642,7 @@ impl PgOwners {
                 ],
             )
             .await
-            .map_err(port)?;
+            .map_err(PortError::of)?;
         Ok(())
     }
 
@@ -673,7 +669,7 @@ impl PgOwners {
     }
 
     async fn update(&self, sql: &str, stage: Stage, partition: u32) -> Result<(), PortError> {
-        let client = self.pool.get().await.map_err(port)?;
+        let client = self.pool.get().await.map_err(PortError::of)?;
         client
             .execute(
                 sql,
@@ -685,7 +681,7 @@ impl PgOwners {
                 ],
             )
             .await
-            .map_err(port)?;
+            .map_err(PortError::of)?;
         Ok(())
     }
 }

@@ -1194,9 +1194,15 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
                 || {
                     let mut c = admin_client.clone();
                     async move {
-                        Ok(c.get_person(admin(GetPersonRequest { person_id: person }))
+                        let state = c
+                            .get_person(admin(GetPersonRequest { person_id: person }))
                             .await?
-                            .into_inner())
+                            .into_inner();
+                        // Until its report is processed the person has no actor state.
+                        if state.counters.is_none() {
+                            return Err(Status::not_found("no actor state yet"));
+                        }
+                        Ok(state)
                     }
                 },
             )

@@ -47,7 +47,7 @@ impl PersonUpdateSink for InProcessUpdates {
                         done: None,
                     })
                     .await
-                    .map_err(|e| PortError(format!("person partition {q} is gone: {e}")))?;
+                    .map_err(|e| PortError::new(format!("person partition {q} is gone: {e}")))?;
             }
             Ok(())
         })

@@ -8,10 +8,49 @@ use crate::domain::Notification;
 use crate::index::StoredCopy;
 use crate::messages::{EpisodeChange, LateCopy, PersonBatch, SeenCopy};
 
-/// A port's failure; the actors retry until it succeeds (backpressure, never loss).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PortError(pub String);
+/// A port's failure; the actors retry until it succeeds (backpressure, never loss). It shows
+/// as its cause when it has one ([`PortError::of`]), keeping the cause's own chain.
+#[derive(Debug, Clone)]
+pub struct PortError {
+    message: String,
+    cause: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl PortError {
+    /// A failure described in words.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A failure caused by `cause` (a store or broker error), kept as the source.
+    pub fn of(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            message: cause.to_string(),
+            cause: Some(std::sync::Arc::new(cause)),
+        }
+    }
+}
+
+impl std::fmt::Display for PortError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PortError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().and_then(|c| c.source())
+    }
+}
+
+impl PartialEq for PortError {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message
+    }
+}
 
 /// Where the zone stage keeps the copies its zones saw: home events in the `location` table
 /// (idempotent on event id), ghost copies beside them, each with the input offset that
@@ -135,9 +174,9 @@ impl PendingSnapshot {
     {
         Self(Box::pin(async move {
             if let Some(durable) = durable {
-                durable.await.map_err(|_| {
-                    PortError("the writes the snapshot covers were abandoned".to_owned())
-                })?;
+                durable
+                    .await
+                    .map_err(|_| PortError::new("the writes the snapshot covers were abandoned"))?;
             }
             let serialize = move || -> Result<SnapshotBlob, postcard::Error> {
                 let mut parts = Vec::with_capacity(captured.parts.len());
@@ -154,8 +193,8 @@ impl PendingSnapshot {
             };
             tokio::task::spawn_blocking(serialize)
                 .await
-                .map_err(|e| PortError(format!("serializing the snapshot panicked: {e}")))?
-                .map_err(|e| PortError(format!("cannot serialize the snapshot: {e}")))
+                .map_err(|e| PortError::new(format!("serializing the snapshot panicked: {e}")))?
+                .map_err(|e| PortError::new(format!("cannot serialize the snapshot: {e}")))
         }))
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use udaconnect::pipeline::HEARTBEAT_INTERVAL;
 use udaconnect::Config;
 use udaconnect_actors::domain::{LocationEvent, Micros, NewLocationEvent, MICROS_PER_S};
@@ -179,8 +179,8 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
         "udaconnect-sim: producing to {topic} ({} partitions)",
         ingestor.partitions()
     );
-    let (stop_heartbeats, stop_rx) = watch::channel(false);
-    let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, stop_rx);
+    let stop_heartbeats = tokio_util::sync::CancellationToken::new();
+    let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, stop_heartbeats.clone());
 
     // Generation runs on its own thread, a few batches ahead of the sender.
     let (tx, rx) = mpsc::channel::<Vec<LocationEvent>>(16);
@@ -237,7 +237,7 @@ async fn run(cli: &Cli, config: &Config, sim: &Simulation) -> anyhow::Result<Out
             .context("the end-of-conference heartbeat was not acknowledged")?;
         finished_at = Some(end);
     }
-    let _ = stop_heartbeats.send(true);
+    stop_heartbeats.cancel();
     let _ = heartbeats.await;
     let elapsed = sender.started.elapsed().as_secs_f64();
     let tally = &sender.tally;
