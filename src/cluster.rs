@@ -25,7 +25,7 @@ use crate::pipeline::Pipeline;
 use crate::proto::convert;
 use crate::proto::v1::admin_client::AdminClient;
 use crate::proto::v1::{GetPersonRequest, GetZoneRequest};
-use crate::store::pipeline::{shard_owners, ShardOwner};
+use crate::store::owners::{shard_owners, ShardOwner};
 
 /// Metadata key marking a request one process forwarded to another: answer it locally.
 pub const FORWARDED: &str = "x-udaconnect-forwarded";

@@ -136,10 +136,10 @@ pub struct PipelineMetrics {
     pub mismatches: Family<MismatchLabels, Counter>,
 }
 
-impl PipelineMetrics {
-    /// Creates the families, registers them in `registry` under their exported names, and
-    /// creates every labelled series up front (so a zero shows as 0, not as absent).
-    pub fn register(registry: &mut Registry, mismatch_kinds: &[&'static str]) -> Self {
+impl IngestCounters {
+    /// Registers the ingest side's series; `id_reused` is the family it shares with the zone
+    /// stage (`stage="ingest"` is counted here).
+    fn register(registry: &mut Registry, id_reused: &Family<StageLabel, Counter>) -> Self {
         let events = Family::<ResultLabel, Counter>::default();
         registry.register(
             "udaconnect_ingest_events",
@@ -153,22 +153,14 @@ impl PipelineMetrics {
              reason (ahead_of_clock: stamped more than clock_skew_s ahead of their receive time)",
             untrusted.clone(),
         );
-        let id_reused = Family::<StageLabel, Counter>::default();
-        registry.register(
-            "udaconnect_event_id_reused",
-            "Reports whose event_id was already a different report's: refused at ingest (409), \
-             or dead-lettered by the zone stage when ingest did not know the first",
-            id_reused.clone(),
-        );
-        let ingest = IngestCounters {
+        let ingest = Self {
             accepted: events.get_or_create_owned(&ResultLabel { result: "accepted" }),
             rejected: events.get_or_create_owned(&ResultLabel { result: "rejected" }),
-            records: Counter::default(),
-            copies_per_record: size_histogram(),
             ahead_of_clock: untrusted.get_or_create_owned(&ReasonLabel {
                 reason: "ahead_of_clock",
             }),
             id_reused: id_reused.get_or_create_owned(&StageLabel { stage: "ingest" }),
+            ..Self::default()
         };
         registry.register(
             "udaconnect_ingest_records",
@@ -180,9 +172,16 @@ impl PipelineMetrics {
             "Routed event copies packed into one locations record",
             ingest.copies_per_record.clone(),
         );
-        let locations = LocationCounters {
+        ingest
+    }
+}
+
+impl LocationCounters {
+    /// Registers the location sink's series (`stage="zones"` of `id_reused` is counted here).
+    fn register(registry: &mut Registry, id_reused: &Family<StageLabel, Counter>) -> Self {
+        let locations = Self {
             id_reused: id_reused.get_or_create_owned(&StageLabel { stage: "zones" }),
-            ..LocationCounters::default()
+            ..Self::default()
         };
         registry.register(
             "udaconnect_late_searches",
@@ -199,7 +198,13 @@ impl PipelineMetrics {
             "Home events newly stored in the location table",
             locations.stored.clone(),
         );
+        locations
+    }
+}
 
+impl StageCounters {
+    /// Registers the stage consumers' families; the zones' and the persons' series.
+    fn register(registry: &mut Registry) -> (Self, Self) {
         let records = Family::<StageLabel, Counter>::default();
         registry.register(
             "udaconnect_stage_records",
@@ -225,14 +230,31 @@ impl PipelineMetrics {
             let label = StageLabel {
                 stage: stage.as_str(),
             };
-            StageCounters {
+            Self {
                 records: records.get_or_create_owned(&label),
                 backpressure_s: backpressure.get_or_create_owned(&label),
                 batch_records: batch_records.get_or_create_owned(&label),
             }
         };
-        let (zones, persons) = (stage(Stage::Zones), stage(Stage::Persons));
+        (stage(Stage::Zones), stage(Stage::Persons))
+    }
+}
 
+impl PipelineMetrics {
+    /// Creates the families, registers them in `registry` under their exported names, and
+    /// creates every labelled series up front (so a zero shows as 0, not as absent);
+    /// `mismatch_kinds` are the kinds of snapshot offset mismatch.
+    pub fn register(registry: &mut Registry, mismatch_kinds: &[&'static str]) -> Self {
+        let id_reused = Family::<StageLabel, Counter>::default();
+        registry.register(
+            "udaconnect_event_id_reused",
+            "Reports whose event_id was already a different report's: refused at ingest (409), \
+             or dead-lettered by the zone stage when ingest did not know the first",
+            id_reused.clone(),
+        );
+        let ingest = IngestCounters::register(registry, &id_reused);
+        let locations = LocationCounters::register(registry, &id_reused);
+        let (zones, persons) = StageCounters::register(registry);
         let mismatches = Family::<MismatchLabels, Counter>::default();
         registry.register(
             "udaconnect_snapshot_offset_mismatches",

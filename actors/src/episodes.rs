@@ -185,6 +185,10 @@ impl PersonState {
     /// which are kept for that: the result is announced as `connection.updated` (or
     /// `connection.started`, then `connection.ended` when it is a new episode already past its
     /// deadline), and rewritten with its `ended_at` when still closed.
+    ///
+    /// (Longer than our ~120-line rule on purpose: the episode rule's cases — repeat, extend,
+    /// merge, start, reopen — read top to bottom as docs/design.md §1 states them, each
+    /// touching the same segments; the oracle proptests pin them.)
     #[allow(clippy::too_many_arguments)]
     pub fn colocation(
         &mut self,

@@ -6,15 +6,15 @@
 
 pub mod actors;
 pub mod domain;
-pub mod engine;
 pub mod episodes;
 pub mod geo;
-pub mod index;
 pub mod messages;
 #[cfg(any(test, feature = "test-support"))]
 pub mod oracle;
 pub mod params;
+pub mod sync_engine;
+pub mod zone_index;
 pub mod zones;
 
-pub use engine::{Engine, EngineOptions, EpisodeTable, Router};
 pub use params::{EngineParams, ParamsError};
+pub use sync_engine::{Engine, EngineOptions, EpisodeTable, Router};

@@ -1,7 +1,7 @@
 //! The actor engine: same results as the synchronous engine (and the oracle), snapshot and
 //! restore mid-stream, state views, restarts after a panic.
 
-use udaconnect_actors::actors::engine::{ActorEngine, ActorEngineOptions};
+use udaconnect_actors::actors::in_process::{ActorEngine, ActorEngineOptions};
 use udaconnect_actors::domain::{derived_event_id, LocationEvent, Micros, MICROS_PER_S};
 use udaconnect_actors::oracle::oracle;
 use udaconnect_actors::zones::{mix64, ZoneGrid};

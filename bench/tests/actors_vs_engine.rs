@@ -1,7 +1,7 @@
 //! On simulated conferences, the actor engine's final episodes equal the synchronous
 //! engine's, whatever the partitioning.
 
-use udaconnect_actors::actors::engine::{ActorEngine, ActorEngineOptions};
+use udaconnect_actors::actors::in_process::{ActorEngine, ActorEngineOptions};
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 use udaconnect_bench::sim::{simulate, ConferenceConfig};
 

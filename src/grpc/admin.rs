@@ -24,7 +24,7 @@ use crate::proto::v1::{
     ListZonesRequest, ListZonesResponse, PartitionStatus, PersonState, Process,
     TriggerSnapshotRequest, TriggerSnapshotResponse, ZonePartition, ZoneState, ZoneSummary,
 };
-use crate::store::pipeline::ShardOwner;
+use crate::store::owners::ShardOwner;
 
 /// Points of a zone returned when the request names no limit.
 pub const DEFAULT_POINT_LIMIT: u32 = 100;

@@ -559,6 +559,68 @@ fn start_partitions<F: WorkerFactory>(
     });
 }
 
+/// Commits the pending offsets of the partitions this process still owns (asynchronously: a
+/// later commit covers a failed one).
+fn commit_owned<F: WorkerFactory>(
+    consumer: &BaseConsumer<StageContext<F>>,
+    topic: &str,
+    pending: &mut BTreeMap<i32, i64>,
+) {
+    let owned = consumer
+        .context()
+        .workers
+        .lock()
+        .expect("not poisoned")
+        .keys()
+        .copied()
+        .collect::<Vec<_>>();
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &offset) in pending.iter() {
+        if owned.contains(&p) {
+            let _ = tpl.add_partition_offset(topic, p, Offset::Offset(offset));
+        }
+    }
+    pending.clear();
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            warn!(error = %e, "offset commit failed; a later one covers it");
+        }
+    }
+}
+
+/// Hands a fetched record to its partition's worker, waiting while the worker's channel is
+/// full (backpressure reaches the broker), counted.
+fn hand_over<F: WorkerFactory>(
+    consumer: &BaseConsumer<StageContext<F>>,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) {
+    let record = Record {
+        offset: message.offset(),
+        payload: message.payload().map(<[u8]>::to_vec),
+    };
+    let tx = consumer
+        .context()
+        .workers
+        .lock()
+        .expect("not poisoned")
+        .get(&message.partition())
+        .cloned();
+    if let Some(tx) = tx {
+        let counters = &consumer.context().counters;
+        counters.records.inc();
+        match tx.try_send(Input::Record(record)) {
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                let waited = Instant::now();
+                let _ = tx.blocking_send(input);
+                counters
+                    .backpressure_s
+                    .inc_by(waited.elapsed().as_secs_f64());
+            }
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
 fn poll_loop<F: WorkerFactory>(
     consumer: BaseConsumer<StageContext<F>>,
     topic: &str,
@@ -615,58 +677,11 @@ fn poll_loop<F: WorkerFactory>(
             start_partitions(&consumer, topic, &mut starting, &held);
         }
         if !pending_commits.is_empty() && last_commit.elapsed() > Duration::from_millis(200) {
-            let owned = consumer
-                .context()
-                .workers
-                .lock()
-                .expect("not poisoned")
-                .keys()
-                .copied()
-                .collect::<Vec<_>>();
-            let mut tpl = TopicPartitionList::new();
-            for (&p, &offset) in &pending_commits {
-                if owned.contains(&p) {
-                    let _ = tpl.add_partition_offset(topic, p, Offset::Offset(offset));
-                }
-            }
-            pending_commits.clear();
+            commit_owned(&consumer, topic, &mut pending_commits);
             last_commit = Instant::now();
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    warn!(error = %e, "offset commit failed; a later one covers it");
-                }
-            }
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                let partition = message.partition();
-                let record = Record {
-                    offset: message.offset(),
-                    payload: message.payload().map(<[u8]>::to_vec),
-                };
-                let tx = consumer
-                    .context()
-                    .workers
-                    .lock()
-                    .expect("not poisoned")
-                    .get(&partition)
-                    .cloned();
-                if let Some(tx) = tx {
-                    let counters = &consumer.context().counters;
-                    counters.records.inc();
-                    match tx.try_send(Input::Record(record)) {
-                        Err(mpsc::error::TrySendError::Full(input)) => {
-                            // Waits while the worker is busy: backpressure reaches the broker.
-                            let waited = Instant::now();
-                            let _ = tx.blocking_send(input);
-                            counters
-                                .backpressure_s
-                                .inc_by(waited.elapsed().as_secs_f64());
-                        }
-                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                    }
-                }
-            }
+            Some(Ok(message)) => hand_over(&consumer, &message),
             Some(Err(e)) => {
                 if let Some(suppressed) = poll_errors.report() {
                     warn!(stage = consumer.context().stage, error = %e, suppressed, "poll error (the same kind of error is logged at most every 10 s)");

@@ -16,15 +16,15 @@ use tracing::warn;
 use udaconnect_actors::domain::{
     LocationEvent, Micros, NewLocationEvent, PersonId, ReportFingerprint, ValidationError,
 };
-use udaconnect_actors::engine::Router;
 use udaconnect_actors::messages::RoutedEvent;
+use udaconnect_actors::sync_engine::Router;
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::kafka::{OutRecord, Producer};
 use crate::metrics::IngestCounters;
 use crate::pipeline::codec::LocationRecord;
-use crate::store::pipeline::stored_fingerprints;
+use crate::store::locations::stored_fingerprints;
 use crate::store::StoreError;
 
 /// At most this many routed copies go into one record (about 80 bytes each).
@@ -802,8 +802,8 @@ impl Ingestor {
                 let stored: Vec<(Micros, Micros)> = rows
                     .iter()
                     .map(|r| {
-                        let recorded = crate::store::pipeline::micros(r.get(0));
-                        let received = crate::store::pipeline::micros(r.get(1));
+                        let recorded = crate::store::micros(r.get(0));
+                        let received = crate::store::micros(r.get(1));
                         let trusted =
                             udaconnect_actors::params::trusted_time(recorded, received, skew_us);
                         (trusted, received)

@@ -113,8 +113,9 @@ fn counters<L: prometheus_client::encoding::EncodeLabelSet>(
     Ok(())
 }
 
-impl Collector for StatusCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+impl StatusCollector {
+    /// The owned partitions' gauges and counters.
+    fn encode_partitions(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         type Gauge = (&'static str, &'static str, fn(&PartitionStatus) -> f64);
         let partition_gauges: [Gauge; 4] = [
             (
@@ -147,7 +148,7 @@ impl Collector for StatusCollector {
         ];
         for (name, help, value) in partition_gauges {
             gauges(
-                &mut encoder,
+                encoder,
                 name,
                 help,
                 self.owned().map(|(l, p)| (l, value(p))),
@@ -160,23 +161,28 @@ impl Collector for StatusCollector {
                 .collect();
             if !samples.is_empty() {
                 counters(
-                    &mut encoder,
+                    encoder,
                     &format!("udaconnect_partition_{counter}"),
                     &format!("{help}, since the partition was assigned to this process"),
                     samples,
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// This process's figures: lag, snapshot ages, the notification hub.
+    fn encode_process(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let status = &self.0;
         single(
-            &mut encoder,
+            encoder,
             "udaconnect_lag_total",
             "Records of this process's partitions not processed yet",
             MetricType::Gauge,
             status.lag_total as f64,
         )?;
         gauges(
-            &mut encoder,
+            encoder,
             "udaconnect_snapshot_age_seconds",
             "Age of the stored snapshot of a partition this process owns",
             status
@@ -221,7 +227,7 @@ impl Collector for StatusCollector {
         ];
         for (name, help, value) in hub_counters {
             single(
-                &mut encoder,
+                encoder,
                 &format!("udaconnect_hub_{name}"),
                 help,
                 MetricType::Counter,
@@ -229,12 +235,19 @@ impl Collector for StatusCollector {
             )?;
         }
         single(
-            &mut encoder,
+            encoder,
             "udaconnect_hub_subscribers",
             "Live notification subscribers",
             MetricType::Gauge,
             hub.subscribers as f64,
         )
+    }
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        self.encode_partitions(&mut encoder)?;
+        self.encode_process(&mut encoder)
     }
 }
 

@@ -25,7 +25,7 @@ use udaconnect_actors::actors::person::PersonSupervisorMsg;
 use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::actors::zone::ZoneSupervisorMsg;
 
-use crate::config::Config;
+use crate::config::{Config, Topics};
 use crate::kafka::{client_config, Broker, Producer};
 use crate::metrics::{PipelineMetrics, Registry};
 use crate::pipeline::consumer::{StageConsumer, StageOptions};
@@ -37,7 +37,8 @@ use crate::pipeline::stages::{
     PgConnections, PgLocations, ZoneStage,
 };
 pub use crate::pipeline::status::{PartitionFigures, PartitionStatus, PipelineStatus, StageStatus};
-use crate::store::pipeline::{PgOwners, PgSnapshots};
+use crate::store::owners::PgOwners;
+use crate::store::snapshots::PgSnapshots;
 
 /// Consumer group of stage one.
 pub const ZONES_GROUP: &str = "udaconnect-zones";
@@ -60,7 +61,7 @@ pub struct Pipeline {
     node: String,
     pool: Pool,
     probe: Arc<BaseConsumer>,
-    topics: crate::config::Topics,
+    topics: Topics,
     shutdown: CancellationToken,
     heartbeats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     zone_partitions: u32,
@@ -72,20 +73,93 @@ pub const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the ingest side sends a heartbeat while event time moves.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 
+/// What the stages of one pipeline are built from.
+struct Parts<'a> {
+    config: &'a Config,
+    pool: &'a Pool,
+    broker: &'a Broker,
+    producer: &'a Producer,
+    metrics: &'a PipelineMetrics,
+    node: String,
+    /// Where peers reach this process's gRPC server (start-up fills in the bound address).
+    owner_addr: String,
+}
+
+impl Parts<'_> {
+    /// Where a stage reading `source_topic` dead-letters into `topic`.
+    fn dead_letters(&self, source_topic: &str, topic: &str) -> DeadLetters {
+        DeadLetters {
+            producer: self.producer.clone(),
+            source_topic: source_topic.to_owned(),
+            topic: topic.to_owned(),
+            count: self.metrics.dead_letters.clone(),
+        }
+    }
+
+    /// Where the stage reading `topic` keeps its snapshots and owner rows.
+    fn store(&self, stage: Stage, topic: &str) -> PartitionStore {
+        PartitionStore {
+            stage,
+            topic: topic.to_owned(),
+            snapshots: PgSnapshots::new(self.pool.clone(), topic),
+            owners: PgOwners::new(self.pool.clone(), topic, &self.node, &self.owner_addr),
+            broker: self.broker.clone(),
+            mismatches: Arc::new(OffsetMismatches {
+                current: std::sync::Mutex::default(),
+                found: self.metrics.mismatches.clone(),
+            }),
+        }
+    }
+
+    /// Joins `stage`'s consumer group on `topic`, its partitions handled by `factory`.
+    fn consumer<F: crate::pipeline::consumer::WorkerFactory>(
+        &self,
+        stage: Stage,
+        topic: &str,
+        factory: F,
+    ) -> anyhow::Result<StageConsumer> {
+        let (group, counters) = match stage {
+            Stage::Zones => (ZONES_GROUP, &self.metrics.zones),
+            Stage::Persons => (PERSONS_GROUP, &self.metrics.persons),
+        };
+        StageConsumer::start(
+            self.config,
+            StageOptions {
+                stage,
+                group: format!("{}.{group}", self.config.topic_prefix),
+                topic: topic.to_owned(),
+                snapshot_interval: SNAPSHOT_INTERVAL,
+                counters: counters.clone(),
+            },
+            Arc::new(factory),
+        )
+        .with_context(|| format!("failed to start the {} stage", stage.as_str()))
+    }
+}
+
+/// The partition counts of the locations, person-updates and connections topics.
+async fn partition_counts(broker: &Broker, topics: &Topics) -> anyhow::Result<[u32; 3]> {
+    let mut counts = [0; 3];
+    for (count, name) in counts.iter_mut().zip([
+        &topics.locations,
+        &topics.person_updates,
+        &topics.connections,
+    ]) {
+        *count = broker
+            .partition_count(name, Duration::from_secs(10))
+            .await
+            .context("failed to read topic metadata")?
+            .with_context(|| format!("topic {name} does not exist"))?;
+    }
+    Ok(counts)
+}
+
 impl Pipeline {
     /// Starts the producer, the ingestor and both stage consumers. The topics must exist.
     pub async fn start(config: &Config, pool: Pool, broker: &Broker) -> anyhow::Result<Self> {
         let topics = config.topics();
-        let count = |name: String| async move {
-            broker
-                .partition_count(&name, Duration::from_secs(10))
-                .await
-                .context("failed to read topic metadata")?
-                .with_context(|| format!("topic {name} does not exist"))
-        };
-        let zone_partitions = count(topics.locations.clone()).await?;
-        let person_partitions = count(topics.person_updates.clone()).await?;
-        let connection_partitions = count(topics.connections.clone()).await?;
+        let [zone_partitions, person_partitions, connection_partitions] =
+            partition_counts(broker, &topics).await?;
         let producer = Producer::new(config).context("failed to create the kafka producer")?;
         let params = config.engine_params();
         let mut registry = Registry::default();
@@ -98,54 +172,35 @@ impl Pipeline {
             ]
             .map(MismatchKind::as_str),
         );
-        let dead_letters = |source_topic: &str, topic: &str| DeadLetters {
-            producer: producer.clone(),
-            source_topic: source_topic.to_owned(),
-            topic: topic.to_owned(),
-            count: metrics.dead_letters.clone(),
+        let parts = Parts {
+            config,
+            pool: &pool,
+            broker,
+            producer: &producer,
+            metrics: &metrics,
+            node: config.node(),
+            owner_addr: config
+                .grpc_advertise_addr
+                .clone()
+                .unwrap_or_else(|| config.grpc_addr.to_string()),
         };
-        let locations = Arc::new(PgLocations {
-            pool: pool.clone(),
-            window_s: params.window_s,
-            radius_m: params.radius_m,
-            counters: metrics.locations.clone(),
-            dead_letters: dead_letters(&topics.locations, &topics.locations_dlq),
-        });
-        let node = config.node();
-        // Where peers reach this process's gRPC server (start-up fills in the bound address).
-        let owner_addr = config
-            .grpc_advertise_addr
-            .clone()
-            .unwrap_or_else(|| config.grpc_addr.to_string());
-        let mismatches = || {
-            Arc::new(OffsetMismatches {
-                current: std::sync::Mutex::default(),
-                found: metrics.mismatches.clone(),
-            })
-        };
-        let (zone_mismatches, person_mismatches) = (mismatches(), mismatches());
-        let store =
-            |stage: Stage, topic: &str, mismatches: &Arc<OffsetMismatches>| PartitionStore {
-                stage,
-                topic: topic.to_owned(),
-                snapshots: PgSnapshots::new(pool.clone(), topic),
-                owners: PgOwners::new(pool.clone(), topic, &node, &owner_addr),
-                broker: broker.clone(),
-                mismatches: Arc::clone(mismatches),
-            };
-        let zone_owned: Owned<ZoneSupervisorMsg> = Arc::default();
-        let person_owned: Owned<PersonSupervisorMsg> = Arc::default();
         let zone_stage = ZoneStage {
             params,
             person_partitions,
-            locations: Arc::clone(&locations),
+            locations: Arc::new(PgLocations {
+                pool: pool.clone(),
+                window_s: params.window_s,
+                radius_m: params.radius_m,
+                counters: metrics.locations.clone(),
+                dead_letters: parts.dead_letters(&topics.locations, &topics.locations_dlq),
+            }),
             updates: Arc::new(KafkaPersonUpdates {
                 producer: producer.clone(),
                 topic: topics.person_updates.clone(),
             }),
-            store: store(Stage::Zones, &topics.locations, &zone_mismatches),
-            dead_letters: dead_letters(&topics.locations, &topics.locations_dlq),
-            owned: Arc::clone(&zone_owned),
+            store: parts.store(Stage::Zones, &topics.locations),
+            dead_letters: parts.dead_letters(&topics.locations, &topics.locations_dlq),
+            owned: Arc::default(),
         };
         let person_stage = PersonStage {
             params,
@@ -157,10 +212,18 @@ impl Pipeline {
                 topic: topics.connections.clone(),
                 partitions: connection_partitions,
             }),
-            store: store(Stage::Persons, &topics.person_updates, &person_mismatches),
-            dead_letters: dead_letters(&topics.person_updates, &topics.person_updates_dlq),
-            owned: Arc::clone(&person_owned),
+            store: parts.store(Stage::Persons, &topics.person_updates),
+            dead_letters: parts.dead_letters(&topics.person_updates, &topics.person_updates_dlq),
+            owned: Arc::default(),
         };
+        let (zone_owned, person_owned) = (
+            Arc::clone(&zone_stage.owned),
+            Arc::clone(&person_stage.owned),
+        );
+        let (zone_mismatches, person_mismatches) = (
+            Arc::clone(&zone_stage.store.mismatches),
+            Arc::clone(&person_stage.store.mismatches),
+        );
         // Started first, so it reads every notification the stages produce from now on.
         let hub = {
             let config = config.clone();
@@ -169,31 +232,9 @@ impl Pipeline {
                 .context("the notification hub's start panicked")?
                 .context("failed to start the notification hub")?
         };
-        let group = |base: &str| format!("{}.{base}", config.topic_prefix);
-        let persons = StageConsumer::start(
-            config,
-            StageOptions {
-                stage: Stage::Persons,
-                group: group(PERSONS_GROUP),
-                topic: topics.person_updates.clone(),
-                snapshot_interval: SNAPSHOT_INTERVAL,
-                counters: metrics.persons.clone(),
-            },
-            Arc::new(person_stage),
-        )
-        .context("failed to start the persons stage")?;
-        let zones = StageConsumer::start(
-            config,
-            StageOptions {
-                stage: Stage::Zones,
-                group: group(ZONES_GROUP),
-                topic: topics.locations.clone(),
-                snapshot_interval: SNAPSHOT_INTERVAL,
-                counters: metrics.zones.clone(),
-            },
-            Arc::new(zone_stage),
-        )
-        .context("failed to start the zones stage")?;
+        let persons = parts.consumer(Stage::Persons, &topics.person_updates, person_stage)?;
+        let zones = parts.consumer(Stage::Zones, &topics.locations, zone_stage)?;
+        let node = parts.node;
         let ingestor = Arc::new(
             Ingestor::new(config, producer, pool.clone(), zone_partitions)
                 .with_counters(metrics.ingest.clone()),

@@ -23,9 +23,9 @@ use udaconnect_actors::actors::ports::{
 use udaconnect_actors::actors::zone::{ZoneSupervisor, ZoneSupervisorArgs, ZoneSupervisorMsg};
 use udaconnect_actors::actors::PartitionHandle;
 use udaconnect_actors::domain::{Micros, Notification};
-use udaconnect_actors::index::StoredCopy;
 use udaconnect_actors::messages::{EpisodeChange, LateCopy, PersonBatch, SeenCopy};
 use udaconnect_actors::params::EngineParams;
+use udaconnect_actors::zone_index::StoredCopy;
 use udaconnect_actors::zones::person_partition;
 
 use crate::kafka::{Broker, OutRecord, Producer};
@@ -33,9 +33,10 @@ use crate::metrics::{LocationCounters, MismatchLabels};
 use crate::pipeline::codec::{self, LocationRecord};
 use crate::pipeline::consumer::{Checkpoint, PartitionWorker, Record, WorkerFactory};
 use crate::pipeline::offsets::{self, OffsetMismatch};
-use crate::store::pipeline::{
-    apply_changes, late_partners, store_locations, PgOwners, PgSnapshots,
-};
+use crate::store::connections::apply_changes;
+use crate::store::locations::{late_partners, store_locations};
+use crate::store::owners::PgOwners;
+use crate::store::snapshots::PgSnapshots;
 
 /// How long a call to a supervisor may take (a snapshot of a big partition included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);

@@ -18,7 +18,7 @@ use crate::pipeline::hub::HubCounters;
 use crate::pipeline::offsets::OffsetMismatch;
 use crate::pipeline::stages::{OffsetMismatches, Owned};
 use crate::pipeline::Pipeline;
-use crate::store::pipeline::{shard_owners, ShardOwner};
+use crate::store::owners::{shard_owners, ShardOwner};
 
 /// One partition of a stage owned by this process.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -6,7 +6,7 @@ use udaconnect_actors::actors::zone::ZoneView;
 use udaconnect_actors::domain::{Micros, NewLocationEvent, Notification, NotificationKind};
 use udaconnect_actors::episodes::{OpenEpisode, PersonCounters, Sighting};
 use udaconnect_actors::geo::Ecef;
-use udaconnect_actors::index::{RetainedPoint, ZoneCounters};
+use udaconnect_actors::zone_index::{RetainedPoint, ZoneCounters};
 
 use super::v1;
 use crate::error::ApiError;

@@ -21,8 +21,7 @@ use super::v1::unknown_person;
 use super::RestState;
 use crate::error::ApiError;
 use crate::pipeline::hub::Subscription;
-use crate::store::pipeline::timestamp;
-use crate::store::queries;
+use crate::store::{queries, timestamp};
 
 #[derive(Tags)]
 enum ApiTags {

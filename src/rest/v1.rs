@@ -19,8 +19,8 @@ use super::RestState;
 use crate::error::{ApiError, ErrorCode};
 use crate::input::{history_query, parse_rfc3339, zone_hex, Fields, FromJson, PageFields};
 use crate::pipeline::ingest::IngestReport;
-use crate::store::pipeline::timestamp;
 use crate::store::queries::{self, NewPerson};
+use crate::store::timestamp;
 
 #[derive(Tags)]
 enum ApiTags {

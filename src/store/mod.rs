@@ -1,18 +1,36 @@
-//! PostgreSQL + PostGIS persistence: the connection pool, migrations and the POC seed loader.
+//! PostgreSQL + PostGIS persistence: the connection pool, migrations, the POC seed loader,
+//! the queries of the front ends (`queries`), and the pipeline's effects, one module per
+//! table family: `locations` (zone stage, late path), `connections` (person stage),
+//! `snapshots` and `owners` (partitions).
 
+pub mod connections;
+pub mod locations;
 mod migrate;
-pub mod pipeline;
+pub mod owners;
 pub mod queries;
 mod seed;
+pub mod snapshots;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 pub use migrate::{migrate, MigrationReport, MIGRATIONS};
 pub use seed::{seed_poc, SeedReport};
 use tokio_postgres::NoTls;
+use udaconnect_actors::domain::Micros;
 
 use crate::config::Config;
+
+/// A timestamp in microseconds since the epoch as PostgreSQL `timestamptz`.
+pub fn timestamp(micros: Micros) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Microseconds since the epoch of a `timestamptz`.
+pub fn micros(t: DateTime<Utc>) -> Micros {
+    t.timestamp_micros()
+}
 
 /// What can go wrong talking to PostgreSQL or loading data into it.
 #[derive(Debug, thiserror::Error)]

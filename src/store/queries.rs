@@ -369,7 +369,7 @@ pub async fn connection_history(
         return Ok(None);
     }
     let (after_start, after_peer) = match q.cursor {
-        Some(c) => (Some(super::pipeline::timestamp(c.started_at_us)), c.peer_id),
+        Some(c) => (Some(super::timestamp(c.started_at_us)), c.peer_id),
         None => (None, i64::MIN),
     };
     // One more row than asked tells whether another page follows.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use udaconnect::pipeline::hub::{NotificationHub, Subscription};
 use udaconnect::pipeline::ingest::Ingestor;
 use udaconnect::pipeline::Pipeline;
-use udaconnect::store::pipeline::{micros, timestamp};
+use udaconnect::store::{micros, timestamp};
 use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::domain::{
     Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind, MICROS_PER_S,
@@ -803,7 +803,7 @@ async fn a_zone_partition_held_back_for_a_minute_still_equals_the_reference() {
     // Hold back the zone partition that receives the most event copies.
     let mut copies = [0usize; 4];
     {
-        let mut router = udaconnect_actors::engine::Router::new(&params, 4);
+        let mut router = udaconnect_actors::sync_engine::Router::new(&params, 4);
         for e in &events {
             router.route(e, |p, _| copies[p as usize] += 1);
         }

@@ -348,7 +348,7 @@ async fn a_seed_location_for_an_unknown_person_is_refused_and_nothing_is_loaded(
 
 #[tokio::test]
 async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored() {
-    use udaconnect::store::pipeline::store_locations;
+    use udaconnect::store::locations::store_locations;
     use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
     use udaconnect_actors::messages::{RoutedEvent, SeenCopy};
 
@@ -411,7 +411,7 @@ async fn a_stored_event_id_sent_again_with_another_report_is_returned_not_stored
 /// when it is a repeat; nothing of another zone, later, farther or outside the window.
 #[tokio::test]
 async fn a_late_copy_finds_what_its_zone_saw_before_it() {
-    use udaconnect::store::pipeline::{late_partners, store_locations};
+    use udaconnect::store::locations::{late_partners, store_locations};
     use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
     use udaconnect_actors::messages::{LateCopy, RoutedEvent, SeenCopy};
 

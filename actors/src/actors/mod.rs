@@ -1,7 +1,7 @@
 //! The actor engine (ractor): two stages as in docs/design.md §2, each partition a supervisor with
 //! one actor per zone or per person, bounded hand-off in front, outputs through ports.
 
-pub mod engine;
+pub mod in_process;
 pub mod person;
 pub mod ports;
 mod supervision;

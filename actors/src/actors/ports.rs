@@ -5,8 +5,8 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Notification;
-use crate::index::StoredCopy;
 use crate::messages::{EpisodeChange, LateCopy, PersonBatch, SeenCopy};
+use crate::zone_index::StoredCopy;
 
 /// A port's failure; the actors retry until it succeeds (backpressure, never loss). It shows
 /// as its cause when it has one ([`PortError::of`]), keeping the cause's own chain.

@@ -28,7 +28,7 @@ use crate::actors::SupervisionCounters;
 pub(crate) trait Child: Actor {
     /// What the supervisor knows a child by (zone id, person id).
     type Key: Copy + Eq + Hash + Ord + Display + Send + Sync + 'static;
-    /// A child's state as a snapshot part holds it ([`crate::index::ZoneIndex`],
+    /// A child's state as a snapshot part holds it ([`crate::zone_index::ZoneIndex`],
     /// [`crate::episodes::PersonState`]).
     type Part: DeserializeOwned + Send + 'static;
     /// The kind's name in errors ("zone", "person").

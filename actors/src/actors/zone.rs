@@ -24,12 +24,12 @@ use crate::actors::ports::{
 use crate::actors::supervision::{restore_header, restore_parts, Child, Children};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
-use crate::index::{
+use crate::messages::{LateCopy, PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
+use crate::params::EngineParams;
+use crate::zone_index::{
     admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, StoredCopy, ZoneCounters,
     ZoneIndex,
 };
-use crate::messages::{LateCopy, PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
-use crate::params::EngineParams;
 use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
 /// How long the supervisor waits for a zone actor's answer.

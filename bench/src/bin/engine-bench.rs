@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use udaconnect_actors::actors::engine::{ActorEngine, ActorEngineOptions};
+use udaconnect_actors::actors::in_process::{ActorEngine, ActorEngineOptions};
 use udaconnect_actors::domain::LocationEvent;
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 use udaconnect_bench::peak_rss_bytes;

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use clap::Parser;
 use ractor::Actor;
-use udaconnect_actors::actors::engine::MemoryConnections;
+use udaconnect_actors::actors::in_process::MemoryConnections;
 use udaconnect_actors::actors::person::{
     PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
 };
 use udaconnect_actors::domain::{derived_event_id, LocationEvent, MICROS_PER_S};
-use udaconnect_actors::index::ZonePartition;
 use udaconnect_actors::messages::{PersonBatch, PersonUpdate};
+use udaconnect_actors::zone_index::ZonePartition;
 use udaconnect_actors::{EngineParams, Router};
 use udaconnect_bench::rss_bytes;
 

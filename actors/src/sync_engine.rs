@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::domain::{ColocationSummary, Episode, LocationEvent, Micros, Notification, PersonId};
 use crate::episodes::PersonPartition;
-use crate::index::{ZoneBatchOutput, ZonePartition};
 use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, RoutedEvent};
 use crate::params::{EngineParams, ParamsError};
+use crate::zone_index::{ZoneBatchOutput, ZonePartition};
 use crate::zones::{zone_partition, CellCache, ZoneGrid};
 
 /// Routes events to their home and halo zones, and zones to zone partitions (the ingest side).

@@ -20,10 +20,10 @@ use crate::actors::zone::{
 };
 use crate::actors::PartitionHandle;
 use crate::domain::{Episode, LocationEvent, Notification, PersonId};
-use crate::engine::{EpisodeTable, Router};
-use crate::index::StoredCopy;
 use crate::messages::{EpisodeChange, LateCopy, PersonBatch, PersonOutput, SeenCopy};
 use crate::params::EngineParams;
+use crate::sync_engine::{EpisodeTable, Router};
+use crate::zone_index::StoredCopy;
 use crate::zones::{zone_partition, ZoneId};
 
 /// Sends person updates straight to the person supervisors (in place of the topic).

@@ -207,6 +207,11 @@ impl ZoneIndex {
         self.arrive(routed, neighbors, Some(stored), out)
     }
 
+    // Longer than our ~120-line rule on purpose: this is the engine's hot path, one pass over
+    // the candidate cells that checks, reports and retains in the order the reporting rule
+    // states (docs/design.md §3). Its steps share the candidate loop's state; splitting them
+    // would pass that state across calls per candidate, which we will not do without a bench
+    // (engine-bench) showing it costs nothing.
     fn arrive(
         &mut self,
         routed: &RoutedEvent,
