@@ -763,11 +763,27 @@ async fn admin_refuses_missing_or_wrong_tokens_and_when_none_is_configured() {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
+/// A service with persons 1, 2 and 3 where 1 and 2 met (sent through `RecordStream`), once
+/// person 1's actor holds the open episode with 2; what the Admin tests start from.
+struct MetPair {
+    db: TestDb,
+    client: tokio_postgres::Client,
+    app: TestApp,
+    admin_client: AdminClient<Channel>,
+    /// Person 1's state, with the episode.
+    person: PersonState,
+    /// The zone both stand in, and its zone partition.
+    zone: u64,
+    zone_partition: i32,
+    grid: ZoneGrid,
+    /// When person 1 reported (µs since the epoch).
+    t: Micros,
+}
+
+async fn met_pair() -> MetPair {
     let (db, client, config, app) = serving_app([1, 2, 3]).await;
     let channel = channel(app.grpc_addr).await;
-    let mut admin_client = AdminClient::new(channel.clone());
+    let admin_client = AdminClient::new(channel.clone());
     let t = now_micros() - 2_000_000;
     let summary = IngestClient::new(channel)
         .record_stream(futures::stream::iter(vec![
@@ -800,10 +816,37 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     .await;
     let grid = ZoneGrid::new(&config.engine_params());
     let zone = grid.home_zone(LAT, LON);
+    MetPair {
+        db,
+        client,
+        app,
+        admin_client,
+        person,
+        zone,
+        zone_partition: zone_partition(zone, 2) as i32,
+        grid,
+        t,
+    }
+}
+
+impl MetPair {
+    async fn stop(self) {
+        self.app.stop().await.expect("clean shutdown");
+        self.db.drop_db().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_get_person_shows_the_sighting_and_the_open_episode() {
+    let pair = met_pair().await;
+    let MetPair {
+        client, zone, t, ..
+    } = &pair;
+    let (person, zone, t) = (&pair.person, *zone, *t);
     assert_eq!(person.person_id, 1);
     assert_eq!(
         person.owner,
-        scalar_owner(&client, "persons", person.partition).await
+        scalar_owner(client, "persons", person.partition).await
     );
     assert_eq!(person.trajectory.len(), 1);
     assert_eq!(person.trajectory[0].recorded_at, Some(timestamp(t)));
@@ -812,6 +855,15 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     assert_eq!(person.open_episodes[0].peer_id, 2);
     assert_eq!(person.counters.map(|c| c.started), Some(1));
 
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_get_zone_and_list_zones_show_the_points_of_the_pair_s_zone() {
+    let pair = met_pair().await;
+    let MetPair { zone, .. } = &pair;
+    let mut admin_client = pair.admin_client.clone();
+    let zone = *zone;
     // The zone both stand in: both points, home.
     let zone_state = zone_eventually(&admin_client, zone, Duration::from_secs(30)).await;
     assert_eq!(zone_state.zone, format!("{zone:x}"));
@@ -867,6 +919,19 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     );
     assert!(all.partitions.iter().all(|p| p.error.is_empty()), "{all:?}");
 
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cluster_status_lists_one_process_owning_every_partition() {
+    let pair = met_pair().await;
+    let MetPair {
+        app,
+        zone_partition,
+        ..
+    } = &pair;
+    let mut admin_client = pair.admin_client.clone();
+    let zone_state_partition = *zone_partition;
     // ClusterStatus: one process owning all 4 partitions, their offsets known.
     let status = admin_client
         .cluster_status(admin(ClusterStatusRequest {}))
@@ -887,13 +952,32 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     let zone_partition_status = status
         .partitions
         .iter()
-        .find(|p| p.stage == "zones" && p.partition == zone_state.partition)
+        .find(|p| p.stage == "zones" && p.partition == zone_state_partition)
         .expect("listed");
     assert!(
         zone_partition_status.processed_offset >= 1,
         "{zone_partition_status:?}"
     );
 
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_trigger_snapshot_stores_what_was_processed_and_then_reports_it() {
+    let pair = met_pair().await;
+    let MetPair {
+        client,
+        zone_partition,
+        ..
+    } = &pair;
+    let mut admin_client = pair.admin_client.clone();
+    let zone_state_partition = *zone_partition;
+    let node = admin_client
+        .cluster_status(admin(ClusterStatusRequest {}))
+        .await
+        .expect("status")
+        .into_inner()
+        .node;
     // Quiet first: the zone partition has processed its events record and the ingest side's
     // one heartbeat after them (no other record comes), so the snapshots below cover it all.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -906,7 +990,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
         let p = status
             .partitions
             .into_iter()
-            .find(|p| p.stage == "zones" && p.partition == zone_state.partition)
+            .find(|p| p.stage == "zones" && p.partition == zone_state_partition)
             .expect("listed");
         if p.end_offset >= 2 && p.processed_offset == p.end_offset {
             break p.processed_offset;
@@ -922,16 +1006,16 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     let snapshot = admin_client
         .trigger_snapshot(admin(TriggerSnapshotRequest {
             stage: "zones".to_owned(),
-            partition: zone_state.partition,
+            partition: zone_state_partition,
         }))
         .await
         .expect("snapshot")
         .into_inner();
-    assert_eq!(snapshot.owner, status.node);
+    assert_eq!(snapshot.owner, node);
     let stored: i64 = client
         .query_one(
             "SELECT next_offset FROM shard_snapshot WHERE stage = 'zones' AND partition = $1",
-            &[&zone_state.partition],
+            &[&zone_state_partition],
         )
         .await
         .expect("a stored snapshot")
@@ -945,7 +1029,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     let again = admin_client
         .trigger_snapshot(admin(TriggerSnapshotRequest {
             stage: "zones".to_owned(),
-            partition: zone_state.partition,
+            partition: zone_state_partition,
         }))
         .await
         .expect("snapshot")
@@ -953,6 +1037,17 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
     assert!(!again.taken);
     assert_eq!(again.snapshot_offset, Some(stored));
 
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_unknown_state_is_not_found_and_invalid_arguments_name_their_field() {
+    let pair = met_pair().await;
+    let MetPair {
+        app, grid, zone, ..
+    } = &pair;
+    let mut admin_client = pair.admin_client.clone();
+    let zone = *zone;
     // Invalid arguments name their field; unknown state is NOT_FOUND.
     let far_zone = grid.home_zone(-45.0, 170.0);
     let not_found = admin_client
@@ -1077,8 +1172,7 @@ async fn admin_shows_the_cluster_zones_and_persons_and_snapshots_on_demand() {
             status.message()
         );
     }
-    app.stop().await.expect("clean shutdown");
-    db.drop_db().await;
+    pair.stop().await;
 }
 
 /// The owner `shard_owner` names for a partition of a stage.

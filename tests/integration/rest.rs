@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use udaconnect::store;
 
-use crate::helpers::{poc_seed_dir, test_config, TestApp, TestDb};
+use crate::helpers::{eventually, poc_seed_dir, test_config, TestApp, TestDb};
 
 pub(crate) async fn send(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16, Value) {
     let client = reqwest::Client::new();
@@ -419,8 +419,39 @@ pub(crate) fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// A valid report of `person`, now.
+fn good(person: i64) -> Value {
+    json!({"person_id": person, "lat": 10.0, "lon": 20.0, "recorded_at": now_rfc3339()})
+}
+
+/// [`good`] with `key` set to `value`.
+fn report_with(person: i64, key: &str, value: Value) -> Value {
+    let mut v = good(person);
+    v[key] = value;
+    v
+}
+
+/// [`good`] without `key`.
+fn report_without(person: i64, key: &str) -> Value {
+    let mut v = good(person);
+    v.as_object_mut().expect("object").remove(key);
+    v
+}
+
+/// A running service with `n` persons, its pipeline started.
+async fn v1_app(n: usize) -> (TestDb, TestApp, Vec<i64>) {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(create_person(&app, &format!("P{i}")).await);
+    }
+    (db, app, ids)
+}
+
 #[tokio::test]
-async fn v1_persons_locations_and_status() {
+async fn v1_persons_are_created_read_searched_and_paginated() {
     let db = TestDb::new().await;
     let app = TestApp::spawn(test_config(&db)).await;
     app.pipeline(Duration::from_secs(60)).await;
@@ -517,6 +548,13 @@ async fn v1_persons_locations_and_status() {
         );
     }
 
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn v1_a_location_is_acknowledged_then_stored_and_a_retry_is_the_same_event() {
+    let (db, app, ids) = v1_app(2).await;
     // One location: 202 with its id once the broker acknowledged, then stored.
     let recorded_at = now_rfc3339();
     let body = json!({"person_id": ids[0], "lat": 37.553441, "lon": -122.290524, "recorded_at": recorded_at});
@@ -549,17 +587,15 @@ async fn v1_persons_locations_and_status() {
     .await;
     assert_eq!((status, accepted), (202, json!({"event_id": client_id})));
 
-    let good = |person: i64| json!({"person_id": person, "lat": 10.0, "lon": 20.0, "recorded_at": now_rfc3339()});
-    let with = |key: &str, value: Value| {
-        let mut v = good(ids[0]);
-        v[key] = value;
-        v
-    };
-    let without = |key: &str| {
-        let mut v = good(ids[0]);
-        v.as_object_mut().expect("object").remove(key);
-        v
-    };
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn v1_a_bad_report_is_refused_naming_its_field() {
+    let (db, app, ids) = v1_app(1).await;
+    let with = |key: &str, value: Value| report_with(ids[0], key, value);
+    let without = |key: &str| report_without(ids[0], key);
     let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
     for (body, field) in [
         (with("lat", json!(90.5)), "lat"),
@@ -585,6 +621,13 @@ async fn v1_persons_locations_and_status() {
         let got = post(&app.url("/v1/locations"), &body).await;
         assert_error(&got, 400, "invalid_argument", Some(field));
     }
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn v1_numbers_a_double_cannot_hold_name_the_field_they_came_in() {
+    let (db, app, ids) = v1_app(1).await;
     // Numbers JSON allows but a double cannot hold name the field they came in, in a single
     // report and in a batch.
     for (path, text, field) in [
@@ -637,10 +680,17 @@ async fn v1_persons_locations_and_status() {
         Some("event_id"),
     );
 
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn v1_a_batch_keeps_its_valid_items_and_an_oversized_body_is_refused() {
+    let (db, app, ids) = v1_app(4).await;
     // A batch keeps its valid items whatever the others are.
     let batch = json!({"events": [
         good(ids[2]),
-        with("lat", json!(-91)),
+        report_with(ids[0], "lat", json!(-91)),
         json!({"person_id": "x"}),
         good(424_242),
         good(ids[3]),
@@ -704,19 +754,38 @@ async fn v1_persons_locations_and_status() {
     let body: Value = response.json().await.expect("JSON error");
     assert_error(&(status, body), 413, "payload_too_large", None);
 
-    // Status: this process owns every partition; lag drains to 0.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let (code, status) = get(&app.url("/v1/status")).await;
-        assert_eq!(code, 200, "{status}");
-        if status["lag_total"] == 0 {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "lag never drained: {status}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let partitions = status["partitions"].as_array().expect("partitions");
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn v1_status_shows_every_partition_owned_and_the_lag_draining_to_zero() {
+    let (db, app, ids) = v1_app(1).await;
+    let (code, body) = post(&app.url("/v1/locations"), &good(ids[0])).await;
+    assert_eq!(code, 202, "{body}");
+    // Status: once both stages hold their partitions, this process owns every one of them and
+    // the lag drains to 0.
     let config = test_config(&db);
+    let every = (config.locations_partitions + config.person_updates_partitions) as usize;
+    let url = app.url("/v1/status");
+    let status = eventually(
+        "every partition owned here, lag 0",
+        Duration::from_secs(60),
+        || async {
+            let (code, status) = get(&url).await;
+            assert_eq!(code, 200, "{status}");
+            let local = status["partitions"].as_array().map_or(0, |ps| {
+                ps.iter().filter(|p| p["local"] == json!(true)).count()
+            });
+            if status["lag_total"] == 0 && local == every {
+                Ok(status)
+            } else {
+                Err(status.to_string())
+            }
+        },
+    )
+    .await;
+    let partitions = status["partitions"].as_array().expect("partitions");
     let zones = partitions.iter().filter(|p| p["stage"] == "zones").count();
     let persons = partitions
         .iter()
