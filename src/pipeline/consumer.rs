@@ -559,6 +559,18 @@ fn start_partitions<F: WorkerFactory>(
     });
 }
 
+/// The partitions whose workers run here now.
+fn owned_partitions<F: WorkerFactory>(consumer: &BaseConsumer<StageContext<F>>) -> Vec<i32> {
+    consumer
+        .context()
+        .workers
+        .lock()
+        .expect("not poisoned")
+        .keys()
+        .copied()
+        .collect()
+}
+
 /// Commits the pending offsets of the partitions this process still owns (asynchronously: a
 /// later commit covers a failed one).
 fn commit_owned<F: WorkerFactory>(
@@ -566,14 +578,7 @@ fn commit_owned<F: WorkerFactory>(
     topic: &str,
     pending: &mut BTreeMap<i32, i64>,
 ) {
-    let owned = consumer
-        .context()
-        .workers
-        .lock()
-        .expect("not poisoned")
-        .keys()
-        .copied()
-        .collect::<Vec<_>>();
+    let owned = owned_partitions(consumer);
     let mut tpl = TopicPartitionList::new();
     for (&p, &offset) in pending.iter() {
         if owned.contains(&p) {
@@ -690,14 +695,7 @@ fn poll_loop<F: WorkerFactory>(
             None => {}
         }
     }
-    let owned: Vec<i32> = consumer
-        .context()
-        .workers
-        .lock()
-        .expect("not poisoned")
-        .keys()
-        .copied()
-        .collect();
+    let owned = owned_partitions(&consumer);
     consumer.context().release(&consumer, &owned);
     consumer.unsubscribe();
 }

@@ -70,21 +70,22 @@ impl StatusCollector {
     }
 }
 
-/// Writes one gauge family of `samples`.
-fn gauges<L: prometheus_client::encoding::EncodeLabelSet>(
+/// Writes one family of `kind` (a counter's `name` without `_total`), one series per labels;
+/// [`single`] writes one unlabelled series.
+fn family<L: prometheus_client::encoding::EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
+    (name, help): (&str, &str),
+    kind: MetricType,
     samples: impl IntoIterator<Item = (L, f64)>,
 ) -> std::fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
     for (labels, value) in samples {
-        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        sample(kind, value, family.encode_family(&labels)?)?;
     }
     Ok(())
 }
 
-/// Writes one unlabelled series: a gauge, or a counter (`name` without `_total`).
+/// Writes one unlabelled series of `kind` (a counter's `name` without `_total`).
 fn single(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -92,25 +93,23 @@ fn single(
     kind: MetricType,
     value: f64,
 ) -> std::fmt::Result {
-    let series = encoder.encode_descriptor(name, help, None, kind)?;
-    match kind {
-        MetricType::Counter => ConstCounter::new(value as u64).encode(series),
-        _ => ConstGauge::new(value).encode(series),
-    }
+    sample(
+        kind,
+        value,
+        encoder.encode_descriptor(name, help, None, kind)?,
+    )
 }
 
-/// Writes one counter family (`name` without `_total`) of `samples`.
-fn counters<L: prometheus_client::encoding::EncodeLabelSet>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (L, u64)>,
+/// One value: a counter's as a whole number, a gauge's as it is (NaN included).
+fn sample(
+    kind: MetricType,
+    value: f64,
+    encoder: prometheus_client::encoding::MetricEncoder<'_>,
 ) -> std::fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in samples {
-        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    match kind {
+        MetricType::Counter => ConstCounter::new(value as u64).encode(encoder),
+        _ => ConstGauge::new(value).encode(encoder),
     }
-    Ok(())
 }
 
 impl StatusCollector {
@@ -147,23 +146,26 @@ impl StatusCollector {
             ),
         ];
         for (name, help, value) in partition_gauges {
-            gauges(
+            family(
                 encoder,
-                name,
-                help,
+                (name, help),
+                MetricType::Gauge,
                 self.owned().map(|(l, p)| (l, value(p))),
             )?;
         }
         for (counter, help) in PARTITION_COUNTERS {
-            let samples: Vec<(PartitionLabels, u64)> = self
+            let samples: Vec<(PartitionLabels, f64)> = self
                 .owned()
-                .filter_map(|(l, p)| Some((l, *p.figures.counters.get(counter)?)))
+                .filter_map(|(l, p)| Some((l, *p.figures.counters.get(counter)? as f64)))
                 .collect();
             if !samples.is_empty() {
-                counters(
+                family(
                     encoder,
-                    &format!("udaconnect_partition_{counter}"),
-                    &format!("{help}, since the partition was assigned to this process"),
+                    (
+                        &format!("udaconnect_partition_{counter}"),
+                        &format!("{help}, since the partition was assigned to this process"),
+                    ),
+                    MetricType::Counter,
                     samples,
                 )?;
             }
@@ -181,10 +183,13 @@ impl StatusCollector {
             MetricType::Gauge,
             status.lag_total as f64,
         )?;
-        gauges(
+        family(
             encoder,
-            "udaconnect_snapshot_age_seconds",
-            "Age of the stored snapshot of a partition this process owns",
+            (
+                "udaconnect_snapshot_age_seconds",
+                "Age of the stored snapshot of a partition this process owns",
+            ),
+            MetricType::Gauge,
             status
                 .owners
                 .iter()

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -23,7 +23,7 @@ use udaconnect_actors::domain::Micros;
 use udaconnect_actors::zones::{zone_partition, ZoneGrid};
 
 use crate::helpers::{
-    free_port, get_json, scalar, spawn_serve, test_config, Served, TestApp, TestDb,
+    eventually, free_port, get_json, scalar, spawn_serve, test_config, Served, TestApp, TestDb,
 };
 
 const TOKEN: &str = "grpc-test-token";
@@ -75,24 +75,23 @@ async fn wait_serving(channel: Channel, within: Duration) {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let mut health = HealthClient::new(channel);
-    let deadline = Instant::now() + within;
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map(|r| r.into_inner().status);
-        if status.as_ref().ok() == Some(&(ServingStatus::Serving as i32)) {
-            return;
+    let health = HealthClient::new(channel);
+    eventually("the server reports SERVING", within, || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status);
+            match status {
+                Ok(s) if s == ServingStatus::Serving as i32 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "not SERVING within {within:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 /// `message` with the admin bearer token.
@@ -145,16 +144,19 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(s) if retry_on.contains(&s.code()) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+    eventually("the call answers", within, || {
+        let call = f();
+        async move {
+            match call.await {
+                Ok(v) => Ok(v),
+                Err(s) if retry_on.contains(&s.code()) => {
+                    Err(format!("{:?}: {}", s.code(), s.message()))
+                }
+                Err(s) => panic!("{:?}: {}", s.code(), s.message()),
             }
-            Err(s) => panic!("{:?}: {}", s.code(), s.message()),
         }
-    }
+    })
+    .await
 }
 
 /// `GetZone` of `zone` (every point), retried while the zone has no actor yet or its owner is
@@ -328,23 +330,21 @@ async fn without_a_broker_health_is_not_serving_and_ingest_is_unavailable() {
     config.kafka_brokers = format!("127.0.0.1:{}", free_port());
     let app = TestApp::spawn(config).await;
     let channel = channel(app.grpc_addr).await;
-    let mut health = HealthClient::new(channel.clone());
+    let health = HealthClient::new(channel.clone());
     // The first readiness check runs at start-up and takes at most readiness_timeout.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        match health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-        {
-            Ok(r) => break r.into_inner().status,
-            Err(s) if s.code() == Code::NotFound && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(s) => panic!("health: {s:?}"),
+    let status = until_ok(Duration::from_secs(10), &[Code::NotFound], || {
+        let mut health = health.clone();
+        async move {
+            Ok(health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?
+                .into_inner()
+                .status)
         }
-    };
+    })
+    .await;
     assert_eq!(status, ServingStatus::NotServing as i32);
     let err = IngestClient::new(channel.clone())
         .record(event(1, LAT, LON, now_micros()))
@@ -486,11 +486,17 @@ async fn ingest_acknowledges_valid_events_and_names_the_field_of_bad_ones() {
 
     // Acknowledged means in the broker: the pipeline stores every accepted event (4 distinct
     // ones: the retried send is the same event).
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while scalar(&client, "SELECT count(*) FROM location").await < 5 {
-        assert!(Instant::now() < deadline, "accepted events not stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "accepted events stored",
+        Duration::from_secs(90),
+        || async {
+            match scalar(&client, "SELECT count(*) FROM location").await {
+                n if n >= 5 => Ok(()),
+                n => Err(format!("{n} stored")),
+            }
+        },
+    )
+    .await;
     assert_eq!(scalar(&client, "SELECT count(*) FROM location").await, 5);
     let stored = scalar(
         &client,
@@ -690,29 +696,37 @@ async fn subscribe_streams_connection_started_for_a_pair_sent_through_record_str
 
     // The same episode is in the history once episode changes are written (at most
     // CHANGES_FLUSH_INTERVAL after the notification).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let peers = loop {
-        let page = connections
-            .history(HistoryRequest {
-                person_id: 1,
-                from: None,
-                to: None,
-                page_size: 0,
-                page_token: String::new(),
-            })
-            .await
-            .expect("history")
-            .into_inner();
-        let peers: Vec<i64> = page
-            .connections
-            .iter()
-            .map(|c| c.peer.as_ref().expect("peer").id)
-            .collect();
-        if !peers.is_empty() || Instant::now() >= deadline {
-            break peers;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let peers = eventually(
+        "the episode in the history",
+        Duration::from_secs(30),
+        || {
+            let mut connections = connections.clone();
+            async move {
+                let page = connections
+                    .history(HistoryRequest {
+                        person_id: 1,
+                        from: None,
+                        to: None,
+                        page_size: 0,
+                        page_token: String::new(),
+                    })
+                    .await
+                    .expect("history")
+                    .into_inner();
+                let peers: Vec<i64> = page
+                    .connections
+                    .iter()
+                    .map(|c| c.peer.as_ref().expect("peer").id)
+                    .collect();
+                if peers.is_empty() {
+                    Err("no connection yet".to_owned())
+                } else {
+                    Ok(peers)
+                }
+            }
+        },
+    )
+    .await;
     assert_eq!(peers, [2]);
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
@@ -980,27 +994,31 @@ async fn admin_trigger_snapshot_stores_what_was_processed_and_then_reports_it() 
         .node;
     // Quiet first: the zone partition has processed its events record and the ingest side's
     // one heartbeat after them (no other record comes), so the snapshots below cover it all.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let settled = loop {
-        let status = admin_client
-            .cluster_status(admin(ClusterStatusRequest {}))
-            .await
-            .expect("status")
-            .into_inner();
-        let p = status
-            .partitions
-            .into_iter()
-            .find(|p| p.stage == "zones" && p.partition == zone_state_partition)
-            .expect("listed");
-        if p.end_offset >= 2 && p.processed_offset == p.end_offset {
-            break p.processed_offset;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "zone partition not settled: {p:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let settled = eventually(
+        "the zone partition settled",
+        Duration::from_secs(30),
+        || {
+            let mut admin_client = admin_client.clone();
+            async move {
+                let status = admin_client
+                    .cluster_status(admin(ClusterStatusRequest {}))
+                    .await
+                    .expect("status")
+                    .into_inner();
+                let p = status
+                    .partitions
+                    .into_iter()
+                    .find(|p| p.stage == "zones" && p.partition == zone_state_partition)
+                    .expect("listed");
+                if p.end_offset >= 2 && p.processed_offset == p.end_offset {
+                    Ok(p.processed_offset)
+                } else {
+                    Err(format!("{p:?}"))
+                }
+            }
+        },
+    )
+    .await;
 
     // A snapshot now: stored, covering what was processed.
     let snapshot = admin_client
@@ -1227,25 +1245,25 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
         .collect();
 
     // Both own partitions of both stages.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let split = loop {
-        let now = owners(&client).await;
-        let of = |stage: &str| -> BTreeSet<String> {
-            now.iter()
-                .filter(|((s, _), _)| s == stage)
-                .map(|(_, o)| o.clone())
-                .collect()
-        };
-        if now.len() == 4 && of("zones").len() == 2 && of("persons").len() == 2 {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no split: {now:?}\n{}",
-            read_log()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let split = eventually(
+        "the partitions split between the two",
+        Duration::from_secs(180),
+        || async {
+            let now = owners(&client).await;
+            let of = |stage: &str| -> BTreeSet<String> {
+                now.iter()
+                    .filter(|((s, _), _)| s == stage)
+                    .map(|(_, o)| o.clone())
+                    .collect()
+            };
+            if now.len() == 4 && of("zones").len() == 2 && of("persons").len() == 2 {
+                Ok(now)
+            } else {
+                Err(format!("no split: {now:?}\n{}", read_log()))
+            }
+        },
+    )
+    .await;
     let mut clients = BTreeMap::new();
     for (node, addr) in &addrs {
         let channel = channel(*addr).await;

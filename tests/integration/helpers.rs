@@ -170,17 +170,23 @@ impl TestApp {
 
     /// The pipeline, waiting up to `within` for it to start.
     pub async fn pipeline(&self, within: Duration) -> Arc<udaconnect::pipeline::Pipeline> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(p) = self.pipeline.get() {
-                return Arc::clone(p);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the pipeline did not start within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually("the pipeline started", within, || async {
+            self.pipeline
+                .get()
+                .map(Arc::clone)
+                .ok_or_else(|| "not started".to_owned())
+        })
+        .await
+    }
+
+    /// This service's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("text")
     }
 
     /// `http://<rest addr><path>`.
@@ -211,22 +217,21 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
 /// Polls `url` until it answers `status`, for up to `within` (a refused connection counts
 /// as not yet); returns the last body.
 pub async fn wait_for_status(url: &str, status: u16, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match reqwest::get(url).await {
+    eventually(&format!("{url} answers {status}"), within, || async {
+        match reqwest::get(url).await {
             Ok(response) => {
                 let got = response.status().as_u16();
                 let body: serde_json::Value = response.json().await.expect("JSON body");
                 if got == status {
-                    return body;
+                    Ok(body)
+                } else {
+                    Err(format!("answers {got}: {body}"))
                 }
-                format!("answers {got}: {body}")
             }
-            Err(e) => format!("does not answer: {e}"),
-        };
-        assert!(Instant::now() < deadline, "{url} {last} (want {status})");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+            Err(e) => Err(format!("does not answer: {e}")),
+        }
+    })
+    .await
 }
 
 /// A TCP forwarder in front of a real server, which a test can cut off and restore.

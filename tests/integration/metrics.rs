@@ -55,19 +55,13 @@ async fn metrics_exports_the_same_series_names_and_labels() {
         .await;
         assert_eq!(status, 202, "{body}");
     }
-    let url = app.url("/metrics");
     // Once both reports are stored and every owned partition has a snapshot, every series
     // that exists at all exists.
     let text = eventually(
         "both reports stored, every partition snapshotted",
         Duration::from_secs(60),
         || async {
-            let text = reqwest::get(&url)
-                .await
-                .map_err(|e| e.to_string())?
-                .text()
-                .await
-                .map_err(|e| e.to_string())?;
+            let text = app.metrics().await;
             let stored = text
                 .lines()
                 .any(|l| l == "udaconnect_locations_stored_total 2");

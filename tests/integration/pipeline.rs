@@ -19,7 +19,7 @@ use udaconnect_bench::produce::{ensure_persons, wire};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 
 use crate::helpers::{
-    scalar, spawn_serve, test_config, test_config_for, PrivatePostgres, TestApp, TestDb,
+    eventually, scalar, spawn_serve, test_config, test_config_for, PrivatePostgres, TestApp, TestDb,
 };
 
 /// A simulated conference's events in arrival order (duplicates and disorder included).
@@ -92,19 +92,15 @@ pub(crate) async fn wait_for_assignment(
     persons: usize,
 ) -> Arc<Pipeline> {
     let pipeline = app.pipeline(Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually("partitions assigned", Duration::from_secs(60), || async {
         let status = pipeline.status().await;
         let owned: Vec<usize> = status.stages.iter().map(|s| s.partitions.len()).collect();
-        if owned == [zones, persons] {
-            return pipeline;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "partitions not assigned: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (owned == [zones, persons])
+            .then_some(())
+            .ok_or_else(|| format!("{status:?}"))
+    })
+    .await;
+    pipeline
 }
 
 /// Waits until both stages have processed everything in their topics, a stored snapshot of
@@ -373,12 +369,7 @@ async fn a_simulated_conference_through_kafka_equals_the_reference() {
     assert!(status.owners.iter().all(|o| o.snapshot_offset.is_some()));
 
     // `/metrics` agrees with what happened.
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert_eq!(metric(&metrics, "udaconnect_pipeline_up"), 1.0);
     assert_eq!(
         metric(
@@ -618,15 +609,13 @@ async fn wait_for_owners(
     what: &str,
     ok: impl Fn(&BTreeMap<(String, i32), String>) -> bool,
 ) {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(what, within, || async {
         let now = owners(client).await;
-        if ok(&now) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: shard_owner is {now:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        ok(&now)
+            .then_some(())
+            .ok_or_else(|| format!("shard_owner is {now:?}"))
+    })
+    .await;
 }
 
 fn read_log(path: &std::path::Path) -> String {
@@ -652,15 +641,17 @@ async fn kill_9_mid_stream_and_restart_still_equals_the_reference() {
     let (first, rest) = events.split_at(events.len() * 3 / 5);
     ingest_all(&ingestor, first).await;
     // Kill once both stages have stored a snapshot and are still busy.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let stages = scalar(&client, "SELECT count(DISTINCT stage) FROM shard_snapshot").await;
-        if stages == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no snapshots of both stages");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "snapshots of both stages",
+        Duration::from_secs(120),
+        || async {
+            match scalar(&client, "SELECT count(DISTINCT stage) FROM shard_snapshot").await {
+                2 => Ok(()),
+                n => Err(format!("{n} stages")),
+            }
+        },
+    )
+    .await;
     child.kill().expect("kill -9");
     child.wait().expect("reaped");
     let before = scalar(&client, "SELECT count(*) FROM location").await;
@@ -732,24 +723,22 @@ async fn two_processes_split_the_partitions_and_hand_them_over_on_shutdown() {
     // Let both work on it (until `a` has processed records of its own partitions, by its
     // status), then stop `a` gracefully: it flushes, snapshots and commits its partitions, and
     // `b` takes them over from those snapshots.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, status) =
-            crate::helpers::get_json(&format!("http://127.0.0.1:{port_a}/v1/status")).await;
-        let worked = status["partitions"].as_array().is_some_and(|ps| {
-            ps.iter()
-                .any(|p| p["local"] == true && p["processed_offset"].as_i64() > Some(0))
-        });
-        if worked {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node-a processed nothing: {status} {}",
-            read_log(log.path())
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "node-a processed records",
+        Duration::from_secs(120),
+        || async {
+            let (_, status) =
+                crate::helpers::get_json(&format!("http://127.0.0.1:{port_a}/v1/status")).await;
+            let worked = status["partitions"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["local"] == true && p["processed_offset"].as_i64() > Some(0))
+            });
+            worked
+                .then_some(())
+                .ok_or_else(|| format!("{status} {}", read_log(log.path())))
+        },
+    )
+    .await;
     let of_a: Vec<(String, i32)> = owners(&client)
         .await
         .into_iter()
@@ -1047,11 +1036,17 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
     assert!(stderr.contains("5 of 7 lines were rejected"), "{stderr}");
 
     // The two accepted events went through the zone stage into `location`.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while scalar(&client, "SELECT count(*) FROM location").await != 2 {
-        assert!(Instant::now() < deadline, "accepted events not stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "the accepted events stored",
+        Duration::from_secs(60),
+        || async {
+            match scalar(&client, "SELECT count(*) FROM location").await {
+                2 => Ok(()),
+                n => Err(format!("{n} stored")),
+            }
+        },
+    )
+    .await;
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }

@@ -21,7 +21,7 @@ use udaconnect_actors::domain::{LocationEvent, Micros, NewLocationEvent};
 use udaconnect_bench::produce::wire;
 use uuid::Uuid;
 
-use crate::helpers::{get_json, scalar, test_config, PrivateBroker, TestApp, TestDb};
+use crate::helpers::{eventually, get_json, scalar, test_config, PrivateBroker, TestApp, TestDb};
 
 const TOKEN: &str = "recovery-admin-token";
 /// The venue: persons report 500 m apart from each other unless they meet.
@@ -102,49 +102,44 @@ async fn meeting(app: &TestApp, a: i64, b: i64) -> Vec<String> {
 
 /// Polls until `GET /v1/locations/{id}` answers 200 for every id (stored), for up to `within`.
 async fn wait_stored(app: &TestApp, ids: &[String], within: Duration) {
-    let deadline = Instant::now() + within;
-    for id in ids {
-        loop {
+    eventually("every acknowledged report stored", within, || async {
+        for id in ids {
             let (status, body) = get_json(&app.url(&format!("/v1/locations/{id}"))).await;
-            if status == 200 {
-                break;
+            if status != 200 {
+                return Err(format!("report {id}: {status} {body}"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "report {id} acknowledged but not stored within {within:?}: {status} {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
+        Ok(())
+    })
+    .await;
 }
 
 /// Polls the history of `a` until it holds a connection with `b`, for up to `within`.
 async fn wait_connected(app: &TestApp, a: i64, b: i64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, page) = get_json(&app.url(&format!("/v1/persons/{a}/connections"))).await;
-        assert_eq!(status, 200, "{page}");
-        let peers: Vec<i64> = page["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .filter_map(|c| c["peer"]["id"].as_i64())
-            .collect();
-        if peers.contains(&b) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{a} and {b} met but no connection within {within:?}: {page}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    eventually(
+        &format!("{a} and {b} met: a connection"),
+        within,
+        || async {
+            let (status, page) = get_json(&app.url(&format!("/v1/persons/{a}/connections"))).await;
+            assert_eq!(status, 200, "{page}");
+            let peers: Vec<i64> = page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .filter_map(|c| c["peer"]["id"].as_i64())
+                .collect();
+            peers
+                .contains(&b)
+                .then_some(())
+                .ok_or_else(|| page.to_string())
+        },
+    )
+    .await;
 }
 
 /// Polls `/v1/status` until every local partition has processed its whole log.
 async fn wait_caught_up(app: &TestApp, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually("every local partition caught up", within, || async {
         let (status, body) = get_json(&app.url("/v1/status")).await;
         let partitions = body["partitions"].as_array().cloned().unwrap_or_default();
         let caught_up = status == 200
@@ -153,14 +148,12 @@ async fn wait_caught_up(app: &TestApp, within: Duration) -> Value {
                 .iter()
                 .all(|p| p["local"] == true && p["lag"] == 0);
         if caught_up {
-            return body;
+            Ok(body)
+        } else {
+            Err(format!("{status} {body}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "not caught up within {within:?}: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 /// The service on `config`'s single partitions, owning them.
@@ -205,21 +198,21 @@ async fn delete_topics(config: &Config) {
         result.expect("topic deleted");
     }
     let broker = udaconnect::kafka::Broker::new(config).expect("client");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually("the topics gone", Duration::from_secs(60), || async {
         let counts = broker
             .partition_counts(Duration::from_secs(5))
             .await
             .expect("metadata");
-        if !counts
+        if counts
             .iter()
             .any(|(name, _)| names.contains(&name.as_str()))
         {
-            return;
+            Err(format!("still listed: {counts:?}"))
+        } else {
+            Ok(())
         }
-        assert!(Instant::now() < deadline, "topics still listed: {counts:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 /// The snapshot mismatches `/v1/status` reports, by stage.
@@ -240,12 +233,7 @@ fn mismatches(status: &Value) -> Vec<(String, String)> {
 
 /// `udaconnect_snapshot_offset_mismatches_total` of `stage` and `kind` in `/metrics`.
 async fn mismatch_metric(app: &TestApp, stage: &str, kind: &str) -> f64 {
-    let text = reqwest::get(app.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = app.metrics().await;
     let prefix = format!(
         "udaconnect_snapshot_offset_mismatches_total{{stage=\"{stage}\",kind=\"{kind}\"}} "
     );

@@ -101,12 +101,7 @@ async fn a_phone_clock_290_s_ahead_does_not_make_everyone_else_late() {
     assert_eq!(started["peer_id"].as_i64(), Some(t), "{started}");
 
     // R's report is stored with the time it carries, and counted.
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("udaconnect_ingest_untrusted_times_total{reason=\"ahead_of_clock\"} 1"),
         "{metrics}"
@@ -339,12 +334,7 @@ async fn an_offline_pair_gets_its_episode_within_seconds_of_the_upload() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // They took the late path.
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     let late = zone_late_copies(&metrics);
     assert!(late >= 12.0, "late copies: {late}");
     let searched: f64 = metrics
