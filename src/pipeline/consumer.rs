@@ -93,7 +93,7 @@ const CHANNEL_RECORDS: usize = 64;
 const MAX_RECORDS_PER_HANDLE: usize = 32;
 
 struct StageContext<F: WorkerFactory> {
-    stage: &'static str,
+    stage: Stage,
     topic: String,
     factory: Arc<F>,
     runtime: tokio::runtime::Handle,
@@ -111,9 +111,15 @@ struct StageContext<F: WorkerFactory> {
 impl<F: WorkerFactory> ClientContext for StageContext<F> {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
-            warn!(stage = self.stage, fac, "librdkafka: {log_message}");
+            warn!(
+                stage = self.stage.as_str(),
+                fac, "librdkafka: {log_message}"
+            );
         } else {
-            debug!(stage = self.stage, fac, "librdkafka: {log_message}");
+            debug!(
+                stage = self.stage.as_str(),
+                fac, "librdkafka: {log_message}"
+            );
         }
     }
 }
@@ -132,7 +138,7 @@ impl<F: WorkerFactory> ConsumerContext for StageContext<F> {
             // said where to start ([`Command::Start`]): the group's committed offset is not
             // what decides it.
             if let Err(e) = consumer.pause(tpl) {
-                warn!(stage = self.stage, error = %e, "cannot pause newly assigned partitions");
+                warn!(stage = self.stage.as_str(), error = %e, "cannot pause newly assigned partitions");
             }
             for e in tpl.elements() {
                 self.open(e.partition());
@@ -157,7 +163,7 @@ impl<F: WorkerFactory> StageContext<F> {
         let mut assigned = self.assigned.lock().expect("not poisoned");
         assigned.push(partition);
         assigned.sort_unstable();
-        info!(stage = self.stage, partition, "partition assigned");
+        info!(stage = self.stage.as_str(), partition, "partition assigned");
         self.runtime.spawn(run_worker(
             Arc::clone(&self.factory),
             self.stage,
@@ -205,16 +211,20 @@ impl<F: WorkerFactory> StageContext<F> {
             .retain(|p, _| !partitions.contains(p));
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                warn!(stage = self.stage, error = %e, "commit on release failed; the next owner replays from the snapshot");
+                warn!(stage = self.stage.as_str(), error = %e, "commit on release failed; the next owner replays from the snapshot");
             }
         }
-        info!(stage = self.stage, ?partitions, "partitions released");
+        info!(
+            stage = self.stage.as_str(),
+            ?partitions,
+            "partitions released"
+        );
     }
 }
 
 async fn run_worker<F: WorkerFactory>(
     factory: Arc<F>,
-    stage: &'static str,
+    stage: Stage,
     (partition, generation): (i32, u64),
     mut rx: mpsc::Receiver<Input>,
     commands: std_mpsc::Sender<Command>,
@@ -270,7 +280,7 @@ async fn run_worker<F: WorkerFactory>(
             Some(other) => (Vec::new(), Some(other)),
             None => {
                 worker.close().await;
-                debug!(stage, partition, "worker stopped");
+                debug!(stage = stage.as_str(), partition, "worker stopped");
                 return;
             }
         };
@@ -332,7 +342,7 @@ pub struct NotOwned;
 
 /// A running stage consumer.
 pub struct StageConsumer {
-    stage: &'static str,
+    stage: Stage,
     stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
     commands: std_mpsc::Sender<Command>,
@@ -363,7 +373,7 @@ impl StageConsumer {
         let counters = Arc::new(options.counters);
         let workers: Workers = Arc::default();
         let context = StageContext {
-            stage: options.stage.as_str(),
+            stage: options.stage,
             topic: options.topic.clone(),
             factory,
             runtime: tokio::runtime::Handle::current(),
@@ -405,7 +415,7 @@ impl StageConsumer {
             "stage consumer started"
         );
         Ok(Self {
-            stage: options.stage.as_str(),
+            stage: options.stage,
             stop,
             thread: Some(thread),
             commands,
@@ -461,7 +471,7 @@ impl StageConsumer {
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        info!(stage = self.stage, "stage consumer stopped");
+        info!(stage = self.stage.as_str(), "stage consumer stopped");
     }
 }
 
@@ -550,7 +560,7 @@ fn start_partitions<F: WorkerFactory>(
             }
             Err(e) => {
                 if !start.warned && start.since.elapsed() > Duration::from_secs(10) {
-                    warn!(stage = context.stage, partition = p, offset = start.offset, error = %e, "cannot seek to the restored offset yet; the partition stays paused");
+                    warn!(stage = context.stage.as_str(), partition = p, offset = start.offset, error = %e, "cannot seek to the restored offset yet; the partition stays paused");
                     start.warned = true;
                 }
                 true
@@ -689,7 +699,7 @@ fn poll_loop<F: WorkerFactory>(
             Some(Ok(message)) => hand_over(&consumer, &message),
             Some(Err(e)) => {
                 if let Some(suppressed) = poll_errors.report() {
-                    warn!(stage = consumer.context().stage, error = %e, suppressed, "poll error (the same kind of error is logged at most every 10 s)");
+                    warn!(stage = consumer.context().stage.as_str(), error = %e, suppressed, "poll error (the same kind of error is logged at most every 10 s)");
                 }
             }
             None => {}

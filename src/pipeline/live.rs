@@ -24,12 +24,12 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LocalError {
     /// Another process owns the partition (or nobody does right now).
-    #[error("partition {partition} of the {stage} stage is not owned by this process")]
-    NotOwned { stage: &'static str, partition: i32 },
+    #[error("partition {partition} of the {} stage is not owned by this process", stage.as_str())]
+    NotOwned { stage: Stage, partition: i32 },
     /// The partition's supervisor did not answer in time (or stopped meanwhile).
-    #[error("partition {partition} of the {stage} stage did not answer: {reason}")]
+    #[error("partition {partition} of the {} stage did not answer: {reason}", stage.as_str())]
     NoAnswer {
-        stage: &'static str,
+        stage: Stage,
         partition: i32,
         reason: String,
     },
@@ -138,20 +138,16 @@ impl Pipeline {
         stage: Stage,
         partition: i32,
     ) -> Result<Option<i64>, LocalError> {
-        let not_owned = |_: NotOwned| LocalError::NotOwned {
-            stage: stage.as_str(),
-            partition,
-        };
+        let not_owned = |_: NotOwned| LocalError::NotOwned { stage, partition };
         let consumer = self.stage(stage).lock().await;
-        let consumer = consumer.as_ref().ok_or(LocalError::NotOwned {
-            stage: stage.as_str(),
-            partition,
-        })?;
+        let consumer = consumer
+            .as_ref()
+            .ok_or(LocalError::NotOwned { stage, partition })?;
         // A partition held up by backpressure (PostgreSQL away) answers when it can; bounded.
         match tokio::time::timeout(SNAPSHOT_TIMEOUT, consumer.checkpoint(partition)).await {
             Ok(result) => result.map_err(not_owned),
             Err(_) => Err(LocalError::NoAnswer {
-                stage: stage.as_str(),
+                stage,
                 partition,
                 reason: format!("no snapshot within {SNAPSHOT_TIMEOUT:?}"),
             }),
@@ -166,7 +162,6 @@ async fn ask<M: ractor::Message, T: Send + 'static>(
     partition: i32,
     message: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
 ) -> Result<T, LocalError> {
-    let stage = stage.as_str();
     let actor = owned
         .lock()
         .expect("not poisoned")
@@ -179,7 +174,7 @@ async fn ask<M: ractor::Message, T: Send + 'static>(
 
 fn success<T>(
     reply: Result<CallResult<T>, ractor::MessagingErr<impl Sized>>,
-    stage: &'static str,
+    stage: Stage,
     partition: i32,
 ) -> Result<T, LocalError> {
     let reason = match reply {
