@@ -4,6 +4,7 @@
 //! shared producer.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -530,6 +531,64 @@ impl<M: ractor::Message> PartitionCore<M> {
     }
 }
 
+/// What a stage does with one partition's records; the rest of a worker (restore, offsets,
+/// checkpoints, close) is [`Worker`]'s, shared by both stages.
+pub trait StageRecords: Send + Sync + Sized + 'static {
+    /// The partition supervisor's message.
+    type Msg: ractor::Message;
+    /// Decodes `records` (those a restored snapshot covers are skipped), dead-letters what
+    /// cannot be read, and hands the rest to the partition's supervisor.
+    fn handle(worker: &mut Worker<Self>, records: Vec<Record>) -> impl Future<Output = ()> + Send;
+}
+
+/// One assigned partition of a stage: its supervisor and offsets, and where unreadable records
+/// go.
+pub struct Worker<S: StageRecords> {
+    core: PartitionCore<S::Msg>,
+    dead_letters: DeadLetters,
+    /// The offset the supervisor has been told about.
+    sent_offset: i64,
+}
+
+impl<S: StageRecords> Worker<S> {
+    fn new(core: PartitionCore<S::Msg>, dead_letters: DeadLetters) -> Self {
+        Self {
+            sent_offset: core.next_offset,
+            core,
+            dead_letters,
+        }
+    }
+
+    /// Sends `record` to the dead-letter topic with `reason`.
+    async fn dead_letter(&self, record: &Record, reason: &str) {
+        self.dead_letters
+            .send(self.core.partition, record, reason)
+            .await;
+    }
+}
+
+impl<S: StageRecords> PartitionWorker for Worker<S> {
+    fn start_offset(&self) -> i64 {
+        self.core.next_offset
+    }
+
+    async fn handle(&mut self, records: Vec<Record>) {
+        S::handle(self, records).await;
+    }
+
+    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
+        self.core.begin_checkpoint().await
+    }
+
+    fn checkpoint_stored(&mut self, offset: i64) {
+        self.core.snapshotted = offset;
+    }
+
+    async fn close(self) {
+        self.core.close().await;
+    }
+}
+
 /// Stage one: a zone partition's worker factory.
 pub struct ZoneStage {
     pub params: EngineParams,
@@ -541,17 +600,13 @@ pub struct ZoneStage {
     pub owned: Owned<ZoneSupervisorMsg>,
 }
 
-pub struct ZoneWorker {
-    core: PartitionCore<ZoneSupervisorMsg>,
-    dead_letters: DeadLetters,
-    /// The offset the supervisor has been told about.
-    sent_offset: i64,
-}
+/// Stage one's records: routed event copies and heartbeats.
+pub enum ZoneRecords {}
 
 impl WorkerFactory for ZoneStage {
-    type Worker = ZoneWorker;
+    type Worker = Worker<ZoneRecords>;
 
-    async fn open(&self, partition: i32) -> ZoneWorker {
+    async fn open(&self, partition: i32) -> Worker<ZoneRecords> {
         let core = PartitionCore::restore(
             partition,
             &self.store,
@@ -568,15 +623,11 @@ impl WorkerFactory for ZoneStage {
             ZoneSupervisorMsg::Snapshot,
         )
         .await;
-        ZoneWorker {
-            sent_offset: core.next_offset,
-            core,
-            dead_letters: self.dead_letters.clone(),
-        }
+        Worker::new(core, self.dead_letters.clone())
     }
 }
 
-impl ZoneWorker {
+impl Worker<ZoneRecords> {
     async fn send_events(&mut self, events: Vec<SeenCopy>, next_offset: i64) {
         let sent = self
             .core
@@ -595,16 +646,14 @@ impl ZoneWorker {
     }
 }
 
-impl PartitionWorker for ZoneWorker {
-    fn start_offset(&self) -> i64 {
-        self.core.next_offset
-    }
+impl StageRecords for ZoneRecords {
+    type Msg = ZoneSupervisorMsg;
 
-    async fn handle(&mut self, records: Vec<Record>) {
+    async fn handle(worker: &mut Worker<Self>, records: Vec<Record>) {
         let mut events: Vec<SeenCopy> = Vec::new();
         for record in records {
             // Covered by the snapshot the partition was restored from.
-            if record.offset < self.core.next_offset {
+            if record.offset < worker.core.next_offset {
                 continue;
             }
             match LocationRecord::decode(record.payload.as_deref()) {
@@ -614,11 +663,12 @@ impl PartitionWorker for ZoneWorker {
                 }
                 Ok(LocationRecord::Heartbeat { max_event_time }) => {
                     if !events.is_empty() {
-                        self.send_events(std::mem::take(&mut events), record.offset)
+                        worker
+                            .send_events(std::mem::take(&mut events), record.offset)
                             .await;
                     }
                     let next_offset = (record.offset + 1) as u64;
-                    let _ = self
+                    let _ = worker
                         .core
                         .handle
                         .send(|permit| ZoneSupervisorMsg::Advance {
@@ -628,31 +678,15 @@ impl PartitionWorker for ZoneWorker {
                             done: None,
                         })
                         .await;
-                    self.sent_offset = record.offset + 1;
+                    worker.sent_offset = record.offset + 1;
                 }
-                Err(e) => {
-                    self.dead_letters
-                        .send(self.core.partition, &record, &e.to_string())
-                        .await
-                }
+                Err(e) => worker.dead_letter(&record, &e.to_string()).await,
             }
-            self.core.next_offset = record.offset + 1;
+            worker.core.next_offset = record.offset + 1;
         }
-        if !events.is_empty() || self.sent_offset < self.core.next_offset {
-            self.send_events(events, self.core.next_offset).await;
+        if !events.is_empty() || worker.sent_offset < worker.core.next_offset {
+            worker.send_events(events, worker.core.next_offset).await;
         }
-    }
-
-    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
-        self.core.begin_checkpoint().await
-    }
-
-    fn checkpoint_stored(&mut self, offset: i64) {
-        self.core.snapshotted = offset;
-    }
-
-    async fn close(self) {
-        self.core.close().await;
     }
 }
 
@@ -667,17 +701,13 @@ pub struct PersonStage {
     pub owned: Owned<PersonSupervisorMsg>,
 }
 
-pub struct PersonWorker {
-    core: PartitionCore<PersonSupervisorMsg>,
-    dead_letters: DeadLetters,
-    /// The offset the supervisor has been told about.
-    sent_offset: i64,
-}
+/// Stage two's records: per-person batches of co-locations and sightings.
+pub enum PersonRecords {}
 
 impl WorkerFactory for PersonStage {
-    type Worker = PersonWorker;
+    type Worker = Worker<PersonRecords>;
 
-    async fn open(&self, partition: i32) -> PersonWorker {
+    async fn open(&self, partition: i32) -> Worker<PersonRecords> {
         let core = PartitionCore::restore(
             partition,
             &self.store,
@@ -698,42 +728,34 @@ impl WorkerFactory for PersonStage {
             },
         )
         .await;
-        PersonWorker {
-            sent_offset: core.next_offset,
-            core,
-            dead_letters: self.dead_letters.clone(),
-        }
+        Worker::new(core, self.dead_letters.clone())
     }
 }
 
-impl PartitionWorker for PersonWorker {
-    fn start_offset(&self) -> i64 {
-        self.core.next_offset
-    }
+impl StageRecords for PersonRecords {
+    type Msg = PersonSupervisorMsg;
 
-    async fn handle(&mut self, records: Vec<Record>) {
+    async fn handle(worker: &mut Worker<Self>, records: Vec<Record>) {
         // The records taken together go to the supervisor as one message: one write of
         // their episode changes and one publish of their notifications.
         let mut batches = Vec::with_capacity(records.len());
         for record in records {
-            if record.offset < self.core.next_offset {
+            if record.offset < worker.core.next_offset {
                 continue;
             }
             match codec::decode_person_batch(record.payload.as_deref()) {
                 Ok(batch) => batches.push(batch),
                 Err(e) => {
-                    self.dead_letters
-                        .send(self.core.partition, &record, &e.to_string())
-                        .await;
+                    worker.dead_letter(&record, &e.to_string()).await;
                 }
             }
-            self.core.next_offset = record.offset + 1;
+            worker.core.next_offset = record.offset + 1;
         }
-        if batches.is_empty() && self.core.next_offset <= self.sent_offset {
+        if batches.is_empty() && worker.core.next_offset <= worker.sent_offset {
             return;
         }
-        let next_offset = self.core.next_offset;
-        let sent = self
+        let next_offset = worker.core.next_offset;
+        let sent = worker
             .core
             .handle
             .send(|permit| PersonSupervisorMsg::Batch {
@@ -744,20 +766,11 @@ impl PartitionWorker for PersonWorker {
             })
             .await;
         if sent.is_err() {
-            error!(partition = self.core.partition, "person supervisor is gone");
+            error!(
+                partition = worker.core.partition,
+                "person supervisor is gone"
+            );
         }
-        self.sent_offset = next_offset;
-    }
-
-    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
-        self.core.begin_checkpoint().await
-    }
-
-    fn checkpoint_stored(&mut self, offset: i64) {
-        self.core.snapshotted = offset;
-    }
-
-    async fn close(self) {
-        self.core.close().await;
+        worker.sent_offset = next_offset;
     }
 }
