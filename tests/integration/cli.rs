@@ -2,9 +2,9 @@
 
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::helpers::{free_port, kafka_brokers, poc_seed_dir, wait_for_status, TestDb};
+use crate::helpers::{eventually, free_port, kafka_brokers, poc_seed_dir, wait_for_status, TestDb};
 
 fn udaconnect(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_udaconnect"))
@@ -125,17 +125,15 @@ async fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
             .status()
             .expect("kill");
         assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve still running 15s after SIG{signal}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let status = eventually(
+            &format!("serve exits after SIG{signal}"),
+            Duration::from_secs(15),
+            || {
+                let exited = child.try_wait().expect("wait");
+                async move { exited.ok_or_else(|| "still running".to_owned()) }
+            },
+        )
+        .await;
         let mut log = String::new();
         child
             .stderr

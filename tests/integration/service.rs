@@ -7,8 +7,8 @@ use udaconnect::kafka::Broker;
 use udaconnect::Config;
 
 use crate::helpers::{
-    free_port, get_json, postgres_addr, test_config, wait_for_status, PrivateBroker, TcpProxy,
-    TestApp, TestDb,
+    eventually, free_port, get_json, postgres_addr, test_config, wait_for_status, PrivateBroker,
+    TcpProxy, TestApp, TestDb,
 };
 
 fn missing(body: &serde_json::Value) -> Vec<String> {
@@ -54,8 +54,7 @@ async fn ready_with_postgres_and_the_broker_and_topics_are_created() {
         (topics.locations_dlq.clone(), 1),
         (topics.person_updates_dlq.clone(), 1),
     ];
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let found = eventually("every topic created", Duration::from_secs(30), || async {
         let counts = broker
             .partition_counts(Duration::from_secs(5))
             .await
@@ -65,15 +64,13 @@ async fn ready_with_postgres_and_the_broker_and_topics_are_created() {
             .filter_map(|(name, _)| counts.iter().find(|(n, _)| n == name).cloned())
             .collect();
         if found.len() == expected.len() {
-            assert_eq!(found, expected.to_vec());
-            break;
+            Ok(found)
+        } else {
+            Err(format!("{found:?}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "topics not created: {found:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await;
+    assert_eq!(found, expected.to_vec());
 
     // The OpenAPI document describes the probes.
     let (status, spec) = get_json(&app.url("/openapi.json")).await;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::helpers::{test_config, TestApp, TestDb};
+use crate::helpers::{eventually, test_config, TestApp, TestDb};
 use crate::rest::{assert_error, create_person, get, next_sse, post, rejected_items};
 
 /// 1 m of latitude, in degrees (about).
@@ -173,11 +173,18 @@ async fn an_event_id_reused_for_a_different_report_is_refused_naming_it() {
         "already_exists",
         Some("event_id"),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(&app.url(&format!("/v1/locations/{id}"))).await.0 != 200 {
-        assert!(Instant::now() < deadline, "the first report is not stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let stored = app.url(&format!("/v1/locations/{id}"));
+    eventually(
+        "the first report stored",
+        Duration::from_secs(30),
+        || async {
+            match get(&stored).await {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!("{status} {body}")),
+            }
+        },
+    )
+    .await;
     assert_error(
         &post(&url, &munich).await,
         409,
