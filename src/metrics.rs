@@ -11,7 +11,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-pub use prometheus_client::encoding::prometheus_text::{encode, CONTENT_TYPE};
+pub use prometheus_client::encoding::prometheus_text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

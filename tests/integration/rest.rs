@@ -816,17 +816,22 @@ async fn v1_status_shows_every_partition_owned_and_the_lag_draining_to_zero() {
 }
 
 async fn wait_for_location(app: &TestApp, event_id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = get(&app.url(&format!("/v1/locations/{event_id}"))).await;
-        if status == 200 {
-            assert_eq!(body["event_id"], event_id);
-            return body;
-        }
-        assert_eq!(status, 404, "{body}");
-        assert!(Instant::now() < deadline, "event {event_id} never stored");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let url = app.url(&format!("/v1/locations/{event_id}"));
+    let body = eventually(
+        &format!("event {event_id} stored"),
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = get(&url).await;
+            // Not yet stored is a 404; anything else is wrong.
+            assert!(status == 200 || status == 404, "{status} {body}");
+            (status == 200)
+                .then_some(body.clone())
+                .ok_or_else(|| body.to_string())
+        },
+    )
+    .await;
+    assert_eq!(body["event_id"], event_id);
+    body
 }
 
 #[tokio::test]
