@@ -6,6 +6,7 @@ mod cli;
 mod grpc;
 mod grpc_docs;
 mod helpers;
+mod manifests;
 mod metrics;
 mod pipeline;
 mod recovery;
