@@ -45,6 +45,23 @@ pub struct FromOwner<T> {
     pub owner: String,
 }
 
+impl<T> FromOwner<Option<T>> {
+    /// `owner`'s answer for `partition`; with no value (no actor holds state for the key)
+    /// there is nobody to name, and `owner` is left empty.
+    fn maybe(value: Option<T>, partition: i32, owner: String) -> Self {
+        let owner = if value.is_some() {
+            owner
+        } else {
+            String::new()
+        };
+        Self {
+            value,
+            partition,
+            owner,
+        }
+    }
+}
+
 /// This process's entry to the cluster's live state; cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
@@ -111,15 +128,7 @@ impl Cluster {
             .map_err(|s| forward_error(&owner, s))?
             .into_inner();
         let value = convert::person_view(&answer).map_err(|e| bad_answer(&owner, e))?;
-        Ok(FromOwner {
-            owner: if value.is_some() {
-                owner.owner
-            } else {
-                String::new()
-            },
-            value,
-            partition,
-        })
+        Ok(FromOwner::maybe(value, partition, owner.owner))
     }
 
     /// The zone's actor state and its owner, with at most `limit` points; with `local_only`
@@ -176,15 +185,11 @@ impl Cluster {
         local_only: bool,
     ) -> Result<Option<FromOwner<Option<T>>>, ApiError> {
         match local {
-            Ok(value) => Ok(Some(FromOwner {
-                owner: if value.is_some() {
-                    pipeline.node().to_owned()
-                } else {
-                    String::new()
-                },
+            Ok(value) => Ok(Some(FromOwner::maybe(
                 value,
                 partition,
-            })),
+                pipeline.node().to_owned(),
+            ))),
             Err(e @ LocalError::NoAnswer { .. }) => Err(ApiError::unavailable(e.to_string())),
             Err(e @ LocalError::NotOwned { .. }) if local_only => {
                 Err(ApiError::unavailable(e.to_string()))

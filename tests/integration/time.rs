@@ -34,6 +34,17 @@ fn zone_late_copies(metrics: &str) -> f64 {
         .sum()
 }
 
+/// A service on `db` whose quiet meetings end 40 s of event time after their last co-location
+/// (`episode_gap_s` 30 + `lateness_s` 10), its pipeline started; and its configuration.
+async fn ending_in_40_s(db: &TestDb) -> (udaconnect::Config, TestApp) {
+    let mut config = test_config(db);
+    config.episode_gap_s = 30;
+    config.lateness_s = 10;
+    let app = TestApp::spawn(config.clone()).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    (config, app)
+}
+
 /// Posts one report and asserts it was accepted.
 async fn accepted(app: &TestApp, body: &Value) {
     let (status, answer) = post(&app.url("/v1/locations"), body).await;
@@ -115,11 +126,7 @@ async fn a_phone_clock_290_s_ahead_does_not_make_everyone_else_late() {
 #[tokio::test]
 async fn a_quiet_meeting_ends_within_the_gap_and_the_lateness() {
     let db = TestDb::new().await;
-    let mut config = test_config(&db);
-    config.episode_gap_s = 30;
-    config.lateness_s = 10;
-    let app = TestApp::spawn(config).await;
-    app.pipeline(Duration::from_secs(60)).await;
+    let (_, app) = ending_in_40_s(&db).await;
     let a = create_person(&app, "A").await;
     let b = create_person(&app, "B").await;
     let mut heard = Notifications::of(&app, a).await;
@@ -383,11 +390,7 @@ async fn a_report_older_than_the_late_horizon_is_refused_naming_recorded_at() {
 #[tokio::test]
 async fn a_late_upload_after_the_last_live_report_does_not_stop_the_clock() {
     let db = TestDb::new().await;
-    let mut config = test_config(&db);
-    config.episode_gap_s = 30;
-    config.lateness_s = 10;
-    let app = TestApp::spawn(config).await;
-    app.pipeline(Duration::from_secs(60)).await;
+    let (_, app) = ending_in_40_s(&db).await;
     let a = create_person(&app, "A").await;
     let b = create_person(&app, "B").await;
     let c = create_person(&app, "C").await;
@@ -426,11 +429,7 @@ async fn a_late_upload_after_the_last_live_report_does_not_stop_the_clock() {
 #[tokio::test]
 async fn a_meeting_open_at_a_restart_ends_on_the_clock_with_nobody_reporting() {
     let db = TestDb::new().await;
-    let mut config = test_config(&db);
-    config.episode_gap_s = 30;
-    config.lateness_s = 10;
-    let app = TestApp::spawn(config.clone()).await;
-    app.pipeline(Duration::from_secs(60)).await;
+    let (config, app) = ending_in_40_s(&db).await;
     let a = create_person(&app, "A").await;
     let b = create_person(&app, "B").await;
     let posted = Instant::now();
