@@ -118,6 +118,8 @@ impl Server {
             pipeline: Arc::clone(&self.pipeline),
             timeout: Duration::from_millis(self.config.readiness_timeout_ms),
         };
+        // One shutdown signal for both servers (and the live streams).
+        let stop = CancellationToken::new();
         let state = Arc::new(RestState {
             pool: self.pool.clone(),
             readiness: readiness.clone(),
@@ -131,9 +133,8 @@ impl Server {
                 .map(str::to_owned)
                 .collect(),
             cluster: self.cluster.clone(),
+            shutdown: stop.clone(),
         });
-        // One shutdown signal for both servers (and the live streams).
-        let stop = CancellationToken::new();
         let trigger = {
             let stop = stop.clone();
             tokio::spawn(async move {

@@ -6,11 +6,13 @@
 use udaconnect::config::redact_url;
 
 pub mod produce;
+pub mod rehearsal;
+pub mod scratch;
 pub mod sim;
 
 /// One line of `/proc/self/status` in bytes (`VmHWM`, `VmRSS`, …); 0 where it is unavailable.
-fn proc_status_bytes(key: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+fn proc_status_bytes(process: &str, key: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{process}/status")) else {
         return 0;
     };
     status
@@ -22,12 +24,17 @@ fn proc_status_bytes(key: &str) -> u64 {
 
 /// The process's peak resident set size, bytes (0 where `/proc` is unavailable).
 pub fn peak_rss_bytes() -> u64 {
-    proc_status_bytes("VmHWM")
+    proc_status_bytes("self", "VmHWM")
+}
+
+/// Process `pid`'s peak resident set size, bytes (0 where `/proc` is unavailable).
+pub fn peak_rss_bytes_of(pid: u32) -> u64 {
+    proc_status_bytes(&pid.to_string(), "VmHWM")
 }
 
 /// The process's resident set size now, bytes (0 where `/proc` is unavailable).
 pub fn rss_bytes() -> u64 {
-    proc_status_bytes("VmRSS")
+    proc_status_bytes("self", "VmRSS")
 }
 
 /// The value below which a fraction `q` of the sorted `values` lie (nearest rank).
@@ -37,6 +44,22 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
     let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
+}
+
+/// Polls `done` every 50 ms until it holds, for up to `within`; errors when it never did.
+pub async fn eventually(
+    within: std::time::Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// `url` with its database replaced by `database`.

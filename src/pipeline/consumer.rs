@@ -390,6 +390,10 @@ impl StageConsumer {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Incremental rebalancing (KIP-429): a process joining or leaving moves only the
+            // partitions that change owner; the others keep being served instead of being
+            // snapshotted, released and restored by every member (the eager protocol).
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             // Also the rebalance timeout: how long a join waits for members that vanished

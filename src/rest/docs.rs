@@ -33,6 +33,7 @@ fn offline_state() -> anyhow::Result<Arc<RestState>> {
         pool,
         pipeline,
         cors_origins: Vec::new(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
     }))
 }
 

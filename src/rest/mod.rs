@@ -34,6 +34,9 @@ pub struct RestState {
     pub cors_origins: Vec<String>,
     /// Live actor state across the cluster (local, or forwarded to the owner over gRPC).
     pub cluster: crate::cluster::Cluster,
+    /// Cancelled when the process shuts down: the live streams (SSE, WebSocket) end then, so
+    /// that the graceful drain does not wait for clients that never hang up.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl RestState {

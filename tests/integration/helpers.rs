@@ -635,3 +635,15 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A test tool from PyPI: where `./dev test` says (`variable`), else where `./dev setup` puts
+/// it (`.dev/tools/bin`); fails naming both when it is not there.
+pub fn tool(variable: &str, name: &str) -> String {
+    let tool = std::env::var(variable)
+        .unwrap_or_else(|_| format!("{}/.dev/tools/bin/{name}", env!("CARGO_MANIFEST_DIR")));
+    assert!(
+        std::path::Path::new(&tool).exists(),
+        "no {name} at {tool}: run ./dev setup, or set {variable}"
+    );
+    tool
+}

@@ -8,6 +8,7 @@ mod grpc_docs;
 mod helpers;
 mod manifests;
 mod metrics;
+mod monitoring;
 mod pipeline;
 mod recovery;
 mod rest;

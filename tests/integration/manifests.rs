@@ -1,10 +1,12 @@
 //! `manifests/` as a cluster would take it: every resource valid against the schemas of a
-//! pinned Kubernetes version (kubernetes-validate, strict), every `UDACONNECT_*` setting one
-//! that `udaconnect` knows, and no secret value in git (the Secrets come from git-ignored env
-//! files through kustomize's secretGenerator).
+//! pinned Kubernetes version (kubernetes-validate, strict), no failed checkov check (each skip
+//! with its reason in the manifest), every `UDACONNECT_*` setting one that `udaconnect` knows,
+//! and no secret value in git (the Secrets come from git-ignored files through kustomize's
+//! secretGenerator).
 
 use std::path::{Path, PathBuf};
 
+use figment::providers::Env;
 use serde::Deserialize;
 use serde_json::Value;
 use udaconnect::config::{Config, ENV_PREFIX};
@@ -12,7 +14,7 @@ use udaconnect::config::{Config, ENV_PREFIX};
 /// The Kubernetes version the manifests are checked against (K3s's stable channel's minor).
 const KUBERNETES_VERSION: &str = "1.31.0";
 
-fn manifests_dir() -> PathBuf {
+pub fn manifests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests")
 }
 
@@ -30,7 +32,7 @@ fn resource_files() -> Vec<PathBuf> {
 }
 
 /// Every document of every resource file, with the file it is in.
-fn documents() -> Vec<(PathBuf, Value)> {
+pub fn documents() -> Vec<(PathBuf, Value)> {
     resource_files()
         .into_iter()
         .flat_map(|path| {
@@ -109,64 +111,110 @@ fn no_secret_value_is_committed_in_the_manifests() {
                 .is_some_and(|authority| authority.contains('@') && authority.contains(':'))
         });
         assert!(!password_in_url, "{at}: {name} holds a URL with a password");
+        // `POSTGRES_PASSWORD_FILE=/run/secrets/…` names the file a mounted Secret holds.
+        let names_a_file = name.ends_with("_FILE") && value.starts_with('/');
         assert!(
-            value.is_empty() || !secretish.iter().any(|s| name.to_uppercase().contains(s)),
+            value.is_empty()
+                || names_a_file
+                || !secretish.iter().any(|s| name.to_uppercase().contains(s)),
             "{at}: {name} sets a secret's value in git"
         );
     }
     // The generator's inputs are the user's, and git ignores them; only the examples are in git,
     // and they hold placeholders.
-    let kustomization: Value = serde_norway::from_str(
-        &std::fs::read_to_string(manifests_dir().join("kustomization.yaml")).expect("file"),
-    )
-    .expect("YAML");
-    let generated = kustomization["secretGenerator"]
-        .as_array()
-        .expect("generator");
-    assert_eq!(generated.len(), 2, "{kustomization}");
-    for g in generated {
-        for env in g["envs"].as_array().expect("envs") {
-            let file = manifests_dir().join(env.as_str().expect("a path"));
-            let ignored = std::process::Command::new("git")
-                .args(["check-ignore", "-q"])
-                .arg(&file)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("git runs");
-            assert!(
-                ignored.success(),
-                "{} is not ignored by git",
-                file.display()
-            );
-            let example = std::fs::read_to_string(file.with_extension("env.example"))
-                .unwrap_or_else(|_| panic!("{}.example", file.display()));
-            for line in example
-                .lines()
-                .filter(|l| !l.starts_with('#') && !l.is_empty())
+    let inputs = generator_inputs();
+    assert_eq!(inputs.len(), 2, "{inputs:?}");
+    for file in inputs {
+        let ignored = std::process::Command::new("git")
+            .args(["check-ignore", "-q"])
+            .arg(&file)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("git runs");
+        assert!(
+            ignored.success(),
+            "{} is not ignored by git",
+            file.display()
+        );
+        let example = std::fs::read_to_string(example_of(&file))
+            .unwrap_or_else(|_| panic!("{}", example_of(&file).display()));
+        // `KEY=value` (an env file) or `key = "value"` (TOML).
+        for line in example
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (key, value) = line.split_once('=').expect("KEY=value");
+            if secretish
+                .iter()
+                .any(|s| key.trim().to_uppercase().contains(s))
             {
-                let (key, value) = line.split_once('=').expect("KEY=value");
-                if secretish.iter().any(|s| key.contains(s)) {
-                    assert!(value.contains('<'), "{line}: a placeholder, not a value");
-                }
+                assert!(value.contains('<'), "{line}: a placeholder, not a value");
             }
         }
     }
 }
 
+/// The files kustomize's secretGenerator reads (`envs`, and `files` as `[key=]path`).
+fn generator_inputs() -> Vec<PathBuf> {
+    let kustomization: Value = serde_norway::from_str(
+        &std::fs::read_to_string(manifests_dir().join("kustomization.yaml")).expect("file"),
+    )
+    .expect("YAML");
+    let generators = kustomization["secretGenerator"]
+        .as_array()
+        .expect("generator");
+    generators
+        .iter()
+        .flat_map(|g| {
+            let envs = g["envs"].as_array().into_iter().flatten();
+            let files = g["files"].as_array().into_iter().flatten();
+            envs.chain(files)
+                .map(|f| {
+                    let f = f.as_str().expect("a path");
+                    let path = f.split_once('=').map_or(f, |(_, path)| path);
+                    manifests_dir().join(path)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The committed example of a git-ignored generator input: `<file>.example`.
+fn example_of(file: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.example", file.display()))
+}
+
+#[test]
+fn the_configuration_file_the_pods_read_is_one_udaconnect_loads() {
+    // The StatefulSet's `--config` file is the Secret `udaconnect`'s one key; its example, with
+    // the placeholders as values, must load (known keys, the right types, a PostgreSQL URL).
+    let example = manifests_dir().join("secrets/udaconnect.toml.example");
+    let config = Config::load_from(Some(&example), Env::prefixed("UDATEST_NO_SUCH_VARIABLE_"))
+        .unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    assert!(config.admin_token.is_some(), "{}", example.display());
+    assert!(
+        config
+            .database_url
+            .expose()
+            .contains("@postgis.udaconnect.svc.cluster.local:5432/"),
+        "{}",
+        config.database_url.redacted()
+    );
+    let (_, statefulset) = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "StatefulSet" && d["metadata"]["name"] == "udaconnect")
+        .expect("the udaconnect StatefulSet");
+    let args = &statefulset["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(
+        args,
+        &serde_json::json!(["serve", "--config", "/etc/udaconnect/udaconnect.toml"]),
+        "the pods read the Secret's file"
+    );
+}
+
 #[test]
 fn every_manifest_is_valid_for_the_pinned_kubernetes_version_in_strict_mode() {
-    // `./dev test` exports where `./dev setup` put it; the same place by default.
-    let tool = std::env::var("UDATEST_KUBERNETES_VALIDATE").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/.dev/tools/bin/kubernetes-validate"
-        )
-        .to_owned()
-    });
-    assert!(
-        Path::new(&tool).exists(),
-        "no kubernetes-validate at {tool}: run ./dev setup, or set UDATEST_KUBERNETES_VALIDATE"
-    );
+    let tool = crate::helpers::tool("UDATEST_KUBERNETES_VALIDATE", "kubernetes-validate");
     let out = std::process::Command::new(&tool)
         .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
         .args(resource_files())
@@ -184,4 +232,119 @@ fn every_manifest_is_valid_for_the_pinned_kubernetes_version_in_strict_mode() {
         documents().len(),
         "every resource checked: {report}"
     );
+}
+
+/// Annotation key prefixes checkov reads a skip from (`checkov.io/skip1: CKV_K8S_43=reason`).
+const SKIP_PREFIXES: [&str; 3] = ["checkov.io/skip", "bridgecrew.io/skip", "cortex.io/skip"];
+
+#[test]
+fn checkov_finds_no_failed_kubernetes_check_in_the_manifests() {
+    let tool = crate::helpers::tool("UDATEST_CHECKOV", "checkov");
+    // --skip-download: offline, no check metadata fetched from Prisma Cloud.
+    let out = std::process::Command::new(&tool)
+        .arg("--directory")
+        .arg(manifests_dir())
+        .args([
+            "--framework",
+            "kubernetes",
+            "--output",
+            "json",
+            "--skip-download",
+        ])
+        .output()
+        .expect("checkov runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov's JSON: {e}\n{}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let results = &report["results"];
+    let list = |key: &str| results[key].as_array().cloned().unwrap_or_default();
+    let failed: Vec<String> = list("failed_checks")
+        .iter()
+        .map(|c| {
+            format!(
+                // file_path is relative to the directory checked: `/20-kafka.yaml`.
+                "{} {}: {} in manifests{} lines {}",
+                c["check_id"].as_str().unwrap_or("?"),
+                c["check_name"].as_str().unwrap_or("?"),
+                c["resource"].as_str().unwrap_or("?"),
+                c["file_path"].as_str().unwrap_or("?"),
+                c["file_line_range"],
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "checkov's failed checks (fix the manifest, or skip with `checkov.io/skipN: ID=reason` \
+         in the resource's annotations when the check cannot apply):\n{}",
+        failed.join("\n")
+    );
+    assert_eq!(list("parsing_errors"), Vec::<Value>::new(), "{report}");
+    // As checkov read them, the skips carry their reasons too.
+    for skipped in list("skipped_checks") {
+        let reason = skipped["check_result"]["suppress_comment"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            !reason.trim().is_empty() && reason != "No comment provided",
+            "{} skipped without a reason on {}",
+            skipped["check_id"],
+            skipped["resource"]
+        );
+    }
+    // checkov found and checked every workload (a directory it cannot read passes nothing).
+    let checked: Vec<String> = list("passed_checks")
+        .iter()
+        .filter_map(|c| c["resource"].as_str().map(str::to_owned))
+        .collect();
+    for (path, doc) in documents() {
+        if doc["kind"] == "StatefulSet" {
+            let resource = format!(
+                "StatefulSet.{}.{}",
+                doc["metadata"]["namespace"].as_str().expect("namespace"),
+                doc["metadata"]["name"].as_str().expect("name")
+            );
+            assert!(
+                checked.contains(&resource),
+                "{resource} ({}) was not checked: {report}",
+                path.display()
+            );
+        }
+    }
+    assert!(out.status.success(), "checkov failed: {stderr}");
+}
+
+#[test]
+fn every_checkov_skip_in_the_manifests_gives_a_reason() {
+    let docs = documents();
+    let mut skips = 0;
+    for (path, doc) in &docs {
+        let annotations = doc["metadata"]["annotations"].as_object();
+        for (key, value) in annotations.into_iter().flatten() {
+            if !SKIP_PREFIXES.iter().any(|p| key.starts_with(p)) {
+                continue;
+            }
+            skips += 1;
+            let at = format!("{} {} {key}", path.display(), doc["metadata"]["name"]);
+            let value = value.as_str().unwrap_or_default();
+            // checkov splits the value on '=': a second one would break its parsing.
+            let (check, reason) = value
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{at}: `{value}` is not CHECK_ID=reason"));
+            assert!(
+                check.starts_with("CKV_K8S_") || check.starts_with("CKV2_K8S_"),
+                "{at}: `{check}` is not a checkov Kubernetes check id"
+            );
+            assert!(
+                !reason.trim().is_empty(),
+                "{at}: skips {check} without a reason"
+            );
+            assert!(!reason.contains('='), "{at}: a reason cannot hold '='");
+        }
+    }
+    // The locally built image can have neither a digest nor a pull policy of Always.
+    assert!(skips >= 2, "the skips were not found in the manifests");
 }

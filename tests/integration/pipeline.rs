@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use udaconnect::pipeline::hub::{NotificationHub, Subscription};
 use udaconnect::pipeline::ingest::Ingestor;
 use udaconnect::pipeline::Pipeline;
-use udaconnect::store::{micros, timestamp};
+use udaconnect::store::timestamp;
 use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::domain::{
     Episode, LocationEvent, Micros, NewLocationEvent, Notification, NotificationKind, MICROS_PER_S,
@@ -59,30 +59,9 @@ async fn insert_persons(url: &str, sim: &Simulation) {
 }
 
 async fn stored_episodes(client: &tokio_postgres::Client) -> Vec<Episode> {
-    client
-        .query(
-            "SELECT person_id, peer_id, started_at, last_seen_at, ended_at, colocations,
-                    min_distance_m, lat, lon
-             FROM connection ORDER BY person_id, peer_id, started_at",
-            &[],
-        )
+    udaconnect_bench::scratch::stored_episodes(client)
         .await
         .expect("read connections")
-        .iter()
-        .map(|r| Episode {
-            person: r.get(0),
-            peer: r.get(1),
-            started_at: micros(r.get(2)),
-            last_seen_at: micros(r.get(3)),
-            ended_at: r
-                .get::<_, Option<chrono::DateTime<chrono::Utc>>>(4)
-                .map(micros),
-            colocations: r.get::<_, i32>(5) as u32,
-            min_distance_m: r.get(6),
-            lat: r.get(7),
-            lon: r.get(8),
-        })
-        .collect()
 }
 
 /// Waits until every partition of both stages is owned here, and returns the pipeline.

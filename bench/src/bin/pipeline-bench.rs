@@ -48,9 +48,7 @@ use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
-use tokio_postgres::NoTls;
-use udaconnect::config::redact_url;
-use udaconnect::kafka::{client_config, consumer_config, producer_config, TopicSpec};
+use udaconnect::kafka::{consumer_config, producer_config, TopicSpec};
 use udaconnect::pipeline::codec::decode_notifications;
 use udaconnect::pipeline::Pipeline;
 use udaconnect::Config;
@@ -59,6 +57,7 @@ use udaconnect_actors::domain::{
     LocationEvent, Micros, NewLocationEvent, NotificationKind, PersonId, MICROS_PER_S,
 };
 use udaconnect_bench::produce::{ensure_persons, wire, Acked, IngestPipe, IngestTally, Services};
+use udaconnect_bench::scratch::{cleanup, fresh, generate, Leftovers};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 use udaconnect_bench::{percentile, with_database};
 use uuid::Uuid;
@@ -184,13 +183,6 @@ fn main() -> ExitCode {
 
 fn say(text: impl std::fmt::Display) {
     eprintln!("pipeline-bench: {text}");
-}
-
-/// Databases and topics this run created, removed at the end unless `--keep`.
-#[derive(Default)]
-struct Leftovers {
-    databases: Vec<String>,
-    prefixes: Vec<String>,
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
@@ -368,67 +360,6 @@ fn conference(cli: &Cli, seed: u64, duration_s: u32, disorder_s: Option<u32>) ->
     c
 }
 
-async fn admin_client(admin_url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(admin_url, NoTls)
-        .await
-        .with_context(|| format!("postgres at {} is unreachable", redact_url(admin_url)))?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-/// A fresh database and topic prefix for one phase, and the configuration using them.
-async fn fresh(
-    base: &Config,
-    admin_url: &str,
-    leftovers: &mut Leftovers,
-) -> anyhow::Result<Config> {
-    let id = Uuid::new_v4().simple().to_string();
-    let name = format!("udaconnect_bench_{id}");
-    admin_client(admin_url)
-        .await?
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .with_context(|| format!("failed to create database {name}"))?;
-    leftovers.databases.push(name.clone());
-    let mut config = base.clone();
-    config.database_url = udaconnect::config::DatabaseUrl::new(with_database(admin_url, &name)?);
-    config.topic_prefix = format!("bench-{id}");
-    leftovers.prefixes.push(config.topic_prefix.clone());
-    Ok(config)
-}
-
-async fn cleanup(base: &Config, admin_url: &str, leftovers: &Leftovers) {
-    if let Ok(admin) = admin_client(admin_url).await {
-        for db in &leftovers.databases {
-            if let Err(e) = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                .await
-            {
-                say(format!("cannot drop database {db}: {e}"));
-            }
-        }
-    }
-    let admin: Result<rdkafka::admin::AdminClient<_>, _> = client_config(base).create();
-    if let Ok(admin) = admin {
-        let mut names = Vec::new();
-        for prefix in &leftovers.prefixes {
-            let t = udaconnect::config::Topics::new(prefix);
-            names.extend([
-                t.locations,
-                t.person_updates,
-                t.connections,
-                t.locations_dlq,
-                t.person_updates_dlq,
-            ]);
-        }
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let options =
-            rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        // Some are absent (the bare topics have no dead-letter topics); that is fine.
-        let _ = admin.delete_topics(&names, &options).await;
-    }
-}
-
 /// Persons, topics, and a pipeline owning every partition of both stages.
 async fn start_pipeline(config: &Config, sim: &Simulation) -> anyhow::Result<(Services, Pipeline)> {
     let services = Services::connect(config, Duration::from_secs(10)).await?;
@@ -464,18 +395,6 @@ async fn start_pipeline(config: &Config, sim: &Simulation) -> anyhow::Result<(Se
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok((services, pipeline))
-}
-
-/// Generates every event of `config` (before any clock starts).
-fn generate(config: ConferenceConfig) -> anyhow::Result<(Simulation, Vec<LocationEvent>)> {
-    let sim = Simulation::new(config)
-        .map_err(|e| anyhow::anyhow!("invalid conference: {e} ({})", e.field))?;
-    let mut events = Vec::with_capacity(sim.expected_events() as usize);
-    let mut it = sim.events();
-    while let Some(batch) = it.next_batch() {
-        events.extend_from_slice(batch);
-    }
-    Ok((sim, events))
 }
 
 /// Waits until both stages have processed every record in their topics (polled once a second:

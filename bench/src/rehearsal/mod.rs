@@ -1,0 +1,674 @@
+//! A rehearsal of what a StatefulSet does to UdaConnect, on one machine (issue 19): pods
+//! `udaconnect-0` … `udaconnect-{n-1}` as `udaconnect serve` processes against the `./dev`
+//! PostgreSQL and broker, a simulated conference posted through REST to whichever pods are
+//! ready (as a Service routes), subscribers following persons over SSE, readers asking for live
+//! state, history and status; then a rolling restart (SIGTERM the highest ordinal, start it
+//! again, wait until ready, then the next, as the StatefulSet controller rolls), a scale in by
+//! one and out again. Afterwards the stored `connection` and `location` rows are compared with
+//! the reference engine's over the same reports.
+//!
+//! Figures per step: SIGTERM to exit; the handover (SIGTERM until the partitions the pod owned
+//! are restored and serving on their new owners, and until every partition is); start to
+//! `/readyz` 200; start until the pod serves partitions of its own and every partition is
+//! served again. The `rehearsal` binary (`./dev rehearse`) prints them; the bench variant
+//! preloads a conference that leaves about 1,000,000 points retained in the zones' windows.
+
+pub mod pods;
+pub mod subscribers;
+pub mod traffic;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pods::{wait_ready, Endpoints, Pod, PodSpec};
+use serde::Serialize;
+use serde_json::Value;
+use subscribers::{Heard, Subscriber};
+use tokio_util::sync::CancellationToken;
+use traffic::{SharedTally, Tally};
+use udaconnect::pipeline::ingest::Ingestor;
+use udaconnect::Config;
+use udaconnect_actors::domain::{Episode, LocationEvent, PersonId, MICROS_PER_S};
+use udaconnect_actors::{Engine, EngineOptions, EngineParams};
+
+use crate::produce::{ensure_persons, Services};
+use crate::scratch::{cleanup, fresh, generate, stored_episodes, Leftovers};
+use crate::sim::ConferenceConfig;
+
+/// What to rehearse.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `udaconnect` binary the pods run.
+    pub binary: PathBuf,
+    /// Broker, partition counts and settings the pods share; each run gets a fresh database
+    /// (on the server of `admin_url`) and topic prefix.
+    pub base: Config,
+    /// A URL of the PostgreSQL server's maintenance database (to create the run's database).
+    pub admin_url: String,
+    /// Pods in the StatefulSet (3).
+    pub pods: usize,
+    /// The simulated conference; its `start` is moved to end two minutes before the run, so
+    /// that the default late horizon takes its reports.
+    pub conference: ConferenceConfig,
+    /// The share of the reports posted as fast as the pods take them before the roll (the
+    /// state the pods hold when it starts); the rest streams in during the roll.
+    pub preload: f64,
+    /// How long the rest of the reports take to stream in, from the start of the roll.
+    pub stream_over: Duration,
+    /// Persons followed over SSE (those with the most episodes).
+    pub subscribers: usize,
+    /// Where the pods' logs go.
+    pub work_dir: PathBuf,
+    /// Keep the database and topics afterwards.
+    pub keep: bool,
+}
+
+/// One step of the roll, with its times in seconds.
+#[derive(Debug, Default, Serialize)]
+pub struct Step {
+    /// `restart`, `scale-in` or `scale-out`.
+    pub action: &'static str,
+    pub pod: String,
+    /// Partitions (both stages) the pod owned when it was sent SIGTERM.
+    pub partitions_owned: usize,
+    /// The stopped pod's peak resident set size, MiB.
+    pub peak_rss_mib: Option<f64>,
+    pub sigterm_to_exit_s: Option<f64>,
+    /// SIGTERM until every partition the pod owned is restored and serving on another pod.
+    pub handover_s: Option<f64>,
+    /// SIGTERM until every partition of both stages is serving again.
+    pub all_serving_after_stop_s: Option<f64>,
+    /// Process start to `/readyz` 200.
+    pub start_to_ready_s: Option<f64>,
+    /// Process start until the pod serves partitions of its own (restored from their
+    /// snapshots) and every partition is serving again.
+    pub start_to_serving_s: Option<f64>,
+}
+
+/// What one subscriber received, against the reference episodes of its person.
+#[derive(Debug, Serialize)]
+pub struct SubscriberFigures {
+    pub person: PersonId,
+    pub episodes: usize,
+    /// Episodes neither announced live nor found in a history read after a reconnect.
+    pub started_missing: usize,
+    /// Episodes whose end was neither received live nor found in such a history.
+    pub ended_missing: usize,
+    /// `connection.ended` notifications that match no reference episode.
+    pub wrong_ended: usize,
+    pub connects: u32,
+    pub heard_live: usize,
+    pub recovered: usize,
+}
+
+/// The rehearsal's outcome.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub pods: usize,
+    pub events: usize,
+    pub unique_events: usize,
+    /// Points the zones retain when the roll starts (the reference engine after the preload,
+    /// which the actors equal).
+    pub retained_points_at_roll: usize,
+    pub accepted: u64,
+    pub steps: Vec<Step>,
+    /// Whether the stream was still posting when the roll ended.
+    pub streamed_through_roll: bool,
+    pub episodes_expected: usize,
+    pub episodes_stored: usize,
+    pub episodes_missing: usize,
+    pub episodes_extra: usize,
+    pub locations_stored: i64,
+    pub subscribers: Vec<SubscriberFigures>,
+    pub rest: Tally,
+    /// `stage/partition` → owner, from `shard_owner`, at the end.
+    pub owners_at_end: BTreeMap<String, String>,
+    pub running_at_end: Vec<String>,
+    pub wall_s: f64,
+}
+
+impl Report {
+    /// Every way the rehearsal can fail its issue's must-show list, in words; empty when it
+    /// passed.
+    pub fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.episodes_missing + self.episodes_extra > 0 {
+            out.push(format!(
+                "connection differs from the reference: {} missing, {} extra of {}",
+                self.episodes_missing, self.episodes_extra, self.episodes_expected
+            ));
+        }
+        if self.locations_stored != self.unique_events as i64 {
+            out.push(format!(
+                "location holds {} rows, {} distinct reports were sent",
+                self.locations_stored, self.unique_events
+            ));
+        }
+        for s in &self.subscribers {
+            if s.started_missing + s.ended_missing + s.wrong_ended > 0 {
+                out.push(format!("subscriber of {}: {s:?}", s.person));
+            }
+        }
+        if self.rest.unexpected_count > 0 {
+            out.push(format!(
+                "unexpected REST answers: {:?}",
+                self.rest.unexpected
+            ));
+        }
+        let running: BTreeSet<&String> = self.running_at_end.iter().collect();
+        if let Some((p, o)) = self
+            .owners_at_end
+            .iter()
+            .find(|(_, o)| !running.contains(o))
+        {
+            out.push(format!(
+                "shard_owner names {o} for {p}, which is not running"
+            ));
+        }
+        out
+    }
+}
+
+/// The reference: the synchronous engine over every report, and the points it retains after
+/// the first `preloaded` of them.
+fn reference(
+    events: &[LocationEvent],
+    preloaded: usize,
+    params: &EngineParams,
+) -> anyhow::Result<(usize, Vec<Episode>)> {
+    let mut engine = Engine::new(params, EngineOptions::default())
+        .map_err(|e| anyhow::anyhow!("invalid engine parameters: {e:?}"))?;
+    for chunk in events[..preloaded].chunks(1_000) {
+        engine.ingest(chunk);
+    }
+    let retained = engine.retained_points();
+    for chunk in events[preloaded..].chunks(1_000) {
+        engine.ingest(chunk);
+    }
+    engine.finish();
+    Ok((retained, engine.episodes()))
+}
+
+/// Runs the rehearsal; `say` hears progress. The database and topics are removed afterwards
+/// unless `keep`. Errors when a step cannot be carried out (a pod that does not start or
+/// stop); what the run found is in the [`Report`] ([`Report::failures`]).
+pub async fn run(options: &Options, say: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Report> {
+    let mut leftovers = Leftovers::default();
+    let result = rehearse(options, &mut leftovers, say).await;
+    if !options.keep {
+        cleanup(&options.base, &options.admin_url, &leftovers).await;
+    }
+    result
+}
+
+/// The shared state of a run.
+struct Run<'a> {
+    options: &'a Options,
+    spec: PodSpec,
+    pods: Vec<Pod>,
+    endpoints: Endpoints,
+    http: reqwest::Client,
+    db: tokio_postgres::Client,
+    partitions: usize,
+    say: &'a (dyn Fn(&str) + Sync),
+}
+
+async fn rehearse(
+    options: &Options,
+    leftovers: &mut Leftovers,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<Report> {
+    let begun = Instant::now();
+    let mut conference = options.conference.clone();
+    let now = chrono::Utc::now().timestamp();
+    conference.start = (now - i64::from(conference.duration_s) - 120) * MICROS_PER_S;
+    let mut config = fresh(&options.base, &options.admin_url, leftovers).await?;
+    config.zone_resolution = conference.zone_resolution;
+    say("generating the conference and its reference");
+    let (sim, events) = generate(conference)?;
+    let preloaded = ((events.len() as f64) * options.preload.clamp(0.0, 1.0)) as usize;
+    let params = config.engine_params();
+    let (retained, expected) = reference(&events, preloaded, &params)?;
+    let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    say(&format!(
+        "{} reports ({} distinct), {} episodes; {} points retained after the preload of {preloaded}",
+        events.len(),
+        unique.len(),
+        expected.len(),
+        retained
+    ));
+
+    let services = Services::connect(&config, Duration::from_secs(10)).await?;
+    services.migrate().await?;
+    ensure_persons(&services.pool, &sim).await?;
+    services
+        .broker
+        .ensure_topics(
+            &udaconnect::kafka::topic_specs(&config),
+            config.topic_replication,
+            Duration::from_secs(10),
+        )
+        .await
+        .context("failed to create the topics")?;
+    let (db, connection) =
+        tokio_postgres::connect(config.database_url.expose(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    std::fs::create_dir_all(&options.work_dir)?;
+    let mut run = Run {
+        options,
+        spec: PodSpec {
+            binary: options.binary.clone(),
+            config: config.clone(),
+            admin_token: uuid::Uuid::new_v4().simple().to_string(),
+            log_dir: options.work_dir.clone(),
+        },
+        pods: (0..options.pods)
+            .map(Pod::new)
+            .collect::<anyhow::Result<_>>()?,
+        endpoints: Endpoints::default(),
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()?,
+        db,
+        partitions: (config.locations_partitions + config.person_updates_partitions) as usize,
+        say,
+    };
+    let outcome = run.roll(&events, preloaded, &expected, &config).await;
+    for pod in &mut run.pods {
+        if pod.running() {
+            let _ = pod.terminate(Duration::from_secs(60)).await;
+        }
+    }
+    let mut report = outcome?;
+    report.events = events.len();
+    report.unique_events = unique.len();
+    report.retained_points_at_roll = retained;
+    report.wall_s = begun.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The persons with the most reference episodes (ties by id), `n` of them.
+fn most_connected(expected: &[Episode], n: usize) -> Vec<PersonId> {
+    let mut counts: BTreeMap<PersonId, usize> = BTreeMap::new();
+    for e in expected {
+        *counts.entry(e.person).or_default() += 1;
+    }
+    let mut ranked: Vec<(usize, PersonId)> = counts.into_iter().map(|(p, c)| (c, p)).collect();
+    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    ranked.into_iter().take(n).map(|(_, p)| p).collect()
+}
+
+/// How a subscriber's notifications and recovered history cover its person's episodes.
+fn coverage(s: &Subscriber, expected: &[Episode]) -> SubscriberFigures {
+    let mine: Vec<&Episode> = expected.iter().filter(|e| e.person == s.person).collect();
+    let same = |h: &Heard, e: &Episode| h.peer == e.peer && h.started_at == e.started_at;
+    let announced = |e: &Episode| s.started.iter().chain(&s.recovered).any(|h| same(h, e));
+    let ended = |e: &Episode| {
+        s.ended
+            .iter()
+            .chain(&s.recovered)
+            .any(|h| same(h, e) && h.ended_at == e.ended_at)
+    };
+    SubscriberFigures {
+        person: s.person,
+        episodes: mine.len(),
+        started_missing: mine.iter().filter(|e| !announced(e)).count(),
+        ended_missing: mine.iter().filter(|e| !ended(e)).count(),
+        wrong_ended: s
+            .ended
+            .iter()
+            .filter(|h| !mine.iter().any(|e| same(h, e) && h.ended_at == e.ended_at))
+            .count(),
+        connects: s.connects,
+        heard_live: s.started.len() + s.ended.len(),
+        recovered: s.recovered.len(),
+    }
+}
+
+impl Run<'_> {
+    async fn roll(
+        &mut self,
+        events: &[LocationEvent],
+        preloaded: usize,
+        expected: &[Episode],
+        config: &Config,
+    ) -> anyhow::Result<Report> {
+        (self.say)(&format!("starting {} pods", self.pods.len()));
+        for i in 0..self.pods.len() {
+            self.pods[i].start(&self.spec)?;
+        }
+        for i in 0..self.pods.len() {
+            let log = self.pods[i].log(&self.spec);
+            wait_ready(&self.http, &self.pods[i], Duration::from_secs(120), &log).await?;
+            self.endpoints.join(&self.pods[i]);
+        }
+        self.all_serving(Instant::now(), Duration::from_secs(120))
+            .await?;
+
+        let tally: SharedTally = Arc::new(Mutex::new(Tally::default()));
+        let stop = CancellationToken::new();
+        let followed = most_connected(expected, self.options.subscribers);
+        let heard: Vec<Arc<Mutex<Subscriber>>> = followed
+            .iter()
+            .map(|&person| {
+                Arc::new(Mutex::new(Subscriber {
+                    person,
+                    ..Subscriber::default()
+                }))
+            })
+            .collect();
+        for (i, into) in heard.iter().enumerate() {
+            tokio::spawn(subscribers::follow(
+                self.http.clone(),
+                self.endpoints.clone(),
+                i,
+                stop.clone(),
+                Arc::clone(&tally),
+                Arc::clone(into),
+            ));
+        }
+        crate::eventually(Duration::from_secs(30), || {
+            heard
+                .iter()
+                .all(|s| s.lock().expect("not poisoned").connects >= 1)
+        })
+        .await
+        .context("the subscribers did not connect within 30 s")?;
+
+        (self.say)(&format!("preloading {preloaded} reports"));
+        let batching = (2_000, 4);
+        let mut accepted = traffic::post_all(
+            &self.http,
+            &self.endpoints,
+            &events[..preloaded],
+            batching,
+            Duration::ZERO,
+            &tally,
+        )
+        .await?;
+        self.caught_up(Duration::from_secs(600)).await?;
+
+        (self.say)(&format!(
+            "streaming {} reports over {:?} while the pods roll",
+            events.len() - preloaded,
+            self.options.stream_over
+        ));
+        let stream = {
+            let (http, endpoints, tally) = (
+                self.http.clone(),
+                self.endpoints.clone(),
+                Arc::clone(&tally),
+            );
+            let rest = events[preloaded..].to_vec();
+            let over = self.options.stream_over;
+            tokio::spawn(async move {
+                traffic::post_all(&http, &endpoints, &rest, (100, 2), over, &tally).await
+            })
+        };
+        let readers = tokio::spawn(traffic::read_until(
+            self.http.clone(),
+            self.endpoints.clone(),
+            followed.clone(),
+            stop.clone(),
+            Arc::clone(&tally),
+        ));
+        let mut steps = Vec::new();
+        for i in (0..self.pods.len()).rev() {
+            let mut step = self.stop_pod(i, "restart").await?;
+            self.start_pod(i, &mut step).await?;
+            steps.push(step);
+        }
+        let last = self.pods.len() - 1;
+        steps.push(self.stop_pod(last, "scale-in").await?);
+        let mut out = Step {
+            action: "scale-out",
+            pod: self.pods[last].name.clone(),
+            ..Step::default()
+        };
+        self.start_pod(last, &mut out).await?;
+        steps.push(out);
+        let streamed_through_roll = !stream.is_finished();
+        accepted += stream.await.context("the stream task failed")??;
+
+        (self.say)("declaring the end of the conference");
+        let end = events.iter().map(|e| e.recorded_at).max().unwrap_or(0);
+        let pool = udaconnect::store::pool(config, Duration::from_secs(10))?;
+        Ingestor::standalone(config, pool)
+            .await?
+            .advance_event_time(end + config.engine_params().settle_us())
+            .await?;
+        let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+        let (stored, locations) = self.wait_reference(expected, unique.len()).await?;
+        let covered = || {
+            heard.iter().all(|s| {
+                let c = coverage(&s.lock().expect("not poisoned"), expected);
+                c.started_missing + c.ended_missing == 0
+            })
+        };
+        // Late ones are reported, not waited for forever.
+        let _ = crate::eventually(Duration::from_secs(60), covered).await;
+        stop.cancel();
+        let _ = readers.await;
+        let mut rest = std::mem::take(&mut *tally.lock().expect("not poisoned"));
+        let spec: Value = self
+            .http
+            .get(format!("{}/openapi.json", self.pods[0].base_url()))
+            .send()
+            .await?
+            .json()
+            .await?;
+        rest.check_documented(&spec);
+        Ok(Report {
+            pods: self.pods.len(),
+            events: 0,
+            unique_events: 0,
+            retained_points_at_roll: 0,
+            accepted,
+            steps,
+            streamed_through_roll,
+            episodes_expected: expected.len(),
+            episodes_stored: stored.len(),
+            episodes_missing: expected.iter().filter(|e| !stored.contains(e)).count(),
+            episodes_extra: stored.iter().filter(|e| !expected.contains(e)).count(),
+            locations_stored: locations,
+            subscribers: heard
+                .iter()
+                .map(|s| coverage(&s.lock().expect("not poisoned"), expected))
+                .collect(),
+            rest,
+            owners_at_end: self.owners().await?,
+            running_at_end: self
+                .pods
+                .iter()
+                .filter(|p| p.running())
+                .map(|p| p.name.clone())
+                .collect(),
+            wall_s: 0.0,
+        })
+    }
+
+    /// `stage/partition` → owner, from `shard_owner`.
+    async fn owners(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(self
+            .db
+            .query("SELECT stage, partition, owner FROM shard_owner", &[])
+            .await?
+            .iter()
+            .map(|r| {
+                (
+                    format!("{}/{}", r.get::<_, String>(0), r.get::<_, i32>(1)),
+                    r.get(2),
+                )
+            })
+            .collect())
+    }
+
+    /// `(stage, partition)` each running pod serves (its `/v1/status`'s local partitions); a
+    /// pod that does not answer serves nothing.
+    async fn serving(&self) -> BTreeMap<String, BTreeSet<(String, i64)>> {
+        let mut out = BTreeMap::new();
+        for pod in self.pods.iter().filter(|p| p.running()) {
+            let status: Option<Value> = match self
+                .http
+                .get(format!("{}/v1/status", pod.base_url()))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
+            };
+            let local = status
+                .as_ref()
+                .and_then(|s| s["partitions"].as_array())
+                .into_iter()
+                .flatten()
+                .filter(|p| p["local"] == true)
+                .filter_map(|p| Some((p["stage"].as_str()?.to_owned(), p["partition"].as_i64()?)))
+                .collect();
+            out.insert(pod.name.clone(), local);
+        }
+        out
+    }
+
+    /// Waits until every partition of both stages is served by a running pod (and, with
+    /// `pod`, that pod serves one of its own); returns how long after `since` that was.
+    async fn all_serving_with(
+        &self,
+        pod: Option<&str>,
+        moved: &BTreeSet<(String, i64)>,
+        since: Instant,
+        within: Duration,
+    ) -> anyhow::Result<(Option<Duration>, Duration)> {
+        let mut moved_at = None;
+        loop {
+            let serving = self.serving().await;
+            let all: BTreeSet<&(String, i64)> = serving.values().flatten().collect();
+            if moved_at.is_none() && moved.iter().all(|p| all.contains(p)) {
+                moved_at = Some(since.elapsed());
+            }
+            let own = pod.is_none_or(|name| serving.get(name).is_some_and(|s| !s.is_empty()));
+            if all.len() == self.partitions && own {
+                return Ok((moved_at, since.elapsed()));
+            }
+            anyhow::ensure!(
+                since.elapsed() < within,
+                "not every partition served within {within:?}: {serving:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn all_serving(&self, since: Instant, within: Duration) -> anyhow::Result<Duration> {
+        Ok(self
+            .all_serving_with(None, &BTreeSet::new(), since, within)
+            .await?
+            .1)
+    }
+
+    /// Takes pod `i` out of the endpoints, sends it SIGTERM and times its exit and the
+    /// handover of its partitions.
+    async fn stop_pod(&mut self, i: usize, action: &'static str) -> anyhow::Result<Step> {
+        let name = self.pods[i].name.clone();
+        let moved: BTreeSet<(String, i64)> = self.serving().await.remove(&name).unwrap_or_default();
+        (self.say)(&format!(
+            "{action}: SIGTERM to {name} ({} partitions)",
+            moved.len()
+        ));
+        self.endpoints.leave(&self.pods[i]);
+        let signalled = Instant::now();
+        let (exit, peak_rss) = self.pods[i].terminate(Duration::from_secs(90)).await?;
+        let (handover, all) = self
+            .all_serving_with(None, &moved, signalled, Duration::from_secs(120))
+            .await?;
+        Ok(Step {
+            action,
+            pod: name,
+            partitions_owned: moved.len(),
+            sigterm_to_exit_s: Some(exit.as_secs_f64()),
+            peak_rss_mib: Some(peak_rss as f64 / (1 << 20) as f64),
+            handover_s: handover.map(|d| d.as_secs_f64()),
+            all_serving_after_stop_s: Some(all.as_secs_f64()),
+            ..Step::default()
+        })
+    }
+
+    /// Starts pod `i` again and times it until ready and serving.
+    async fn start_pod(&mut self, i: usize, step: &mut Step) -> anyhow::Result<()> {
+        (self.say)(&format!("starting {}", self.pods[i].name));
+        let started = self.pods[i].start(&self.spec)?;
+        let log = self.pods[i].log(&self.spec);
+        let ready = wait_ready(&self.http, &self.pods[i], Duration::from_secs(120), &log).await?;
+        self.endpoints.join(&self.pods[i]);
+        let name = self.pods[i].name.clone();
+        let (_, serving) = self
+            .all_serving_with(
+                Some(&name),
+                &BTreeSet::new(),
+                started,
+                Duration::from_secs(120),
+            )
+            .await?;
+        step.start_to_ready_s = Some((ready - started).as_secs_f64());
+        step.start_to_serving_s = Some(serving.as_secs_f64());
+        Ok(())
+    }
+
+    /// Waits until every running pod has processed everything in its partitions.
+    async fn caught_up(&self, within: Duration) -> anyhow::Result<()> {
+        let since = Instant::now();
+        loop {
+            let mut done = true;
+            for pod in self.pods.iter().filter(|p| p.running()) {
+                let status: Value = self
+                    .http
+                    .get(format!("{}/v1/status", pod.base_url()))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let behind = status["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["local"] == true)
+                    .any(|p| p["lag"].as_i64() != Some(0));
+                done &= status["lag_total"].as_i64() == Some(0) && !behind;
+            }
+            if done {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                since.elapsed() < within,
+                "the pods did not catch up within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits up to five minutes until `connection` equals `expected` and `location` holds
+    /// `unique` rows; returns what is stored then (equal or not).
+    async fn wait_reference(
+        &self,
+        expected: &[Episode],
+        unique: usize,
+    ) -> anyhow::Result<(Vec<Episode>, i64)> {
+        let since = Instant::now();
+        loop {
+            let stored = stored_episodes(&self.db).await?;
+            let locations: i64 = self
+                .db
+                .query_one("SELECT count(*) FROM location", &[])
+                .await?
+                .get(0);
+            let equal = stored == expected && locations == unique as i64;
+            if equal || since.elapsed() > Duration::from_secs(300) {
+                return Ok((stored, locations));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
