@@ -106,6 +106,9 @@ struct StageContext<F: WorkerFactory> {
     generations: Mutex<HashMap<i32, (u64, bool)>>,
     next_generation: AtomicU64,
     counters: Arc<StageCounters>,
+    /// Cancelled when the stage stops: partitions assigned while the consumer closes are not
+    /// opened (they go straight to their next owner).
+    stopping: CancellationToken,
 }
 
 impl<F: WorkerFactory> ClientContext for StageContext<F> {
@@ -134,6 +137,9 @@ impl<F: WorkerFactory> ConsumerContext for StageContext<F> {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            if self.stopping.is_cancelled() {
+                return;
+            }
             // Nothing is fetched until the partition's worker has restored its snapshot and
             // said where to start ([`Command::Start`]): the group's committed offset is not
             // what decides it.
@@ -372,6 +378,7 @@ impl StageConsumer {
         let assigned = Arc::new(Mutex::new(Vec::new()));
         let counters = Arc::new(options.counters);
         let workers: Workers = Arc::default();
+        let stop = CancellationToken::new();
         let context = StageContext {
             stage: options.stage,
             topic: options.topic.clone(),
@@ -384,6 +391,7 @@ impl StageConsumer {
             generations: Mutex::default(),
             next_generation: AtomicU64::new(0),
             counters: Arc::clone(&counters),
+            stopping: stop.clone(),
         };
         let consumer: BaseConsumer<StageContext<F>> = consumer_config(config)
             .set("group.id", &options.group)
@@ -402,7 +410,6 @@ impl StageConsumer {
             .set("max.poll.interval.ms", "45000")
             .create_with_context(context)?;
         consumer.subscribe(&[&options.topic])?;
-        let stop = CancellationToken::new();
         let thread = {
             let stop = stop.clone();
             let stage = options.stage.as_str();
@@ -711,5 +718,9 @@ fn poll_loop<F: WorkerFactory>(
     }
     let owned = owned_partitions(&consumer);
     consumer.context().release(&consumer, &owned);
-    consumer.unsubscribe();
+    // Dropping the consumer closes it (rd_kafka_consumer_close, polled until closed), which
+    // leaves the group from any join state, so the others take the partitions over at once. An
+    // unsubscribe() first is postponed by librdkafka while a rebalance is in progress, and a
+    // process stopped then was only removed from the group at its session timeout (10 s).
+    drop(consumer);
 }

@@ -9,7 +9,8 @@
 //! be carried out.
 //!
 //! The bench variant (about 1,000,000 points retained when the roll starts):
-//! `rehearsal --attendees 12000 --report-interval-s 1 --duration-s 120 --preload 0.95`.
+//! `rehearsal --attendees 34000 --report-interval-s 3 --booths 34000 --talk-probability 0
+//! --duration-s 120 --preload 0.95` (docs/benchmarks.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +27,7 @@ use udaconnect_bench::with_database;
 #[command(version)]
 struct Cli {
     /// The `udaconnect` binary the pods run [default: `udaconnect` next to this program].
-    #[arg(long)]
+    #[arg(long, env = "UDACONNECT_REHEARSAL_BINARY")]
     binary: Option<PathBuf>,
     /// TOML configuration file, as `udaconnect --config`; `UDACONNECT_*` variables override it
     /// (the broker, the database server, partition counts).
@@ -61,10 +62,10 @@ struct Cli {
     #[arg(long, default_value_t = 60)]
     stream_s: u64,
     /// Persons followed over SSE.
-    #[arg(long, default_value_t = 10)]
-    subscribers: usize,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    subscribers: u16,
     /// Where the pods' logs go [default: a new directory under the system's temp dir].
-    #[arg(long)]
+    #[arg(long, env = "UDACONNECT_REHEARSAL_WORK_DIR")]
     work_dir: Option<PathBuf>,
     /// Keep the run's database and topics.
     #[arg(long)]
@@ -117,7 +118,7 @@ fn options(cli: &Cli) -> anyhow::Result<Options> {
         conference,
         preload: cli.preload,
         stream_over: Duration::from_secs(cli.stream_s),
-        subscribers: cli.subscribers,
+        subscribers: usize::from(cli.subscribers),
         work_dir,
         keep: cli.keep,
     })

@@ -9,8 +9,9 @@
 //!
 //! Figures per step: SIGTERM to exit; the handover (SIGTERM until the partitions the pod owned
 //! are restored and serving on their new owners, and until every partition is); start to
-//! `/readyz` 200; start until the pod serves partitions of its own and every partition is
-//! served again. The `rehearsal` binary (`./dev rehearse`) prints them; the bench variant
+//! `/readyz` 200; start until every partition is served again with this pod serving its share.
+//! Between steps the rehearsal waits for that (a settled group), as `minReadySeconds` makes
+//! the StatefulSet controller wait. The `rehearsal` binary (`./dev rehearse`) prints them; the bench variant
 //! preloads a conference that leaves about 1,000,000 points retained in the zones' windows.
 
 pub mod pods;
@@ -83,8 +84,8 @@ pub struct Step {
     pub all_serving_after_stop_s: Option<f64>,
     /// Process start to `/readyz` 200.
     pub start_to_ready_s: Option<f64>,
-    /// Process start until the pod serves partitions of its own (restored from their
-    /// snapshots) and every partition is serving again.
+    /// Process start until every partition is serving again, spread over the running pods
+    /// with this one serving its share (restored from their snapshots).
     pub start_to_serving_s: Option<f64>,
 }
 
@@ -122,13 +123,25 @@ pub struct Report {
     pub episodes_missing: usize,
     pub episodes_extra: usize,
     pub locations_stored: i64,
+    /// Distinct reports sent whose event id `location` does not hold, and ids it holds that
+    /// were not sent.
+    pub locations_missing: usize,
+    pub locations_extra: usize,
     pub subscribers: Vec<SubscriberFigures>,
     pub rest: Tally,
     /// `stage/partition` → owner, from `shard_owner`, at the end.
     pub owners_at_end: BTreeMap<String, String>,
     pub running_at_end: Vec<String>,
+    /// Pods that exited without being stopped (a crash), with their status.
+    pub unexpected_exits: Vec<String>,
+    /// The highest peak resident set size of any pod, MiB, its shutdowns included.
+    pub peak_rss_mib_max: f64,
     pub wall_s: f64,
 }
+
+/// Partitions unserved this long after a SIGTERM mean the group waited out a member's session
+/// timeout (10 s): the stopped process did not leave the group.
+pub const STALL_S: f64 = 9.0;
 
 impl Report {
     /// Every way the rehearsal can fail its issue's must-show list, in words; empty when it
@@ -141,10 +154,39 @@ impl Report {
                 self.episodes_missing, self.episodes_extra, self.episodes_expected
             ));
         }
-        if self.locations_stored != self.unique_events as i64 {
+        if self.locations_missing + self.locations_extra > 0 {
             out.push(format!(
-                "location holds {} rows, {} distinct reports were sent",
-                self.locations_stored, self.unique_events
+                "location differs from the reports sent: {} missing, {} extra of {}",
+                self.locations_missing, self.locations_extra, self.unique_events
+            ));
+        }
+        for step in self.steps.iter().filter(|s| s.sigterm_to_exit_s.is_some()) {
+            if step.partitions_owned == 0 {
+                out.push(format!(
+                    "{} {} owned no partition when it was stopped: nothing was handed over",
+                    step.action, step.pod
+                ));
+            }
+            if step.all_serving_after_stop_s.is_some_and(|s| s >= STALL_S) {
+                out.push(format!(
+                    "{} {}: partitions unserved for {:.1} s after SIGTERM (a session timeout: \
+                     the pod did not leave the group)",
+                    step.action,
+                    step.pod,
+                    step.all_serving_after_stop_s.unwrap_or_default()
+                ));
+            }
+        }
+        if !self.rest.no_answer.is_empty() {
+            out.push(format!(
+                "REST requests to ready pods got no answer: {:?}",
+                self.rest.no_answer
+            ));
+        }
+        if !self.unexpected_exits.is_empty() {
+            out.push(format!(
+                "pods exited on their own: {:?}",
+                self.unexpected_exits
             ));
         }
         for s in &self.subscribers {
@@ -212,7 +254,8 @@ struct Run<'a> {
     endpoints: Endpoints,
     http: reqwest::Client,
     db: tokio_postgres::Client,
-    partitions: usize,
+    /// Zone and person partitions.
+    partitions: (usize, usize),
     say: &'a (dyn Fn(&str) + Sync),
 }
 
@@ -273,16 +316,28 @@ async fn rehearse(
             .connect_timeout(Duration::from_secs(2))
             .build()?,
         db,
-        partitions: (config.locations_partitions + config.person_updates_partitions) as usize,
+        partitions: (
+            config.locations_partitions as usize,
+            config.person_updates_partitions as usize,
+        ),
         say,
     };
     let outcome = run.roll(&events, preloaded, &expected, &config).await;
+    let mut peak_rss = 0;
     for pod in &mut run.pods {
         if pod.running() {
-            let _ = pod.terminate(Duration::from_secs(60)).await;
+            if let Ok((_, peak)) = pod.terminate(Duration::from_secs(60)).await {
+                peak_rss = peak_rss.max(peak);
+            }
         }
     }
     let mut report = outcome?;
+    let step_peak = report
+        .steps
+        .iter()
+        .filter_map(|s| s.peak_rss_mib)
+        .fold(0.0, f64::max);
+    report.peak_rss_mib_max = step_peak.max(peak_rss as f64 / f64::from(1 << 20));
     report.events = events.len();
     report.unique_events = unique.len();
     report.retained_points_at_roll = retained;
@@ -345,8 +400,14 @@ impl Run<'_> {
             wait_ready(&self.http, &self.pods[i], Duration::from_secs(120), &log).await?;
             self.endpoints.join(&self.pods[i]);
         }
-        self.all_serving(Instant::now(), Duration::from_secs(120))
-            .await?;
+        // The StatefulSet's first pods, settled before the roll.
+        self.all_serving_with(
+            true,
+            &BTreeSet::new(),
+            Instant::now(),
+            Duration::from_secs(120),
+        )
+        .await?;
 
         let tally: SharedTally = Arc::new(Mutex::new(Tally::default()));
         let stop = CancellationToken::new();
@@ -441,7 +502,7 @@ impl Run<'_> {
             .advance_event_time(end + config.engine_params().settle_us())
             .await?;
         let unique: BTreeSet<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-        let (stored, locations) = self.wait_reference(expected, unique.len()).await?;
+        let (stored, stored_ids) = self.wait_reference(expected, &unique).await?;
         let covered = || {
             heard.iter().all(|s| {
                 let c = coverage(&s.lock().expect("not poisoned"), expected);
@@ -461,6 +522,15 @@ impl Run<'_> {
             .json()
             .await?;
         rest.check_documented(&spec);
+        let mut unexpected_exits = Vec::new();
+        let mut running_at_end = Vec::new();
+        for pod in &mut self.pods {
+            match pod.exited() {
+                Some(status) => unexpected_exits.push(format!("{} {status}", pod.name)),
+                None if pod.running() => running_at_end.push(pod.name.clone()),
+                None => {}
+            }
+        }
         Ok(Report {
             pods: self.pods.len(),
             events: 0,
@@ -473,19 +543,18 @@ impl Run<'_> {
             episodes_stored: stored.len(),
             episodes_missing: expected.iter().filter(|e| !stored.contains(e)).count(),
             episodes_extra: stored.iter().filter(|e| !expected.contains(e)).count(),
-            locations_stored: locations,
+            locations_stored: stored_ids.len() as i64,
+            locations_missing: unique.difference(&stored_ids).count(),
+            locations_extra: stored_ids.difference(&unique).count(),
             subscribers: heard
                 .iter()
                 .map(|s| coverage(&s.lock().expect("not poisoned"), expected))
                 .collect(),
             rest,
             owners_at_end: self.owners().await?,
-            running_at_end: self
-                .pods
-                .iter()
-                .filter(|p| p.running())
-                .map(|p| p.name.clone())
-                .collect(),
+            running_at_end,
+            unexpected_exits,
+            peak_rss_mib_max: 0.0,
             wall_s: 0.0,
         })
     }
@@ -534,11 +603,29 @@ impl Run<'_> {
         out
     }
 
-    /// Waits until every partition of both stages is served by a running pod (and, with
-    /// `pod`, that pod serves one of its own); returns how long after `since` that was.
+    /// Whether every partition of both stages is served by a running pod and, when `settled`,
+    /// each running pod serves its share of each stage (the group has finished spreading
+    /// them: what a StatefulSet's `minReadySeconds` waits for before the next pod).
+    fn served(&self, serving: &BTreeMap<String, BTreeSet<(String, i64)>>, settled: bool) -> bool {
+        let all: BTreeSet<&(String, i64)> = serving.values().flatten().collect();
+        let (zones, persons) = self.partitions;
+        if all.len() != zones + persons {
+            return false;
+        }
+        let pods = serving.len().max(1);
+        !settled
+            || serving.values().all(|own| {
+                let of = |stage: &str| own.iter().filter(|(s, _)| s == stage).count();
+                of("zones") >= zones / pods && of("persons") >= persons / pods
+            })
+    }
+
+    /// Waits until every partition is served (and, when `settled`, spread over the running
+    /// pods, see [`Run::served`]); returns how long after `since` the partitions in `moved`
+    /// were first all served elsewhere, and how long until the wait ended.
     async fn all_serving_with(
         &self,
-        pod: Option<&str>,
+        settled: bool,
         moved: &BTreeSet<(String, i64)>,
         since: Instant,
         within: Duration,
@@ -550,8 +637,7 @@ impl Run<'_> {
             if moved_at.is_none() && moved.iter().all(|p| all.contains(p)) {
                 moved_at = Some(since.elapsed());
             }
-            let own = pod.is_none_or(|name| serving.get(name).is_some_and(|s| !s.is_empty()));
-            if all.len() == self.partitions && own {
+            if self.served(&serving, settled) {
                 return Ok((moved_at, since.elapsed()));
             }
             anyhow::ensure!(
@@ -560,13 +646,6 @@ impl Run<'_> {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    async fn all_serving(&self, since: Instant, within: Duration) -> anyhow::Result<Duration> {
-        Ok(self
-            .all_serving_with(None, &BTreeSet::new(), since, within)
-            .await?
-            .1)
     }
 
     /// Takes pod `i` out of the endpoints, sends it SIGTERM and times its exit and the
@@ -579,11 +658,15 @@ impl Run<'_> {
             moved.len()
         ));
         self.endpoints.leave(&self.pods[i]);
-        let signalled = Instant::now();
-        let (exit, peak_rss) = self.pods[i].terminate(Duration::from_secs(90)).await?;
-        let (handover, all) = self
-            .all_serving_with(None, &moved, signalled, Duration::from_secs(120))
-            .await?;
+        let stopping = self.pods[i].signal()?;
+        let signalled = stopping.signalled;
+        // The handover is watched while the pod shuts down, not after its exit.
+        let (exit, served) = tokio::join!(
+            stopping.wait(Duration::from_secs(90)),
+            self.all_serving_with(false, &moved, signalled, Duration::from_secs(120)),
+        );
+        let (exit, peak_rss) = exit?;
+        let (handover, all) = served?;
         Ok(Step {
             action,
             pod: name,
@@ -603,14 +686,8 @@ impl Run<'_> {
         let log = self.pods[i].log(&self.spec);
         let ready = wait_ready(&self.http, &self.pods[i], Duration::from_secs(120), &log).await?;
         self.endpoints.join(&self.pods[i]);
-        let name = self.pods[i].name.clone();
         let (_, serving) = self
-            .all_serving_with(
-                Some(&name),
-                &BTreeSet::new(),
-                started,
-                Duration::from_secs(120),
-            )
+            .all_serving_with(true, &BTreeSet::new(), started, Duration::from_secs(120))
             .await?;
         step.start_to_ready_s = Some((ready - started).as_secs_f64());
         step.start_to_serving_s = Some(serving.as_secs_f64());
@@ -650,23 +727,25 @@ impl Run<'_> {
     }
 
     /// Waits up to five minutes until `connection` equals `expected` and `location` holds
-    /// `unique` rows; returns what is stored then (equal or not).
+    /// exactly the event ids `unique`; returns what is stored then (equal or not).
     async fn wait_reference(
         &self,
         expected: &[Episode],
-        unique: usize,
-    ) -> anyhow::Result<(Vec<Episode>, i64)> {
+        unique: &BTreeSet<uuid::Uuid>,
+    ) -> anyhow::Result<(Vec<Episode>, BTreeSet<uuid::Uuid>)> {
         let since = Instant::now();
         loop {
             let stored = stored_episodes(&self.db).await?;
-            let locations: i64 = self
+            let ids: BTreeSet<uuid::Uuid> = self
                 .db
-                .query_one("SELECT count(*) FROM location", &[])
+                .query("SELECT event_id FROM location", &[])
                 .await?
-                .get(0);
-            let equal = stored == expected && locations == unique as i64;
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let equal = stored == expected && ids == *unique;
             if equal || since.elapsed() > Duration::from_secs(300) {
-                return Ok((stored, locations));
+                return Ok((stored, ids));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

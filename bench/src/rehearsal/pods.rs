@@ -122,6 +122,9 @@ impl Pod {
             .env("UDACONNECT_ADMIN_TOKEN", &spec.admin_token)
             // The name comes from POD_NAME, as in the StatefulSet.
             .env_remove("UDACONNECT_NODE_NAME")
+            // The rehearsal's own settings (`./dev rehearse`), not the service's.
+            .env_remove("UDACONNECT_REHEARSAL_BINARY")
+            .env_remove("UDACONNECT_REHEARSAL_WORK_DIR")
             .env(
                 "RUST_LOG",
                 std::env::var("UDACONNECT_REHEARSAL_LOG")
@@ -136,17 +139,21 @@ impl Pod {
         Ok(started)
     }
 
-    /// Whether the process runs.
+    /// Whether the process was started and not stopped by us (it may have exited on its own:
+    /// see [`Pod::exited`]).
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
 
-    /// Sends SIGTERM (what the kubelet sends) and waits up to `within` for the exit; returns
-    /// the time from the signal to the exit and the process's peak resident set size (bytes)
-    /// before it. Errors when it does not exit in time (it is then killed) or exits with a
-    /// failure.
-    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<(Duration, u64)> {
-        let mut child = self
+    /// The exit status, if the process exited without being stopped by us (a crash).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Sends SIGTERM (what the kubelet sends); the pod no longer runs from now on, and the
+    /// returned [`Stopping`] waits for the exit. Errors when it does not run.
+    pub fn signal(&mut self) -> anyhow::Result<Stopping> {
+        let child = self
             .child
             .take()
             .with_context(|| format!("{} is not running", self.name))?;
@@ -157,18 +164,17 @@ impl Pod {
             .status()
             .context("cannot run kill")?;
         anyhow::ensure!(status.success(), "kill -TERM {} failed", child.id());
-        loop {
-            if let Some(status) = child.try_wait()? {
-                anyhow::ensure!(status.success(), "{} exited with {status}", self.name);
-                return Ok((signalled.elapsed(), peak_rss));
-            }
-            if signalled.elapsed() > within {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("{} did not exit within {within:?} of SIGTERM", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Ok(Stopping {
+            name: self.name.clone(),
+            child,
+            signalled,
+            peak_rss,
+        })
+    }
+
+    /// [`Pod::signal`], then [`Stopping::wait`].
+    pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<(Duration, u64)> {
+        self.signal()?.wait(within).await
     }
 
     /// Kills the process if it runs (the end of a failed run).
@@ -176,6 +182,37 @@ impl Pod {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// A pod sent SIGTERM, until it exits.
+pub struct Stopping {
+    name: String,
+    child: std::process::Child,
+    /// When SIGTERM was sent.
+    pub signalled: Instant,
+    peak_rss: u64,
+}
+
+impl Stopping {
+    /// Waits up to `within` for the exit; returns the time from the signal to the exit and the
+    /// process's peak resident set size (bytes), its shutdown included. Errors when it does not
+    /// exit in time (it is then killed) or exits with a failure.
+    pub async fn wait(mut self, within: Duration) -> anyhow::Result<(Duration, u64)> {
+        loop {
+            // Until it is reaped: the final snapshots count too.
+            self.peak_rss = self.peak_rss.max(crate::peak_rss_bytes_of(self.child.id()));
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(status.success(), "{} exited with {status}", self.name);
+                return Ok((self.signalled.elapsed(), self.peak_rss));
+            }
+            if self.signalled.elapsed() > within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                anyhow::bail!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
