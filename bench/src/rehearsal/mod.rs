@@ -324,14 +324,18 @@ async fn rehearse(
     };
     let outcome = run.roll(&events, preloaded, &expected, &config).await;
     let mut peak_rss = 0;
+    let mut bad_stops = Vec::new();
     for pod in &mut run.pods {
         if pod.running() {
-            if let Ok((_, peak)) = pod.terminate(Duration::from_secs(60)).await {
-                peak_rss = peak_rss.max(peak);
+            match pod.terminate(Duration::from_secs(60)).await {
+                Ok((_, peak)) => peak_rss = peak_rss.max(peak),
+                Err(e) => bad_stops.push(format!("{e:#}")),
             }
         }
     }
     let mut report = outcome?;
+    // A pod that failed its last graceful stop counts as a pod that did not exit cleanly.
+    report.unexpected_exits.extend(bad_stops);
     let step_peak = report
         .steps
         .iter()
@@ -748,6 +752,80 @@ impl Run<'_> {
                 return Ok((stored, ids));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passing() -> Report {
+        Report {
+            pods: 3,
+            events: 10,
+            unique_events: 10,
+            retained_points_at_roll: 5,
+            accepted: 10,
+            steps: vec![Step {
+                action: "restart",
+                pod: "udaconnect-2".to_owned(),
+                partitions_owned: 5,
+                sigterm_to_exit_s: Some(1.0),
+                handover_s: Some(1.5),
+                all_serving_after_stop_s: Some(1.5),
+                start_to_ready_s: Some(0.1),
+                start_to_serving_s: Some(2.0),
+                ..Step::default()
+            }],
+            streamed_through_roll: true,
+            episodes_expected: 4,
+            episodes_stored: 4,
+            episodes_missing: 0,
+            episodes_extra: 0,
+            locations_stored: 10,
+            locations_missing: 0,
+            locations_extra: 0,
+            subscribers: Vec::new(),
+            rest: Tally::default(),
+            owners_at_end: BTreeMap::from([("zones/0".to_owned(), "udaconnect-0".to_owned())]),
+            running_at_end: vec!["udaconnect-0".to_owned()],
+            unexpected_exits: Vec::new(),
+            peak_rss_mib_max: 100.0,
+            wall_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn each_way_of_failing_the_issue_is_reported() {
+        assert_eq!(passing().failures(), Vec::<String>::new());
+        type Break = fn(&mut Report);
+        let cases: [(&str, Break); 8] = [
+            ("connection differs", |r| r.episodes_missing = 1),
+            ("location differs", |r| r.locations_extra = 1),
+            ("owned no partition", |r| r.steps[0].partitions_owned = 0),
+            ("unserved for 10.4 s", |r| {
+                r.steps[0].all_serving_after_stop_s = Some(10.4)
+            }),
+            ("got no answer", |r| {
+                r.rest.no_answer.insert("get /v1/status".to_owned(), 1);
+            }),
+            ("unexpected REST answers", |r| {
+                r.rest.answer(traffic::GET_STATUS, 500, "boom")
+            }),
+            ("exited on their own", |r| {
+                r.unexpected_exits.push("udaconnect-1 signal: 9".to_owned())
+            }),
+            ("which is not running", |r| r.running_at_end.clear()),
+        ];
+        for (words, break_it) in cases {
+            let mut report = passing();
+            break_it(&mut report);
+            let failures = report.failures();
+            assert!(
+                failures.len() == 1 && failures[0].contains(words),
+                "{words}: {failures:?}"
+            );
         }
     }
 }
