@@ -74,6 +74,24 @@ impl Services {
         Ok(())
     }
 
+    /// Connects (waiting up to 10 s), migrates, inserts the simulation's attendees and creates
+    /// the service's topics: a fresh database and prefix made ready for a conference.
+    pub async fn prepare(config: &Config, sim: &Simulation) -> anyhow::Result<Self> {
+        let services = Self::connect(config, Duration::from_secs(10)).await?;
+        services.migrate().await?;
+        ensure_persons(&services.pool, sim).await?;
+        services
+            .broker
+            .ensure_topics(
+                &udaconnect::kafka::topic_specs(config),
+                config.topic_replication,
+                Duration::from_secs(10),
+            )
+            .await
+            .context("failed to create the topics")?;
+        Ok(services)
+    }
+
     /// An ingestor of its own (no pipeline stages: a running `udaconnect serve` consumes),
     /// after creating the service's topics that do not exist, as start-up does.
     pub async fn ingestor(&self, config: &Config) -> anyhow::Result<Arc<Ingestor>> {

@@ -96,12 +96,17 @@ type Upgrade = WebSocketUpgraded<
     Box<dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
 >;
 
-fn events(sub: Subscription) -> Events {
+/// `sub`'s notifications until `until` completes (the process's shutdown).
+fn events(
+    sub: Subscription,
+    until: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Events {
     futures::stream::unfold(sub, |mut sub| async move {
         sub.recv()
             .await
             .map(|n| (ConnectionEvent::from(n.as_ref()), sub))
     })
+    .take_until(until)
     .boxed()
 }
 
@@ -158,7 +163,7 @@ impl StreamsApi {
         // Ends at shutdown: the client reconnects to another process.
         let until = self.state.shutdown.clone().cancelled_owned();
         Ok(StreamOk::Events(
-            EventStream::new(events(sub).take_until(until).boxed())
+            EventStream::new(events(sub, until))
                 .keep_alive(Duration::from_secs(15))
                 .to_event(|e| {
                     let data = serde_json::to_string(&e).unwrap_or_default();

@@ -56,7 +56,7 @@ use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::domain::{
     LocationEvent, Micros, NewLocationEvent, NotificationKind, PersonId, MICROS_PER_S,
 };
-use udaconnect_bench::produce::{ensure_persons, wire, Acked, IngestPipe, IngestTally, Services};
+use udaconnect_bench::produce::{wire, Acked, IngestPipe, IngestTally, Services};
 use udaconnect_bench::scratch::{cleanup, fresh, generate, Leftovers};
 use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 use udaconnect_bench::{percentile, with_database};
@@ -362,18 +362,7 @@ fn conference(cli: &Cli, seed: u64, duration_s: u32, disorder_s: Option<u32>) ->
 
 /// Persons, topics, and a pipeline owning every partition of both stages.
 async fn start_pipeline(config: &Config, sim: &Simulation) -> anyhow::Result<(Services, Pipeline)> {
-    let services = Services::connect(config, Duration::from_secs(10)).await?;
-    services.migrate().await?;
-    ensure_persons(&services.pool, sim).await?;
-    services
-        .broker
-        .ensure_topics(
-            &udaconnect::kafka::topic_specs(config),
-            config.topic_replication,
-            Duration::from_secs(10),
-        )
-        .await
-        .context("failed to create the topics")?;
+    let services = Services::prepare(config, sim).await?;
     let pipeline = Pipeline::start(config, services.pool.clone(), &services.broker)
         .await
         .context("failed to start the pipeline")?;

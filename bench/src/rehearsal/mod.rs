@@ -35,7 +35,7 @@ use udaconnect::Config;
 use udaconnect_actors::domain::{Episode, LocationEvent, PersonId, MICROS_PER_S};
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 
-use crate::produce::{ensure_persons, Services};
+use crate::produce::Services;
 use crate::scratch::{cleanup, fresh, generate, stored_episodes, Leftovers};
 use crate::sim::ConferenceConfig;
 
@@ -284,18 +284,8 @@ async fn rehearse(
         retained
     ));
 
-    let services = Services::connect(&config, Duration::from_secs(10)).await?;
-    services.migrate().await?;
-    ensure_persons(&services.pool, &sim).await?;
-    services
-        .broker
-        .ensure_topics(
-            &udaconnect::kafka::topic_specs(&config),
-            config.topic_replication,
-            Duration::from_secs(10),
-        )
-        .await
-        .context("failed to create the topics")?;
+    // Only the preparation: the pods connect on their own.
+    drop(Services::prepare(&config, &sim).await?);
     let (db, connection) =
         tokio_postgres::connect(config.database_url.expose(), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
@@ -347,6 +337,15 @@ async fn rehearse(
     report.retained_points_at_roll = retained;
     report.wall_s = begun.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The partitions a `/v1/status` lists as this process's own.
+fn local_partitions(status: Option<&Value>) -> impl Iterator<Item = &Value> {
+    status
+        .and_then(|s| s["partitions"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|p| p["local"] == true)
 }
 
 /// The persons with the most reference episodes (ties by id), `n` of them.
@@ -579,12 +578,11 @@ impl Run<'_> {
             .collect())
     }
 
-    /// `(stage, partition)` each running pod serves (its `/v1/status`'s local partitions); a
-    /// pod that does not answer serves nothing.
-    async fn serving(&self) -> BTreeMap<String, BTreeSet<(String, i64)>> {
+    /// Each running pod's `/v1/status`, by name; `None` for a pod that does not answer.
+    async fn statuses(&self) -> BTreeMap<String, Option<Value>> {
         let mut out = BTreeMap::new();
         for pod in self.pods.iter().filter(|p| p.running()) {
-            let status: Option<Value> = match self
+            let status = match self
                 .http
                 .get(format!("{}/v1/status", pod.base_url()))
                 .timeout(Duration::from_secs(2))
@@ -594,17 +592,26 @@ impl Run<'_> {
                 Ok(r) if r.status().is_success() => r.json().await.ok(),
                 _ => None,
             };
-            let local = status
-                .as_ref()
-                .and_then(|s| s["partitions"].as_array())
-                .into_iter()
-                .flatten()
-                .filter(|p| p["local"] == true)
-                .filter_map(|p| Some((p["stage"].as_str()?.to_owned(), p["partition"].as_i64()?)))
-                .collect();
-            out.insert(pod.name.clone(), local);
+            out.insert(pod.name.clone(), status);
         }
         out
+    }
+
+    /// `(stage, partition)` each running pod serves (its status's local partitions); a pod
+    /// that does not answer serves nothing.
+    async fn serving(&self) -> BTreeMap<String, BTreeSet<(String, i64)>> {
+        self.statuses()
+            .await
+            .into_iter()
+            .map(|(name, status)| {
+                let local = local_partitions(status.as_ref())
+                    .filter_map(|p| {
+                        Some((p["stage"].as_str()?.to_owned(), p["partition"].as_i64()?))
+                    })
+                    .collect();
+                (name, local)
+            })
+            .collect()
     }
 
     /// Whether every partition of both stages is served by a running pod and, when `settled`,
@@ -702,23 +709,13 @@ impl Run<'_> {
     async fn caught_up(&self, within: Duration) -> anyhow::Result<()> {
         let since = Instant::now();
         loop {
-            let mut done = true;
-            for pod in self.pods.iter().filter(|p| p.running()) {
-                let status: Value = self
-                    .http
-                    .get(format!("{}/v1/status", pod.base_url()))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let behind = status["partitions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|p| p["local"] == true)
-                    .any(|p| p["lag"].as_i64() != Some(0));
-                done &= status["lag_total"].as_i64() == Some(0) && !behind;
-            }
+            // A pod that does not answer is not caught up.
+            let done = self.statuses().await.values().all(|status| {
+                status
+                    .as_ref()
+                    .is_some_and(|s| s["lag_total"].as_i64() == Some(0))
+                    && local_partitions(status.as_ref()).all(|p| p["lag"].as_i64() == Some(0))
+            });
             if done {
                 return Ok(());
             }
