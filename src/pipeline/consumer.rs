@@ -403,7 +403,9 @@ impl StageConsumer {
             // snapshotted, released and restored by every member (the eager protocol).
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
+            // The others learn of a rebalance (a member left) at their next heartbeat: a
+            // short interval shortens every handover, for a few requests a second.
+            .set("heartbeat.interval.ms", "250")
             // Also the rebalance timeout: how long a join waits for members that vanished
             // (kill -9). The poll thread blocks at most while a worker waits for a store that
             // is down, which this must outlast.

@@ -298,19 +298,30 @@ impl Pipeline {
     }
 
     /// Stops heartbeats and both stages; every owned partition is flushed, snapshotted and
-    /// committed first.
+    /// committed first. The stages stop side by side: each one's offsets and effects are its
+    /// own (§4), and what the zones stage publishes while it stops reaches whichever process
+    /// owns the persons partition next.
     pub async fn stop(&self) {
         self.shutdown.cancel();
         let heartbeats = self.heartbeats.lock().expect("not poisoned").take();
         if let Some(h) = heartbeats {
             let _ = h.await;
         }
-        if let Some(zones) = self.zones.lock().await.take() {
-            zones.stop().await;
-        }
-        if let Some(persons) = self.persons.lock().await.take() {
-            persons.stop().await;
-        }
+        let zones = self.zones.lock().await.take();
+        let persons = self.persons.lock().await.take();
+        futures::future::join(
+            async move {
+                if let Some(zones) = zones {
+                    zones.stop().await;
+                }
+            },
+            async move {
+                if let Some(persons) = persons {
+                    persons.stop().await;
+                }
+            },
+        )
+        .await;
         self.hub.stop().await;
     }
 }

@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use udaconnect_actors::actors::person::{
     PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
 };
@@ -466,6 +466,7 @@ impl<M: ractor::Message> PartitionCore<M> {
         }
         // The supervisor answers after every batch sent before; the snapshot it hands back
         // finishes once their effects are durable.
+        let began = std::time::Instant::now();
         let pending = match self
             .handle
             .actor()
@@ -480,6 +481,7 @@ impl<M: ractor::Message> PartitionCore<M> {
         };
         let (store, partition, topic_id) =
             (self.store.clone(), self.partition, self.topic_id.clone());
+        let captured = began.elapsed();
         Some(Box::pin(async move {
             let stage = store.stage;
             let blob = match pending.wait().await {
@@ -489,12 +491,23 @@ impl<M: ractor::Message> PartitionCore<M> {
                     return None;
                 }
             };
+            let serialized = began.elapsed();
             retry("storing the snapshot", partition as u32, || {
                 store
                     .snapshots
                     .store(stage, partition as u32, &blob, &topic_id)
             })
             .await;
+            debug!(
+                stage = stage.as_str(),
+                partition,
+                bytes = blob.serialized_len(),
+                parts = blob.parts.len(),
+                captured_ms = captured.as_millis() as u64,
+                serialized_ms = serialized.as_millis() as u64,
+                stored_ms = began.elapsed().as_millis() as u64,
+                "snapshot stored"
+            );
             confirm_owner(&store, partition).await;
             Some(blob.next_offset as i64)
         }))

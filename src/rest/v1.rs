@@ -208,6 +208,10 @@ pub struct PartitionRow {
     /// ends before what was processed.
     #[oai(skip_serializing_if_is_none)]
     lag: Option<i64>,
+    /// The stored snapshot's next offset: the group's committed offset at most, and where a
+    /// new owner resumes. When it equals `end_offset`, every record's effects are durable.
+    #[oai(skip_serializing_if_is_none)]
+    snapshot_offset: Option<i64>,
     /// Age of the last snapshot, seconds.
     #[oai(skip_serializing_if_is_none)]
     snapshot_age_s: Option<f64>,
@@ -737,6 +741,7 @@ impl V1Api {
                     processed_offset: (p.processed_offset >= 0).then_some(p.processed_offset),
                     end_offset: (p.end_offset >= 0).then_some(p.end_offset),
                     lag: p.lag,
+                    snapshot_offset: owner.and_then(|o| o.snapshot_offset),
                     snapshot_age_s: owner.and_then(|o| o.snapshot_age_s),
                     snapshot_mismatch: p.snapshot_mismatch.as_ref().map(SnapshotMismatch::from),
                 });
@@ -757,6 +762,7 @@ impl V1Api {
                     processed_offset: o.snapshot_offset,
                     end_offset: None,
                     lag: None,
+                    snapshot_offset: o.snapshot_offset,
                     snapshot_age_s: o.snapshot_age_s,
                     snapshot_mismatch: None,
                 });

@@ -137,6 +137,16 @@ pub struct SnapshotBlob {
 }
 
 impl SnapshotBlob {
+    /// Bytes of the serialized state: the partition-wide state and every part.
+    pub fn serialized_len(&self) -> usize {
+        self.bytes.len()
+            + self
+                .parts
+                .iter()
+                .map(|(_, p)| p.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+    }
+
     /// The parts' states, for a restore (which always reads a complete set).
     pub fn part_states(&self) -> impl Iterator<Item = (i64, &[u8])> {
         self.parts

@@ -705,7 +705,10 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Waits until every running pod has processed everything in its partitions.
+    /// Waits until every running pod has processed everything in its partitions and its
+    /// effects are durable: each partition's stored snapshot reaches the log's end (Kafka's
+    /// consumer-group lag, end minus committed offset, is 0), so a burst posted before is
+    /// written, not still queued for PostgreSQL.
     async fn caught_up(&self, within: Duration) -> anyhow::Result<()> {
         let since = Instant::now();
         loop {
@@ -714,7 +717,11 @@ impl Run<'_> {
                 status
                     .as_ref()
                     .is_some_and(|s| s["lag_total"].as_i64() == Some(0))
-                    && local_partitions(status.as_ref()).all(|p| p["lag"].as_i64() == Some(0))
+                    && local_partitions(status.as_ref()).all(|p| {
+                        let end = p["end_offset"].as_i64();
+                        p["lag"].as_i64() == Some(0)
+                            && (p["snapshot_offset"].as_i64() == end || end == Some(0))
+                    })
             });
             if done {
                 return Ok(());
