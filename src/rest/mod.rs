@@ -81,9 +81,39 @@ pub fn api_service(state: Arc<RestState>) -> OpenApiService<Apis, ()> {
 
 /// The whole REST application: the API, `/openapi.json` and Swagger UI at `/docs`; every
 /// error in the JSON shape, bodies above [`MAX_BODY_BYTES`] refused with 413, CORS for the
-/// configured origins.
+/// configured origins, and for any origin under `/api` ([`poc_cors`]).
 pub fn app(state: Arc<RestState>) -> impl Endpoint {
     let cors = cors(&state.cors_origins);
+    let inner = Arc::new(inner_app(state));
+    let poc = Arc::new(Arc::clone(&inner).with(poc_cors()));
+    inner
+        .with_if(cors.is_some(), cors.unwrap_or_default())
+        .around(move |next, req| {
+            let poc = Arc::clone(&poc);
+            async move {
+                let path = req.uri().path();
+                Ok(if path == "/api" || path.starts_with("/api/") {
+                    poc.call(req).await?.into_response()
+                } else {
+                    next.call(req).await?.into_response()
+                })
+            }
+        })
+        .with(poem::middleware::Tracing)
+}
+
+/// CORS of the POC's contract: its frontend is a page on another origin (port 30000) that
+/// calls `/api` from the browser, and the POC answered every origin (flask-cors with its
+/// defaults: any origin, the usual methods, any request header, no credentials). Only `/api`
+/// is opened so; `/v1` answers the configured `cors_origins` alone.
+fn poc_cors() -> Cors {
+    Cors::new()
+        .allow_methods(["GET", "HEAD", "POST", "OPTIONS"])
+        .allow_credentials(false)
+}
+
+/// [`app`] without CORS and request tracing.
+fn inner_app(state: Arc<RestState>) -> impl Endpoint {
     let api = api_service(state);
     let templates = Arc::new(errors::PathTemplates::from_spec(&api.spec()));
     let spec = api.spec_endpoint();
@@ -103,8 +133,6 @@ pub fn app(state: Arc<RestState>) -> impl Endpoint {
                 })
             }
         })
-        .with_if(cors.is_some(), cors.unwrap_or_default())
-        .with(poem::middleware::Tracing)
 }
 
 fn cors(origins: &[String]) -> Option<Cors> {

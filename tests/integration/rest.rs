@@ -1174,6 +1174,85 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
     db.drop_db().await;
 }
 
+/// The POC's frontend, served from another origin (port 30000), calls `/api` from the browser;
+/// the POC answered every origin. `/api` does too, `/v1` does not (no `cors_origins` set).
+#[tokio::test]
+async fn the_poc_contract_answers_browsers_from_any_origin_and_v1_does_not() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    let client = reqwest::Client::new();
+    let page = "http://localhost:30000";
+    let allowed = |r: &reqwest::Response| {
+        r.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let preflight = |path: &str, method: &str| {
+        client
+            .request(reqwest::Method::OPTIONS, app.url(path))
+            .header("origin", page)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    for (path, method) in [
+        ("/api/persons", "GET"),
+        ("/api/persons", "POST"),
+        ("/api/persons/1/connection", "GET"),
+        ("/api/locations", "POST"),
+    ] {
+        let answer = preflight(path, method).await.expect("preflight");
+        assert!(
+            answer.status().is_success(),
+            "preflight {method} {path}: {}",
+            answer.status()
+        );
+        let origin = allowed(&answer);
+        assert!(
+            origin.as_deref() == Some(page) || origin.as_deref() == Some("*"),
+            "preflight {method} {path} allows {origin:?}"
+        );
+        let methods = answer
+            .headers()
+            .get("access-control-allow-methods")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(methods.contains(method), "{path} allows {methods:?}");
+    }
+    // The answers themselves, and an error's, carry the header, so the page can read them.
+    let persons = client
+        .get(app.url("/api/persons"))
+        .header("origin", page)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(persons.status().as_u16(), 200);
+    assert!(allowed(&persons).is_some(), "GET /api/persons");
+    let missing = client
+        .get(app.url("/api/persons/31337"))
+        .header("origin", page)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(missing.status().as_u16(), 404);
+    assert!(allowed(&missing).is_some(), "GET /api/persons/31337");
+    // /v1 stays closed to other origins.
+    let v1 = preflight("/v1/persons", "POST").await.expect("preflight");
+    assert_eq!(allowed(&v1), None, "preflight /v1/persons: {}", v1.status());
+    let v1 = client
+        .get(app.url("/v1/persons"))
+        .header("origin", page)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(v1.status().as_u16(), 200);
+    assert_eq!(allowed(&v1), None, "GET /v1/persons");
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn cors_lets_the_configured_origin_read_answers_and_errors() {
     let db = TestDb::new().await;
