@@ -601,21 +601,22 @@ impl Run<'_> {
 
     /// Each running pod's `/v1/status`, by name; `None` for a pod that does not answer.
     async fn statuses(&self) -> BTreeMap<String, Option<Value>> {
-        let mut out = BTreeMap::new();
-        for pod in self.pods.iter().filter(|p| p.running()) {
-            let status = match self
+        // All pods at once: one slow to answer (a loaded pod, or one stopping) does not delay
+        // what the others say, nor the handover read from them.
+        let asked = self.pods.iter().filter(|p| p.running()).map(|pod| {
+            let request = self
                 .http
                 .get(format!("{}/v1/status", pod.base_url()))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => r.json().await.ok(),
-                _ => None,
-            };
-            out.insert(pod.name.clone(), status);
-        }
-        out
+                .timeout(Duration::from_secs(2));
+            async move {
+                let status = match request.send().await {
+                    Ok(r) if r.status().is_success() => r.json().await.ok(),
+                    _ => None,
+                };
+                (pod.name.clone(), status)
+            }
+        });
+        futures::future::join_all(asked).await.into_iter().collect()
     }
 
     /// `(stage, partition)` each running pod serves (its status's local partitions); a pod
