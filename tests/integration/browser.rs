@@ -5,10 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use udaconnect::store;
 
-use crate::helpers::{poc_seed_dir, test_config, TestApp, TestDb};
-use crate::rest::get;
+use crate::rest::{get, poc_seeded};
 
 /// `tests/browser/`.
 fn browser_dir() -> PathBuf {
@@ -92,12 +90,7 @@ async fn serve_page(html: &'static str) -> (String, tokio::task::JoinHandle<()>)
 /// Chromium, on the POC's seed.
 #[tokio::test]
 async fn the_poc_frontend_on_another_origin_renders_the_poc_api_in_chromium() {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(test_config(&db)).await;
-    let mut client = db.client().await;
-    store::seed_poc(&mut client, &poc_seed_dir())
-        .await
-        .expect("seed");
+    let (db, app) = poc_seeded().await;
     let (status, persons) = get(&app.url("/api/persons")).await;
     assert_eq!(status, 200);
     let expected_persons: Vec<Vec<String>> = persons

@@ -234,31 +234,42 @@ fn every_manifest_is_valid_for_the_pinned_kubernetes_version_in_strict_mode() {
     );
 }
 
-/// What checkov's secrets scan (detect-secrets' detectors: high-entropy strings, cloud keys,
-/// credentials in URLs, private keys) reports in `files`, one line per finding.
-fn secrets_found(files: &[PathBuf]) -> Vec<String> {
+/// checkov's JSON report of `framework`'s checks on `targets` (`--file`/`--directory` and a
+/// path each), whether it exited 0, and its stderr; `--skip-download`: offline, no check
+/// metadata fetched from Prisma Cloud.
+fn checkov<'a>(
+    framework: &str,
+    targets: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> (Value, bool, String) {
     let tool = crate::helpers::tool("UDATEST_CHECKOV", "checkov");
     let mut command = std::process::Command::new(&tool);
-    for file in files {
-        command.arg("--file").arg(file);
+    for (flag, path) in targets {
+        command.arg(flag).arg(path);
     }
     let out = command
         .args([
             "--framework",
-            "secrets",
+            framework,
             "--output",
             "json",
             "--skip-download",
         ])
         .output()
         .expect("checkov runs");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
-            "checkov's JSON: {e}\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "checkov's JSON: {e}\n{}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
         )
     });
+    (report, out.status.success(), stderr)
+}
+
+/// What checkov's secrets scan (detect-secrets' detectors: high-entropy strings, cloud keys,
+/// credentials in URLs, private keys) reports in `files`, one line per finding.
+fn secrets_found(files: &[PathBuf]) -> Vec<String> {
+    let (report, _, _) = checkov("secrets", files.iter().map(|f| ("--file", f.as_path())));
     // A clean scan prints only the summary; findings come under `results`.
     assert_eq!(
         report["summary"]["parsing_errors"].as_u64().unwrap_or(0),
@@ -322,27 +333,8 @@ const SKIP_PREFIXES: [&str; 3] = ["checkov.io/skip", "bridgecrew.io/skip", "cort
 
 #[test]
 fn checkov_finds_no_failed_kubernetes_check_in_the_manifests() {
-    let tool = crate::helpers::tool("UDATEST_CHECKOV", "checkov");
-    // --skip-download: offline, no check metadata fetched from Prisma Cloud.
-    let out = std::process::Command::new(&tool)
-        .arg("--directory")
-        .arg(manifests_dir())
-        .args([
-            "--framework",
-            "kubernetes",
-            "--output",
-            "json",
-            "--skip-download",
-        ])
-        .output()
-        .expect("checkov runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "checkov's JSON: {e}\n{}\n{stderr}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    let manifests = manifests_dir();
+    let (report, succeeded, stderr) = checkov("kubernetes", [("--directory", manifests.as_path())]);
     let results = &report["results"];
     let list = |key: &str| results[key].as_array().cloned().unwrap_or_default();
     let failed: Vec<String> = list("failed_checks")
@@ -397,7 +389,7 @@ fn checkov_finds_no_failed_kubernetes_check_in_the_manifests() {
             );
         }
     }
-    assert!(out.status.success(), "checkov failed: {stderr}");
+    assert!(succeeded, "checkov failed: {stderr}");
 }
 
 #[test]

@@ -157,14 +157,21 @@ async fn poc_expected(
     expected
 }
 
-#[tokio::test]
-async fn the_poc_contract_on_the_poc_seed() {
+/// A service on a fresh database seeded with the POC's data.
+pub(crate) async fn poc_seeded() -> (TestDb, TestApp) {
     let db = TestDb::new().await;
     let app = TestApp::spawn(test_config(&db)).await;
     let mut client = db.client().await;
     store::seed_poc(&mut client, &poc_seed_dir())
         .await
         .expect("seed");
+    (db, app)
+}
+
+#[tokio::test]
+async fn the_poc_contract_on_the_poc_seed() {
+    let (db, app) = poc_seeded().await;
+    let client = db.client().await;
 
     // Persons, in the POC's shape.
     let (status, persons) = get(&app.url("/api/persons")).await;
@@ -1174,41 +1181,56 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
     db.drop_db().await;
 }
 
+/// The `Access-Control-Allow-Origin` an answer carries, if any.
+fn allowed_origin(r: &reqwest::Response) -> Option<String> {
+    r.headers()
+        .get("access-control-allow-origin")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// `GET path` as a page on `origin` sends it.
+async fn get_from(app: &TestApp, origin: &str, path: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(app.url(path))
+        .header("origin", origin)
+        .send()
+        .await
+        .expect("get")
+}
+
+/// The browser's CORS preflight for a JSON `method path` from a page on `origin`.
+async fn preflight(app: &TestApp, origin: &str, path: &str, method: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, app.url(path))
+        .header("origin", origin)
+        .header("access-control-request-method", method)
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .expect("preflight")
+}
+
 /// The POC's frontend, served from another origin (port 30000), calls `/api` from the browser;
 /// the POC answered every origin. `/api` does too, `/v1` does not (no `cors_origins` set).
 #[tokio::test]
 async fn the_poc_contract_answers_browsers_from_any_origin_and_v1_does_not() {
     let db = TestDb::new().await;
     let app = TestApp::spawn(test_config(&db)).await;
-    let client = reqwest::Client::new();
     let page = "http://localhost:30000";
-    let allowed = |r: &reqwest::Response| {
-        r.headers()
-            .get("access-control-allow-origin")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let preflight = |path: &str, method: &str| {
-        client
-            .request(reqwest::Method::OPTIONS, app.url(path))
-            .header("origin", page)
-            .header("access-control-request-method", method)
-            .header("access-control-request-headers", "content-type")
-            .send()
-    };
     for (path, method) in [
         ("/api/persons", "GET"),
         ("/api/persons", "POST"),
         ("/api/persons/1/connection", "GET"),
         ("/api/locations", "POST"),
     ] {
-        let answer = preflight(path, method).await.expect("preflight");
+        let answer = preflight(&app, page, path, method).await;
         assert!(
             answer.status().is_success(),
             "preflight {method} {path}: {}",
             answer.status()
         );
-        let origin = allowed(&answer);
+        let origin = allowed_origin(&answer);
         assert!(
             origin.as_deref() == Some(page) || origin.as_deref() == Some("*"),
             "preflight {method} {path} allows {origin:?}"
@@ -1222,33 +1244,23 @@ async fn the_poc_contract_answers_browsers_from_any_origin_and_v1_does_not() {
         assert!(methods.contains(method), "{path} allows {methods:?}");
     }
     // The answers themselves, and an error's, carry the header, so the page can read them.
-    let persons = client
-        .get(app.url("/api/persons"))
-        .header("origin", page)
-        .send()
-        .await
-        .expect("get");
+    let persons = get_from(&app, page, "/api/persons").await;
     assert_eq!(persons.status().as_u16(), 200);
-    assert!(allowed(&persons).is_some(), "GET /api/persons");
-    let missing = client
-        .get(app.url("/api/persons/31337"))
-        .header("origin", page)
-        .send()
-        .await
-        .expect("get");
+    assert!(allowed_origin(&persons).is_some(), "GET /api/persons");
+    let missing = get_from(&app, page, "/api/persons/31337").await;
     assert_eq!(missing.status().as_u16(), 404);
-    assert!(allowed(&missing).is_some(), "GET /api/persons/31337");
+    assert!(allowed_origin(&missing).is_some(), "GET /api/persons/31337");
     // /v1 stays closed to other origins.
-    let v1 = preflight("/v1/persons", "POST").await.expect("preflight");
-    assert_eq!(allowed(&v1), None, "preflight /v1/persons: {}", v1.status());
-    let v1 = client
-        .get(app.url("/v1/persons"))
-        .header("origin", page)
-        .send()
-        .await
-        .expect("get");
+    let v1 = preflight(&app, page, "/v1/persons", "POST").await;
+    assert_eq!(
+        allowed_origin(&v1),
+        None,
+        "preflight /v1/persons: {}",
+        v1.status()
+    );
+    let v1 = get_from(&app, page, "/v1/persons").await;
     assert_eq!(v1.status().as_u16(), 200);
-    assert_eq!(allowed(&v1), None, "GET /v1/persons");
+    assert_eq!(allowed_origin(&v1), None, "GET /v1/persons");
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
@@ -1259,43 +1271,24 @@ async fn cors_lets_the_configured_origin_read_answers_and_errors() {
     let mut config = test_config(&db);
     config.cors_origins = "http://venue.example, http://other.example".to_owned();
     let app = TestApp::spawn(config).await;
-    let client = reqwest::Client::new();
-    let preflight = client
-        .request(reqwest::Method::OPTIONS, app.url("/v1/persons"))
-        .header("origin", "http://venue.example")
-        .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "content-type")
-        .send()
-        .await
-        .expect("preflight");
-    assert_eq!(preflight.status().as_u16(), 200);
-    let allowed = |r: &reqwest::Response| {
-        r.headers()
-            .get("access-control-allow-origin")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    assert_eq!(allowed(&preflight).as_deref(), Some("http://venue.example"));
+    let answer = preflight(&app, "http://venue.example", "/v1/persons", "POST").await;
+    assert_eq!(answer.status().as_u16(), 200);
+    assert_eq!(
+        allowed_origin(&answer).as_deref(),
+        Some("http://venue.example")
+    );
     // An error answer carries the header too, so the page can read the JSON error.
-    let response = client
-        .get(app.url("/v1/persons/31337"))
-        .header("origin", "http://other.example")
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(allowed(&response).as_deref(), Some("http://other.example"));
+    let response = get_from(&app, "http://other.example", "/v1/persons/31337").await;
+    assert_eq!(
+        allowed_origin(&response).as_deref(),
+        Some("http://other.example")
+    );
     let status = response.status().as_u16();
     let body: Value = response.json().await.expect("JSON");
     assert_error(&(status, body), 404, "not_found", Some("person_id"));
     // Another origin is not allowed.
-    let refused = client
-        .request(reqwest::Method::OPTIONS, app.url("/v1/persons"))
-        .header("origin", "http://elsewhere.example")
-        .header("access-control-request-method", "POST")
-        .send()
-        .await
-        .expect("preflight");
-    assert_eq!(allowed(&refused), None);
+    let refused = preflight(&app, "http://elsewhere.example", "/v1/persons", "POST").await;
+    assert_eq!(allowed_origin(&refused), None);
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
