@@ -1,8 +1,19 @@
-//! Compiles `proto/udaconnect/v1/*.proto` with the vendored `protoc`, so no system protoc is needed.
+//! Compiles `proto/udaconnect/v1/*.proto` with the vendored `protoc`, so no system protoc is needed,
+//! and checks that the web console's map library is installed (the binary embeds it from
+//! `src/console/node_modules`, which `./dev setup` fills from the lockfile).
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=src/console/package-lock.json");
+    println!("cargo:rerun-if-changed=src/console/node_modules/leaflet/package.json");
+    if !PathBuf::from("src/console/node_modules/leaflet/dist/leaflet.js").exists() {
+        return Err(
+            "src/console/node_modules/leaflet is missing: the web console embeds it; \
+                    run ./dev setup (or `npm ci` in src/console)"
+                .into(),
+        );
+    }
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     let include = protoc_bin_vendored::include_path()?;

@@ -4,7 +4,7 @@
 //! partition's `shard_owner` row. A forwarded request carries [`FORWARDED`] and is answered
 //! locally only, so forwarding never loops. Used by the gRPC Admin service and by REST.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,12 +19,12 @@ use udaconnect_actors::zones::ZoneId;
 
 use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
-use crate::input::zone_hex;
-use crate::pipeline::live::LocalError;
+use crate::input::{zone_hex, BoundingBox};
+use crate::pipeline::live::{LivePoints, LocalError};
 use crate::pipeline::Pipeline;
 use crate::proto::convert;
 use crate::proto::v1::admin_client::AdminClient;
-use crate::proto::v1::{GetPersonRequest, GetZoneRequest};
+use crate::proto::v1::{GetPersonRequest, GetZoneRequest, ListPointsRequest};
 use crate::store::owners::{shard_owners, ShardOwner};
 
 /// Metadata key marking a request one process forwarded to another: answer it locally.
@@ -172,6 +172,82 @@ impl Cluster {
             partition,
             owner: owner.owner,
         })
+    }
+
+    /// The home points the zone actors retain now inside `bbox`, across the cluster, newest
+    /// first, at most `limit` (one answer for REST's `/v1/points` and gRPC's
+    /// `Admin.ListPoints`): this process answers for its zone partitions and asks every other
+    /// process that owns one, all at once; with `local_only` (a forwarded request) only its
+    /// own. A process or partition that does not answer is named in `unanswered`; UNAVAILABLE
+    /// only while the pipeline has not started or `shard_owner` cannot be read.
+    pub async fn live_points(
+        &self,
+        bbox: &BoundingBox,
+        limit: usize,
+        local_only: bool,
+    ) -> Result<LivePoints, ApiError> {
+        let pipeline = self.pipeline()?;
+        if local_only {
+            return Ok(pipeline.live_points(bbox, limit).await);
+        }
+        let owners = self.owners(&pipeline).await?;
+        let local_partitions = pipeline.owned_partitions(Stage::Zones);
+        let mut peers: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut ownerless = Vec::new();
+        for partition in 0..pipeline.partitions(Stage::Zones) as i32 {
+            if local_partitions.contains(&partition) {
+                continue;
+            }
+            let row = owners.iter().find(|o| {
+                o.stage == Stage::Zones.as_str()
+                    && o.partition == partition
+                    && o.owner != pipeline.node()
+            });
+            match row {
+                Some(o) => {
+                    peers.insert(&o.owner, &o.owner_addr);
+                }
+                None => {
+                    ownerless.push(format!("zone partition {partition} has no owner right now"))
+                }
+            }
+        }
+        let asked = peers.iter().map(|(node, addr)| async move {
+            let answer = async {
+                let request = self.forwarded(ListPointsRequest {
+                    min_lat: bbox.min_lat,
+                    min_lon: bbox.min_lon,
+                    max_lat: bbox.max_lat,
+                    max_lon: bbox.max_lon,
+                    limit: limit as u32,
+                })?;
+                let answer = self
+                    .admin(addr)?
+                    .list_points(request)
+                    .await
+                    .map_err(|s| peer_error(node, addr, s))?
+                    .into_inner();
+                convert::live_points(&answer).map_err(|e| {
+                    ApiError::unavailable(format!(
+                        "{node} answered points that do not parse: {}",
+                        e.describe()
+                    ))
+                })
+            }
+            .await;
+            answer.unwrap_or_else(|e| LivePoints {
+                unanswered: vec![format!("{node} ({addr}): {}", e.describe())],
+                ..LivePoints::default()
+            })
+        });
+        let (local, remote) = futures::future::join(
+            pipeline.live_points(bbox, limit),
+            futures::future::join_all(asked),
+        )
+        .await;
+        let mut all = LivePoints::merge(std::iter::once(local).chain(remote), limit);
+        all.unanswered.extend(ownerless);
+        Ok(all)
     }
 
     /// The answer when this process owns the partition (`value` is `None` when no actor holds

@@ -38,6 +38,134 @@ pub fn parse_zone(text: &str, field: &str, resolution: Option<u8>) -> Result<Zon
     }
 }
 
+/// A latitude/longitude rectangle in WGS84 degrees, edges included; it may not cross the
+/// antimeridian (`min_lon <= max_lon`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BoundingBox {
+    pub min_lat: f64,
+    pub min_lon: f64,
+    pub max_lat: f64,
+    pub max_lon: f64,
+}
+
+impl BoundingBox {
+    /// The whole Earth.
+    pub const WORLD: Self = Self {
+        min_lat: -90.0,
+        min_lon: -180.0,
+        max_lat: 90.0,
+        max_lon: 180.0,
+    };
+
+    /// A checked box: latitudes in [-90, 90], longitudes in [-180, 180], each minimum at most
+    /// its maximum; 400 naming `field` otherwise. REST and gRPC both build boxes here.
+    pub fn new(
+        (min_lat, min_lon): (f64, f64),
+        (max_lat, max_lon): (f64, f64),
+        field: &str,
+    ) -> Result<Self, ApiError> {
+        let lat_ok = |v: f64| v.is_finite() && (-90.0..=90.0).contains(&v);
+        let lon_ok = |v: f64| v.is_finite() && (-180.0..=180.0).contains(&v);
+        if !(lat_ok(min_lat) && lat_ok(max_lat)) {
+            return Err(ApiError::invalid(
+                field,
+                format!("latitudes must be from -90 to 90 degrees (got {min_lat} and {max_lat})"),
+            ));
+        }
+        if !(lon_ok(min_lon) && lon_ok(max_lon)) {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "longitudes must be from -180 to 180 degrees (got {min_lon} and {max_lon})"
+                ),
+            ));
+        }
+        if min_lat > max_lat || min_lon > max_lon {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "each minimum must be at most its maximum (a box across the antimeridian is \
+                     not supported; got latitudes {min_lat}..{max_lat}, longitudes \
+                     {min_lon}..{max_lon})"
+                ),
+            ));
+        }
+        Ok(Self {
+            min_lat,
+            min_lon,
+            max_lat,
+            max_lon,
+        })
+    }
+
+    /// Reads `min_lon,min_lat,max_lon,max_lat` (the order of GeoJSON's `bbox`, RFC 7946
+    /// §5); 400 naming `field` otherwise.
+    pub fn parse(text: &str, field: &str) -> Result<Self, ApiError> {
+        let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+        let numbers: Option<Vec<f64>> = parts.iter().map(|p| p.parse::<f64>().ok()).collect();
+        match numbers.as_deref() {
+            Some(&[min_lon, min_lat, max_lon, max_lat]) => {
+                Self::new((min_lat, min_lon), (max_lat, max_lon), field)
+            }
+            _ => Err(ApiError::invalid(
+                field,
+                format!(
+                    "must be four numbers min_lon,min_lat,max_lon,max_lat in degrees (got {text:?})"
+                ),
+            )),
+        }
+    }
+
+    /// Whether the point lies in the box, edges included.
+    pub fn contains(&self, lat: f64, lon: f64) -> bool {
+        (self.min_lat..=self.max_lat).contains(&lat) && (self.min_lon..=self.max_lon).contains(&lon)
+    }
+
+    /// Whether the zone's cell (its H3 boundary's extent) meets the box.
+    pub fn meets_zone(&self, zone: ZoneId) -> bool {
+        let Some(boundary) = zone_boundary(zone) else {
+            return false;
+        };
+        let (mut lo_lat, mut lo_lon, mut hi_lat, mut hi_lon) = (90.0, 180.0, -90.0, -180.0);
+        for (lat, lon) in boundary {
+            lo_lat = f64::min(lo_lat, lat);
+            hi_lat = f64::max(hi_lat, lat);
+            lo_lon = f64::min(lo_lon, lon);
+            hi_lon = f64::max(hi_lon, lon);
+        }
+        lo_lat <= self.max_lat
+            && hi_lat >= self.min_lat
+            && lo_lon <= self.max_lon
+            && hi_lon >= self.min_lon
+    }
+}
+
+/// Most live points (`/v1/points`, `Admin.ListPoints`) one answer holds, and how many when the
+/// request does not say.
+pub const MAX_LIVE_POINTS: usize = 10_000;
+pub const DEFAULT_LIVE_POINTS: usize = 1_000;
+
+/// How many live points one answer may hold: from 1 to [`MAX_LIVE_POINTS`],
+/// [`DEFAULT_LIVE_POINTS`] when `None`; 400 naming `field` otherwise. REST's `/v1/points` and
+/// gRPC's `Admin.ListPoints` both follow it.
+pub fn point_limit(limit: Option<i64>, field: &str) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_LIVE_POINTS),
+        Some(n) if (1..=MAX_LIVE_POINTS as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid(
+            field,
+            format!("must be from 1 to {MAX_LIVE_POINTS} (got {n})"),
+        )),
+    }
+}
+
+/// The zone's outline: its H3 cell's boundary vertices as (lat, lon) in WGS84 degrees, in
+/// H3's order (counter-clockwise); `None` when `zone` is not an H3 cell.
+pub fn zone_boundary(zone: ZoneId) -> Option<Vec<(f64, f64)>> {
+    let cell = h3o::CellIndex::try_from(zone).ok()?;
+    Some(cell.boundary().iter().map(|v| (v.lat(), v.lng())).collect())
+}
+
 /// Reads a UUID (an `event_id`) in any of its text forms; 400 naming `field` otherwise.
 pub fn parse_uuid(text: &str, field: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
@@ -310,6 +438,58 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_bounding_box_is_read_in_geojson_order_and_checked() {
+        let b = BoundingBox::parse("13.3, 52.5, 13.4, 52.6", "bbox").expect("valid");
+        assert_eq!(
+            (b.min_lat, b.min_lon, b.max_lat, b.max_lon),
+            (52.5, 13.3, 52.6, 13.4)
+        );
+        assert!(b.contains(52.5, 13.4), "edges are inside");
+        assert!(!b.contains(52.61, 13.35));
+        for bad in [
+            "1,2,3",
+            "1,2,3,4,5",
+            "a,b,c,d",
+            "0,91,1,92",
+            "181,0,182,1",
+            "2,0,1,1",
+        ] {
+            let e = BoundingBox::parse(bad, "bbox").expect_err(bad);
+            assert_eq!(e.field.as_deref(), Some("bbox"), "{bad}: {e:?}");
+        }
+        assert!(BoundingBox::parse("NaN,0,1,1", "bbox").is_err());
+    }
+
+    #[test]
+    fn a_zone_meets_a_box_by_its_outline() {
+        let cell = h3o::LatLng::new(52.5163, 13.3777)
+            .expect("valid")
+            .to_cell(h3o::Resolution::Eight);
+        let zone = u64::from(cell);
+        let outline = zone_boundary(zone).expect("a cell");
+        assert_eq!(outline.len(), 6);
+        // A box around one vertex only still meets the zone.
+        let (lat, lon) = outline[0];
+        let corner = BoundingBox::new((lat - 1e-6, lon - 1e-6), (lat + 1e-6, lon + 1e-6), "bbox")
+            .expect("valid");
+        assert!(corner.meets_zone(zone));
+        let far = BoundingBox::new((0.0, 0.0), (1.0, 1.0), "bbox").expect("valid");
+        assert!(!far.meets_zone(zone));
+        assert!(BoundingBox::WORLD.meets_zone(zone));
+        assert_eq!(zone_boundary(42), None);
+    }
+
+    #[test]
+    fn a_point_limit_is_from_1_to_the_maximum() {
+        assert_eq!(point_limit(None, "limit").expect("default"), 1_000);
+        assert_eq!(point_limit(Some(10_000), "limit").expect("max"), 10_000);
+        for bad in [0, -1, 10_001] {
+            let e = point_limit(Some(bad), "limit").expect_err("refused");
+            assert_eq!(e.field.as_deref(), Some("limit"));
+        }
+    }
 
     #[test]
     fn a_zone_reads_back_from_its_hex_form_and_other_text_names_the_field() {

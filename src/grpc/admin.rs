@@ -14,15 +14,16 @@ use super::{unauthenticated, GrpcState};
 use crate::cluster::{forward_error, peer_error, FORWARDED};
 use crate::config::Secret;
 use crate::error::ApiError;
-use crate::input::{parse_zone, zone_hex};
+use crate::input::{parse_zone, point_limit, zone_hex, BoundingBox};
 use crate::pipeline::live::LocalError;
 use crate::pipeline::{Pipeline, PipelineStatus};
 use crate::proto::convert;
 use crate::proto::v1::admin_server::Admin;
 use crate::proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, GetPersonRequest, GetZoneRequest,
-    ListZonesRequest, ListZonesResponse, PartitionStatus, PersonState, Process,
-    TriggerSnapshotRequest, TriggerSnapshotResponse, ZonePartition, ZoneState, ZoneSummary,
+    ListPointsRequest, ListPointsResponse, ListZonesRequest, ListZonesResponse, PartitionStatus,
+    PersonState, Process, TriggerSnapshotRequest, TriggerSnapshotResponse, ZonePartition,
+    ZoneState, ZoneSummary,
 };
 use crate::store::owners::ShardOwner;
 
@@ -389,6 +390,26 @@ impl Admin for AdminService {
         Ok(Response::new(ListZonesResponse {
             partitions: join_all(all).await,
         }))
+    }
+
+    async fn list_points(
+        &self,
+        request: Request<ListPointsRequest>,
+    ) -> Result<Response<ListPointsResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let r = request.into_inner();
+        let bbox = if [r.min_lat, r.min_lon, r.max_lat, r.max_lon] == [0.0; 4] {
+            BoundingBox::WORLD
+        } else {
+            BoundingBox::new((r.min_lat, r.min_lon), (r.max_lat, r.max_lon), "bbox")?
+        };
+        let limit = point_limit((r.limit != 0).then_some(i64::from(r.limit)), "limit")?;
+        let points = self
+            .state
+            .cluster
+            .live_points(&bbox, limit, forwarded)
+            .await?;
+        Ok(Response::new(convert::list_points(&points)))
     }
 
     async fn get_zone(

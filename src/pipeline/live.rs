@@ -7,13 +7,79 @@ use ractor::rpc::CallResult;
 use udaconnect_actors::actors::person::{PersonSupervisorMsg, PersonView};
 use udaconnect_actors::actors::ports::Stage;
 use udaconnect_actors::actors::zone::{ZonePartitionView, ZoneSupervisorMsg, ZoneView};
-use udaconnect_actors::domain::PersonId;
+use udaconnect_actors::domain::{Micros, PersonId};
 use udaconnect_actors::zones::{person_partition, zone_partition, ZoneId};
 
 use super::consumer::NotOwned;
 use super::stages::Owned;
 use super::Pipeline;
 use crate::config::Topics;
+use crate::input::BoundingBox;
+
+/// Points the zone actors retain now, as the live floor map shows them: the answer of one
+/// process, or of the whole cluster once merged ([`LivePoints::merge`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LivePoints {
+    /// Home copies only (a halo copy is the same event seen from a neighbouring zone),
+    /// newest first.
+    pub points: Vec<LivePoint>,
+    /// Every zone whose actor was asked (its cell meets the box), with how many of its home
+    /// points lie in the box.
+    pub zones: Vec<LiveZone>,
+    /// Whether points were left out to keep to the limit.
+    pub truncated: bool,
+    /// Why parts of the cluster did not answer (a zone partition or a process), one sentence
+    /// each; their points are missing.
+    pub unanswered: Vec<String>,
+}
+
+/// One retained location report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LivePoint {
+    pub person: PersonId,
+    /// WGS84 degrees.
+    pub lat: f64,
+    pub lon: f64,
+    /// Microseconds since the Unix epoch.
+    pub recorded_at: Micros,
+    pub zone: ZoneId,
+}
+
+/// A zone actor and where it lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveZone {
+    pub zone: ZoneId,
+    pub partition: i32,
+    pub owner: String,
+    /// Its home points inside the box.
+    pub points: usize,
+}
+
+impl LivePoints {
+    /// The union of several processes' answers, newest first, at most `limit` points.
+    pub fn merge(parts: impl IntoIterator<Item = LivePoints>, limit: usize) -> Self {
+        let mut all = Self::default();
+        for part in parts {
+            all.points.extend(part.points);
+            all.zones.extend(part.zones);
+            all.truncated |= part.truncated;
+            all.unanswered.extend(part.unanswered);
+        }
+        all.finish(limit);
+        all
+    }
+
+    /// Newest first (ties by person), cut to `limit`; zones in hexadecimal order.
+    fn finish(&mut self, limit: usize) {
+        self.points
+            .sort_by(|a, b| (b.recorded_at, a.person).cmp(&(a.recorded_at, b.person)));
+        if self.points.len() > limit {
+            self.points.truncate(limit);
+            self.truncated = true;
+        }
+        self.zones.sort_by_key(|z| z.zone);
+    }
+}
 
 /// How long a supervisor may take to answer a view request.
 const VIEW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,6 +194,56 @@ impl Pipeline {
             ZoneSupervisorMsg::View,
         )
         .await
+    }
+
+    /// The home points this process's zone actors retain now inside `bbox`, newest first, at
+    /// most `limit`, with the zones asked; a partition whose supervisor did not answer is
+    /// named in `unanswered`.
+    pub async fn live_points(&self, bbox: &BoundingBox, limit: usize) -> LivePoints {
+        let mut answer = LivePoints::default();
+        let mut partitions = self.owned_partitions(Stage::Zones);
+        partitions.sort_unstable();
+        for partition in partitions {
+            let view = match self.zone_partition_view(partition).await {
+                Ok(view) => view,
+                Err(LocalError::NotOwned { .. }) => continue, // released meanwhile
+                Err(e) => {
+                    answer.unanswered.push(e.to_string());
+                    continue;
+                }
+            };
+            for zone in view.zones.into_iter().filter(|z| bbox.meets_zone(*z)) {
+                let points = match self.zone_view(zone, usize::MAX).await {
+                    Ok(Some(v)) => v.points,
+                    Ok(None) | Err(LocalError::NotOwned { .. }) => continue,
+                    Err(e) => {
+                        answer.unanswered.push(e.to_string());
+                        continue;
+                    }
+                };
+                let before = answer.points.len();
+                answer.points.extend(
+                    points
+                        .iter()
+                        .filter(|p| p.home && bbox.contains(p.lat, p.lon))
+                        .map(|p| LivePoint {
+                            person: p.person,
+                            lat: p.lat,
+                            lon: p.lon,
+                            recorded_at: p.recorded_at,
+                            zone,
+                        }),
+                );
+                answer.zones.push(LiveZone {
+                    zone,
+                    partition,
+                    owner: self.node.clone(),
+                    points: answer.points.len() - before,
+                });
+            }
+        }
+        answer.finish(limit);
+        answer
     }
 
     /// Snapshots a partition this process owns now, through the same step as the periodic

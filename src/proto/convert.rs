@@ -11,6 +11,7 @@ use udaconnect_actors::zone_index::{RetainedPoint, ZoneCounters};
 use super::v1;
 use crate::error::ApiError;
 use crate::input::{parse_uuid, parse_zone, zone_hex};
+use crate::pipeline::live::{LivePoint, LivePoints, LiveZone};
 use crate::store::queries::{HistoryItem, Person};
 
 /// Microseconds since the epoch as a protobuf timestamp.
@@ -323,9 +324,101 @@ pub fn zone_view(s: &v1::ZoneState) -> Result<ZoneView, ApiError> {
     })
 }
 
+/// The live points as `Admin.ListPoints` answers them.
+pub fn list_points(p: &LivePoints) -> v1::ListPointsResponse {
+    v1::ListPointsResponse {
+        points: p
+            .points
+            .iter()
+            .map(|x| v1::LivePoint {
+                person_id: x.person,
+                lat: x.lat,
+                lon: x.lon,
+                recorded_at: Some(timestamp(x.recorded_at)),
+                zone: zone_hex(x.zone),
+            })
+            .collect(),
+        zones: p
+            .zones
+            .iter()
+            .map(|z| v1::LiveZone {
+                zone: zone_hex(z.zone),
+                partition: z.partition,
+                owner: z.owner.clone(),
+                points: z.points as u64,
+            })
+            .collect(),
+        truncated: p.truncated,
+        unanswered: p.unanswered.clone(),
+    }
+}
+
+/// A peer's `Admin.ListPoints` answer as live points.
+pub fn live_points(r: &v1::ListPointsResponse) -> Result<LivePoints, ApiError> {
+    Ok(LivePoints {
+        points: r
+            .points
+            .iter()
+            .map(|x| {
+                Ok(LivePoint {
+                    person: x.person_id,
+                    lat: x.lat,
+                    lon: x.lon,
+                    recorded_at: time_of(&x.recorded_at, "recorded_at")?,
+                    zone: parse_zone(&x.zone, "zone", None)?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        zones: r
+            .zones
+            .iter()
+            .map(|z| {
+                Ok(LiveZone {
+                    zone: parse_zone(&z.zone, "zone", None)?,
+                    partition: z.partition,
+                    owner: z.owner.clone(),
+                    points: z.points as usize,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        truncated: r.truncated,
+        unanswered: r.unanswered.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_points_round_trip_through_list_points() {
+        let zone = 0x8848_d894_b1ff_fff;
+        let points = LivePoints {
+            points: vec![LivePoint {
+                person: 7,
+                lat: 35.084_524_1,
+                lon: -106.643_793_2,
+                recorded_at: 1_764_507_565_123_456,
+                zone,
+            }],
+            zones: vec![LiveZone {
+                zone,
+                partition: 3,
+                owner: "udaconnect-1".to_owned(),
+                points: 1,
+            }],
+            truncated: true,
+            unanswered: vec!["udaconnect-2 (127.0.0.1:1): did not answer".to_owned()],
+        };
+        assert_eq!(live_points(&list_points(&points)), Ok(points));
+        let mut bad = list_points(&LivePoints::default());
+        bad.points.push(v1::LivePoint {
+            zone: "42".to_owned(),
+            ..v1::LivePoint::default()
+        });
+        let e = live_points(&bad).expect_err("not a zone");
+        assert_eq!(e.field.as_deref(), Some("recorded_at"));
+    }
 
     #[test]
     fn timestamps_round_trip_including_before_the_epoch() {

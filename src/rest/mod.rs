@@ -1,6 +1,8 @@
 //! REST front end (poem + poem-openapi): the POC contract under `/api`, the `/v1` API, live
-//! streams, health and metrics, `/openapi.json` and Swagger UI at `/docs`.
+//! streams, health and metrics, `/openapi.json`, Swagger UI at `/docs`, and the web console at
+//! `/`.
 
+mod console;
 pub mod docs;
 mod errors;
 mod health;
@@ -118,7 +120,7 @@ fn inner_app(state: Arc<RestState>) -> impl Endpoint {
     let templates = Arc::new(errors::PathTemplates::from_spec(&api.spec()));
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
-    Route::new()
+    console::route(Route::new())
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .nest("/", api)
@@ -127,6 +129,10 @@ fn inner_app(state: Arc<RestState>) -> impl Endpoint {
             let templates = Arc::clone(&templates);
             async move {
                 let path = req.uri().path().to_owned();
+                // The console's page: poem's router gives `/` to the API nested there.
+                if path == "/" && req.method() == poem::http::Method::GET {
+                    return Ok(console::page());
+                }
                 Ok(match next.call(req).await {
                     Ok(response) => response.into_response(),
                     Err(e) => errors::poem_error_response(e, &templates, &path),

@@ -159,19 +159,17 @@ impl StreamsApi {
         {
             return Err(unknown_person(person_id.0));
         }
-        let sub = pipeline.hub().subscribe(&[person_id.0]);
-        // Ends at shutdown: the client reconnects to another process.
-        let until = self.state.shutdown.clone().cancelled_owned();
-        Ok(StreamOk::Events(
-            EventStream::new(events(sub, until))
-                .keep_alive(Duration::from_secs(15))
-                .to_event(|e| {
-                    let data = serde_json::to_string(&e).unwrap_or_default();
-                    poem::web::sse::Event::message(data)
-                        .event_type(e.kind.clone())
-                        .id(e.id.to_string())
-                }),
-        ))
+        Ok(self.sse(pipeline.hub().subscribe(&[person_id.0])))
+    }
+
+    /// Every person's live notifications (the connection feed of the console), as Server-Sent
+    /// Events in the shape of the per-person stream, from now on: an episode is announced to
+    /// each of its two persons, so it appears twice, once per `person_id`. A client too slow
+    /// for the rate is disconnected (`udaconnect_hub_slow_subscribers_dropped_total`).
+    #[oai(path = "/connections/stream", method = "get")]
+    async fn stream_all(&self) -> RestResult<StreamOk> {
+        let pipeline = self.state.pipeline()?;
+        Ok(self.sse(pipeline.hub().subscribe_all()))
     }
 
     /// A WebSocket of live notifications for several persons. Subscribe at connect time with
@@ -213,6 +211,24 @@ impl StreamsApi {
             })
         });
         Ok(websocket.on_upgrade(run))
+    }
+}
+
+impl StreamsApi {
+    /// `sub` as Server-Sent Events until the process shuts down (the client then reconnects
+    /// to another process).
+    fn sse(&self, sub: Subscription) -> StreamOk {
+        let until = self.state.shutdown.clone().cancelled_owned();
+        StreamOk::Events(
+            EventStream::new(events(sub, until))
+                .keep_alive(Duration::from_secs(15))
+                .to_event(|e| {
+                    let data = serde_json::to_string(&e).unwrap_or_default();
+                    poem::web::sse::Event::message(data)
+                        .event_type(e.kind.clone())
+                        .id(e.id.to_string())
+                }),
+        )
     }
 }
 

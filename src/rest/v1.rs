@@ -17,7 +17,10 @@ use super::input::Checked;
 use super::poc::MAX_NAME_CHARS;
 use super::RestState;
 use crate::error::{ApiError, ErrorCode};
-use crate::input::{history_query, parse_rfc3339, zone_hex, Fields, FromJson, PageFields};
+use crate::input::{
+    history_query, parse_rfc3339, point_limit, zone_boundary, zone_hex, BoundingBox, Fields,
+    FromJson, PageFields,
+};
 use crate::pipeline::ingest::IngestReport;
 use crate::store::queries::{self, NewPerson};
 use crate::store::timestamp;
@@ -271,6 +274,10 @@ pub struct PipelineStatusOut {
     partitions: Vec<PartitionRow>,
     /// Records sent to a dead-letter topic by this process.
     dead_letters: u64,
+    /// Connection episodes open now across the cluster, each pair once: the stored episodes
+    /// without an end. Unset when the database did not answer.
+    #[oai(skip_serializing_if_is_none)]
+    open_connections: Option<i64>,
     /// Why the owners could not be read, if they could not.
     #[oai(skip_serializing_if_is_none)]
     owners_error: Option<String>,
@@ -396,6 +403,52 @@ fn sighting_out(s: &udaconnect_actors::episodes::Sighting) -> SightingOut {
         lon: s.lon,
         zone: zone_hex(s.zone),
     }
+}
+
+/// The points the zone actors retain now (`GET /v1/points`).
+#[derive(Debug, Clone, Object)]
+pub struct LivePointsOut {
+    /// Home copies only, newest first.
+    points: Vec<LivePointOut>,
+    /// Every zone asked (its cell meets the box), with its outline.
+    zones: Vec<LiveZoneOut>,
+    /// Whether points were left out to keep to `limit`.
+    truncated: bool,
+    /// Why parts of the cluster did not answer, one sentence each; their points are missing.
+    unanswered: Vec<String>,
+}
+
+/// One retained location report.
+#[derive(Debug, Clone, Object)]
+pub struct LivePointOut {
+    person_id: i64,
+    /// WGS84 degrees.
+    lat: f64,
+    lon: f64,
+    recorded_at: DateTime<Utc>,
+    /// Its zone: an H3 cell in hexadecimal.
+    zone: String,
+}
+
+/// A zone actor asked for points.
+#[derive(Debug, Clone, Object)]
+pub struct LiveZoneOut {
+    /// An H3 cell in hexadecimal.
+    zone: String,
+    partition: i32,
+    /// The process holding the zone's actor.
+    owner: String,
+    /// Its home points inside the box.
+    points: u64,
+    /// The cell's outline, `[lat, lon]` pairs in WGS84 degrees (H3's vertex order).
+    boundary: Vec<Vec<f64>>,
+}
+
+#[derive(ApiResponse)]
+enum PointsOk {
+    /// The retained points.
+    #[oai(status = 200)]
+    Ok(Json<LivePointsOut>),
 }
 
 #[derive(ApiResponse)]
@@ -720,6 +773,57 @@ impl V1Api {
         Ok(LiveOk::Ok(Json(live)))
     }
 
+    /// The points the zone actors retain now, across the cluster (the live floor map): home
+    /// copies only (each report once), inside `bbox`, newest first, at most `limit`, with
+    /// every zone asked and its H3 outline. A process that does not answer leaves its points
+    /// out and is named in `unanswered`.
+    #[oai(path = "/points", method = "get", tag = "ApiTags::Status")]
+    async fn points(
+        &self,
+        /// `min_lon,min_lat,max_lon,max_lat` in WGS84 degrees (GeoJSON's order); default the
+        /// whole Earth. A box across the antimeridian is not supported.
+        bbox: Query<Option<String>>,
+        /// Most points, 1 to 10000; default 1000.
+        limit: Query<Option<i64>>,
+    ) -> RestResult<PointsOk> {
+        let bbox = match bbox.0.as_deref() {
+            Some(text) => BoundingBox::parse(text, "bbox")?,
+            None => BoundingBox::WORLD,
+        };
+        let limit = point_limit(limit.0, "limit")?;
+        let live = self.state.cluster.live_points(&bbox, limit, false).await?;
+        Ok(PointsOk::Ok(Json(LivePointsOut {
+            points: live
+                .points
+                .iter()
+                .map(|p| LivePointOut {
+                    person_id: p.person,
+                    lat: p.lat,
+                    lon: p.lon,
+                    recorded_at: timestamp(p.recorded_at),
+                    zone: zone_hex(p.zone),
+                })
+                .collect(),
+            zones: live
+                .zones
+                .iter()
+                .map(|z| LiveZoneOut {
+                    zone: zone_hex(z.zone),
+                    partition: z.partition,
+                    owner: z.owner.clone(),
+                    points: z.points as u64,
+                    boundary: zone_boundary(z.zone)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(lat, lon)| vec![lat, lon])
+                        .collect(),
+                })
+                .collect(),
+            truncated: live.truncated,
+            unanswered: live.unanswered,
+        })))
+    }
+
     /// The pipeline: every owned partition with its owner, offsets and lag, and `lag_total`.
     #[oai(path = "/status", method = "get", tag = "ApiTags::Status")]
     async fn status(&self) -> RestResult<StatusOk> {
@@ -774,6 +878,7 @@ impl V1Api {
             lag_total: status.lag_total,
             partitions,
             dead_letters: status.dead_letters,
+            open_connections: queries::open_connections(&self.state.pool).await.ok(),
             owners_error: status.owners_error,
         })))
     }

@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "late path",
         sql: include_str!("migrations/0004_late_path.sql"),
     },
+    Migration {
+        version: 5,
+        name: "open connections",
+        sql: include_str!("migrations/0005_open_connections.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serializes concurrent migrators.

@@ -63,6 +63,19 @@ pub async fn person(pool: &Pool, id: i64) -> Result<Option<Person>, StoreError> 
     Ok(row.map(|r| person_of(&r, 0)))
 }
 
+/// Connection episodes stored without an end (open now), each pair once (both sides are
+/// stored; the side with the smaller person id is counted). Reads `connection_open_idx`.
+pub async fn open_connections(pool: &Pool) -> Result<i64, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM connection WHERE ended_at IS NULL AND person_id < peer_id",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// The ids among `ids` with no person, in order.
 pub async fn missing_persons(pool: &Pool, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
     if ids.is_empty() {

@@ -3,70 +3,151 @@
 //! installed by `./dev setup`; it downloads no browser).
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use udaconnect::config::Config;
+use udaconnect_bench::produce::{ensure_persons, wire};
+use udaconnect_bench::sim::{ConferenceConfig, Simulation};
 
-use crate::rest::{get, poc_seeded};
+use crate::helpers::{
+    eventually, test_config, test_config_for, wait_for_status, PrivateBroker, TestApp, TestDb,
+};
+use crate::rest::{get, poc_seeded, post};
 
 /// `tests/browser/`.
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
-/// Opens `url` in Chromium (`render.mjs`) and returns what the page rendered: its `status`, the
-/// cells of the rows matching `rows`, and its `problems` (console errors, failed requests).
-async fn render(url: &str, rows: &str) -> Value {
-    let dir = browser_dir();
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "playwright-core is not installed in {}: run ./dev setup",
-        dir.display()
-    );
-    let chromium =
-        std::env::var("UDATEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
-    assert!(
-        Path::new(&chromium).exists(),
-        "no Chromium at {chromium}: run ./dev setup, or set UDATEST_CHROMIUM"
-    );
-    let node = std::env::var("UDATEST_NODE").unwrap_or_else(|_| "node".to_owned());
-    let (url, rows) = (url.to_owned(), rows.to_owned());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(node)
-            .arg(dir.join("render.mjs"))
-            .args([url.as_str(), rows.as_str(), "15000"])
-            .env("UDATEST_CHROMIUM", &chromium)
-            .output()
-    })
-    .await
-    .expect("joined")
-    .expect("node runs");
-    assert!(
-        out.status.success(),
-        "render.mjs failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "render.mjs printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+/// Headless Chromium driven by `tests/browser/drive.mjs`, one JSON command and answer at a
+/// time, so that the test can act between the browser's steps.
+struct Chromium {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
 }
 
-/// The rendered rows, as cell texts.
-fn rows_of(rendered: &Value) -> Vec<Vec<String>> {
-    rendered["rows"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|row| {
-            row.as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| c.as_str().unwrap_or_default().to_owned())
-                .collect()
-        })
-        .collect()
+impl Chromium {
+    /// Starts the browser with a page of `width` × `height` CSS pixels.
+    async fn start(width: u32, height: u32) -> Self {
+        let dir = browser_dir();
+        assert!(
+            dir.join("node_modules/playwright-core").exists(),
+            "playwright-core is not installed in {}: run ./dev setup",
+            dir.display()
+        );
+        let chromium =
+            std::env::var("UDATEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+        assert!(
+            Path::new(&chromium).exists(),
+            "no Chromium at {chromium}: run ./dev setup, or set UDATEST_CHROMIUM"
+        );
+        let node = std::env::var("UDATEST_NODE").unwrap_or_else(|_| "node".to_owned());
+        let mut child = tokio::process::Command::new(node)
+            .arg(dir.join("drive.mjs"))
+            .env("UDATEST_CHROMIUM", &chromium)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs drive.mjs");
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut browser = Self {
+            child,
+            stdin,
+            lines,
+        };
+        browser
+            .run(json!({"op": "open", "width": width, "height": height}))
+            .await;
+        browser
+    }
+
+    /// Sends one command; its answer's value, or the error the browser gave.
+    async fn send(&mut self, command: Value) -> Result<Value, String> {
+        let line = format!("{command}\n");
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("drive.mjs reads commands");
+        let answer = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("drive.mjs did not answer {command} within 120 s"))
+            .expect("drive.mjs output")
+            .unwrap_or_else(|| panic!("drive.mjs exited before answering {command}"));
+        let answer: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("drive.mjs answered no JSON ({e}): {answer}"));
+        if answer["ok"] == true {
+            Ok(answer["value"].clone())
+        } else {
+            Err(answer["error"].as_str().unwrap_or_default().to_owned())
+        }
+    }
+
+    /// [`Chromium::send`] that must succeed; a failure names the page's problems too.
+    async fn run(&mut self, command: Value) -> Value {
+        match self.send(command.clone()).await {
+            Ok(value) => value,
+            Err(e) => {
+                let problems = self.send(json!({"op": "problems"})).await;
+                panic!("{command}: {e}; the page's problems: {problems:?}")
+            }
+        }
+    }
+
+    async fn goto(&mut self, url: &str) {
+        self.run(json!({"op": "goto", "url": url})).await;
+    }
+
+    /// The value of a JavaScript expression in the page.
+    async fn eval(&mut self, js: &str) -> Value {
+        self.run(json!({"op": "eval", "js": js})).await
+    }
+
+    /// Waits until `js` is truthy in the page, for up to `within`; its value and how long
+    /// that took. Panics with `what`, the expression's last value of `show` and the page's
+    /// problems otherwise.
+    async fn wait(
+        &mut self,
+        what: &str,
+        js: &str,
+        within: Duration,
+        show: &str,
+    ) -> (Value, Duration) {
+        let started = Instant::now();
+        let command = json!({"op": "wait", "js": js, "timeout_ms": within.as_millis() as u64});
+        match self.send(command).await {
+            Ok(v) => (v["value"].clone(), started.elapsed()),
+            Err(e) => {
+                let seen = self.eval(show).await;
+                let problems = self.send(json!({"op": "problems"})).await;
+                panic!("{what}: not within {within:?} ({e}); the page shows {seen}; problems: {problems:?}")
+            }
+        }
+    }
+
+    async fn problems(&mut self) -> Value {
+        self.run(json!({"op": "problems"})).await
+    }
+
+    async fn close(mut self) {
+        let _ = self.stdin.write_all(b"{\"op\": \"close\"}\n").await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// The text of each cell of each row matching `selector`.
+async fn rows(browser: &mut Chromium, selector: &str) -> Vec<Vec<String>> {
+    let js = format!(
+        "Array.from(document.querySelectorAll({selector:?})).map(r => \
+         Array.from(r.children).map(c => c.textContent.trim()))"
+    );
+    serde_json::from_value(browser.eval(&js).await).expect("rows of cells")
 }
 
 /// Serves `html` at `/` on a port of its own (another origin than the service's); returns the
@@ -128,17 +209,403 @@ async fn the_poc_frontend_on_another_origin_renders_the_poc_api_in_chromium() {
 
     let (page, server) = serve_page(include_str!("../browser/poc-frontend.html")).await;
     let url = format!("{page}/?api={}&person=5&{query}", app.url(""));
-    let shown = render(&url, "#persons tr.person").await;
-    assert_eq!(shown["status"], "loaded", "{shown}");
-    assert_eq!(shown["problems"], serde_json::json!([]), "{shown}");
-    assert_eq!(rows_of(&shown), expected_persons, "{shown}");
-    let shown = render(&url, "#connections tr.connection").await;
-    assert_eq!(shown["status"], "loaded", "{shown}");
-    let mut seen = rows_of(&shown);
+    let mut browser = Chromium::start(1280, 800).await;
+    browser.goto(&url).await;
+    let status = "document.querySelector('#status').textContent";
+    let (shown, _) = browser
+        .wait(
+            "the POC page loaded",
+            &format!("{status} !== 'loading' && {status}"),
+            Duration::from_secs(15),
+            status,
+        )
+        .await;
+    assert_eq!(shown, "loaded", "problems: {}", browser.problems().await);
+    assert_eq!(browser.problems().await, json!([]));
+    assert_eq!(
+        rows(&mut browser, "#persons tr.person").await,
+        expected_persons
+    );
+    let mut seen = rows(&mut browser, "#connections tr.connection").await;
     seen.sort();
-    assert_eq!(seen, expected_connections, "{shown}");
+    assert_eq!(seen, expected_connections);
 
+    browser.close().await;
     server.abort();
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// Where the console test writes its screenshots: `$UDATEST_SCREENSHOT_DIR`, else a scratch
+/// directory under `target/`. `UDATEST_SCREENSHOT_DIR=docs/console ./dev test console` refreshes
+/// the ones the README shows.
+fn screenshot_dir() -> PathBuf {
+    let dir = std::env::var("UDATEST_SCREENSHOT_DIR")
+        .map(|d| Path::new(env!("CARGO_MANIFEST_DIR")).join(d))
+        .unwrap_or_else(|_| Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots"));
+    std::fs::create_dir_all(&dir).expect("screenshot directory");
+    dir
+}
+
+/// A simulated conference of `attendees` (ids from 1001) that started `before_s` seconds ago
+/// and lasts `duration_s`.
+fn conference_from(before_s: u32, attendees: u32, duration_s: u32) -> Simulation {
+    let mut config = ConferenceConfig::for_attendees(attendees);
+    config.first_person_id = 1001;
+    config.duration_s = duration_s;
+    config.start = chrono::Utc::now().timestamp_micros() - i64::from(before_s) * 1_000_000;
+    config.fit_venue();
+    Simulation::new(config).expect("valid conference")
+}
+
+/// A report as `/v1/locations` reads it.
+fn report_json(e: &udaconnect_actors::domain::LocationEvent) -> Value {
+    let e = wire(e);
+    json!({
+        "event_id": e.event_id,
+        "person_id": e.person_id,
+        "lat": e.lat,
+        "lon": e.lon,
+        "recorded_at": udaconnect::store::timestamp(e.recorded_at),
+    })
+}
+
+/// Feeds the simulation through `/v1/locations/batch` as its phones would: inserts its
+/// attendees, posts at once every report that would have arrived by now, and returns how many,
+/// with a task that posts the others as their arrival time comes (once a second).
+async fn feed(
+    app: &TestApp,
+    db_url: &str,
+    sim: &Simulation,
+) -> (usize, tokio::task::JoinHandle<()>) {
+    let pool =
+        udaconnect::store::pool(&test_config_for(db_url), Duration::from_secs(5)).expect("pool");
+    ensure_persons(&pool, sim).await.expect("insert persons");
+    let mut events = Vec::new();
+    let mut it = sim.events();
+    while let Some(batch) = it.next_batch() {
+        events.extend_from_slice(batch);
+    }
+    events.sort_by_key(|e| e.received_at);
+    let now = chrono::Utc::now().timestamp_micros();
+    let split = events.partition_point(|e| e.received_at <= now);
+    let url = app.url("/v1/locations/batch");
+    let post_all = |url: String, batch: Vec<Value>| async move {
+        let (status, body) = post(&url, &json!({ "events": batch })).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["rejected"], json!([]), "{body}");
+    };
+    for chunk in events[..split].chunks(2_000) {
+        post_all(url.clone(), chunk.iter().map(report_json).collect()).await;
+    }
+    let later = events.split_off(split);
+    let live = tokio::spawn(async move {
+        let mut rest = later.as_slice();
+        while !rest.is_empty() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = chrono::Utc::now().timestamp_micros();
+            let due = rest.partition_point(|e| e.received_at <= now);
+            if due > 0 {
+                post_all(url.clone(), rest[..due].iter().map(report_json).collect()).await;
+                rest = &rest[due..];
+            }
+        }
+    });
+    (split, live)
+}
+
+/// `(peer, started_at, ended_at)` of each episode of a history page, as `/v1` writes them.
+fn episodes(page: &Value) -> Vec<(i64, String, String)> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|c| {
+            (
+                c["peer"]["id"].as_i64().expect("peer id"),
+                c["started_at"].as_str().expect("started_at").to_owned(),
+                c["ended_at"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The web console (`/`), in Chromium, against a service fed by a simulated conference: the
+/// floor map shows the retained points within 5 s; the live feed shows a pair posted through
+/// `/v1/locations` within 5 s of the post; searching an attendee's last name finds them; their
+/// history table lists exactly what `/v1/persons/{id}/connections` returns; with the broker
+/// stopped the page says the service is not ready (and recovers when it returns). Writes the
+/// screenshots the README shows ([`screenshot_dir`]).
+#[tokio::test]
+async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_not_ready() {
+    let db = TestDb::new().await;
+    let mut broker = PrivateBroker::start().await;
+    let config = Config {
+        kafka_brokers: broker.addr.to_string(),
+        ..test_config(&db)
+    };
+    let (zones, persons) = (
+        config.locations_partitions as usize,
+        config.person_updates_partitions as usize,
+    );
+    let app = TestApp::spawn(config).await;
+    wait_for_status(&app.url("/readyz"), 200, Duration::from_secs(60)).await;
+    // Both stages hold their partitions (ready may come before the consumer groups assign).
+    crate::pipeline::wait_for_assignment(&app, zones, persons).await;
+    // A conference under way for a minute, with a minute to go: its past reports at once,
+    // then live.
+    let sim = conference_from(60, 100, 120);
+    let (posted, live) = feed(&app, &db.url, &sim).await;
+    assert!(posted > 300, "{posted} reports posted");
+    eventually(
+        "the posted reports processed",
+        Duration::from_secs(60),
+        || async {
+            let (_, points) = get(&app.url("/v1/points?limit=10000")).await;
+            let n = points["points"].as_array().map_or(0, Vec::len);
+            (n > 0).then_some(()).ok_or_else(|| format!("{n} points"))
+        },
+    )
+    .await;
+    let shots = screenshot_dir();
+    let mut browser = Chromium::start(1280, 860).await;
+
+    // 1. The floor map.
+    browser.goto(&app.url("/")).await;
+    let points = "Number(document.querySelector('#map').dataset.points)";
+    let (shown, took) = browser
+        .wait(
+            "points on the map",
+            &format!("{points} > 0 && {points}"),
+            Duration::from_secs(5),
+            "document.querySelector('#map-state').textContent",
+        )
+        .await;
+    // Each answered point is drawn, and each drawn point is an attendee's.
+    let drawn: Vec<i64> = serde_json::from_value(
+        browser
+            .eval(
+                "Array.from(document.querySelectorAll('#map path.point')).map(p => \
+                 Number(Array.from(p.classList).find(c => c.startsWith('person-')).slice(7)))",
+            )
+            .await,
+    )
+    .expect("person ids");
+    let count = browser.eval(points).await;
+    assert_eq!(json!(drawn.len()), count, "markers drawn: {drawn:?}");
+    let ids = sim.person_ids();
+    assert!(drawn.iter().all(|p| ids.contains(p)), "{drawn:?}");
+    println!("map: {shown} points within {took:?}");
+
+    // 2. The feed: a pair posted now, 1.5 m apart.
+    browser
+        .wait(
+            "the feed listening",
+            "['empty', 'ok'].includes(document.querySelector('#feed-state').dataset.state)",
+            Duration::from_secs(10),
+            "document.querySelector('#feed-state').textContent",
+        )
+        .await;
+    let (a, b) = (
+        crate::rest::create_person(&app, "Ada").await,
+        crate::rest::create_person(&app, "Grace").await,
+    );
+    let venue = sim.config();
+    let at = crate::rest::now_rfc3339();
+    let posted_at = Instant::now();
+    for (person, north_m) in [(a, 0.0), (b, 1.5)] {
+        let report = json!({
+            "person_id": person,
+            "lat": venue.center_lat + north_m / 111_320.0,
+            "lon": venue.center_lon,
+            "recorded_at": at,
+        });
+        let (status, body) = post(&app.url("/v1/locations"), &report).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let (first, second) = (a.min(b), a.max(b));
+    let started = format!(
+        "document.querySelector('#feed li[data-type=\"connection.started\"][data-person=\"{first}\"][data-peer=\"{second}\"]') !== null"
+    );
+    browser
+        .wait(
+            "connection.started of the posted pair in the feed",
+            &started,
+            Duration::from_secs(5),
+            "Array.from(document.querySelectorAll('#feed li')).slice(0, 5).map(l => l.textContent)",
+        )
+        .await;
+    println!(
+        "feed: connection.started {:?} after the post",
+        posted_at.elapsed()
+    );
+    assert_eq!(
+        browser.problems().await,
+        json!([]),
+        "no errors on the floor page"
+    );
+    browser
+        .wait(
+            "the counters filled, open connections counted",
+            "!['…', '—'].includes(document.querySelector('#rate').textContent) \
+             && Number(document.querySelector('#open').textContent) > 0",
+            Duration::from_secs(20),
+            "document.querySelector('#counters').textContent",
+        )
+        .await;
+    browser
+        .run(json!({"op": "screenshot", "path": shots.join("console-floor-desktop.png")}))
+        .await;
+    browser
+        .run(json!({"op": "viewport", "width": 375, "height": 812}))
+        .await;
+    browser
+        .run(json!({"op": "screenshot", "path": shots.join("console-floor-phone.png"), "full_page": true}))
+        .await;
+    browser
+        .run(json!({"op": "viewport", "width": 1280, "height": 860}))
+        .await;
+
+    // 3. People: an attendee with a history, found by last name.
+    let persons: Vec<_> = sim.persons().collect();
+    let attendee = eventually(
+        "an attendee's episodes stored",
+        Duration::from_secs(30),
+        || async {
+            for person in &persons {
+                let (_, page) =
+                    get(&app.url(&format!("/v1/persons/{}/connections", person.id))).await;
+                if !episodes(&page).is_empty() {
+                    return Ok(person.clone());
+                }
+            }
+            Err("no attendee has a stored episode".to_owned())
+        },
+    )
+    .await;
+    browser.goto(&app.url("/#/people")).await;
+    browser
+        .run(json!({"op": "fill", "selector": "#q", "value": attendee.last_name}))
+        .await;
+    browser
+        .run(json!({"op": "press", "selector": "#q", "key": "Enter"}))
+        .await;
+    let row = format!("#people tr[data-person-id=\"{}\"]", attendee.id);
+    browser
+        .wait(
+            "the attendee found by last name",
+            &format!("document.querySelector('{row}') !== null"),
+            Duration::from_secs(5),
+            "document.querySelector('#people').textContent",
+        )
+        .await;
+    let listed = rows(&mut browser, "#people tbody tr").await;
+    assert!(
+        listed.iter().all(|r| {
+            let text = r.join(" ").to_lowercase();
+            text.contains(&attendee.last_name.to_lowercase())
+        }),
+        "every row matches {:?}: {listed:?}",
+        attendee.last_name
+    );
+
+    // 4. Their history: exactly what /v1/persons/{id}/connections answers.
+    browser
+        .run(json!({"op": "click", "selector": format!("{row} a")}))
+        .await;
+    let history_js = "Array.from(document.querySelectorAll('#history tbody tr')).map(r => \
+         [Number(r.dataset.peer), r.dataset.startedAt, r.dataset.endedAt])";
+    let done = "['ok', 'empty'].includes(document.querySelector('#history-state').dataset.state)";
+    let mut shown = Vec::new();
+    let mut expected = Vec::new();
+    for _ in 0..10 {
+        browser
+            .wait(
+                "the history table loaded",
+                done,
+                Duration::from_secs(5),
+                "document.querySelector('#history-state').textContent",
+            )
+            .await;
+        shown =
+            serde_json::from_value::<Vec<(i64, String, String)>>(browser.eval(history_js).await)
+                .expect("history rows");
+        let (_, page) = get(&app.url(&format!("/v1/persons/{}/connections", attendee.id))).await;
+        expected = episodes(&page);
+        if shown == expected {
+            break;
+        }
+        // An episode changed between the page's read and ours: read both again.
+        browser
+            .run(json!({"op": "click", "selector": "#history-range button"}))
+            .await;
+    }
+    assert!(!expected.is_empty());
+    assert_eq!(
+        shown, expected,
+        "the history table lists the API's episodes"
+    );
+    browser
+        .run(json!({"op": "screenshot", "path": shots.join("console-person-desktop.png"), "full_page": true}))
+        .await;
+    assert_eq!(
+        browser.problems().await,
+        json!([]),
+        "no errors on the person page"
+    );
+
+    // 5. The broker stops: the page says the service is not ready, naming it. The phones
+    // stop first (their posts would be refused meanwhile).
+    if live.is_finished() {
+        live.await.expect("every live report accepted");
+    } else {
+        live.abort();
+    }
+    browser.goto(&app.url("/")).await;
+    broker.stop();
+    let service = "document.querySelector('#service')";
+    let (said, _) = browser
+        .wait(
+            "the not-ready state",
+            &format!("{service}.dataset.state === 'not-ready' && {service}.textContent"),
+            Duration::from_secs(30),
+            &format!("{service}.textContent"),
+        )
+        .await;
+    assert!(said.as_str().is_some_and(|s| s.contains("kafka")), "{said}");
+    assert_eq!(
+        browser.eval("document.querySelector('main').hidden === false && document.querySelector('#floor-view').hidden === false").await,
+        json!(true),
+        "the page itself stays"
+    );
+    browser
+        .run(json!({"op": "screenshot", "path": shots.join("console-not-ready-desktop.png")}))
+        .await;
+    let crashed: Vec<Value> = browser
+        .problems()
+        .await
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter(|p| p.as_str().is_some_and(|p| p.starts_with("page error")))
+        .cloned()
+        .collect();
+    assert!(
+        crashed.is_empty(),
+        "no script error while not ready: {crashed:?}"
+    );
+
+    broker.restart().await;
+    browser
+        .wait(
+            "ready again",
+            &format!("{service}.dataset.state === 'ready'"),
+            Duration::from_secs(30),
+            &format!("{service}.textContent"),
+        )
+        .await;
+
+    browser.close().await;
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }

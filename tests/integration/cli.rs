@@ -32,10 +32,10 @@ async fn migrate_then_seed_poc_twice() {
     assert!(migrated.status.success(), "{}", stderr(&migrated));
     assert_eq!(
         stdout(&migrated),
-        "schema at version 4 (applied now: [1, 2, 3, 4])"
+        "schema at version 5 (applied now: [1, 2, 3, 4, 5])"
     );
     let again = udaconnect(&db, &["migrate"]);
-    assert_eq!(stdout(&again), "schema at version 4 (applied now: none)");
+    assert_eq!(stdout(&again), "schema at version 5 (applied now: none)");
 
     let dir = poc_seed_dir();
     let dir = dir.to_str().expect("utf-8 path");

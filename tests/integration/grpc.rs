@@ -15,8 +15,8 @@ use udaconnect::proto::v1::connections_client::ConnectionsClient;
 use udaconnect::proto::v1::ingest_client::IngestClient;
 use udaconnect::proto::v1::{
     ClusterStatusRequest, ConnectionEventKind, GetPersonRequest, GetZoneRequest, HistoryRequest,
-    ListZonesRequest, LocationEvent, PersonState, SubscribeRequest, TriggerSnapshotRequest,
-    ZoneState,
+    ListPointsRequest, ListZonesRequest, LocationEvent, PersonState, SubscribeRequest,
+    TriggerSnapshotRequest, ZoneState,
 };
 use udaconnect::Config;
 use udaconnect_actors::domain::Micros;
@@ -1427,6 +1427,57 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
             );
         }
         assert_eq!(listed_zones, zones, "from {node}");
+
+        // ListPoints from either process gathers every person's point from both owners, and
+        // REST's /v1/points (the console's map) gives the same; a box keeps to its inside.
+        let live = AdminClient::new(clients[node].clone())
+            .list_points(admin(ListPointsRequest::default()))
+            .await
+            .expect("points")
+            .into_inner();
+        assert!(live.unanswered.is_empty() && !live.truncated, "{live:?}");
+        let mut seen: Vec<i64> = live.points.iter().map(|p| p.person_id).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, persons, "from {node}: {live:?}");
+        let asked: BTreeSet<u64> = live
+            .zones
+            .iter()
+            .map(|z| u64::from_str_radix(&z.zone, 16).expect("hex"))
+            .collect();
+        assert_eq!(asked, zones, "from {node}");
+        for z in &live.zones {
+            assert_eq!(z.owner, split[&("zones".to_owned(), z.partition)], "{z:?}");
+        }
+        let url = format!("{}/v1/points", rest[node]);
+        let body: serde_json::Value = reqwest::get(&url)
+            .await
+            .expect("points answered")
+            .json()
+            .await
+            .expect("JSON");
+        let mut over_rest: Vec<i64> = body["points"]
+            .as_array()
+            .expect("points")
+            .iter()
+            .map(|p| p["person_id"].as_i64().expect("person_id"))
+            .collect();
+        over_rest.sort_unstable();
+        assert_eq!(over_rest, persons, "{body}");
+        // Persons 3 and 4 only: each stands 0.0075° east of the previous one.
+        let boxed = AdminClient::new(clients[node].clone())
+            .list_points(admin(ListPointsRequest {
+                min_lat: LAT - 0.001,
+                min_lon: LON + 0.0075 * 2.5,
+                max_lat: LAT + 0.001,
+                max_lon: LON + 0.0075 * 4.5,
+                limit: 0,
+            }))
+            .await
+            .expect("points in a box")
+            .into_inner();
+        let mut inside: Vec<i64> = boxed.points.iter().map(|p| p.person_id).collect();
+        inside.sort_unstable();
+        assert_eq!(inside, vec![3, 4], "{boxed:?}");
 
         // TriggerSnapshot of each zone partition runs on its owner.
         for partition in 0..2 {

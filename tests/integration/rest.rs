@@ -105,6 +105,8 @@ async fn the_api_documents_match_the_code() {
         ("get", "/api/persons/{person_id}/connection"),
         ("post", "/v1/locations/batch"),
         ("get", "/v1/persons/{person_id}/connections/stream"),
+        ("get", "/v1/connections/stream"),
+        ("get", "/v1/points"),
         ("get", "/v1/ws"),
         ("get", "/v1/status"),
     ] {
@@ -1337,6 +1339,92 @@ async fn without_a_broker_the_pipeline_endpoints_answer_503_and_the_rest_works()
         200
     );
     assert_eq!(get(&app.url("/api/persons")).await.0, 200);
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// `/v1/points` refuses a box or a limit it cannot read, naming the parameter, and keeps to
+/// the box it is given; `/v1/connections/stream` carries everyone's notifications, an
+/// episode once per side; `/v1/status` counts the open episode once.
+#[tokio::test]
+async fn the_console_endpoints_check_their_input_and_answer_everyone() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    for (query, field) in [
+        ("bbox=1,2,3", "bbox"),
+        ("bbox=a,b,c,d", "bbox"),
+        ("bbox=13,53,14,52", "bbox"),
+        ("bbox=170,0,-170,1", "bbox"),
+        ("bbox=0,-91,1,1", "bbox"),
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+    ] {
+        let got = get(&app.url(&format!("/v1/points?{query}"))).await;
+        assert_error(&got, 400, "invalid_argument", Some(field));
+    }
+
+    let response = reqwest::get(app.url("/v1/connections/stream"))
+        .await
+        .expect("sse");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut sse = response.bytes_stream();
+    let mut buffer = String::new();
+    let a = create_person(&app, "Ann").await;
+    let b = create_person(&app, "Ben").await;
+    let at = now_rfc3339();
+    for (person, lat) in [(a, 48.8584), (b, 48.85841)] {
+        let report = json!({"person_id": person, "lat": lat, "lon": 2.2945, "recorded_at": at});
+        let (status, body) = post(&app.url("/v1/locations"), &report).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let mut heard = BTreeSet::new();
+    for _ in 0..2 {
+        let event = tokio::time::timeout(
+            Duration::from_secs(30),
+            next_sse(&mut sse, &mut buffer, "connection.started"),
+        )
+        .await
+        .expect("connection.started on everyone's stream");
+        heard.insert((
+            event["person_id"].as_i64().expect("person_id"),
+            event["peer_id"].as_i64().expect("peer_id"),
+        ));
+    }
+    assert_eq!(heard, BTreeSet::from([(a, b), (b, a)]));
+
+    // The map's source: both points, and only what the box holds.
+    let (status, all) = get(&app.url("/v1/points")).await;
+    assert_eq!(status, 200, "{all}");
+    let persons: BTreeSet<i64> = all["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["person_id"].as_i64().expect("person_id"))
+        .collect();
+    assert_eq!(persons, BTreeSet::from([a, b]), "{all}");
+    assert_eq!(
+        all["zones"][0]["boundary"].as_array().map(Vec::len),
+        Some(6),
+        "{all}"
+    );
+    let (_, elsewhere) = get(&app.url("/v1/points?bbox=13.3,52.5,13.4,52.6")).await;
+    assert_eq!(elsewhere["points"], json!([]), "{elsewhere}");
+    let (_, one) = get(&app.url("/v1/points?limit=1")).await;
+    assert_eq!(one["points"].as_array().map(Vec::len), Some(1), "{one}");
+    assert_eq!(one["truncated"], true, "{one}");
+
+    let open = eventually(
+        "the open episode stored",
+        Duration::from_secs(30),
+        || async {
+            let (_, status) = get(&app.url("/v1/status")).await;
+            (status["open_connections"] == 1)
+                .then_some(())
+                .ok_or_else(|| status.to_string())
+        },
+    );
+    open.await;
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }

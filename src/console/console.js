@@ -1,0 +1,532 @@
+// The UdaConnect console: the live floor map (/v1/points), the live connection feed (SSE
+// /v1/connections/stream), counters (/v1/status), service state (/readyz), people search
+// (/v1/persons) and a person's page (/v1/persons/{id}, /live, /connections, and the POC's
+// /api/persons/{id}/connection). It calls the documented API only, all through `api()` below.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const REFRESH_MS = 1000;
+  const STATUS_MS = 2000;
+  const FEED_RETRY_MS = 3000;
+  const FEED_MAX_ITEMS = 200;
+  const MAP_POINT_LIMIT = 2000;
+
+  // ---- requests -------------------------------------------------------------------------
+
+  /** The service did not answer at all (network error, server down). */
+  class Unreachable extends Error {}
+
+  /** Request headers of every call: the one place a bearer token will be added. */
+  function headers() {
+    return { accept: "application/json" };
+  }
+
+  /** GET `path`; resolves to {status, ok, body} (body: parsed JSON or null). */
+  async function api(path) {
+    let response;
+    try {
+      response = await fetch(path, { headers: headers(), cache: "no-store" });
+    } catch (e) {
+      throw new Unreachable(`the service does not answer (${e.message})`);
+    }
+    const text = await response.text();
+    let body = null;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch (_) {
+      body = null;
+    }
+    return { status: response.status, ok: response.ok, body };
+  }
+
+  /** An error answer in words: the API's `{code, message, field?}`, or the status. */
+  function describe(r) {
+    if (r.body && r.body.message) {
+      return r.body.field ? `${r.body.field}: ${r.body.message}` : r.body.message;
+    }
+    return `the service answered HTTP ${r.status}`;
+  }
+
+  /** Sets a state line: its text, and `data-state` for its colour (and for tests). */
+  function setState(el, text, state) {
+    el.textContent = text || "";
+    el.dataset.state = state || (text ? "info" : "ok");
+  }
+
+  /** The text of a failed call: unreachable, not ready (503), or the API's message. */
+  function failure(e, what) {
+    if (e instanceof Unreachable) return [`Cannot load ${what}: ${e.message}; retrying.`, "error"];
+    if (e.status === 503) return [`The pipeline is not ready, so ${what} cannot be shown: ${describe(e)}. Retrying.`, "not-ready"];
+    return [`Cannot load ${what}: ${describe(e)}.`, "error"];
+  }
+
+  async function ok(path) {
+    const r = await api(path);
+    if (!r.ok) throw r;
+    return r.body;
+  }
+
+  // ---- formatting -----------------------------------------------------------------------
+
+  const utc = (iso) => (iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace(/Z$|\+00:00$/, " UTC") : "");
+  const meters = (m) => (m < 10 ? m.toFixed(2) : m.toFixed(1));
+  const el = (tag, attrs, ...children) => {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k.startsWith("data-")) node.setAttribute(k, v);
+      else node[k] = v;
+    }
+    for (const c of children) node.append(c instanceof Node ? c : String(c));
+    return node;
+  };
+
+  const names = new Map();
+  /** A link to a person's page; its text becomes the person's name once known. */
+  function personLink(id) {
+    const link = el("a", { href: `#/persons/${id}`, "data-person-link": id }, `#${id}`);
+    personName(id).then((name) => {
+      if (name) link.textContent = name;
+    });
+    return link;
+  }
+  function personName(id) {
+    if (!names.has(id)) {
+      names.set(
+        id,
+        api(`/v1/persons/${id}`)
+          .then((r) => (r.ok ? `${r.body.first_name} ${r.body.last_name}` : null))
+          .catch(() => null),
+      );
+    }
+    return names.get(id);
+  }
+
+  // ---- the service's state --------------------------------------------------------------
+
+  const service = $("service");
+  async function checkService() {
+    try {
+      const r = await api("/readyz");
+      if (r.ok) {
+        setState(service, "Ready", "ready");
+      } else if (r.status === 503 && r.body && r.body.checks) {
+        const down = r.body.checks
+          .filter((c) => !c.ok)
+          .map((c) => (c.error ? `${c.name} (${c.error})` : c.name));
+        setState(service, `Not ready: ${down.join("; ") || "starting"}. Data may be stale; retrying.`, "not-ready");
+      } else {
+        setState(service, `Not ready: ${describe(r)}; retrying.`, "not-ready");
+      }
+    } catch (e) {
+      setState(service, `Unreachable: ${e.message}; retrying.`, "unreachable");
+    }
+  }
+
+  // ---- counters -------------------------------------------------------------------------
+
+  let lastSample = null;
+  async function refreshCounters() {
+    try {
+      const s = await ok("/v1/status");
+      $("lag").textContent = String(s.lag_total);
+      $("open").textContent = s.open_connections === undefined ? "—" : String(s.open_connections);
+      const zoneRows = s.partitions.filter((p) => p.stage === "zones" && p.local && p.end_offset !== undefined);
+      const end = zoneRows.reduce((sum, p) => sum + p.end_offset, 0);
+      const now = performance.now();
+      if (lastSample && lastSample.partitions === zoneRows.length) {
+        const rate = ((end - lastSample.end) * 1000) / (now - lastSample.at);
+        $("rate").textContent = rate >= 0 ? rate.toFixed(rate < 10 ? 1 : 0) : "…";
+      }
+      lastSample = { end, at: now, partitions: zoneRows.length };
+    } catch (e) {
+      for (const id of ["rate", "open", "lag"]) $(id).textContent = "—";
+      lastSample = null;
+    }
+  }
+
+  // ---- the floor map --------------------------------------------------------------------
+
+  let map = null;
+  let zoneLayer = null;
+  let pointLayer = null;
+  let fitted = false;
+  const mapState = $("map-state");
+
+  function initMap() {
+    if (map) return true;
+    if (typeof L === "undefined") {
+      setState(mapState, "The map library did not load; the map cannot be shown.", "error");
+      return false;
+    }
+    // No base-map tiles: the floor is drawn on a plain background, with a scale bar.
+    map = L.map("map", { attributionControl: false, maxZoom: 22, minZoom: 2 }).setView([0, 0], 2);
+    L.control.scale({ imperial: false, maxWidth: 160 }).addTo(map);
+    zoneLayer = L.layerGroup().addTo(map);
+    pointLayer = L.layerGroup().addTo(map);
+    return true;
+  }
+
+  const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
+  function bboxParam() {
+    const b = map.getBounds().pad(0.1);
+    const w = clamp(b.getWest(), -180, 180);
+    const e = clamp(b.getEast(), -180, 180);
+    const s = clamp(b.getSouth(), -90, 90);
+    const n = clamp(b.getNorth(), -90, 90);
+    return [w, s, e, n].map((v) => v.toFixed(7)).join(",");
+  }
+
+  function ageColour(iso) {
+    const age = Date.now() - Date.parse(iso);
+    if (age < 10000) return "#cf222e";
+    if (age < 60000) return "#fb8f44";
+    return "#8c959f";
+  }
+
+  async function refreshMap() {
+    if (!initMap()) return;
+    let live;
+    try {
+      const query = fitted ? `&bbox=${bboxParam()}` : "";
+      live = await ok(`/v1/points?limit=${MAP_POINT_LIMIT}${query}`);
+    } catch (e) {
+      setState(mapState, ...failure(e, "the floor"));
+      return;
+    }
+    zoneLayer.clearLayers();
+    pointLayer.clearLayers();
+    for (const z of live.zones) {
+      L.polygon(z.boundary, { color: "#57606a", weight: 1, fill: false, interactive: false }).addTo(zoneLayer);
+    }
+    for (const p of live.points) {
+      const colour = ageColour(p.recorded_at);
+      L.circleMarker([p.lat, p.lon], {
+        radius: 5,
+        color: colour,
+        fillColor: colour,
+        fillOpacity: 0.8,
+        weight: 1,
+        className: `point person-${p.person_id}`,
+      })
+        .bindTooltip(`#${p.person_id} · ${utc(p.recorded_at)}`)
+        .on("click", () => {
+          location.hash = `#/persons/${p.person_id}`;
+        })
+        .addTo(pointLayer);
+    }
+    $("map").dataset.points = String(live.points.length);
+    $("map").dataset.zones = String(live.zones.length);
+    if (!fitted && live.points.length > 0) {
+      map.fitBounds(L.latLngBounds(live.points.map((p) => [p.lat, p.lon])).pad(0.2), { maxZoom: 20 });
+      fitted = true;
+    }
+    const notes = [];
+    if (live.points.length === 0) {
+      notes.push(fitted ? "No points in this part of the floor right now." : "No points on the floor yet: nobody reported a location within the window.");
+    } else {
+      notes.push(`${live.points.length} points in ${live.zones.length} zones${live.truncated ? ` (the newest ${live.points.length} only)` : ""}.`);
+    }
+    if (live.unanswered.length) notes.push(`Part of the cluster did not answer: ${live.unanswered.join("; ")}.`);
+    setState(mapState, notes.join(" "), live.unanswered.length ? "not-ready" : live.points.length ? "ok" : "empty");
+  }
+
+  // ---- the live connection feed ---------------------------------------------------------
+
+  const feed = $("feed");
+  const feedState = $("feed-state");
+  let source = null;
+  let follow = new Set();
+
+  function shown(n) {
+    // Each episode is announced to both of its persons: everyone's feed shows it once.
+    return follow.size ? follow.has(n.person_id) : n.person_id < n.peer_id;
+  }
+
+  function onNotification(event) {
+    let n;
+    try {
+      n = JSON.parse(event.data);
+    } catch (_) {
+      return;
+    }
+    if (!shown(n)) return;
+    const item = el(
+      "li",
+      { "data-type": n.type, "data-person": n.person_id, "data-peer": n.peer_id, "data-id": n.id },
+      el("span", { className: "kind" }, n.type.replace("connection.", "")),
+      personLink(n.person_id),
+      " met ",
+      personLink(n.peer_id),
+      el("span", { className: "meta" }, ` · ${n.colocations} co-location${n.colocations === 1 ? "" : "s"}, closest ${meters(n.min_distance_m)} m · `),
+      el("time", { dateTime: n.ended_at || n.last_seen_at }, utc(n.ended_at || n.last_seen_at)),
+    );
+    feed.prepend(item);
+    while (feed.children.length > FEED_MAX_ITEMS) feed.lastElementChild.remove();
+    setState(feedState, "");
+  }
+
+  function connectFeed() {
+    if (source) source.close();
+    source = new EventSource("/v1/connections/stream");
+    setState(feedState, "Connecting to the feed…", "loading");
+    source.onopen = () => {
+      if (!feed.children.length) setState(feedState, "Listening: no connections yet since this page opened.", "empty");
+      else setState(feedState, "");
+    };
+    for (const type of ["connection.started", "connection.updated", "connection.ended"]) {
+      source.addEventListener(type, onNotification);
+    }
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) {
+        // Refused (503 while the pipeline is not ready) or unreachable: try again later.
+        setState(feedState, `The feed is not available (the pipeline is not ready or the service is unreachable); retrying in ${FEED_RETRY_MS / 1000} s.`, "not-ready");
+        setTimeout(connectFeed, FEED_RETRY_MS);
+      } else {
+        setState(feedState, "The feed was interrupted; reconnecting…", "not-ready");
+      }
+    };
+  }
+
+  $("feed-filter").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const ids = $("feed-persons")
+      .value.split(/[\s,]+/)
+      .filter(Boolean)
+      .map(Number)
+      .filter(Number.isInteger);
+    follow = new Set(ids);
+    feed.replaceChildren();
+    setState(feedState, follow.size ? `Following ${[...follow].join(", ")}: waiting for their connections.` : "Listening to everyone.", "empty");
+  });
+
+  // ---- people ---------------------------------------------------------------------------
+
+  const peopleState = $("people-state");
+  let peopleCursor = null;
+  let peopleQuery = "";
+
+  async function loadPeople(more) {
+    const tbody = $("people").tBodies[0];
+    if (!more) {
+      tbody.replaceChildren();
+      peopleCursor = null;
+    }
+    setState(peopleState, "Searching…", "loading");
+    const params = new URLSearchParams({ limit: "50" });
+    if (peopleQuery) params.set("q", peopleQuery);
+    if (more && peopleCursor) params.set("cursor", peopleCursor);
+    let page;
+    try {
+      page = await ok(`/v1/persons?${params}`);
+    } catch (e) {
+      setState(peopleState, ...failure(e, "people"));
+      return;
+    }
+    for (const p of page.items) {
+      names.set(p.id, Promise.resolve(`${p.first_name} ${p.last_name}`));
+      tbody.append(
+        el(
+          "tr",
+          { "data-person-id": p.id },
+          el("td", {}, p.id),
+          el("td", {}, el("a", { href: `#/persons/${p.id}` }, `${p.first_name} ${p.last_name}`)),
+          el("td", {}, p.company_name),
+        ),
+      );
+    }
+    peopleCursor = page.next_cursor || null;
+    $("people-more").hidden = !peopleCursor;
+    if (!tbody.children.length) {
+      setState(peopleState, peopleQuery ? `Nobody matches “${peopleQuery}”.` : "No people yet.", "empty");
+    } else {
+      setState(peopleState, "");
+    }
+  }
+
+  $("search").addEventListener("submit", (e) => {
+    e.preventDefault();
+    location.hash = `#/people?q=${encodeURIComponent($("q").value.trim())}`;
+  });
+  $("people-more").addEventListener("click", () => loadPeople(true));
+
+  // ---- a person's page ------------------------------------------------------------------
+
+  let personId = null;
+  let historyCursor = null;
+
+  async function loadPerson(id) {
+    personId = id;
+    $("person-name").textContent = `Person #${id}`;
+    setState($("person-state"), "Loading…", "loading");
+    for (const t of ["history", "poc"]) $(t).tBodies[0].replaceChildren();
+    try {
+      const p = await ok(`/v1/persons/${id}`);
+      $("person-name").textContent = `${p.first_name} ${p.last_name}`;
+      setState($("person-state"), `#${p.id} · ${p.company_name}`, "ok");
+    } catch (e) {
+      if (e.status === 404) {
+        setState($("person-state"), `No person with id ${id}.`, "empty");
+        return;
+      }
+      setState($("person-state"), ...failure(e, "this person"));
+    }
+    loadLive(id);
+    loadHistory(false);
+  }
+
+  async function loadLive(id) {
+    const state = $("live-state");
+    for (const f of ["live-zone", "live-location", "live-open"]) $(f).textContent = "…";
+    let live;
+    try {
+      live = await ok(`/v1/persons/${id}/live`);
+    } catch (e) {
+      for (const f of ["live-zone", "live-location", "live-open"]) $(f).textContent = "—";
+      setState(state, ...failure(e, "the live state"));
+      return;
+    }
+    $("live-zone").textContent = live.current_zone || "—";
+    const last = live.last_location;
+    $("live-location").textContent = last ? `${last.lat.toFixed(6)}, ${last.lon.toFixed(6)} at ${utc(last.recorded_at)}` : "—";
+    const open = $("live-open");
+    open.replaceChildren();
+    const peers = live.open_connections;
+    open.append(peers.length ? `${peers.length}: ` : "none");
+    peers.forEach((c, i) => {
+      if (i) open.append(", ");
+      open.append(personLink(c.peer_id), el("span", { className: "meta" }, ` since ${utc(c.started_at)}`));
+    });
+    setState(state, live.owner ? "" : "Not seen within the window: no live state.", live.owner ? "ok" : "empty");
+    if (!$("poc-start").value && last) {
+      const day = last.recorded_at.slice(0, 10);
+      $("poc-start").value = day;
+      $("poc-end").value = new Date(Date.parse(`${day}T00:00:00Z`) + 86400000).toISOString().slice(0, 10);
+    }
+  }
+
+  function utcParam(input) {
+    return input.value ? `${input.value.length === 16 ? `${input.value}:00` : input.value}Z` : null;
+  }
+
+  async function loadHistory(more) {
+    const tbody = $("history").tBodies[0];
+    const state = $("history-state");
+    if (!more) {
+      tbody.replaceChildren();
+      historyCursor = null;
+    }
+    const params = new URLSearchParams({ limit: "100" });
+    const from = utcParam($("history-from"));
+    const to = utcParam($("history-to"));
+    if (from) params.set("from", from);
+    if (to) params.set("to", to);
+    if (more && historyCursor) params.set("cursor", historyCursor);
+    setState(state, "Loading…", "loading");
+    let page;
+    try {
+      page = await ok(`/v1/persons/${personId}/connections?${params}`);
+    } catch (e) {
+      setState(state, ...failure(e, "the history"));
+      return;
+    }
+    for (const c of page.items) {
+      tbody.append(
+        el(
+          "tr",
+          { "data-peer": c.peer.id, "data-started-at": c.started_at, "data-ended-at": c.ended_at || "" },
+          el(
+            "td",
+            {},
+            el("a", { href: `#/persons/${c.peer.id}` }, `${c.peer.first_name} ${c.peer.last_name}`),
+            el("span", { className: "meta" }, ` #${c.peer.id}`),
+          ),
+          el("td", {}, el("time", { dateTime: c.started_at }, utc(c.started_at))),
+          el("td", {}, c.ended_at ? el("time", { dateTime: c.ended_at }, utc(c.ended_at)) : "open"),
+          el("td", {}, c.colocations),
+          el("td", {}, meters(c.min_distance_m)),
+        ),
+      );
+    }
+    historyCursor = page.next_cursor || null;
+    $("history-more").hidden = !historyCursor;
+    setState(state, tbody.children.length ? "" : "No connections in this range.", tbody.children.length ? "ok" : "empty");
+  }
+
+  $("history-range").addEventListener("submit", (e) => {
+    e.preventDefault();
+    loadHistory(false);
+  });
+  $("history-more").addEventListener("click", () => loadHistory(true));
+
+  $("poc-range").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const tbody = $("poc").tBodies[0];
+    const state = $("poc-state");
+    tbody.replaceChildren();
+    const params = new URLSearchParams({
+      start_date: $("poc-start").value,
+      end_date: $("poc-end").value,
+      distance: $("poc-distance").value || "5",
+    });
+    setState(state, "Searching…", "loading");
+    let rows;
+    try {
+      rows = await ok(`/api/persons/${personId}/connection?${params}`);
+    } catch (err) {
+      setState(state, ...failure(err, "who was near"));
+      return;
+    }
+    for (const r of rows) {
+      tbody.append(
+        el(
+          "tr",
+          { "data-person-id": r.person.id },
+          el("td", {}, el("a", { href: `#/persons/${r.person.id}` }, `${r.person.first_name} ${r.person.last_name}`)),
+          el("td", {}, `${r.location.latitude}, ${r.location.longitude}`),
+          el("td", {}, r.location.creation_time.replace("T", " ")),
+        ),
+      );
+    }
+    setState(state, rows.length ? "" : "Nobody was within that distance on those days.", rows.length ? "ok" : "empty");
+  });
+
+  // ---- views ----------------------------------------------------------------------------
+
+  let floorTimers = [];
+  function showFloor(on) {
+    for (const t of floorTimers) clearInterval(t);
+    floorTimers = [];
+    if (!on) return;
+    refreshMap();
+    refreshCounters();
+    floorTimers.push(setInterval(refreshMap, REFRESH_MS), setInterval(refreshCounters, STATUS_MS));
+    if (map) setTimeout(() => map.invalidateSize(), 0);
+  }
+
+  function route() {
+    const hash = location.hash || "#/";
+    let view = "floor";
+    const person = hash.match(/^#\/persons\/(-?\d+)/);
+    if (person) view = "person";
+    else if (hash.startsWith("#/people")) view = "people";
+    for (const v of ["floor", "people", "person"]) $(`${v}-view`).hidden = v !== view;
+    for (const a of document.querySelectorAll("nav a")) {
+      a.classList.toggle("current", a.dataset.nav === (view === "person" ? "people" : view));
+    }
+    showFloor(view === "floor");
+    if (view === "people") {
+      peopleQuery = new URLSearchParams(hash.split("?")[1] || "").get("q") || "";
+      $("q").value = peopleQuery;
+      loadPeople(false);
+    } else if (view === "person") {
+      loadPerson(Number(person[1]));
+    }
+  }
+
+  window.addEventListener("hashchange", route);
+  checkService();
+  setInterval(checkService, STATUS_MS);
+  connectFeed();
+  route();
+})();
