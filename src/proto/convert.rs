@@ -392,7 +392,7 @@ mod tests {
 
     #[test]
     fn live_points_round_trip_through_list_points() {
-        let zone = 0x8848_d894_b1ff_fff;
+        let zone = 0x0884_8d89_4b1f_ffff;
         let points = LivePoints {
             points: vec![LivePoint {
                 person: 7,

@@ -17,6 +17,7 @@
 //   click {selector}               click an element
 //   screenshot {path, full_page}   write a PNG
 //   problems                       console errors, page errors and failed requests so far
+//   requests                       every request the page made so far, as "METHOD URL"
 //   close                          end the browser and this process
 // Exit code 1 when the browser cannot start.
 import { createInterface } from "node:readline";
@@ -33,12 +34,15 @@ try {
 
 let page = null;
 let problems = [];
+let requests = [];
 
 async function open({ width = 1280, height = 800 }) {
   if (page) await page.context().close();
   const context = await browser.newContext({ viewport: { width, height } });
   page = await context.newPage();
   problems = [];
+  requests = [];
+  page.on("request", (r) => requests.push(`${r.method()} ${r.url()}`));
   page.on("console", (m) => {
     if (m.type() === "error") problems.push(`console: ${m.text()}`);
   });
@@ -76,6 +80,7 @@ const ops = {
   screenshot: async ({ path, full_page = false }) =>
     need().screenshot({ path, fullPage: full_page }).then(() => null),
   problems: async () => problems,
+  requests: async () => requests,
 };
 
 const lines = createInterface({ input: process.stdin });

@@ -2,6 +2,7 @@
 //! driven headless by playwright-core from `tests/browser/` (npm, pinned by its lockfile,
 //! installed by `./dev setup`; it downloads no browser).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -314,6 +315,24 @@ async fn feed(
     (split, live)
 }
 
+/// Whether the OpenAPI document `spec` has the operation `method` on a path template that
+/// `path` fits (`{name}` standing for one segment).
+fn documented(spec: &Value, method: &str, path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').collect();
+    spec["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .any(|(template, ops)| {
+            let parts: Vec<&str> = template.split('/').collect();
+            ops.get(method).is_some()
+                && parts.len() == segments.len()
+                && parts.iter().zip(&segments).all(|(t, s)| {
+                    t == s || (t.starts_with('{') && t.ends_with('}') && !s.is_empty())
+                })
+        })
+}
+
 /// `(peer, started_at, ended_at)` of each episode of a history page, as `/v1` writes them.
 fn episodes(page: &Value) -> Vec<(i64, String, String)> {
     page["items"]
@@ -334,8 +353,9 @@ fn episodes(page: &Value) -> Vec<(i64, String, String)> {
 /// floor map shows the retained points within 5 s; the live feed shows a pair posted through
 /// `/v1/locations` within 5 s of the post; searching an attendee's last name finds them; their
 /// history table lists exactly what `/v1/persons/{id}/connections` returns; with the broker
-/// stopped the page says the service is not ready (and recovers when it returns). Writes the
-/// screenshots the README shows ([`screenshot_dir`]).
+/// stopped the page says the service is not ready (and recovers when it returns); before any
+/// report and after the service is gone it says so too; every request it made is documented
+/// in `/openapi.json`. Writes the screenshots the README shows ([`screenshot_dir`]).
 #[tokio::test]
 async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_not_ready() {
     let db = TestDb::new().await;
@@ -352,6 +372,41 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     wait_for_status(&app.url("/readyz"), 200, Duration::from_secs(60)).await;
     // Both stages hold their partitions (ready may come before the consumer groups assign).
     crate::pipeline::wait_for_assignment(&app, zones, persons).await;
+    let shots = screenshot_dir();
+    let mut browser = Chromium::start(1280, 860).await;
+
+    // 0. Nothing yet: each panel says so in words.
+    browser.goto(&app.url("/")).await;
+    let map_state = "document.querySelector('#map-state')";
+    let (said, _) = browser
+        .wait(
+            "the empty floor said",
+            &format!("{map_state}.dataset.state === 'empty' && {map_state}.textContent"),
+            Duration::from_secs(5),
+            &format!("{map_state}.textContent"),
+        )
+        .await;
+    assert!(
+        said.as_str().is_some_and(|s| s.contains("No points")),
+        "{said}"
+    );
+    browser
+        .goto(&app.url("/#/people?q=Nobody-by-this-name"))
+        .await;
+    let (said, _) = browser
+        .wait(
+            "no match said",
+            "document.querySelector('#people-state').dataset.state === 'empty' \
+             && document.querySelector('#people-state').textContent",
+            Duration::from_secs(5),
+            "document.querySelector('#people-state').textContent",
+        )
+        .await;
+    assert!(
+        said.as_str().is_some_and(|s| s.contains("Nobody matches")),
+        "{said}"
+    );
+
     // A conference under way for a minute, with a minute to go: its past reports at once,
     // then live.
     let sim = conference_from(60, 100, 120);
@@ -367,9 +422,6 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         },
     )
     .await;
-    let shots = screenshot_dir();
-    let mut browser = Chromium::start(1280, 860).await;
-
     // 1. The floor map.
     browser.goto(&app.url("/")).await;
     let points = "Number(document.querySelector('#map').dataset.points)";
@@ -605,7 +657,49 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         )
         .await;
 
-    browser.close().await;
+    // Every request the page made is the console's own files or an operation of the OpenAPI
+    // document.
+    let (_, spec) = get(&app.url("/openapi.json")).await;
+    let origin = app.url("");
+    let requests = browser.run(json!({"op": "requests"})).await;
+    let mut undocumented = BTreeSet::new();
+    for request in requests.as_array().expect("requests") {
+        let (method, url) = request
+            .as_str()
+            .and_then(|r| r.split_once(' '))
+            .expect("METHOD URL");
+        let Some(path) = url.strip_prefix(&origin) else {
+            undocumented.insert(request.to_string());
+            continue;
+        };
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        if method == "GET" && (path == "/" || path.starts_with("/console/")) {
+            continue;
+        }
+        if !documented(&spec, &method.to_lowercase(), path) {
+            undocumented.insert(format!("{method} {path}"));
+        }
+    }
+    assert!(
+        undocumented.is_empty(),
+        "not in /openapi.json: {undocumented:?}"
+    );
+
+    // The service gone: the page says so.
     app.stop().await.expect("clean shutdown");
+    let (said, _) = browser
+        .wait(
+            "the unreachable state",
+            &format!("{service}.dataset.state === 'unreachable' && {service}.textContent"),
+            Duration::from_secs(10),
+            &format!("{service}.textContent"),
+        )
+        .await;
+    assert!(
+        said.as_str().is_some_and(|s| s.starts_with("Unreachable")),
+        "{said}"
+    );
+
+    browser.close().await;
     db.drop_db().await;
 }
