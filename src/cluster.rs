@@ -187,11 +187,12 @@ impl Cluster {
         local_only: bool,
     ) -> Result<LivePoints, ApiError> {
         let pipeline = self.pipeline()?;
-        if local_only {
+        let local_partitions = pipeline.owned_partitions(Stage::Zones);
+        // Holding every zone partition, this process answers alone (PostgreSQL not needed).
+        if local_only || local_partitions.len() == pipeline.partitions(Stage::Zones) as usize {
             return Ok(pipeline.live_points(bbox, limit).await);
         }
         let owners = self.owners(&pipeline).await?;
-        let local_partitions = pipeline.owned_partitions(Stage::Zones);
         let mut peers: BTreeMap<&str, &str> = BTreeMap::new();
         let mut ownerless = Vec::new();
         for partition in 0..pipeline.partitions(Stage::Zones) as i32 {

@@ -17,7 +17,11 @@
   /** The service did not answer at all (network error, server down). */
   class Unreachable extends Error {}
 
-  /** Request headers of every call: the one place a bearer token will be added. */
+  /**
+   * Request headers of every call: the one place a bearer token will be added. The feed is the
+   * exception: EventSource sends no headers, so once the API asks for a token the feed will
+   * carry it another way (a query parameter or a cookie), in `connectFeed`.
+   */
   function headers() {
     return { accept: "application/json" };
   }
@@ -43,7 +47,8 @@
   /** An error answer in words: the API's `{code, message, field?}`, or the status. */
   function describe(r) {
     if (r.body && r.body.message) {
-      return r.body.field ? `${r.body.field}: ${r.body.message}` : r.body.message;
+      const { field, message } = r.body;
+      return field && !message.startsWith(`${field}:`) ? `${field}: ${message}` : message;
     }
     return `the service answered HTTP ${r.status}`;
   }
@@ -53,6 +58,9 @@
     el.textContent = text || "";
     el.dataset.state = state || (text ? "info" : "ok");
   }
+
+  /** Whether a failed call may succeed later: the service unreachable or not ready (503). */
+  const retryable = (e) => e instanceof Unreachable || e.status === 503;
 
   /** The text of a failed call: unreachable, not ready (503), or the API's message. */
   function failure(e, what) {
@@ -131,14 +139,14 @@
       const s = await ok("/v1/status");
       $("lag").textContent = String(s.lag_total);
       $("open").textContent = s.open_connections === undefined ? "—" : String(s.open_connections);
-      const zoneRows = s.partitions.filter((p) => p.stage === "zones" && p.local && p.end_offset !== undefined);
-      const end = zoneRows.reduce((sum, p) => sum + p.end_offset, 0);
+      // Reports this process stored: behind a load balancer successive answers may come from
+      // different processes, and only two of one process's answers give a rate.
       const now = performance.now();
-      if (lastSample && lastSample.partitions === zoneRows.length) {
-        const rate = ((end - lastSample.end) * 1000) / (now - lastSample.at);
+      if (lastSample && lastSample.node === s.node) {
+        const rate = ((s.locations_stored - lastSample.stored) * 1000) / (now - lastSample.at);
         $("rate").textContent = rate >= 0 ? rate.toFixed(rate < 10 ? 1 : 0) : "…";
       }
-      lastSample = { end, at: now, partitions: zoneRows.length };
+      lastSample = { stored: s.locations_stored, at: now, node: s.node };
     } catch (e) {
       for (const id of ["rate", "open", "lag"]) $(id).textContent = "—";
       lastSample = null;
@@ -150,7 +158,11 @@
   let map = null;
   let zoneLayer = null;
   let pointLayer = null;
-  let fitted = false;
+  // Until the user pans or zooms, the map shows every point (the whole floor, refitted as it
+  // grows); after that it asks only for what its view holds, until "Show all".
+  let following = true;
+  let fitting = false;
+  let mapBusy = false;
   const mapState = $("map-state");
 
   function initMap() {
@@ -162,6 +174,15 @@
     // No base-map tiles: the floor is drawn on a plain background, with a scale bar.
     map = L.map("map", { attributionControl: false, maxZoom: 22, minZoom: 2 }).setView([0, 0], 2);
     L.control.scale({ imperial: false, maxWidth: 160 }).addTo(map);
+    const userMoved = () => {
+      if (!fitting) following = false;
+    };
+    map.on("dragstart", userMoved);
+    map.on("zoomstart", userMoved);
+    $("show-all").addEventListener("click", () => {
+      following = true;
+      refreshMap();
+    });
     zoneLayer = L.layerGroup().addTo(map);
     pointLayer = L.layerGroup().addTo(map);
     return true;
@@ -185,19 +206,22 @@
   }
 
   async function refreshMap() {
-    if (!initMap()) return;
+    if (!initMap() || mapBusy) return;
+    mapBusy = true;
     let live;
     try {
-      const query = fitted ? `&bbox=${bboxParam()}` : "";
+      const query = following ? "" : `&bbox=${bboxParam()}`;
       live = await ok(`/v1/points?limit=${MAP_POINT_LIMIT}${query}`);
     } catch (e) {
       setState(mapState, ...failure(e, "the floor"));
       return;
+    } finally {
+      mapBusy = false;
     }
     zoneLayer.clearLayers();
     pointLayer.clearLayers();
     for (const z of live.zones) {
-      L.polygon(z.boundary, { color: "#57606a", weight: 1, fill: false, interactive: false }).addTo(zoneLayer);
+      L.polygon(z.boundary, { color: "#57606a", weight: 1, fill: false, interactive: false, className: "zone" }).addTo(zoneLayer);
     }
     for (const p of live.points) {
       const colour = ageColour(p.recorded_at);
@@ -217,13 +241,21 @@
     }
     $("map").dataset.points = String(live.points.length);
     $("map").dataset.zones = String(live.zones.length);
-    if (!fitted && live.points.length > 0) {
-      map.fitBounds(L.latLngBounds(live.points.map((p) => [p.lat, p.lon])).pad(0.2), { maxZoom: 20 });
-      fitted = true;
+    if (following && live.points.length > 0) {
+      // Refitted when a point falls outside the view, or the view is far larger than the
+      // points need (the first answer, or a crowd that drew together).
+      const bounds = L.latLngBounds(live.points.map((p) => [p.lat, p.lon])).pad(0.2);
+      const fits = Math.min(map.getBoundsZoom(bounds), 20);
+      if (!map.getBounds().contains(bounds) || fits - map.getZoom() >= 2) {
+        fitting = true;
+        map.fitBounds(bounds, { maxZoom: 20, animate: false });
+        fitting = false;
+      }
     }
+    $("show-all").hidden = following;
     const notes = [];
     if (live.points.length === 0) {
-      notes.push(fitted ? "No points in this part of the floor right now." : "No points on the floor yet: nobody reported a location within the window.");
+      notes.push(following ? "No points on the floor yet: nobody reported a location within the window." : "No points in this part of the floor right now.");
     } else {
       notes.push(`${live.points.length} points in ${live.zones.length} zones${live.truncated ? ` (the newest ${live.points.length} only)` : ""}.`);
     }
@@ -237,10 +269,22 @@
   const feedState = $("feed-state");
   let source = null;
   let follow = new Set();
+  let paused = false;
+  let missed = 0;
+
+  $("feed-pause").addEventListener("click", () => {
+    paused = !paused;
+    $("feed-pause").textContent = paused ? "Resume" : "Pause";
+    $("feed-pause").setAttribute("aria-pressed", String(paused));
+    missed = 0;
+    setState(feedState, paused ? "Paused." : "", "ok");
+  });
 
   function shown(n) {
     // Each episode is announced to both of its persons: everyone's feed shows it once.
-    return follow.size ? follow.has(n.person_id) : n.person_id < n.peer_id;
+    // Following both persons of a pair shows it once too.
+    if (!follow.size) return n.person_id < n.peer_id;
+    return follow.has(n.person_id) && !(follow.has(n.peer_id) && n.person_id > n.peer_id);
   }
 
   function onNotification(event) {
@@ -251,6 +295,11 @@
       return;
     }
     if (!shown(n)) return;
+    if (paused) {
+      missed += 1;
+      setState(feedState, `Paused: ${missed} new since.`, "ok");
+      return;
+    }
     const item = el(
       "li",
       { "data-type": n.type, "data-person": n.person_id, "data-peer": n.peer_id, "data-id": n.id },
@@ -290,12 +339,13 @@
 
   $("feed-filter").addEventListener("submit", (e) => {
     e.preventDefault();
-    const ids = $("feed-persons")
-      .value.split(/[\s,]+/)
-      .filter(Boolean)
-      .map(Number)
-      .filter(Number.isInteger);
-    follow = new Set(ids);
+    const words = $("feed-persons").value.split(/[\s,]+/).filter(Boolean);
+    const bad = words.filter((w) => !/^[1-9]\d{0,17}$/.test(w));
+    if (bad.length) {
+      setState(feedState, `Follow: not a person id: ${bad.join(", ")}. Still showing ${follow.size ? [...follow].join(", ") : "everyone"}.`, "error");
+      return;
+    }
+    follow = new Set(words.map(Number));
     feed.replaceChildren();
     setState(feedState, follow.size ? `Following ${[...follow].join(", ")}: waiting for their connections.` : "Listening to everyone.", "empty");
   });
@@ -305,6 +355,10 @@
   const peopleState = $("people-state");
   let peopleCursor = null;
   let peopleQuery = "";
+  // Each load takes a number; an answer that a newer load overtook is dropped.
+  let peopleLoad = 0;
+  let historyLoad = 0;
+  let pocLoad = 0;
 
   async function loadPeople(more) {
     const tbody = $("people").tBodies[0];
@@ -316,11 +370,15 @@
     const params = new URLSearchParams({ limit: "50" });
     if (peopleQuery) params.set("q", peopleQuery);
     if (more && peopleCursor) params.set("cursor", peopleCursor);
+    const load = ++peopleLoad;
     let page;
     try {
       page = await ok(`/v1/persons?${params}`);
+      if (load !== peopleLoad) return;
     } catch (e) {
+      if (load !== peopleLoad) return;
       setState(peopleState, ...failure(e, "people"));
+      retryLater(e, () => loadPeople(more));
       return;
     }
     for (const p of page.items) {
@@ -357,19 +415,29 @@
 
   async function loadPerson(id) {
     personId = id;
+    pocLoad += 1; // a query still running for the previous person is dropped
     $("person-name").textContent = `Person #${id}`;
     setState($("person-state"), "Loading…", "loading");
+    // Nothing of the previous person stays on the page.
     for (const t of ["history", "poc"]) $(t).tBodies[0].replaceChildren();
+    for (const f of ["live-zone", "live-location", "live-open"]) $(f).textContent = "—";
+    for (const f of ["live-state", "history-state", "poc-state"]) setState($(f), "");
+    for (const f of ["poc-start", "poc-end", "history-from", "history-to"]) $(f).value = "";
+    $("history-more").hidden = true;
     try {
       const p = await ok(`/v1/persons/${id}`);
+      if (id !== personId) return; // another person's page meanwhile
       $("person-name").textContent = `${p.first_name} ${p.last_name}`;
       setState($("person-state"), `#${p.id} · ${p.company_name}`, "ok");
     } catch (e) {
-      if (e.status === 404) {
-        setState($("person-state"), `No person with id ${id}.`, "empty");
+      if (id !== personId) return;
+      if (e.status === 404 || e.status === 400) {
+        setState($("person-state"), e.status === 404 ? `No person with id ${id}.` : describe(e), "empty");
         return;
       }
       setState($("person-state"), ...failure(e, "this person"));
+      retryLater(e, () => loadPerson(id));
+      return;
     }
     loadLive(id);
     loadHistory(false);
@@ -381,9 +449,12 @@
     let live;
     try {
       live = await ok(`/v1/persons/${id}/live`);
+      if (id !== personId) return;
     } catch (e) {
+      if (id !== personId) return;
       for (const f of ["live-zone", "live-location", "live-open"]) $(f).textContent = "—";
       setState(state, ...failure(e, "the live state"));
+      retryLater(e, () => loadLive(id));
       return;
     }
     $("live-zone").textContent = live.current_zone || "—";
@@ -423,11 +494,15 @@
     if (to) params.set("to", to);
     if (more && historyCursor) params.set("cursor", historyCursor);
     setState(state, "Loading…", "loading");
+    const load = ++historyLoad;
     let page;
     try {
       page = await ok(`/v1/persons/${personId}/connections?${params}`);
+      if (load !== historyLoad) return;
     } catch (e) {
+      if (load !== historyLoad) return;
       setState(state, ...failure(e, "the history"));
+      retryLater(e, () => loadHistory(more));
       return;
     }
     for (const c of page.items) {
@@ -470,10 +545,13 @@
       distance: $("poc-distance").value || "5",
     });
     setState(state, "Searching…", "loading");
+    const load = ++pocLoad;
     let rows;
     try {
       rows = await ok(`/api/persons/${personId}/connection?${params}`);
+      if (load !== pocLoad) return;
     } catch (err) {
+      if (load !== pocLoad) return;
       setState(state, ...failure(err, "who was near"));
       return;
     }
@@ -492,6 +570,15 @@
   });
 
   // ---- views ----------------------------------------------------------------------------
+
+  /** Runs `load` again in a few seconds if `e` may pass and the page still shows the same view. */
+  function retryLater(e, load) {
+    if (!retryable(e)) return;
+    const hash = location.hash;
+    setTimeout(() => {
+      if (location.hash === hash) load();
+    }, FEED_RETRY_MS);
+  }
 
   let floorTimers = [];
   function showFloor(on) {
@@ -512,7 +599,10 @@
     else if (hash.startsWith("#/people")) view = "people";
     for (const v of ["floor", "people", "person"]) $(`${v}-view`).hidden = v !== view;
     for (const a of document.querySelectorAll("nav a")) {
-      a.classList.toggle("current", a.dataset.nav === (view === "person" ? "people" : view));
+      const current = a.dataset.nav === (view === "person" ? "people" : view);
+      a.classList.toggle("current", current);
+      if (current) a.setAttribute("aria-current", "page");
+      else a.removeAttribute("aria-current");
     }
     showFloor(view === "floor");
     if (view === "people") {
@@ -523,6 +613,9 @@
       loadPerson(Number(person[1]));
     }
   }
+
+  // For the browser's developer tools (and the console's test): the Leaflet map.
+  window.udaconnect = { map: () => map };
 
   window.addEventListener("hashchange", route);
   checkService();

@@ -130,7 +130,9 @@ fn inner_app(state: Arc<RestState>) -> impl Endpoint {
             async move {
                 let path = req.uri().path().to_owned();
                 // The console's page: poem's router gives `/` to the API nested there.
-                if path == "/" && req.method() == poem::http::Method::GET {
+                if path == "/"
+                    && [poem::http::Method::GET, poem::http::Method::HEAD].contains(req.method())
+                {
                     return Ok(console::page());
                 }
                 Ok(match next.call(req).await {

@@ -274,6 +274,9 @@ pub struct PipelineStatusOut {
     partitions: Vec<PartitionRow>,
     /// Records sent to a dead-letter topic by this process.
     dead_letters: u64,
+    /// Location reports this process stored since it started (home events of its zone
+    /// partitions; heartbeats are not reports): its ingest rate is the change of this count.
+    locations_stored: u64,
     /// Connection episodes open now across the cluster, each pair once: the stored episodes
     /// without an end. Unset when the database did not answer.
     #[oai(skip_serializing_if_is_none)]
@@ -878,6 +881,7 @@ impl V1Api {
             lag_total: status.lag_total,
             partitions,
             dead_letters: status.dead_letters,
+            locations_stored: status.locations_stored,
             open_connections: queries::open_connections(&self.state.pool).await.ok(),
             owners_error: status.owners_error,
         })))

@@ -100,3 +100,5 @@ for await (const line of lines) {
   process.stdout.write(`${JSON.stringify(answer)}\n`);
 }
 await browser.close();
+// stdin may stay open after `close`: end now rather than when the caller hangs up.
+process.exit(0);

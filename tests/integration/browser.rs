@@ -315,6 +315,90 @@ async fn feed(
     (split, live)
 }
 
+/// A time of the API as the console writes it: `2026-11-30 12:58:51 UTC`.
+fn utc(t: &Value) -> String {
+    let t = t.as_str().expect("a time");
+    let (date, time) = t.split_once('T').expect("RFC 3339");
+    let seconds = &time[..8];
+    format!("{date} {seconds} UTC")
+}
+
+/// The map draws each marker where its report is: every marker's centre, turned back into
+/// coordinates by the map, lies within 2 m of a retained point of its person (points come and
+/// go meanwhile, so 95 % of them), inside the map's view; the zones' outlines and the scale
+/// bar are drawn, and live reports are coloured as fresh.
+async fn check_map_geometry(browser: &mut Chromium, app: &TestApp) {
+    let drawn = browser
+        .eval(
+            "(() => { const map = window.udaconnect.map(); const box = \
+             document.querySelector('#map').getBoundingClientRect(); \
+             return Array.from(document.querySelectorAll('#map path.point')).map(p => { \
+             const r = p.getBoundingClientRect(); const at = map.containerPointToLatLng(\
+             [r.x + r.width / 2 - box.x, r.y + r.height / 2 - box.y]); \
+             return [Number(p.classList.value.match(/person-(\\d+)/)[1]), at.lat, at.lng, \
+             p.getAttribute('stroke')]; }); })()",
+        )
+        .await;
+    let (_, live) = get(&app.url("/v1/points?limit=10000")).await;
+    let retained: Vec<(i64, f64, f64)> = live["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| {
+            (
+                p["person_id"].as_i64().expect("person"),
+                p["lat"].as_f64().expect("lat"),
+                p["lon"].as_f64().expect("lon"),
+            )
+        })
+        .collect();
+    let drawn = drawn.as_array().expect("markers");
+    assert!(!drawn.is_empty());
+    let near = drawn
+        .iter()
+        .filter(|m| {
+            let (person, lat, lon) = (
+                m[0].as_i64().expect("person"),
+                m[1].as_f64().expect("lat"),
+                m[2].as_f64().expect("lon"),
+            );
+            retained.iter().any(|&(p, plat, plon)| {
+                p == person
+                    && ((plat - lat) * 111_320.0)
+                        .hypot((plon - lon) * 111_320.0 * lat.to_radians().cos())
+                        < 2.0
+            })
+        })
+        .count();
+    assert!(
+        near * 100 >= drawn.len() * 95,
+        "only {near} of {} markers lie on a retained point of their person: drawn {:?}, retained {:?}",
+        drawn.len(),
+        drawn.iter().take(3).collect::<Vec<_>>(),
+        retained.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        drawn.iter().any(|m| m[3] == "#cf222e"),
+        "live reports are drawn as fresh (red)"
+    );
+    let zones = browser
+        .eval("[document.querySelectorAll('#map path.zone').length, Number(document.querySelector('#map').dataset.zones)]")
+        .await;
+    assert!(
+        zones[0].as_u64().is_some_and(|n| n > 0) && zones[0] == zones[1],
+        "zone outlines {zones}"
+    );
+    let scale = browser
+        .eval("document.querySelector('.leaflet-control-scale-line').textContent")
+        .await;
+    assert!(
+        scale
+            .as_str()
+            .is_some_and(|s| s.ends_with(" m") || s.ends_with(" km")),
+        "scale bar {scale}"
+    );
+}
+
 /// Whether the OpenAPI document `spec` has the operation `method` on a path template that
 /// `path` fits (`{name}` standing for one segment).
 fn documented(spec: &Value, method: &str, path: &str) -> bool {
@@ -448,6 +532,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     let ids = sim.person_ids();
     assert!(drawn.iter().all(|p| ids.contains(p)), "{drawn:?}");
     println!("map: {shown} points within {took:?}");
+    check_map_geometry(&mut browser, &app).await;
 
     // 2. The feed: a pair posted now, 1.5 m apart.
     browser
@@ -462,14 +547,19 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         crate::rest::create_person(&app, "Ada").await,
         crate::rest::create_person(&app, "Grace").await,
     );
-    let venue = sim.config();
+    // 20 m north of an attendee's report: on the floor, apart from the crowd.
+    let (_, some) = get(&app.url("/v1/points?limit=1")).await;
+    let (spot_lat, spot_lon) = (
+        some["points"][0]["lat"].as_f64().expect("lat") + 20.0 / 111_320.0,
+        some["points"][0]["lon"].as_f64().expect("lon"),
+    );
     let at = crate::rest::now_rfc3339();
     let posted_at = Instant::now();
     for (person, north_m) in [(a, 0.0), (b, 1.5)] {
         let report = json!({
             "person_id": person,
-            "lat": venue.center_lat + north_m / 111_320.0,
-            "lon": venue.center_lon,
+            "lat": spot_lat + north_m / 111_320.0,
+            "lon": spot_lon,
             "recorded_at": at,
         });
         let (status, body) = post(&app.url("/v1/locations"), &report).await;
@@ -491,6 +581,66 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         "feed: connection.started {:?} after the post",
         posted_at.elapsed()
     );
+    // Following one person: only their notifications, each once.
+    browser
+        .run(json!({"op": "fill", "selector": "#feed-persons", "value": second.to_string()}))
+        .await;
+    browser
+        .run(json!({"op": "press", "selector": "#feed-persons", "key": "Enter"}))
+        .await;
+    let c = crate::rest::create_person(&app, "Hedy").await;
+    let at = crate::rest::now_rfc3339();
+    for (person, north_m) in [(c, 3.0), (second, 1.5)] {
+        let report = json!({
+            "person_id": person,
+            "lat": spot_lat + north_m / 111_320.0,
+            "lon": spot_lon,
+            "recorded_at": at,
+        });
+        let (status, body) = post(&app.url("/v1/locations"), &report).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    browser
+        .wait(
+            "connection.started of the followed person in the feed",
+            &format!("document.querySelector('#feed li[data-type=\"connection.started\"][data-person=\"{second}\"][data-peer=\"{c}\"]') !== null"),
+            Duration::from_secs(5),
+            "Array.from(document.querySelectorAll('#feed li')).map(l => l.textContent)",
+        )
+        .await;
+    let followed = browser
+        .eval(
+            "Array.from(document.querySelectorAll('#feed li')).map(l => Number(l.dataset.person))",
+        )
+        .await;
+    assert!(
+        followed
+            .as_array()
+            .expect("persons")
+            .iter()
+            .all(|p| p == &json!(second)),
+        "only {second}'s notifications: {followed}"
+    );
+    browser
+        .run(json!({"op": "fill", "selector": "#feed-persons", "value": "abc"}))
+        .await;
+    browser
+        .run(json!({"op": "press", "selector": "#feed-persons", "key": "Enter"}))
+        .await;
+    let said = browser
+        .eval("document.querySelector('#feed-state').textContent")
+        .await;
+    assert!(
+        said.as_str()
+            .is_some_and(|s| s.contains("not a person id: abc")),
+        "{said}"
+    );
+    browser
+        .run(json!({"op": "fill", "selector": "#feed-persons", "value": ""}))
+        .await;
+    browser
+        .run(json!({"op": "press", "selector": "#feed-persons", "key": "Enter"}))
+        .await;
     assert_eq!(
         browser.problems().await,
         json!([]),
@@ -512,11 +662,42 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         .run(json!({"op": "viewport", "width": 375, "height": 812}))
         .await;
     browser
+        .wait(
+            "the map refitted to the phone's width",
+            "(() => { const box = document.querySelector('#map').getBoundingClientRect(); \
+             const points = Array.from(document.querySelectorAll('#map path.point')); \
+             return points.length > 0 && points.every(p => { const r = p.getBoundingClientRect(); \
+             return r.left >= box.left && r.right <= box.right && r.top >= box.top \
+             && r.bottom <= box.bottom; }); })()",
+            Duration::from_secs(5),
+            "document.querySelector('#map-state').textContent",
+        )
+        .await;
+    browser
         .run(json!({"op": "screenshot", "path": shots.join("console-floor-phone.png"), "full_page": true}))
         .await;
     browser
         .run(json!({"op": "viewport", "width": 1280, "height": 860}))
         .await;
+
+    // A click on a point opens its person.
+    let topmost = "Number(Array.from(document.querySelectorAll('#map path.point')).pop().classList.value.match(/person-(\\d+)/)[1])";
+    let clicked = browser.eval(topmost).await;
+    browser
+        .run(json!({"op": "click", "selector": "#map path.point:last-of-type"}))
+        .await;
+    let (opened, _) = browser
+        .wait(
+            "a person's page after a click on a point",
+            "location.hash.startsWith('#/persons/') && Number(location.hash.slice(10))",
+            Duration::from_secs(5),
+            "location.hash",
+        )
+        .await;
+    assert!(
+        opened.as_i64().is_some_and(|p| ids.contains(&p)),
+        "{opened} (topmost {clicked})"
+    );
 
     // 3. People: an attendee with a history, found by last name.
     let persons: Vec<_> = sim.persons().collect();
@@ -596,6 +777,88 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     assert_eq!(
         shown, expected,
         "the history table lists the API's episodes"
+    );
+    // And says what they are: whom, when, how often, how close.
+    let (_, page) = get(&app.url(&format!("/v1/persons/{}/connections", attendee.id))).await;
+    let said: Vec<Vec<String>> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|c| {
+            let peer = &c["peer"];
+            let meters = c["min_distance_m"].as_f64().expect("distance");
+            vec![
+                format!(
+                    "{} {} #{}",
+                    peer["first_name"].as_str().expect("first"),
+                    peer["last_name"].as_str().expect("last"),
+                    peer["id"]
+                ),
+                utc(&c["started_at"]),
+                c.get("ended_at").map_or_else(|| "open".to_owned(), utc),
+                c["colocations"].to_string(),
+                if meters < 10.0 {
+                    format!("{meters:.2}")
+                } else {
+                    format!("{meters:.1}")
+                },
+            ]
+        })
+        .collect();
+    let table = rows(&mut browser, "#history tbody tr").await;
+    if shown == episodes(&page) {
+        assert_eq!(table, said, "the history table's text");
+    }
+
+    // The POC's query by day, as /api answers it (live reports add rows meanwhile: ask both
+    // again until they agree).
+    let mut poc_shown: Vec<i64> = Vec::new();
+    let mut poc_expected: Vec<i64> = Vec::new();
+    for _ in 0..10 {
+        browser
+            .run(json!({"op": "click", "selector": "#poc-range button"}))
+            .await;
+        browser
+            .wait(
+                "the POC query answered",
+                "['ok', 'empty'].includes(document.querySelector('#poc-state').dataset.state)",
+                Duration::from_secs(10),
+                "document.querySelector('#poc-state').textContent",
+            )
+            .await;
+        let form = browser
+            .eval("[document.querySelector('#poc-start').value, document.querySelector('#poc-end').value]")
+            .await;
+        let (status, poc) = get(&app.url(&format!(
+            "/api/persons/{}/connection?start_date={}&end_date={}&distance=5",
+            attendee.id,
+            form[0].as_str().expect("start"),
+            form[1].as_str().expect("end")
+        )))
+        .await;
+        assert_eq!(status, 200, "{poc}");
+        poc_expected = poc
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|r| r["person"]["id"].as_i64().expect("id"))
+            .collect();
+        poc_shown = serde_json::from_value(
+            browser
+                .eval("Array.from(document.querySelectorAll('#poc tbody tr')).map(r => Number(r.dataset.personId))")
+                .await,
+        )
+        .expect("ids");
+        poc_expected.sort_unstable();
+        poc_shown.sort_unstable();
+        if poc_shown == poc_expected {
+            break;
+        }
+    }
+    assert!(!poc_expected.is_empty());
+    assert_eq!(
+        poc_shown, poc_expected,
+        "the POC table lists what /api answers"
     );
     browser
         .run(json!({"op": "screenshot", "path": shots.join("console-person-desktop.png"), "full_page": true}))
