@@ -132,6 +132,29 @@ impl Chromium {
         }
     }
 
+    /// Types `value` into the input `selector` and presses Enter (submits its form).
+    async fn enter(&mut self, selector: &str, value: &str) {
+        self.run(json!({"op": "fill", "selector": selector, "value": value}))
+            .await;
+        self.run(json!({"op": "press", "selector": selector, "key": "Enter"}))
+            .await;
+    }
+
+    /// Waits until the element `selector` has `data-state` `state`, for up to `within`, and
+    /// returns its text.
+    async fn says(&mut self, what: &str, selector: &str, state: &str, within: Duration) -> String {
+        let element = format!("document.querySelector({selector:?})");
+        let (text, _) = self
+            .wait(
+                what,
+                &format!("{element}.dataset.state === {state:?} && {element}.textContent"),
+                within,
+                &format!("{element}.textContent"),
+            )
+            .await;
+        text.as_str().unwrap_or_default().to_owned()
+    }
+
     async fn problems(&mut self) -> Value {
         self.run(json!({"op": "problems"})).await
     }
@@ -315,6 +338,21 @@ async fn feed(
     (split, live)
 }
 
+/// Posts through `/v1/locations`, at time `at`, each `(person, meters)`: the person that many
+/// meters north of `spot` (WGS84 degrees).
+async fn report_north_of(app: &TestApp, spot: (f64, f64), at: &str, persons: &[(i64, f64)]) {
+    for &(person, north_m) in persons {
+        let report = json!({
+            "person_id": person,
+            "lat": spot.0 + north_m / 111_320.0,
+            "lon": spot.1,
+            "recorded_at": at,
+        });
+        let (status, body) = post(&app.url("/v1/locations"), &report).await;
+        assert_eq!(status, 202, "{body}");
+    }
+}
+
 /// A time of the API as the console writes it: `2026-11-30 12:58:51 UTC`.
 fn utc(t: &Value) -> String {
     let t = t.as_str().expect("a time");
@@ -461,35 +499,27 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
 
     // 0. Nothing yet: each panel says so in words.
     browser.goto(&app.url("/")).await;
-    let map_state = "document.querySelector('#map-state')";
-    let (said, _) = browser
-        .wait(
+    let said = browser
+        .says(
             "the empty floor said",
-            &format!("{map_state}.dataset.state === 'empty' && {map_state}.textContent"),
+            "#map-state",
+            "empty",
             Duration::from_secs(5),
-            &format!("{map_state}.textContent"),
         )
         .await;
-    assert!(
-        said.as_str().is_some_and(|s| s.contains("No points")),
-        "{said}"
-    );
+    assert!(said.contains("No points"), "{said}");
     browser
         .goto(&app.url("/#/people?q=Nobody-by-this-name"))
         .await;
-    let (said, _) = browser
-        .wait(
+    let said = browser
+        .says(
             "no match said",
-            "document.querySelector('#people-state').dataset.state === 'empty' \
-             && document.querySelector('#people-state').textContent",
+            "#people-state",
+            "empty",
             Duration::from_secs(5),
-            "document.querySelector('#people-state').textContent",
         )
         .await;
-    assert!(
-        said.as_str().is_some_and(|s| s.contains("Nobody matches")),
-        "{said}"
-    );
+    assert!(said.contains("Nobody matches"), "{said}");
 
     // A conference under way for a minute, with a minute to go: its past reports at once,
     // then live.
@@ -555,16 +585,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     );
     let at = crate::rest::now_rfc3339();
     let posted_at = Instant::now();
-    for (person, north_m) in [(a, 0.0), (b, 1.5)] {
-        let report = json!({
-            "person_id": person,
-            "lat": spot_lat + north_m / 111_320.0,
-            "lon": spot_lon,
-            "recorded_at": at,
-        });
-        let (status, body) = post(&app.url("/v1/locations"), &report).await;
-        assert_eq!(status, 202, "{body}");
-    }
+    report_north_of(&app, (spot_lat, spot_lon), &at, &[(a, 0.0), (b, 1.5)]).await;
     let (first, second) = (a.min(b), a.max(b));
     let started = format!(
         "document.querySelector('#feed li[data-type=\"connection.started\"][data-person=\"{first}\"][data-peer=\"{second}\"]') !== null"
@@ -582,24 +603,10 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         posted_at.elapsed()
     );
     // Following one person: only their notifications, each once.
-    browser
-        .run(json!({"op": "fill", "selector": "#feed-persons", "value": second.to_string()}))
-        .await;
-    browser
-        .run(json!({"op": "press", "selector": "#feed-persons", "key": "Enter"}))
-        .await;
+    browser.enter("#feed-persons", &second.to_string()).await;
     let c = crate::rest::create_person(&app, "Hedy").await;
     let at = crate::rest::now_rfc3339();
-    for (person, north_m) in [(c, 3.0), (second, 1.5)] {
-        let report = json!({
-            "person_id": person,
-            "lat": spot_lat + north_m / 111_320.0,
-            "lon": spot_lon,
-            "recorded_at": at,
-        });
-        let (status, body) = post(&app.url("/v1/locations"), &report).await;
-        assert_eq!(status, 202, "{body}");
-    }
+    report_north_of(&app, (spot_lat, spot_lon), &at, &[(c, 3.0), (second, 1.5)]).await;
     browser
         .wait(
             "connection.started of the followed person in the feed",
@@ -621,12 +628,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
             .all(|p| p == &json!(second)),
         "only {second}'s notifications: {followed}"
     );
-    browser
-        .run(json!({"op": "fill", "selector": "#feed-persons", "value": "abc"}))
-        .await;
-    browser
-        .run(json!({"op": "press", "selector": "#feed-persons", "key": "Enter"}))
-        .await;
+    browser.enter("#feed-persons", "abc").await;
     let said = browser
         .eval("document.querySelector('#feed-state').textContent")
         .await;
@@ -635,12 +637,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
             .is_some_and(|s| s.contains("not a person id: abc")),
         "{said}"
     );
-    browser
-        .run(json!({"op": "fill", "selector": "#feed-persons", "value": ""}))
-        .await;
-    browser
-        .run(json!({"op": "press", "selector": "#feed-persons", "key": "Enter"}))
-        .await;
+    browser.enter("#feed-persons", "").await;
     assert_eq!(
         browser.problems().await,
         json!([]),
@@ -717,12 +714,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     )
     .await;
     browser.goto(&app.url("/#/people")).await;
-    browser
-        .run(json!({"op": "fill", "selector": "#q", "value": attendee.last_name}))
-        .await;
-    browser
-        .run(json!({"op": "press", "selector": "#q", "key": "Enter"}))
-        .await;
+    browser.enter("#q", &attendee.last_name).await;
     let row = format!("#people tr[data-person-id=\"{}\"]", attendee.id);
     browser
         .wait(
@@ -878,16 +870,15 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     }
     browser.goto(&app.url("/")).await;
     broker.stop();
-    let service = "document.querySelector('#service')";
-    let (said, _) = browser
-        .wait(
+    let said = browser
+        .says(
             "the not-ready state",
-            &format!("{service}.dataset.state === 'not-ready' && {service}.textContent"),
+            "#service",
+            "not-ready",
             Duration::from_secs(30),
-            &format!("{service}.textContent"),
         )
         .await;
-    assert!(said.as_str().is_some_and(|s| s.contains("kafka")), "{said}");
+    assert!(said.contains("kafka"), "{said}");
     assert_eq!(
         browser.eval("document.querySelector('main').hidden === false && document.querySelector('#floor-view').hidden === false").await,
         json!(true),
@@ -914,9 +905,9 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     browser
         .wait(
             "ready again",
-            &format!("{service}.dataset.state === 'ready'"),
+            "document.querySelector('#service').dataset.state === 'ready'",
             Duration::from_secs(30),
-            &format!("{service}.textContent"),
+            "document.querySelector('#service').textContent",
         )
         .await;
 
@@ -950,18 +941,15 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
 
     // The service gone: the page says so.
     app.stop().await.expect("clean shutdown");
-    let (said, _) = browser
-        .wait(
+    let said = browser
+        .says(
             "the unreachable state",
-            &format!("{service}.dataset.state === 'unreachable' && {service}.textContent"),
+            "#service",
+            "unreachable",
             Duration::from_secs(10),
-            &format!("{service}.textContent"),
         )
         .await;
-    assert!(
-        said.as_str().is_some_and(|s| s.starts_with("Unreachable")),
-        "{said}"
-    );
+    assert!(said.starts_with("Unreachable"), "{said}");
 
     browser.close().await;
     db.drop_db().await;
