@@ -394,7 +394,9 @@ pub async fn connection_history(
              FROM connection c
              JOIN person p ON p.id = c.peer_id
              WHERE c.person_id = $1
-               AND ($2::timestamptz IS NULL OR c.ended_at IS NULL OR c.last_seen_at >= $2)
+               AND ($2::timestamptz IS NULL
+                    OR (c.ended_at IS NULL AND now() >= $2)
+                    OR (c.ended_at IS NOT NULL AND c.last_seen_at >= $2))
                AND ($3::timestamptz IS NULL OR c.started_at < $3)
                AND ($4::timestamptz IS NULL OR (c.started_at, c.peer_id) > ($4, $5))
              ORDER BY c.started_at, c.peer_id

@@ -930,6 +930,15 @@ async fn v1_connection_history_overlaps_and_pages() {
     let (_, some) = page("?from=2020-08-18T10:30:00Z&to=2020-08-18T12:00:00.5Z".to_owned()).await;
     let got: Vec<i64> = starts(&some).iter().map(|(p, _)| *p).collect();
     assert_eq!(got, vec![peers[1], peers[2]], "{some}");
+    // An open episode spans its start to now: after 13:30 only it is still going on, and a
+    // range that begins tomorrow holds nothing yet.
+    let (_, open) = page("?from=2020-08-19T10:00:00Z".to_owned()).await;
+    let got: Vec<i64> = starts(&open).iter().map(|(p, _)| *p).collect();
+    assert_eq!(got, vec![peers[3]], "{open}");
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let (status, future) = page(format!("?from={}", tomorrow.replace('+', "%2B"))).await;
+    assert_eq!(status, 200, "{future}");
+    assert_eq!(future["items"], json!([]), "{future}");
     // Pages of 2 walk the same sequence as one page.
     let mut walked = Vec::new();
     let mut query = "?limit=2".to_owned();
