@@ -65,7 +65,7 @@
   /** The text of a failed call: unreachable, not ready (503), or the API's message. */
   function failure(e, what) {
     if (e instanceof Unreachable) return [`Cannot load ${what}: ${e.message}; retrying.`, "error"];
-    if (e.status === 503) return [`The pipeline is not ready, so ${what} cannot be shown: ${describe(e)}. Retrying.`, "not-ready"];
+    if (e.status === 503) return [`The service is not ready, so ${what} cannot be shown: ${describe(e)}. Retrying.`, "not-ready"];
     return [`Cannot load ${what}: ${describe(e)}.`, "error"];
   }
 
@@ -100,12 +100,14 @@
   }
   function personName(id) {
     if (!names.has(id)) {
-      names.set(
-        id,
-        api(`/v1/persons/${id}`)
-          .then((r) => (r.ok ? `${r.body.first_name} ${r.body.last_name}` : null))
-          .catch(() => null),
-      );
+      const name = api(`/v1/persons/${id}`)
+        .then((r) => (r.ok ? `${r.body.first_name} ${r.body.last_name}` : null))
+        .catch(() => null);
+      names.set(id, name);
+      // A failed lookup is asked again next time.
+      name.then((n) => {
+        if (n === null && names.get(id) === name) names.delete(id);
+      });
     }
     return names.get(id);
   }
@@ -113,7 +115,10 @@
   // ---- the service's state --------------------------------------------------------------
 
   const service = $("service");
+  let serviceBusy = false;
   async function checkService() {
+    if (serviceBusy) return;
+    serviceBusy = true;
     try {
       const r = await api("/readyz");
       if (r.ok) {
@@ -128,13 +133,19 @@
       }
     } catch (e) {
       setState(service, `Unreachable: ${e.message}; retrying.`, "unreachable");
+    } finally {
+      serviceBusy = false;
     }
   }
 
   // ---- counters -------------------------------------------------------------------------
 
   let lastSample = null;
+  let countersBusy = false;
   async function refreshCounters() {
+    // One request at a time: a slow answer (PostgreSQL away) must not pile requests up.
+    if (countersBusy) return;
+    countersBusy = true;
     try {
       const s = await ok("/v1/status");
       $("lag").textContent = String(s.lag_total);
@@ -150,6 +161,8 @@
     } catch (e) {
       for (const id of ["rate", "open", "lag"]) $(id).textContent = "—";
       lastSample = null;
+    } finally {
+      countersBusy = false;
     }
   }
 
@@ -218,12 +231,18 @@
     } finally {
       mapBusy = false;
     }
+    if (live.points.length === 0 && live.unanswered.length) {
+      // Nothing could be read: keep what the map shows, and say why.
+      setState(mapState, `No points could be read now (${live.unanswered.join("; ")}); the map shows the last ones. Retrying.`, "not-ready");
+      return;
+    }
     zoneLayer.clearLayers();
     pointLayer.clearLayers();
     for (const z of live.zones) {
       L.polygon(z.boundary, { color: "#57606a", weight: 1, fill: false, interactive: false, className: "zone" }).addTo(zoneLayer);
     }
-    for (const p of live.points) {
+    // The answer is newest first; drawn oldest first, so the newest lie on top.
+    for (const p of [...live.points].reverse()) {
       const colour = ageColour(p.recorded_at);
       L.circleMarker([p.lat, p.lon], {
         radius: 5,
@@ -415,7 +434,9 @@
 
   async function loadPerson(id) {
     personId = id;
-    pocLoad += 1; // a query still running for the previous person is dropped
+    // Queries still running for the previous person are dropped.
+    pocLoad += 1;
+    historyLoad += 1;
     $("person-name").textContent = `Person #${id}`;
     setState($("person-state"), "Loading…", "loading");
     // Nothing of the previous person stays on the page.

@@ -353,6 +353,36 @@ async fn report_north_of(app: &TestApp, spot: (f64, f64), at: &str, persons: &[(
     }
 }
 
+/// The cells the console's history table should show for a `/v1/persons/{id}/connections`
+/// page: whom (name and id), started, ended or "open", co-locations, closest meters.
+fn history_text(page: &Value) -> Vec<Vec<String>> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|c| {
+            let peer = &c["peer"];
+            let meters = c["min_distance_m"].as_f64().expect("distance");
+            vec![
+                format!(
+                    "{} {} #{}",
+                    peer["first_name"].as_str().expect("first"),
+                    peer["last_name"].as_str().expect("last"),
+                    peer["id"]
+                ),
+                utc(&c["started_at"]),
+                c.get("ended_at").map_or_else(|| "open".to_owned(), utc),
+                c["colocations"].to_string(),
+                if meters < 10.0 {
+                    format!("{meters:.2}")
+                } else {
+                    format!("{meters:.1}")
+                },
+            ]
+        })
+        .collect()
+}
+
 /// A time of the API as the console writes it: `2026-11-30 12:58:51 UTC`.
 fn utc(t: &Value) -> String {
     let t = t.as_str().expect("a time");
@@ -415,10 +445,24 @@ async fn check_map_geometry(browser: &mut Chromium, app: &TestApp) {
         drawn.iter().take(3).collect::<Vec<_>>(),
         retained.iter().take(3).collect::<Vec<_>>()
     );
-    assert!(
-        drawn.iter().any(|m| m[3] == "#cf222e"),
-        "live reports are drawn as fresh (red)"
+    let colours: BTreeSet<&str> = drawn.iter().filter_map(|m| m[3].as_str()).collect();
+    assert_eq!(
+        colours,
+        BTreeSet::from(["#cf222e", "#fb8f44", "#8c959f"]),
+        "live reports fresh (red), the last minute's orange, older ones grey"
     );
+    // Each marker lies inside the outline of a zone (its cell's bounding box on the screen).
+    let outside = browser
+        .eval(
+            "(() => { const zones = Array.from(document.querySelectorAll('#map path.zone')) \
+             .map(z => z.getBoundingClientRect()); \
+             return Array.from(document.querySelectorAll('#map path.point')).filter(p => { \
+             const r = p.getBoundingClientRect(); const x = r.x + r.width / 2, y = r.y + r.height / 2; \
+             return !zones.some(z => x >= z.left && x <= z.right && y >= z.top && y <= z.bottom); \
+             }).length; })()",
+        )
+        .await;
+    assert_eq!(outside, json!(0), "markers outside every zone outline");
     let zones = browser
         .eval("[document.querySelectorAll('#map path.zone').length, Number(document.querySelector('#map').dataset.zones)]")
         .await;
@@ -484,6 +528,8 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     let mut broker = PrivateBroker::start().await;
     let config = Config {
         kafka_brokers: broker.addr.to_string(),
+        // Episodes end within the test (the default gap is ten minutes).
+        episode_gap_s: 15,
         ..test_config(&db)
     };
     let (zones, persons) = (
@@ -691,25 +737,27 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
             "location.hash",
         )
         .await;
-    assert!(
-        opened.as_i64().is_some_and(|p| ids.contains(&p)),
-        "{opened} (topmost {clicked})"
-    );
+    assert_eq!(opened, clicked, "the page of the topmost point's person");
 
     // 3. People: an attendee with a history, found by last name.
     let persons: Vec<_> = sim.persons().collect();
     let attendee = eventually(
-        "an attendee's episodes stored",
+        "an attendee's ended episode of more than a second stored",
         Duration::from_secs(30),
         || async {
             for person in &persons {
                 let (_, page) =
                     get(&app.url(&format!("/v1/persons/{}/connections", person.id))).await;
-                if !episodes(&page).is_empty() {
+                // One that lasted (it ended in another second than it started), so that the
+                // table's end column is seen to be the end.
+                let lasted = |(_, started, ended): &(i64, String, String)| {
+                    ended.len() >= 19 && ended[..19] != started[..19]
+                };
+                if episodes(&page).iter().any(lasted) {
                     return Ok(person.clone());
                 }
             }
-            Err("no attendee has a stored episode".to_owned())
+            Err("no attendee has an ended episode of more than a second stored".to_owned())
         },
     )
     .await;
@@ -741,8 +789,8 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     let history_js = "Array.from(document.querySelectorAll('#history tbody tr')).map(r => \
          [Number(r.dataset.peer), r.dataset.startedAt, r.dataset.endedAt])";
     let done = "['ok', 'empty'].includes(document.querySelector('#history-state').dataset.state)";
-    let mut shown = Vec::new();
-    let mut expected = Vec::new();
+    let (mut shown, mut expected) = (Vec::new(), Vec::new());
+    let (mut table, mut said) = (Vec::new(), Vec::new());
     for _ in 0..10 {
         browser
             .wait(
@@ -755,9 +803,11 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         shown =
             serde_json::from_value::<Vec<(i64, String, String)>>(browser.eval(history_js).await)
                 .expect("history rows");
+        table = rows(&mut browser, "#history tbody tr").await;
         let (_, page) = get(&app.url(&format!("/v1/persons/{}/connections", attendee.id))).await;
         expected = episodes(&page);
-        if shown == expected {
+        said = history_text(&page);
+        if shown == expected && table == said {
             break;
         }
         // An episode changed between the page's read and ours: read both again.
@@ -765,42 +815,16 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
             .run(json!({"op": "click", "selector": "#history-range button"}))
             .await;
     }
-    assert!(!expected.is_empty());
+    assert!(
+        expected.iter().any(|(_, _, ended)| !ended.is_empty()),
+        "an ended episode among {expected:?}"
+    );
     assert_eq!(
         shown, expected,
         "the history table lists the API's episodes"
     );
-    // And says what they are: whom, when, how often, how close.
-    let (_, page) = get(&app.url(&format!("/v1/persons/{}/connections", attendee.id))).await;
-    let said: Vec<Vec<String>> = page["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|c| {
-            let peer = &c["peer"];
-            let meters = c["min_distance_m"].as_f64().expect("distance");
-            vec![
-                format!(
-                    "{} {} #{}",
-                    peer["first_name"].as_str().expect("first"),
-                    peer["last_name"].as_str().expect("last"),
-                    peer["id"]
-                ),
-                utc(&c["started_at"]),
-                c.get("ended_at").map_or_else(|| "open".to_owned(), utc),
-                c["colocations"].to_string(),
-                if meters < 10.0 {
-                    format!("{meters:.2}")
-                } else {
-                    format!("{meters:.1}")
-                },
-            ]
-        })
-        .collect();
-    let table = rows(&mut browser, "#history tbody tr").await;
-    if shown == episodes(&page) {
-        assert_eq!(table, said, "the history table's text");
-    }
+    // And says what they are: whom, when, until when, how often, how close.
+    assert_eq!(table, said, "the history table's text");
 
     // The POC's query by day, as /api answers it (live reports add rows meanwhile: ask both
     // again until they agree).
