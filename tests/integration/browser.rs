@@ -825,6 +825,44 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     );
     // And says what they are: whom, when, until when, how often, how close.
     assert_eq!(table, said, "the history table's text");
+    // A range: from the last episode's start (a UTC time typed in the form), the episodes
+    // `?from=` gives.
+    let from = expected
+        .last()
+        .map(|(_, s, _)| s[..19].to_owned())
+        .expect("an episode");
+    browser
+        .run(json!({"op": "fill", "selector": "#history-from", "value": from}))
+        .await;
+    let mut ranged = Vec::new();
+    let mut wanted = Vec::new();
+    for _ in 0..10 {
+        browser
+            .run(json!({"op": "click", "selector": "#history-range button"}))
+            .await;
+        browser
+            .wait(
+                "the history of the range loaded",
+                done,
+                Duration::from_secs(5),
+                "document.querySelector('#history-state').textContent",
+            )
+            .await;
+        ranged =
+            serde_json::from_value::<Vec<(i64, String, String)>>(browser.eval(history_js).await)
+                .expect("history rows");
+        let (_, page) = get(&app.url(&format!(
+            "/v1/persons/{}/connections?from={from}Z",
+            attendee.id
+        )))
+        .await;
+        wanted = episodes(&page);
+        if ranged == wanted {
+            break;
+        }
+    }
+    assert!(!wanted.is_empty(), "the last episode is in its own range");
+    assert_eq!(ranged, wanted, "the history table of a range");
 
     // The POC's query by day, as /api answers it (live reports add rows meanwhile: ask both
     // again until they agree).
