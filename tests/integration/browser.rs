@@ -353,6 +353,51 @@ async fn report_north_of(app: &TestApp, spot: (f64, f64), at: &str, persons: &[(
     }
 }
 
+/// The person page's history table and `/v1/persons/{person}/connections{query}` (the same
+/// range as the page's form), read again until they agree (an episode may change between the
+/// two reads; at most 10 times): the table's `(peer, started_at, ended_at)` and the API's,
+/// then the table's cells and the cells the API's answer should give.
+#[allow(clippy::type_complexity)]
+async fn history_as_api(
+    browser: &mut Chromium,
+    app: &TestApp,
+    person: i64,
+    query: &str,
+) -> (
+    Vec<(i64, String, String)>,
+    Vec<(i64, String, String)>,
+    Vec<Vec<String>>,
+    Vec<Vec<String>>,
+) {
+    let history_js = "Array.from(document.querySelectorAll('#history tbody tr')).map(r => \
+         [Number(r.dataset.peer), r.dataset.startedAt, r.dataset.endedAt])";
+    let done = "['ok', 'empty'].includes(document.querySelector('#history-state').dataset.state)";
+    let mut read = Default::default();
+    for _ in 0..10 {
+        browser
+            .run(json!({"op": "click", "selector": "#history-range button"}))
+            .await;
+        browser
+            .wait(
+                "the history table loaded",
+                done,
+                Duration::from_secs(5),
+                "document.querySelector('#history-state').textContent",
+            )
+            .await;
+        let shown =
+            serde_json::from_value::<Vec<(i64, String, String)>>(browser.eval(history_js).await)
+                .expect("history rows");
+        let table = rows(browser, "#history tbody tr").await;
+        let (_, page) = get(&app.url(&format!("/v1/persons/{person}/connections{query}"))).await;
+        read = (shown, episodes(&page), table, history_text(&page));
+        if read.0 == read.1 && read.2 == read.3 {
+            break;
+        }
+    }
+    read
+}
+
 /// The cells the console's history table should show for a `/v1/persons/{id}/connections`
 /// page: whom (name and id), started, ended or "open", co-locations, closest meters.
 fn history_text(page: &Value) -> Vec<Vec<String>> {
@@ -786,35 +831,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     browser
         .run(json!({"op": "click", "selector": format!("{row} a")}))
         .await;
-    let history_js = "Array.from(document.querySelectorAll('#history tbody tr')).map(r => \
-         [Number(r.dataset.peer), r.dataset.startedAt, r.dataset.endedAt])";
-    let done = "['ok', 'empty'].includes(document.querySelector('#history-state').dataset.state)";
-    let (mut shown, mut expected) = (Vec::new(), Vec::new());
-    let (mut table, mut said) = (Vec::new(), Vec::new());
-    for _ in 0..10 {
-        browser
-            .wait(
-                "the history table loaded",
-                done,
-                Duration::from_secs(5),
-                "document.querySelector('#history-state').textContent",
-            )
-            .await;
-        shown =
-            serde_json::from_value::<Vec<(i64, String, String)>>(browser.eval(history_js).await)
-                .expect("history rows");
-        table = rows(&mut browser, "#history tbody tr").await;
-        let (_, page) = get(&app.url(&format!("/v1/persons/{}/connections", attendee.id))).await;
-        expected = episodes(&page);
-        said = history_text(&page);
-        if shown == expected && table == said {
-            break;
-        }
-        // An episode changed between the page's read and ours: read both again.
-        browser
-            .run(json!({"op": "click", "selector": "#history-range button"}))
-            .await;
-    }
+    let (shown, expected, table, said) = history_as_api(&mut browser, &app, attendee.id, "").await;
     assert!(
         expected.iter().any(|(_, _, ended)| !ended.is_empty()),
         "an ended episode among {expected:?}"
@@ -834,33 +851,8 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     browser
         .run(json!({"op": "fill", "selector": "#history-from", "value": from}))
         .await;
-    let mut ranged = Vec::new();
-    let mut wanted = Vec::new();
-    for _ in 0..10 {
-        browser
-            .run(json!({"op": "click", "selector": "#history-range button"}))
-            .await;
-        browser
-            .wait(
-                "the history of the range loaded",
-                done,
-                Duration::from_secs(5),
-                "document.querySelector('#history-state').textContent",
-            )
-            .await;
-        ranged =
-            serde_json::from_value::<Vec<(i64, String, String)>>(browser.eval(history_js).await)
-                .expect("history rows");
-        let (_, page) = get(&app.url(&format!(
-            "/v1/persons/{}/connections?from={from}Z",
-            attendee.id
-        )))
-        .await;
-        wanted = episodes(&page);
-        if ranged == wanted {
-            break;
-        }
-    }
+    let (ranged, wanted, _, _) =
+        history_as_api(&mut browser, &app, attendee.id, &format!("?from={from}Z")).await;
     assert!(!wanted.is_empty(), "the last episode is in its own range");
     assert_eq!(ranged, wanted, "the history table of a range");
 
