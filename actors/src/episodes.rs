@@ -109,9 +109,50 @@ pub struct PersonState {
     peers: FxHashMap<PersonId, Vec<Segment>>,
     /// Summaries counted whose first time is not yet below every source's watermark, by
     /// identity ([`summary_key`]).
-    recent: FxHashMap<u64, Micros>,
+    recent: RecentSummaries,
     dirty_peers: Vec<PersonId>,
     counters: PersonCounters,
+}
+
+/// Summary identities ([`summary_key`]) counted, each with the time until which a replay may
+/// still repeat it (µs since the Unix epoch). Forgotten once the minimum watermark passes that
+/// time: the map is swept when it has doubled since the last sweep, so it holds at most twice
+/// what a replay could still repeat, at an amortized O(1) per insert. (Sweeping only when a
+/// person closed an episode let it grow for as long as the episode gap, 10 minutes by default:
+/// ~25 KB per person at a crowded booth, most of a person's snapshot.) Serialized as the map
+/// alone.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+struct RecentSummaries {
+    keep: FxHashMap<u64, Micros>,
+    #[serde(skip)]
+    sweep_at: usize,
+}
+
+impl PartialEq for RecentSummaries {
+    fn eq(&self, other: &Self) -> bool {
+        self.keep == other.keep
+    }
+}
+
+/// The fewest entries at which [`RecentSummaries`] is swept.
+const MIN_SWEEP: usize = 64;
+
+impl RecentSummaries {
+    /// Records `key` until `keep_until`; false when it was recorded already (a repeat).
+    /// Forgets keys whose time `min_watermark` passed, when the map has doubled.
+    fn insert(&mut self, key: u64, keep_until: Micros, min_watermark: Micros) -> bool {
+        if self.keep.len() >= self.sweep_at.max(MIN_SWEEP) {
+            self.sweep(min_watermark);
+            self.sweep_at = self.keep.len() * 2;
+        }
+        self.keep.insert(key, keep_until).is_none()
+    }
+
+    /// Forgets keys whose time `min_watermark` passed.
+    fn sweep(&mut self, min_watermark: Micros) {
+        self.keep.retain(|_, t| *t >= min_watermark);
+    }
 }
 
 /// A summary's identity: a single co-location is its pair of events (reported to the person
@@ -136,7 +177,7 @@ impl PersonState {
             person,
             trajectory: VecDeque::new(),
             peers: FxHashMap::default(),
-            recent: FxHashMap::default(),
+            recent: RecentSummaries::default(),
             dirty_peers: Vec::new(),
             counters: PersonCounters::default(),
         }
@@ -160,13 +201,26 @@ impl PersonState {
             lon: event.lon,
             zone,
         };
-        let at = self
+        let mut at = self
             .trajectory
             .partition_point(|x| x.recorded_at <= s.recorded_at);
-        self.trajectory.insert(at, s);
-        if self.trajectory.len() > TRAJECTORY_LEN {
+        if self.trajectory.len() == TRAJECTORY_LEN {
+            if at == 0 {
+                // Older than every sighting kept: it would be the one to drop.
+                return;
+            }
             self.trajectory.pop_front();
+            at -= 1;
         }
+        // Grown by doubling up to TRAJECTORY_LEN exactly: a person seen once holds one
+        // sighting (a VecDeque's first growth is 4), a full trajectory 32 (not 64: the
+        // deque never holds 33).
+        let (len, capacity) = (self.trajectory.len(), self.trajectory.capacity());
+        if len == capacity {
+            self.trajectory
+                .reserve_exact(capacity.max(1).min(TRAJECTORY_LEN - len));
+        }
+        self.trajectory.insert(at, s);
     }
 
     /// Adds a co-location summary reported by a source whose watermark (as this partition has
@@ -214,7 +268,7 @@ impl PersonState {
         } else {
             c.first
         };
-        if self.recent.insert(key, keep_until).is_some() {
+        if !self.recent.insert(key, keep_until, min_watermark) {
             self.counters.repeats += u64::from(c.count);
             return None;
         }
@@ -381,7 +435,7 @@ impl PersonState {
         for peer in emptied {
             self.peers.remove(&peer);
         }
-        self.recent.retain(|_, t| *t >= min_watermark);
+        self.recent.sweep(min_watermark);
         next
     }
 
@@ -830,5 +884,33 @@ mod tests {
         assert_eq!(kinds(&out), [Ended]);
         p.close(far + 1, &r, &mut out);
         assert!(p.peers.is_empty(), "{:?}", p.peers);
+    }
+
+    #[test]
+    fn summaries_are_forgotten_as_the_watermark_passes_them_while_an_episode_stays_open() {
+        let r = rules();
+        let mut p = PersonState::new(1);
+        let mut out = PersonOutput::default();
+        // One co-location a second for an hour: one open episode, never closed, the minimum
+        // watermark 30 s behind. Only what a replay could repeat may be kept.
+        let lag = 30;
+        for t in 0..3_600 {
+            let min = T0 + (t - lag) * S;
+            p.colocation(&at(t, t as u128), false, min, min, &r, &mut out, false);
+            assert!(
+                p.recent.keep.len() <= 2 * (lag as usize + 1) + MIN_SWEEP,
+                "{} kept at {t} s",
+                p.recent.keep.len()
+            );
+        }
+        assert_eq!(p.open_episodes().len(), 1);
+        assert_eq!(p.counters().colocations, 3_600);
+        // A repeat still within reach of a replay is dropped; one the watermark passed never
+        // gets this far (the source's watermark drops it first).
+        let min = T0 + (3_599 - lag) * S;
+        p.colocation(&at(3_599, 3_599), false, min, min, &r, &mut out, false);
+        p.colocation(&at(3_580, 3_580), false, min, min, &r, &mut out, false);
+        assert_eq!(p.counters().colocations, 3_600);
+        assert_eq!(p.counters().repeats, 2);
     }
 }

@@ -16,8 +16,11 @@ use crate::zones::{person_partition, CellCache, FineCell, ZoneGrid, ZoneId};
 /// Width of the eviction buckets in event time.
 const BUCKET_US: Micros = MICROS_PER_S;
 
-/// A point a zone keeps while it can still be matched.
+/// A point a zone keeps while it can still be matched. Serialized as its [`StoredCopy`]: the
+/// Earth-centred position is computed again when it is read (the same function of the same
+/// degrees, so the same bits), which makes a zone snapshot about 40 % smaller.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredCopy", into = "StoredCopy")]
 pub struct RetainedPoint {
     pub ecef: Ecef,
     pub recorded_at: Micros,
@@ -69,6 +72,18 @@ impl StoredCopy {
             lon: self.lon,
             home: self.home,
         }
+    }
+}
+
+impl From<StoredCopy> for RetainedPoint {
+    fn from(c: StoredCopy) -> Self {
+        c.point()
+    }
+}
+
+impl From<RetainedPoint> for StoredCopy {
+    fn from(p: RetainedPoint) -> Self {
+        Self::from(&p)
     }
 }
 
@@ -912,5 +927,28 @@ mod tests {
         assert!(!clock.observe(T0 + MICROS_PER_S, T0 + MICROS_PER_S));
         assert_eq!(params.trusted_time(T0 + 290 * MICROS_PER_S, T0), T0 + skew);
         assert_eq!(params.trusted_time(T0 - 7, T0), T0 - 7);
+    }
+
+    #[test]
+    fn a_retained_point_is_stored_without_its_earth_centred_position_and_read_back_the_same() {
+        let e = event(7, 35.081_234_567, -106.651_234_567, 3);
+        let copy = StoredCopy {
+            event_id: e.event_id,
+            person: e.person_id,
+            recorded_at: e.recorded_at,
+            lat: e.lat,
+            lon: e.lon,
+            home: true,
+        };
+        let point = copy.point();
+        let bytes = postcard::to_allocvec(&point).expect("encodes");
+        assert_eq!(bytes, postcard::to_allocvec(&copy).expect("encodes"));
+        let back: RetainedPoint = postcard::from_bytes(&bytes).expect("decodes");
+        // Bit for bit: a restored zone decides every distance as before its snapshot.
+        assert_eq!(back, point);
+        assert_eq!(
+            back.ecef.0.map(f64::to_bits),
+            point.ecef.0.map(f64::to_bits)
+        );
     }
 }

@@ -36,7 +36,7 @@ use crate::zones::{CellCache, ZoneGrid, ZoneId};
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Snapshot format of a zone partition: postcard of [`ZonePartitionSnapshot`], and of a
 /// [`ZoneIndex`] per part (keyed by zone id as `i64`).
-pub const ZONE_SNAPSHOT_FORMAT: u32 = 2;
+pub const ZONE_SNAPSHOT_FORMAT: u32 = 3;
 
 /// Batches of home events queued in front of a partition's location writer before the
 /// supervisor waits (backpressure when the store is slow or away).

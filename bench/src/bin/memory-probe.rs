@@ -1,5 +1,5 @@
-//! `memory-probe`: live heap bytes per retained zone point and per person actor, measured with
-//! a counting allocator. The last line is one JSON object with the figures.
+//! `memory-probe`: live heap bytes per retained zone point, per person actor and per empty ractor
+//! actor (the runtime's floor), measured with a counting allocator. The last line is one JSON object with the figures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -45,12 +45,12 @@ fn live() -> i64 {
 }
 
 #[derive(Debug, Parser)]
-#[command(about = "Measure heap bytes per retained point and per person actor")]
+#[command(about = "Measure heap bytes per retained point, per person actor and per empty actor")]
 struct Args {
     /// Points to retain in one zone partition.
     #[arg(long, default_value_t = 1_000_000)]
     points: usize,
-    /// Person actors to start.
+    /// Person actors to start (and empty actors, for the floor).
     #[arg(long, default_value_t = 100_000)]
     persons: i64,
 }
@@ -70,6 +70,41 @@ fn event(person: i64, i: usize) -> LocationEvent {
         recorded_at: t,
         received_at: t,
     }
+}
+
+/// An actor that does nothing: what ractor itself costs per actor (the runtime's floor).
+struct Empty;
+
+impl Actor for Empty {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ractor::ActorRef<()>,
+        _args: (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// Heap and RSS bytes per empty ractor actor, `count` of them running at once.
+async fn empty_actor_floor(count: i64) -> (f64, f64) {
+    let rss0 = rss_bytes();
+    let before = live();
+    let mut actors = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (actor, handle) = Actor::spawn(None, Empty, ()).await.expect("spawn");
+        actors.push((actor, handle));
+    }
+    let bytes = (live() - before) as f64 / count.max(1) as f64;
+    let rss = (rss_bytes() - rss0) as f64 / count.max(1) as f64;
+    for (actor, handle) in actors {
+        actor.stop(None);
+        let _ = handle.await;
+    }
+    (bytes, rss)
 }
 
 fn main() {
@@ -105,6 +140,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
+    let (floor_bytes, floor_rss) = runtime.block_on(empty_actor_floor(args.persons));
+    eprintln!(
+        "{} empty ractor actors: {floor_bytes:.0} heap bytes each ({floor_rss:.0} RSS)",
+        args.persons
+    );
     let (actor_bytes, actor_rss) = runtime.block_on(async {
         let args_p = PersonSupervisorArgs {
             partition: 0,
@@ -169,6 +209,8 @@ fn main() {
             "person_actors": args.persons,
             "bytes_per_person_actor": actor_bytes.round(),
             "rss_bytes_per_person_actor": actor_rss.round(),
+            "bytes_per_empty_actor": floor_bytes.round(),
+            "rss_bytes_per_empty_actor": floor_rss.round(),
         })
     );
 }
