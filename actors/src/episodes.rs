@@ -115,12 +115,13 @@ pub struct PersonState {
 }
 
 /// Summary identities ([`summary_key`]) counted, each with the time until which a replay may
-/// still repeat it (µs since the Unix epoch). Forgotten once the minimum watermark passes that
-/// time: the map is swept when it has doubled since the last sweep, so it holds at most twice
-/// what a replay could still repeat, at an amortized O(1) per insert. (Sweeping only when a
-/// person closed an episode let it grow for as long as the episode gap, 10 minutes by default:
-/// ~25 KB per person at a crowded booth, most of a person's snapshot.) Serialized as the map
-/// alone.
+/// still repeat it (µs since the Unix epoch): an on-time summary's first time, a late one's
+/// plus the closed-episode retention. A key is forgotten once the minimum watermark passes that
+/// time, at a sweep: when the map has doubled since the last one (amortized over the inserts in
+/// between), and at every [`PersonState::close`]. (Sweeping only at `close` let the keys pile up
+/// for as long as the episode gap, 10 minutes by default: ~25 KB per person at a crowded booth,
+/// most of a person's snapshot.) A sweep keeps the table's capacity; the snapshot holds only
+/// the keys. Serialized as the map alone.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 struct RecentSummaries {
@@ -912,5 +913,44 @@ mod tests {
         p.colocation(&at(3_580, 3_580), false, min, min, &r, &mut out, false);
         assert_eq!(p.counters().colocations, 3_600);
         assert_eq!(p.counters().repeats, 2);
+    }
+
+    #[test]
+    fn a_trajectory_keeps_the_latest_sightings_in_time_order_in_room_for_no_more() {
+        let mut p = PersonState::new(1);
+        let sight = |p: &mut PersonState, t_s: i64, n: u128| {
+            let e = LocationEvent {
+                event_id: Uuid::from_u128(n),
+                person_id: 1,
+                lat: 0.0,
+                lon: 0.0,
+                recorded_at: T0 + t_s * S,
+                received_at: T0 + t_s * S,
+            };
+            p.sighting(&e, 7);
+        };
+        sight(&mut p, 0, 1);
+        assert_eq!(p.trajectory.capacity(), 1, "a person seen once");
+        // 40 sightings out of order (each odd second arrives after the next even one).
+        for i in 1..40 {
+            let t = if i % 2 == 1 { i + 1 } else { i - 1 };
+            sight(&mut p, t, 100 + i as u128);
+            assert!(p.trajectory.capacity() <= TRAJECTORY_LEN);
+        }
+        let times: Vec<i64> = p
+            .trajectory()
+            .iter()
+            .map(|s| (s.recorded_at - T0) / S)
+            .collect();
+        // Sent: 0, 2, 1, 4, 3, …, 38, 37, 40 (39 never): the latest 32 are 8..=38 and 40.
+        assert_eq!(times, (8..39).chain([40]).collect::<Vec<_>>());
+        // Older than every sighting kept: counted, not kept; a repeat: neither.
+        sight(&mut p, 3, 999);
+        sight(&mut p, 39, 100 + 38);
+        assert_eq!(
+            p.trajectory().first().map(|s| s.recorded_at),
+            Some(T0 + 8 * S)
+        );
+        assert_eq!(p.counters().sightings, 41);
     }
 }

@@ -18,7 +18,8 @@ const BUCKET_US: Micros = MICROS_PER_S;
 
 /// A point a zone keeps while it can still be matched. Serialized as its [`StoredCopy`]: the
 /// Earth-centred position is computed again when it is read (the same function of the same
-/// degrees, so the same bits), which makes a zone snapshot about 40 % smaller.
+/// degrees, so the same bits): 43 bytes a point instead of 67, a zone snapshot about a third
+/// smaller.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(from = "StoredCopy", into = "StoredCopy")]
 pub struct RetainedPoint {
