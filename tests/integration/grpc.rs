@@ -794,11 +794,17 @@ struct MetPair {
     t: Micros,
 }
 
+/// [`met_pair_at`] two seconds ago: a live stream, whose event time then follows the clock
+/// (the ingest side sends a heartbeat every 500 ms).
 async fn met_pair() -> MetPair {
+    met_pair_at(now_micros() - 2_000_000).await
+}
+
+/// [`MetPair`] with person 1 reporting at `t` (µs since the epoch) and person 2 a second later.
+async fn met_pair_at(t: Micros) -> MetPair {
     let (db, client, config, app) = serving_app([1, 2, 3]).await;
     let channel = channel(app.grpc_addr).await;
     let admin_client = AdminClient::new(channel.clone());
-    let t = now_micros() - 2_000_000;
     let summary = IngestClient::new(channel)
         .record_stream(futures::stream::iter(vec![
             event(1, LAT, LON, t),
@@ -978,7 +984,11 @@ async fn admin_cluster_status_lists_one_process_owning_every_partition() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_trigger_snapshot_stores_what_was_processed_and_then_reports_it() {
-    let pair = met_pair().await;
+    // An hour ago: not a live stream, so event time moves with reports alone and no heartbeat
+    // follows the clock (with met_pair's live reports, a heartbeat every 500 ms could land
+    // between the two requests below and make the second one take a snapshot: the test failed
+    // that way under load).
+    let pair = met_pair_at(now_micros() - 3_600 * 1_000_000).await;
     let MetPair {
         client,
         zone_partition,
