@@ -16,6 +16,39 @@ use crate::zones::{person_partition, CellCache, FineCell, ZoneGrid, ZoneId};
 /// Width of the eviction buckets in event time.
 const BUCKET_US: Micros = MICROS_PER_S;
 
+/// Width of a snapshot slice in event time (µs): a zone partition's snapshot holds its points
+/// by slice of their `recorded_at`, one snapshot part per slice, and rewrites only the slices
+/// whose points changed since the previous snapshot (see `actors/src/actors/zone.rs`).
+pub const SNAPSHOT_SLICE_US: Micros = 5 * MICROS_PER_S;
+
+/// The snapshot slice of a point recorded at `recorded_at` (µs since the Unix epoch).
+pub fn snapshot_slice(recorded_at: Micros) -> i64 {
+    recorded_at.div_euclid(SNAPSHOT_SLICE_US)
+}
+
+/// Points by fine cell, each cell's in the index's order.
+pub type CellPointList = Vec<(FineCell, Vec<RetainedPoint>)>;
+
+/// A zone's state without its points, as a zone partition's snapshot holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneMeta {
+    pub zone: ZoneId,
+    radius_m: f64,
+    window_us: Micros,
+    sum_per_peer: bool,
+    watermark: Micros,
+    counters: ZoneCounters,
+}
+
+impl ZoneMeta {
+    /// The oldest time a point may still have after the zone's last eviction could have
+    /// removed it: eviction only ever removes points older than `watermark - window_s`, so the
+    /// points of later slices change only by arrivals (µs since the Unix epoch).
+    pub fn eviction_horizon(&self) -> Micros {
+        self.watermark.saturating_sub(self.window_us)
+    }
+}
+
 /// A point a zone keeps while it can still be matched. Serialized as its [`StoredCopy`]: the
 /// Earth-centred position is computed again when it is read (the same function of the same
 /// degrees, so the same bits): 43 bytes a point instead of 67, a zone snapshot about a third
@@ -172,6 +205,78 @@ impl ZoneIndex {
             scratch: Vec::new(),
             scratch_index: FxHashMap::default(),
         }
+    }
+
+    /// The zone's state without its points.
+    pub fn meta(&self) -> ZoneMeta {
+        ZoneMeta {
+            zone: self.zone,
+            radius_m: self.radius_m,
+            window_us: self.window_us,
+            sum_per_peer: self.sum_per_peer,
+            watermark: self.watermark,
+            counters: self.counters,
+        }
+    }
+
+    /// The retained points of the snapshot slices `wanted` accepts, by slice, grouped by fine
+    /// cell (cells in ascending order, each cell's points in the index's order).
+    pub fn points_by_slice(&self, wanted: impl Fn(i64) -> bool) -> BTreeMap<i64, CellPointList> {
+        let mut by_slice: BTreeMap<i64, BTreeMap<FineCell, Vec<RetainedPoint>>> = BTreeMap::new();
+        for (cell, points) in &self.cells {
+            for p in &points.points {
+                let slice = snapshot_slice(p.recorded_at);
+                if wanted(slice) {
+                    by_slice
+                        .entry(slice)
+                        .or_default()
+                        .entry(*cell)
+                        .or_default()
+                        .push(*p);
+                }
+            }
+        }
+        by_slice
+            .into_iter()
+            .map(|(slice, cells)| (slice, cells.into_iter().collect()))
+            .collect()
+    }
+
+    /// The zone of `meta` holding exactly `cells`' points (in the order given, per cell), as
+    /// [`ZoneIndex::meta`] and [`ZoneIndex::points_by_slice`] captured it; each cell is filed
+    /// for eviction under its oldest point, as arrivals file it.
+    pub fn restore(
+        meta: ZoneMeta,
+        cells: impl IntoIterator<Item = (FineCell, Vec<RetainedPoint>)>,
+    ) -> Self {
+        let mut index = Self {
+            zone: meta.zone,
+            radius_m: meta.radius_m,
+            window_us: meta.window_us,
+            sum_per_peer: meta.sum_per_peer,
+            cells: FxHashMap::default(),
+            buckets: BTreeMap::new(),
+            retained: 0,
+            watermark: meta.watermark,
+            counters: meta.counters,
+            scratch: Vec::new(),
+            scratch_index: FxHashMap::default(),
+        };
+        for (cell_id, points) in cells {
+            let cell = index.cells.entry(cell_id).or_insert_with(|| CellPoints {
+                points: Vec::new(),
+                bucket: Micros::MAX,
+            });
+            index.retained += points.len();
+            cell.points.extend(points);
+        }
+        index.cells.retain(|_, cell| !cell.points.is_empty());
+        for (cell_id, cell) in &mut index.cells {
+            let oldest = cell.points.iter().map(|p| p.recorded_at).min();
+            cell.bucket = oldest.unwrap_or(Micros::MAX).div_euclid(BUCKET_US);
+            index.buckets.entry(cell.bucket).or_default().push(*cell_id);
+        }
+        index
     }
 
     /// The zone this index is for.

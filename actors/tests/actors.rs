@@ -322,3 +322,101 @@ async fn person_snapshots_hold_the_changed_persons_and_everyone_after_one_was_no
     assert_eq!(part_keys(&after), vec![1, 2]);
     engine.stop().await;
 }
+
+/// What the store keeps of a partition's snapshots: `blob` applied on top of `stored` as
+/// `src/store/snapshots.rs` applies it (a complete one replaces every part; an incremental one
+/// replaces the parts it holds and removes those it names without a state).
+fn apply_snapshot(
+    stored: Option<udaconnect_actors::actors::ports::SnapshotBlob>,
+    blob: udaconnect_actors::actors::ports::SnapshotBlob,
+) -> udaconnect_actors::actors::ports::SnapshotBlob {
+    let mut parts: std::collections::BTreeMap<i64, Vec<u8>> = match (&stored, blob.complete) {
+        (Some(s), false) => s
+            .parts
+            .iter()
+            .filter_map(|(k, p)| p.clone().map(|p| (*k, p)))
+            .collect(),
+        _ => Default::default(),
+    };
+    for (key, part) in &blob.parts {
+        match part {
+            Some(p) => parts.insert(*key, p.clone()),
+            None => parts.remove(key),
+        };
+    }
+    udaconnect_actors::actors::ports::SnapshotBlob {
+        parts: parts.into_iter().map(|(k, p)| (k, Some(p))).collect(),
+        complete: true,
+        ..blob
+    }
+}
+
+/// A zone partition's snapshot, finished.
+async fn zone_snapshot(
+    engine: &ActorEngine,
+    p: u32,
+) -> udaconnect_actors::actors::ports::SnapshotBlob {
+    use udaconnect_actors::actors::zone::ZoneSupervisorMsg;
+    engine
+        .zone_supervisor(p)
+        .call(ZoneSupervisorMsg::Snapshot, None)
+        .await
+        .unwrap()
+        .unwrap()
+        .wait()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_snapshots_rewrite_only_changed_slices_and_restore_to_the_same_result() {
+    let events = crowd(40, 20, 3);
+    let expected = oracle(&events, &params());
+    let options = ActorEngineOptions {
+        zone_partitions: 2,
+        person_partitions: 3,
+        capture: false,
+        ..ActorEngineOptions::default()
+    };
+    let cut = events.len() * 2 / 3;
+    let mut first = ActorEngine::start(&params(), options, None).await.unwrap();
+    let mut stored: Vec<Option<udaconnect_actors::actors::ports::SnapshotBlob>> = vec![None, None];
+    let (mut incremental, mut fewer) = (0, 0);
+    for (i, chunk) in events[..cut].chunks(50).enumerate() {
+        first.ingest(chunk).await.unwrap();
+        if i % 3 == 2 {
+            first.settle().await.unwrap();
+            for p in 0..2u32 {
+                let blob = zone_snapshot(&first, p).await;
+                if !blob.complete {
+                    incremental += 1;
+                    let held = stored[p as usize].as_ref().map_or(0, |s| s.parts.len());
+                    fewer +=
+                        usize::from(blob.parts.iter().filter(|(_, s)| s.is_some()).count() < held);
+                }
+                stored[p as usize] = Some(apply_snapshot(stored[p as usize].take(), blob));
+            }
+        }
+    }
+    // The cut: every partition's last snapshot applied on top of what was stored.
+    let mut snapshot = first.snapshot().await.unwrap();
+    for (p, blob) in std::mem::take(&mut snapshot.zones).into_iter().enumerate() {
+        snapshot.zones.push(apply_snapshot(stored[p].take(), blob));
+    }
+    let table = first.table();
+    first.stop().await;
+    assert!(
+        incremental > 0 && fewer > 0,
+        "{incremental} incremental snapshots, {fewer} with fewer parts than stored"
+    );
+
+    let mut second = ActorEngine::start_with_table(&params(), options, Some(snapshot), table)
+        .await
+        .unwrap();
+    for chunk in events[cut..].chunks(50) {
+        second.ingest(chunk).await.unwrap();
+    }
+    second.finish().await.unwrap();
+    assert_eq!(second.episodes(), expected.episodes);
+    second.stop().await;
+}

@@ -21,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, ConnectionSink, PendingSnapshot, SnapshotBlob,
 };
-use crate::actors::supervision::{restore_header, restore_parts, Child, Children};
+use crate::actors::supervision::{restore_header, restore_parts, Child, Children, Unfinished};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{
@@ -230,17 +230,6 @@ pub struct PersonSupervisorCounters {
 
 /// The person partition's supervisor: configuration only.
 pub struct PersonSupervisor;
-
-/// Marks a snapshot as not finished when dropped while still holding the flag.
-struct Unfinished(Option<Arc<std::sync::atomic::AtomicBool>>);
-
-impl Drop for Unfinished {
-    fn drop(&mut self) {
-        if let Some(flag) = self.0.take() {
-            flag.store(true, std::sync::atomic::Ordering::Release);
-        }
-    }
-}
 
 /// What a person supervisor starts with.
 pub struct PersonSupervisorArgs {

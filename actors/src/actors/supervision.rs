@@ -23,6 +23,18 @@ use serde::de::DeserializeOwned;
 use crate::actors::ports::SnapshotBlob;
 use crate::actors::SupervisionCounters;
 
+/// Marks an incremental snapshot as not finished when dropped while still holding the flag:
+/// the changes it took are then in no stored snapshot, and the next one must hold everything.
+pub(crate) struct Unfinished(pub(crate) Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0.take() {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// A kind of child actor of a partition's supervisor (the zone actor, the person actor): one
 /// per key, its state one part of the partition's snapshot.
 pub(crate) trait Child: Actor {

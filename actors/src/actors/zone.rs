@@ -8,7 +8,7 @@
 //! PostgreSQL on the way to a notification); a snapshot is finished only once the home events
 //! it covers are stored.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,22 +21,23 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, LocationSink, PendingSnapshot, PersonUpdateSink, SnapshotBlob,
 };
-use crate::actors::supervision::{restore_header, restore_parts, Child, Children};
+use crate::actors::supervision::{restore_header, Child, Children, Unfinished};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
 use crate::messages::{LateCopy, PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
 use crate::params::EngineParams;
 use crate::zone_index::{
-    admit, pack_updates, EventClock, PartitionCounters, RetainedPoint, StoredCopy, ZoneCounters,
-    ZoneIndex,
+    admit, pack_updates, snapshot_slice, CellPointList, EventClock, PartitionCounters,
+    RetainedPoint, StoredCopy, ZoneCounters, ZoneIndex, ZoneMeta,
 };
 use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
 /// How long the supervisor waits for a zone actor's answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Snapshot format of a zone partition: postcard of [`ZonePartitionSnapshot`], and of a
-/// [`ZoneIndex`] per part (keyed by zone id as `i64`).
-pub const ZONE_SNAPSHOT_FORMAT: u32 = 3;
+/// Snapshot format of a zone partition: postcard of [`ZonePartitionSnapshot`] (with every
+/// zone's [`ZoneMeta`]), and of a [`ZoneSlicePart`] per part, keyed by its snapshot slice (see
+/// [`SNAPSHOT_SLICE_US`](crate::zone_index::SNAPSHOT_SLICE_US)).
+pub const ZONE_SNAPSHOT_FORMAT: u32 = 4;
 
 /// Batches of home events queued in front of a partition's location writer before the
 /// supervisor waits (backpressure when the store is slow or away).
@@ -191,12 +192,26 @@ fn zone_view(index: &ZoneIndex, limit: usize) -> ZoneView {
     }
 }
 
-/// The partition-wide state of a zone partition's snapshot (each zone's index is a part).
+/// The partition-wide state of a zone partition's snapshot: its clock, counters and every
+/// zone without its points (the points are in the [`ZoneSlicePart`]s).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ZonePartitionSnapshot {
     pub partition: u32,
     pub clock: EventClock,
     pub counters: PartitionCounters,
+    pub zones: Vec<ZoneMeta>,
+}
+
+/// One part of a zone partition's snapshot: the points of every zone recorded within one
+/// snapshot slice ([`SNAPSHOT_SLICE_US`](crate::zone_index::SNAPSHOT_SLICE_US) of event time). Points never change once indexed,
+/// and eviction only removes points older than a zone's horizon
+/// ([`ZoneMeta::eviction_horizon`]), so a slice changes only when a copy recorded in it
+/// arrives or the horizon reaches it: a snapshot rewrites those slices and leaves the others
+/// stored (about a tenth of the points at a steady rate, instead of all of them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZoneSlicePart {
+    pub slice: i64,
+    pub zones: Vec<(ZoneId, CellPointList)>,
 }
 
 /// The zone partition's supervisor: configuration only.
@@ -235,6 +250,17 @@ pub struct ZoneSupervisorState {
     zones: Children<ZoneActor>,
     next_offset: u64,
     port_retries: u64,
+    /// Snapshot slices that copies were indexed into since the last snapshot was captured.
+    arrived_slices: BTreeSet<i64>,
+    /// Slices the stored snapshot holds a part for (as far as the snapshots captured since
+    /// say), and whether the next snapshot must hold every slice (nothing stored to build on,
+    /// or a zone restarted empty since).
+    stored_slices: BTreeSet<i64>,
+    complete_next: bool,
+    restarts_seen: u64,
+    /// Set when a snapshot whose slices were already taken was not finished (it failed, or its
+    /// caller dropped it): the next one must then hold every slice.
+    snapshot_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Messages of a zone supervisor.
@@ -403,6 +429,8 @@ impl ZoneSupervisorState {
         }
         let mut per_zone: FxHashMap<ZoneId, Vec<Arriving>> = FxHashMap::default();
         for a in admitted {
+            self.arrived_slices
+                .insert(snapshot_slice(a.routed.event.recorded_at));
             let stored = a.late.then(|| partners.next().unwrap_or_default());
             per_zone.entry(a.routed.zone).or_default().push(Arriving {
                 routed: a.routed,
@@ -479,29 +507,122 @@ impl ZoneSupervisorState {
         self.port_retries += retries;
     }
 
-    async fn snapshot(&self) -> Result<PendingSnapshot, ActorProcessingErr> {
+    /// Captures the partition's state: every zone's meta, and the snapshot slices that changed
+    /// since the last snapshot (copies arrived in them, or a zone's eviction horizon reached
+    /// them), or every slice when nothing stored can be built on. Serialized in the background
+    /// once the copies it covers are stored.
+    async fn snapshot(&mut self) -> Result<PendingSnapshot, ActorProcessingErr> {
         let stored = self.locations.stored_so_far().await;
-        // Every zone, every time: zones are few, and each one's points change with each
-        // watermark anyway.
         let zones = self.zones.states(self.zones.sorted_keys()).await?;
+        let failed_before = self
+            .snapshot_failed
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        let restarts = self.zones.supervision().restarts;
+        let complete = self.complete_next || failed_before || restarts != self.restarts_seen;
+        // Eviction changes only the slices at or below the newest horizon.
+        let evicted_up_to = zones
+            .iter()
+            .map(|(_, index)| snapshot_slice(index.meta().eviction_horizon()))
+            .max()
+            .unwrap_or(i64::MIN);
+        let arrived = std::mem::take(&mut self.arrived_slices);
+        let wanted = |slice: i64| complete || slice <= evicted_up_to || arrived.contains(&slice);
+        let mut slices: BTreeMap<i64, Vec<(ZoneId, CellPointList)>> = BTreeMap::new();
+        let mut metas = Vec::with_capacity(zones.len());
+        for (zone, index) in &zones {
+            for (slice, cells) in index.points_by_slice(wanted) {
+                slices.entry(slice).or_default().push((*zone, cells));
+            }
+            metas.push(index.meta());
+        }
+        drop(zones);
+        // Stored slices it would rewrite that hold nothing any more are removed.
+        let emptied: Vec<i64> = if complete {
+            Vec::new()
+        } else {
+            self.stored_slices
+                .iter()
+                .copied()
+                .filter(|s| wanted(*s) && !slices.contains_key(s))
+                .collect()
+        };
+        if complete {
+            self.stored_slices.clear();
+        }
+        for s in &emptied {
+            self.stored_slices.remove(s);
+        }
+        self.stored_slices.extend(slices.keys().copied());
+        self.complete_next = false;
+        self.restarts_seen = restarts;
+        let parts = slices
+            .into_iter()
+            .map(|(slice, zones)| (slice, Some(ZoneSlicePart { slice, zones })))
+            .chain(emptied.into_iter().map(|s| (s, None)))
+            .collect();
         let header = ZonePartitionSnapshot {
             partition: self.partition,
             clock: self.clock,
             counters: self.counters,
+            zones: metas,
         };
-        Ok(PendingSnapshot::serialize(
+        let pending = PendingSnapshot::serialize(
             CapturedSnapshot {
                 header,
-                parts: zones
-                    .into_iter()
-                    .map(|(zone, index)| (ZoneActor::stored_key(zone), Some(index)))
-                    .collect(),
-                complete: true,
+                parts,
+                complete,
                 next_offset: self.next_offset,
                 format: ZONE_SNAPSHOT_FORMAT,
             },
             Some(stored),
-        ))
+        );
+        // The slices it holds were taken from `arrived_slices`: if it is not finished, the
+        // next snapshot holds every slice.
+        let mut unfinished = Unfinished(Some(Arc::clone(&self.snapshot_failed)));
+        Ok(PendingSnapshot(Box::pin(async move {
+            let result = pending.wait().await;
+            if result.is_ok() {
+                unfinished.0 = None;
+            }
+            drop(unfinished);
+            result
+        })))
+    }
+
+    /// Restores the zones of a stored snapshot: their metas from the header, their points from
+    /// the slice parts (in slice order); errors if a part does not decode, is filed under
+    /// another slice than it holds, or holds a zone the header does not list.
+    async fn restore(
+        &mut self,
+        myself: &ActorRef<ZoneSupervisorMsg>,
+        blob: &SnapshotBlob,
+        metas: Vec<ZoneMeta>,
+    ) -> Result<(), ActorProcessingErr> {
+        let mut points: FxHashMap<ZoneId, CellPointList> =
+            metas.iter().map(|m| (m.zone, Vec::new())).collect();
+        let mut parts: Vec<(i64, &[u8])> = blob.part_states().collect();
+        parts.sort_unstable_by_key(|(slice, _)| *slice);
+        for (slice, bytes) in parts {
+            let part: ZoneSlicePart = postcard::from_bytes(bytes)?;
+            if part.slice != slice {
+                return Err(
+                    format!("zone snapshot part {slice} holds slice {}", part.slice).into(),
+                );
+            }
+            for (zone, cells) in part.zones {
+                let Some(into) = points.get_mut(&zone) else {
+                    return Err(format!("zone snapshot part {slice} holds zone {zone:x}, which its header does not list").into());
+                };
+                into.extend(cells);
+            }
+            self.stored_slices.insert(slice);
+        }
+        for meta in metas {
+            let cells = points.remove(&meta.zone).unwrap_or_default();
+            self.spawn_zone(myself, ZoneIndex::restore(meta, cells))
+                .await?;
+        }
+        Ok(())
     }
 }
 
@@ -540,6 +661,11 @@ impl Actor for ZoneSupervisor {
             zones: Children::new(),
             next_offset: 0,
             port_retries: 0,
+            arrived_slices: BTreeSet::new(),
+            stored_slices: BTreeSet::new(),
+            complete_next: true,
+            restarts_seen: 0,
+            snapshot_failed: Arc::default(),
         };
         if let Some(blob) = args.snapshot {
             let snapshot: ZonePartitionSnapshot =
@@ -549,10 +675,10 @@ impl Actor for ZoneSupervisor {
             state.clock.reconfigure(&args.params);
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
-            // Restored zones start right away, each with its index.
-            for index in restore_parts::<ZoneActor>(&blob) {
-                state.spawn_zone(&myself, index?).await?;
-            }
+            // Restored zones start right away, each with its index; the stored slices are
+            // this snapshot's, so the next one may build on them.
+            state.restore(&myself, &blob, snapshot.zones).await?;
+            state.complete_next = false;
         }
         Ok(state)
     }
