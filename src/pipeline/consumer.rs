@@ -250,6 +250,9 @@ async fn run_worker<F: WorkerFactory>(
     // The periodic snapshot being stored, if one is: at most one at a time.
     let mut storing: Option<tokio::task::JoinHandle<Option<i64>>> = None;
     loop {
+        // The tick before the input: a partition that always has records waiting (a backlog,
+        // a sustained rate) must still snapshot every interval, or a crash would replay all
+        // of it (with the input first, a busy partition never took a periodic snapshot).
         let input = tokio::select! {
             biased;
             stored = async { storing.as_mut().expect("guarded").await }, if storing.is_some() => {
@@ -257,7 +260,6 @@ async fn run_worker<F: WorkerFactory>(
                 stored_checkpoint(&mut worker, partition, &commands, stored.ok().flatten());
                 continue;
             }
-            input = rx.recv() => input,
             _ = ticker.tick() => {
                 if storing.is_none() {
                     if let Some(work) = worker.begin_checkpoint().await {
@@ -266,6 +268,7 @@ async fn run_worker<F: WorkerFactory>(
                 }
                 continue;
             }
+            input = rx.recv() => input,
         };
         let (records, control) = match input {
             Some(Input::Record(first)) => {
@@ -725,4 +728,98 @@ fn poll_loop<F: WorkerFactory>(
     // unsubscribe() first is postponed by librdkafka while a rebalance is in progress, and a
     // process stopped then was only removed from the group at its session timeout (10 s).
     drop(consumer);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, AtomicUsize};
+
+    use super::*;
+
+    /// Counts its snapshots; each is stored at once.
+    struct Counting {
+        handled: Arc<AtomicI64>,
+        snapshots: Arc<AtomicUsize>,
+    }
+
+    impl PartitionWorker for Counting {
+        fn start_offset(&self) -> i64 {
+            0
+        }
+
+        async fn handle(&mut self, records: Vec<Record>) {
+            let last = records.last().map_or(0, |r| r.offset + 1);
+            self.handled.store(last, Ordering::Release);
+            // A little work per batch, as a stage does.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
+            self.snapshots.fetch_add(1, Ordering::AcqRel);
+            let offset = self.handled.load(Ordering::Acquire);
+            Some(Box::pin(async move { Some(offset) }))
+        }
+
+        fn checkpoint_stored(&mut self, _offset: i64) {}
+
+        async fn close(self) {}
+    }
+
+    struct Factory {
+        handled: Arc<AtomicI64>,
+        snapshots: Arc<AtomicUsize>,
+    }
+
+    impl WorkerFactory for Factory {
+        type Worker = Counting;
+
+        async fn open(&self, _partition: i32) -> Counting {
+            Counting {
+                handled: Arc::clone(&self.handled),
+                snapshots: Arc::clone(&self.snapshots),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_partition_that_always_has_records_waiting_still_snapshots_every_interval() {
+        let snapshots = Arc::new(AtomicUsize::new(0));
+        let factory = Arc::new(Factory {
+            handled: Arc::default(),
+            snapshots: Arc::clone(&snapshots),
+        });
+        let (tx, rx) = mpsc::channel(64);
+        let (commands, _command_rx) = std_mpsc::channel();
+        let worker = tokio::spawn(run_worker(
+            factory,
+            Stage::Zones,
+            (0, 0),
+            rx,
+            commands,
+            Duration::from_millis(50),
+            Arc::new(StageCounters::default()),
+        ));
+        // A backlog that never drains for a second: the channel is refilled as fast as the
+        // worker empties it.
+        let started = tokio::time::Instant::now();
+        let mut offset = 0;
+        while started.elapsed() < Duration::from_secs(1) {
+            let record = Record {
+                offset,
+                payload: None,
+            };
+            tx.send(Input::Record(record))
+                .await
+                .expect("worker running");
+            offset += 1;
+        }
+        drop(tx);
+        worker.await.expect("worker stopped");
+        // 20 intervals of 50 ms (the first one staggered); well over half must have ticked.
+        let taken = snapshots.load(Ordering::Acquire);
+        assert!(
+            taken >= 10,
+            "{taken} periodic snapshots in 1 s at a 50 ms interval"
+        );
+    }
 }
