@@ -35,7 +35,7 @@ use crate::zones::ZoneId;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Snapshot format of a person partition: postcard of [`PersonPartitionSnapshot`], and of a
 /// [`PersonState`] per part (keyed by person id).
-pub const PERSON_SNAPSHOT_FORMAT: u32 = 3;
+pub const PERSON_SNAPSHOT_FORMAT: u32 = 4;
 /// How long episode changes may wait before they are written to the sink (history queries
 /// see an episode's changes up to this much later than its notifications).
 pub const CHANGES_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
