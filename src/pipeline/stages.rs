@@ -633,7 +633,10 @@ impl WorkerFactory for ZoneStage {
                 updates: self.updates.clone(),
                 snapshot,
             },
-            ZoneSupervisorMsg::Snapshot,
+            |reply| ZoneSupervisorMsg::Snapshot {
+                complete: false,
+                reply,
+            },
         )
         .await;
         Worker::new(core, self.dead_letters.clone())

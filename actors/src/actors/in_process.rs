@@ -398,7 +398,13 @@ impl ActorEngine {
         for z in &self.zones {
             let pending = call_ok(
                 z.actor()
-                    .call(ZoneSupervisorMsg::Snapshot, Some(CALL_TIMEOUT))
+                    .call(
+                        |reply| ZoneSupervisorMsg::Snapshot {
+                            complete: true,
+                            reply,
+                        },
+                        Some(CALL_TIMEOUT),
+                    )
                     .await,
                 "zone snapshot",
             )?;

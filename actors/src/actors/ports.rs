@@ -122,13 +122,14 @@ impl Stage {
 }
 
 /// A partition's serialized state and the next input offset it covers: the partition-wide
-/// state (`bytes`) and each actor's state as a part, by key (person id, or zone id as `i64`).
+/// state (`bytes`) and parts by key (a person's state by person id; a zone partition's points
+/// of one snapshot slice by slice number).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotBlob {
     pub next_offset: u64,
     pub format: u32,
     pub bytes: Vec<u8>,
-    /// Actors' states by key; `None` for an actor that no longer exists.
+    /// Parts by key; `None` for one that no longer exists (a person gone, a slice emptied).
     pub parts: Vec<(i64, Option<Vec<u8>>)>,
     /// Whether `parts` holds every actor of the partition (stored parts not among them are
     /// dropped); otherwise it holds only the actors that changed since the previous snapshot,
@@ -164,7 +165,7 @@ pub struct PendingSnapshot(pub BoxFuture<'static, Result<SnapshotBlob, PortError
 pub struct CapturedSnapshot<H, P> {
     /// The partition-wide state.
     pub header: H,
-    /// Actors' states by key (see [`SnapshotBlob::parts`]).
+    /// Parts by key (see [`SnapshotBlob::parts`]).
     pub parts: Vec<(i64, Option<P>)>,
     pub complete: bool,
     pub next_offset: u64,

@@ -165,7 +165,8 @@ impl<C: Child> Children<C> {
     ///
     /// `fresh` is where the supervisors differ: each knows what an empty child of its kind
     /// needs, and the person supervisor also notes that the person's state changed (its next
-    /// incremental snapshot must hold it); zone snapshots always hold every zone.
+    /// incremental snapshot must hold it); the zone supervisor sees the restart in the
+    /// counters and makes its next snapshot complete.
     pub(crate) async fn supervise(
         &mut self,
         event: SupervisionEvent,

@@ -288,7 +288,12 @@ pub enum ZoneSupervisorMsg {
     /// Replies once every earlier batch is processed and its home events are stored.
     Flush(RpcReplyPort<()>),
     /// Captures a snapshot; it is serialized in the background (see [`PendingSnapshot`]).
-    Snapshot(RpcReplyPort<PendingSnapshot>),
+    Snapshot {
+        /// Every slice, rather than those that changed since the previous snapshot (a
+        /// snapshot that must restore on its own).
+        complete: bool,
+        reply: RpcReplyPort<PendingSnapshot>,
+    },
     View(RpcReplyPort<ZonePartitionView>),
     ZoneView {
         zone: ZoneId,
@@ -509,16 +514,19 @@ impl ZoneSupervisorState {
 
     /// Captures the partition's state: every zone's meta, and the snapshot slices that changed
     /// since the last snapshot (copies arrived in them, or a zone's eviction horizon reached
-    /// them), or every slice when nothing stored can be built on. Serialized in the background
+    /// them), or every slice when `complete` or when nothing stored can be built on. An
+    /// incremental snapshot is right only on top of the one captured before it, stored: the
+    /// stage worker keeps at most one in flight (`src/pipeline/consumer.rs`). Serialized in the background
     /// once the copies it covers are stored.
-    async fn snapshot(&mut self) -> Result<PendingSnapshot, ActorProcessingErr> {
+    async fn snapshot(&mut self, complete: bool) -> Result<PendingSnapshot, ActorProcessingErr> {
         let stored = self.locations.stored_so_far().await;
         let zones = self.zones.states(self.zones.sorted_keys()).await?;
         let failed_before = self
             .snapshot_failed
             .swap(false, std::sync::atomic::Ordering::AcqRel);
         let restarts = self.zones.supervision().restarts;
-        let complete = self.complete_next || failed_before || restarts != self.restarts_seen;
+        let complete =
+            complete || self.complete_next || failed_before || restarts != self.restarts_seen;
         // Eviction changes only the slices at or below the newest horizon.
         let evicted_up_to = zones
             .iter()
@@ -598,6 +606,9 @@ impl ZoneSupervisorState {
         blob: &SnapshotBlob,
         metas: Vec<ZoneMeta>,
     ) -> Result<(), ActorProcessingErr> {
+        if !blob.complete {
+            return Err("a zone snapshot to restore must hold every slice (complete)".into());
+        }
         let mut points: FxHashMap<ZoneId, CellPointList> =
             metas.iter().map(|m| (m.zone, Vec::new())).collect();
         let mut parts: Vec<(i64, &[u8])> = blob.part_states().collect();
@@ -726,8 +737,8 @@ impl Actor for ZoneSupervisor {
                 state.publish_watermark().await;
                 let _ = reply.send(());
             }
-            ZoneSupervisorMsg::Snapshot(reply) => {
-                let blob = state.snapshot().await?;
+            ZoneSupervisorMsg::Snapshot { complete, reply } => {
+                let blob = state.snapshot(complete).await?;
                 let _ = reply.send(blob);
             }
             ZoneSupervisorMsg::View(reply) => {
