@@ -224,10 +224,24 @@ mod packed_trajectory {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<Sighting>, D::Error> {
         let packed = Vec::<Packed>::deserialize(d)?;
+        // The invariants `PersonState::sighting` keeps, checked on what a snapshot says.
+        if packed.len() > super::TRAJECTORY_LEN {
+            return Err(serde::de::Error::custom(format!(
+                "a trajectory holds at most {} sightings, not {}",
+                super::TRAJECTORY_LEN,
+                packed.len()
+            )));
+        }
         let (mut time, mut zone) = (0 as Micros, None);
         let mut out = VecDeque::with_capacity(packed.len());
         for p in packed {
+            let previous = time;
             time = time.wrapping_add(p.after_us);
+            if !out.is_empty() && time < previous {
+                return Err(serde::de::Error::custom(
+                    "a trajectory's sightings are out of time order",
+                ));
+            }
             zone = p.zone.or(zone);
             let Some(zone) = zone else {
                 return Err(serde::de::Error::custom(
@@ -1100,6 +1114,30 @@ mod tests {
             packed * 10 < trajectory * 8,
             "{packed} bytes packed, {trajectory} derived, for {} sightings",
             p.trajectory.len()
+        );
+    }
+
+    #[test]
+    fn a_snapshot_with_a_trajectory_too_long_or_out_of_order_is_refused() {
+        let sighting = |t: i64| Sighting {
+            event_id: Uuid::from_u128(t as u128),
+            recorded_at: T0 + t * S,
+            lat: 0.0,
+            lon: 0.0,
+            zone: 7,
+        };
+        let mut p = PersonState::new(1);
+        p.trajectory = (0..33).map(sighting).collect();
+        let long = postcard::to_allocvec(&p).expect("encodes");
+        assert!(postcard::from_bytes::<PersonState>(&long).is_err());
+        p.trajectory = [sighting(2), sighting(1)].into_iter().collect();
+        let unordered = postcard::to_allocvec(&p).expect("encodes");
+        assert!(postcard::from_bytes::<PersonState>(&unordered).is_err());
+        p.trajectory = [sighting(1), sighting(2)].into_iter().collect();
+        let fine = postcard::to_allocvec(&p).expect("encodes");
+        assert_eq!(
+            postcard::from_bytes::<PersonState>(&fine).expect("decodes"),
+            p
         );
     }
 }
