@@ -139,16 +139,22 @@ async fn actors_equal_the_engine_and_the_oracle() {
     engine.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_and_restore_mid_stream_give_the_same_result() {
-    let events = crowd(40, 20, 2);
-    let expected = oracle(&events, &params());
-    let options = ActorEngineOptions {
+/// The engine the snapshot-and-restore tests stop and start again: 2 zone and 3 person
+/// partitions.
+fn restore_options() -> ActorEngineOptions {
+    ActorEngineOptions {
         zone_partitions: 2,
         person_partitions: 3,
         capture: false,
         ..ActorEngineOptions::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_restore_mid_stream_give_the_same_result() {
+    let events = crowd(40, 20, 2);
+    let expected = oracle(&events, &params());
+    let options = restore_options();
     let half = events.len() / 2;
     let mut first = ActorEngine::start(&params(), options, None).await.unwrap();
     for chunk in events[..half].chunks(50) {
@@ -415,12 +421,7 @@ async fn retained_points(engine: &ActorEngine, partitions: u32) -> Vec<(u64, u12
 async fn zone_snapshots_rewrite_only_changed_slices_and_restore_to_the_same_result() {
     let events = crowd(40, 20, 3);
     let expected = oracle(&events, &params());
-    let options = ActorEngineOptions {
-        zone_partitions: 2,
-        person_partitions: 3,
-        capture: false,
-        ..ActorEngineOptions::default()
-    };
+    let options = restore_options();
     let cut = events.len() * 2 / 3;
     let mut first = ActorEngine::start(&params(), options, None).await.unwrap();
     let mut stored: Vec<Option<udaconnect_actors::actors::ports::SnapshotBlob>> = vec![None, None];

@@ -21,7 +21,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, ConnectionSink, PendingSnapshot, SnapshotBlob,
 };
-use crate::actors::supervision::{restore_header, restore_parts, Child, Children, Unfinished};
+use crate::actors::supervision::{
+    flag_unfinished, restore_header, restore_parts, Child, Children, PartPerChild,
+};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{
@@ -184,14 +186,6 @@ impl Child for PersonActor {
         state.person()
     }
 
-    fn part_key(state: &PersonState) -> PersonId {
-        state.person()
-    }
-
-    fn stored_key(person: PersonId) -> i64 {
-        person
-    }
-
     fn snapshot_request(reply: RpcReplyPort<PersonState>) -> PersonMsg {
         PersonMsg::Snapshot(reply)
     }
@@ -202,6 +196,16 @@ impl Child for PersonActor {
 
     fn log_restart(partition: u32, person: PersonId, error: &ActorProcessingErr) {
         tracing::error!(partition, person, %error, "person actor failed, restarting it empty");
+    }
+}
+
+impl PartPerChild for PersonActor {
+    fn part_key(state: &PersonState) -> PersonId {
+        state.person()
+    }
+
+    fn stored_key(person: PersonId) -> i64 {
+        person
     }
 }
 
@@ -583,17 +587,9 @@ impl PersonSupervisorState {
             },
             Some(stored),
         );
-        // The changes it holds were taken from `changed`: if it is not finished — it fails,
-        // or it is dropped (its caller gave up waiting) — the next snapshot holds everyone.
-        let mut unfinished = Unfinished(Some(Arc::clone(&self.snapshot_failed)));
-        Ok(PendingSnapshot(Box::pin(async move {
-            let result = pending.wait().await;
-            if result.is_ok() {
-                unfinished.0 = None;
-            }
-            drop(unfinished);
-            result
-        })))
+        // The changes it holds were taken from `changed`: if it is not finished, the next
+        // snapshot holds everyone.
+        Ok(flag_unfinished(pending, &self.snapshot_failed))
     }
 }
 

@@ -20,12 +20,11 @@ use ractor::{
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 
-use crate::actors::ports::SnapshotBlob;
+use crate::actors::ports::{PendingSnapshot, SnapshotBlob};
 use crate::actors::SupervisionCounters;
 
-/// Marks an incremental snapshot as not finished when dropped while still holding the flag:
-/// the changes it took are then in no stored snapshot, and the next one must hold everything.
-pub(crate) struct Unfinished(pub(crate) Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+/// Marks an incremental snapshot as not finished when dropped while still holding the flag.
+struct Unfinished(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
@@ -35,8 +34,26 @@ impl Drop for Unfinished {
     }
 }
 
+/// `pending`, setting `failed` if it is not finished (it fails, or it is dropped because its
+/// caller gave up waiting): the changes it took are then in no stored snapshot, and the
+/// supervisor's next snapshot must hold everything.
+pub(crate) fn flag_unfinished(
+    pending: PendingSnapshot,
+    failed: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> PendingSnapshot {
+    let mut unfinished = Unfinished(Some(std::sync::Arc::clone(failed)));
+    PendingSnapshot(Box::pin(async move {
+        let result = pending.wait().await;
+        if result.is_ok() {
+            unfinished.0 = None;
+        }
+        drop(unfinished);
+        result
+    }))
+}
+
 /// A kind of child actor of a partition's supervisor (the zone actor, the person actor): one
-/// per key, its state one part of the partition's snapshot.
+/// per key, its state handed over when a snapshot is captured.
 pub(crate) trait Child: Actor {
     /// What the supervisor knows a child by (zone id, person id).
     type Key: Copy + Eq + Hash + Ord + Display + Send + Sync + 'static;
@@ -50,10 +67,6 @@ pub(crate) trait Child: Actor {
 
     /// The key of the child started with `args`.
     fn key(args: &Self::Arguments) -> Self::Key;
-    /// The key of the child a snapshot part belongs to.
-    fn part_key(part: &Self::Part) -> Self::Key;
-    /// `key` as a snapshot stores it (see [`SnapshotBlob::parts`]).
-    fn stored_key(key: Self::Key) -> i64;
     /// The request for a child's state, answered on `reply`.
     fn snapshot_request(reply: RpcReplyPort<Self::Part>) -> Self::Msg;
     /// The message that makes a child panic (tests of the restart path).
@@ -63,6 +76,15 @@ pub(crate) trait Child: Actor {
     // One function per kind rather than a shared line: the key's log field is named after the
     // kind (`zone`, `person`), and tracing's field names are fixed at compile time.
     fn log_restart(partition: u32, key: Self::Key, error: &ActorProcessingErr);
+}
+
+/// A kind of child whose state is one part of its partition's snapshot, keyed by the child (the
+/// person actor; a zone partition stores its points by slice instead).
+pub(crate) trait PartPerChild: Child {
+    /// The key of the child a snapshot part belongs to.
+    fn part_key(part: &Self::Part) -> Self::Key;
+    /// `key` as a snapshot stores it (see [`SnapshotBlob::parts`]).
+    fn stored_key(key: Self::Key) -> i64;
 }
 
 /// A supervisor's live children, by key and by actor id (to know whom a supervision event is
@@ -253,7 +275,7 @@ pub(crate) fn restore_header<C: Child, H: DeserializeOwned>(
 /// The children's states (postcard) of a snapshot of `C`'s partitions, decoded one at a time
 /// in the snapshot's order; an item errors if its bytes do not decode or hold another child
 /// than the part's key names.
-pub(crate) fn restore_parts<C: Child>(
+pub(crate) fn restore_parts<C: PartPerChild>(
     blob: &SnapshotBlob,
 ) -> impl Iterator<Item = Result<C::Part, ActorProcessingErr>> + '_ {
     blob.part_states().map(|(key, bytes)| {

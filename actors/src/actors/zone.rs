@@ -21,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::actors::ports::{
     retry, CapturedSnapshot, LocationSink, PendingSnapshot, PersonUpdateSink, SnapshotBlob,
 };
-use crate::actors::supervision::{restore_header, Child, Children, Unfinished};
+use crate::actors::supervision::{flag_unfinished, restore_header, Child, Children};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
 use crate::messages::{LateCopy, PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
@@ -158,14 +158,6 @@ impl Child for ZoneActor {
 
     fn key((index, _): &Self::Arguments) -> ZoneId {
         index.zone()
-    }
-
-    fn part_key(index: &ZoneIndex) -> ZoneId {
-        index.zone()
-    }
-
-    fn stored_key(zone: ZoneId) -> i64 {
-        zone as i64
     }
 
     fn snapshot_request(reply: RpcReplyPort<ZoneIndex>) -> ZoneMsg {
@@ -516,8 +508,8 @@ impl ZoneSupervisorState {
     /// since the last snapshot (copies arrived in them, or a zone's eviction horizon reached
     /// them), or every slice when `complete` or when nothing stored can be built on. An
     /// incremental snapshot is right only on top of the one captured before it, stored: the
-    /// stage worker keeps at most one in flight (`src/pipeline/consumer.rs`). Serialized in the background
-    /// once the copies it covers are stored.
+    /// stage worker keeps at most one in flight (`src/pipeline/consumer.rs`). Serialized in the
+    /// background once the copies it covers are stored.
     async fn snapshot(&mut self, complete: bool) -> Result<PendingSnapshot, ActorProcessingErr> {
         let stored = self.locations.stored_so_far().await;
         let zones = self.zones.states(self.zones.sorted_keys()).await?;
@@ -586,15 +578,7 @@ impl ZoneSupervisorState {
         );
         // The slices it holds were taken from `arrived_slices`: if it is not finished, the
         // next snapshot holds every slice.
-        let mut unfinished = Unfinished(Some(Arc::clone(&self.snapshot_failed)));
-        Ok(PendingSnapshot(Box::pin(async move {
-            let result = pending.wait().await;
-            if result.is_ok() {
-                unfinished.0 = None;
-            }
-            drop(unfinished);
-            result
-        })))
+        Ok(flag_unfinished(pending, &self.snapshot_failed))
     }
 
     /// Restores the zones of a stored snapshot: their metas from the header, their points from
