@@ -83,6 +83,12 @@ pub struct Config {
     pub startup_wait_s: u64,
     /// How long a graceful shutdown may take, seconds.
     pub shutdown_grace_s: u64,
+    /// How long a partition's release (a shutdown, or a rebalance moving it) may spend
+    /// storing its last snapshot, from the revocation, milliseconds (100–60000): past it the
+    /// store is abandoned, never half done, and the next owner restores the last stored
+    /// snapshot (at most one snapshot interval older) and replays from its offset. The
+    /// release still waits for the partition's effects in flight, without a limit.
+    pub release_budget_ms: u64,
     /// This process's name in the cluster, recorded as the owner of its partitions; unset:
     /// `POD_NAME` (the StatefulSet pod), else `<hostname>-<pid>`.
     pub node_name: Option<String>,
@@ -119,6 +125,7 @@ impl Default for Config {
             ingest_ack_timeout_ms: 10_000,
             startup_wait_s: 30,
             shutdown_grace_s: 10,
+            release_budget_ms: 2_000,
             node_name: None,
         }
     }
@@ -220,6 +227,15 @@ impl Config {
                 reason: format!(
                     "must be between 100 and 300000 milliseconds (got {})",
                     self.ingest_ack_timeout_ms
+                ),
+            });
+        }
+        if !(100..=60_000).contains(&self.release_budget_ms) {
+            return Err(ConfigError::OutOfRange {
+                field: "release_budget_ms",
+                reason: format!(
+                    "must be between 100 and 60000 milliseconds (got {})",
+                    self.release_budget_ms
                 ),
             });
         }

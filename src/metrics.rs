@@ -98,6 +98,9 @@ pub struct StageCounters {
     pub backpressure_s: SecondsCounter,
     /// Records per worker batch.
     pub batch_records: Histogram,
+    /// Releases whose last snapshot was not stored within the release budget (the next
+    /// owner replayed from the snapshot before).
+    pub releases_abandoned: Counter,
 }
 
 impl Default for StageCounters {
@@ -107,6 +110,7 @@ impl Default for StageCounters {
             records: Counter::default(),
             backpressure_s: SecondsCounter::default(),
             batch_records: size_histogram(),
+            releases_abandoned: Counter::default(),
         }
     }
 }
@@ -226,6 +230,12 @@ impl StageCounters {
             "Kafka records per batch a partition worker handled",
             batch_records.clone(),
         );
+        let abandoned = Family::<StageLabel, Counter>::default();
+        registry.register(
+            "udaconnect_stage_releases_abandoned",
+            "Partition releases whose last snapshot was not stored within release_budget_ms; the next owner replayed from the snapshot before",
+            abandoned.clone(),
+        );
         let stage = |stage: Stage| {
             let label = StageLabel {
                 stage: stage.as_str(),
@@ -234,6 +244,7 @@ impl StageCounters {
                 records: records.get_or_create_owned(&label),
                 backpressure_s: backpressure.get_or_create_owned(&label),
                 batch_records: batch_records.get_or_create_owned(&label),
+                releases_abandoned: abandoned.get_or_create_owned(&label),
             }
         };
         (stage(Stage::Zones), stage(Stage::Persons))

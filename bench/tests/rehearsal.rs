@@ -108,6 +108,11 @@ async fn three_pods_rolled_scaled_in_and_out_lose_nothing() {
         let stopped = step.action != "scale-out";
         let started = step.action != "scale-in";
         assert_eq!(step.handover_s.is_some(), stopped, "{step:?}");
+        assert_eq!(step.handover_caught_up_s.is_some(), stopped, "{step:?}");
+        // A partition replays after it is restored, never before.
+        if let (Some(moved), Some(replayed)) = (step.handover_s, step.handover_caught_up_s) {
+            assert!(replayed >= moved, "{step:?}");
+        }
         assert_eq!(step.start_to_serving_s.is_some(), started, "{step:?}");
     }
     eprintln!("{figures}");

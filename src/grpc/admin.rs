@@ -131,6 +131,8 @@ impl AdminService {
                     end_offset: p.end_offset,
                     lag: p.lag,
                     snapshot_mismatch: p.snapshot_mismatch.as_ref().map(convert::snapshot_mismatch),
+                    restored_at: p.restored_at_us.map(convert::timestamp),
+                    replayed_at: p.replayed_at_us.map(convert::timestamp),
                     actors: p.figures.actors,
                     passivated: p.figures.passivated,
                     watermark: convert::optional_timestamp(p.figures.watermark),

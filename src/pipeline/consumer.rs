@@ -6,7 +6,10 @@
 //! snapshot's offset against the log ([`crate::pipeline::offsets`]), and has the poll thread
 //! seek there and resume. The worker takes snapshots periodically (stored in the background
 //! while it goes on), and on revocation or shutdown flushes, snapshots and returns its offset,
-//! which is committed before the partition is released. Committed offsets never pass a stored
+//! which is committed before the partition is released. Storing that last snapshot has a
+//! budget (`release_budget_ms`): past it the store is abandoned (rolled back, never half
+//! stored) and the partition is released on its last stored snapshot, which the next owner
+//! restores and replays from, as after a crash. Committed offsets never pass a stored
 //! snapshot, so a crash replays from at most one snapshot interval back, and replays are
 //! idempotent.
 
@@ -46,9 +49,15 @@ pub trait PartitionWorker: Send + 'static {
     fn handle(&mut self, records: Vec<Record>) -> impl Future<Output = ()> + Send;
     /// Captures a snapshot of what was handled so far, unless nothing changed since the last
     /// one, and returns the work that finishes it: once every effect it covers is durable,
-    /// it stores the snapshot and yields its next offset (`None` when that failed). The work
-    /// runs while the worker goes on with the next records.
-    fn begin_checkpoint(&mut self) -> impl Future<Output = Option<Checkpoint>> + Send;
+    /// it stores the snapshot and yields its next offset (`None` when that failed or was
+    /// abandoned). The work runs while the worker goes on with the next records. Once
+    /// `abandon` is cancelled the work stops storing, leaving the stored snapshot as it was,
+    /// and yields `None` (the effects it waits for are still awaited: none may land after a
+    /// release).
+    fn begin_checkpoint(
+        &mut self,
+        abandon: CancellationToken,
+    ) -> impl Future<Output = Option<Checkpoint>> + Send;
     /// Notes that a snapshot covering the records before `offset` is stored.
     fn checkpoint_stored(&mut self, offset: i64);
     /// Stops the partition's actors.
@@ -97,7 +106,7 @@ struct StageContext<F: WorkerFactory> {
     topic: String,
     factory: Arc<F>,
     runtime: tokio::runtime::Handle,
-    snapshot_interval: Duration,
+    timing: Timing,
     workers: Workers,
     commands: std_mpsc::Sender<Command>,
     assigned: Arc<Mutex<Vec<i32>>>,
@@ -176,7 +185,7 @@ impl<F: WorkerFactory> StageContext<F> {
             (partition, generation),
             rx,
             self.commands.clone(),
-            self.snapshot_interval,
+            self.timing,
             Arc::clone(&self.counters),
         ));
     }
@@ -228,15 +237,29 @@ impl<F: WorkerFactory> StageContext<F> {
     }
 }
 
+/// When a stage's partitions snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Between periodic snapshots.
+    pub snapshot_interval: Duration,
+    /// How long a release may take to store its last snapshot, from the revocation (a
+    /// periodic snapshot still being stored counts against it); past it the partition is
+    /// released on the last stored snapshot.
+    pub release_budget: Duration,
+}
+
 async fn run_worker<F: WorkerFactory>(
     factory: Arc<F>,
     stage: Stage,
     (partition, generation): (i32, u64),
     mut rx: mpsc::Receiver<Input>,
     commands: std_mpsc::Sender<Command>,
-    snapshot_interval: Duration,
+    timing: Timing,
     counters: Arc<StageCounters>,
 ) {
+    let snapshot_interval = timing.snapshot_interval;
+    // Cancelled when a release's budget runs out: every store of this worker gives up then.
+    let abandon = CancellationToken::new();
     let mut worker = factory.open(partition).await;
     let _ = commands.send(Command::Start(partition, generation, worker.start_offset()));
     // Partitions snapshot at staggered times, so that their snapshots do not all compete
@@ -262,7 +285,7 @@ async fn run_worker<F: WorkerFactory>(
             }
             _ = ticker.tick() => {
                 if storing.is_none() {
-                    if let Some(work) = worker.begin_checkpoint().await {
+                    if let Some(work) = worker.begin_checkpoint(abandon.clone()).await {
                         storing = Some(tokio::spawn(work));
                     }
                 }
@@ -299,13 +322,34 @@ async fn run_worker<F: WorkerFactory>(
         }
         match control {
             Some(Input::Revoke(ack)) => {
-                let offset = checkpoint_now(&mut worker, partition, &commands, &mut storing).await;
+                let began = Instant::now();
+                let budget = {
+                    let abandon = abandon.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(timing.release_budget).await;
+                        abandon.cancel();
+                    })
+                };
+                let offset =
+                    checkpoint_now(&mut worker, partition, &commands, &mut storing, &abandon).await;
+                budget.abort();
+                if offset.is_none() && abandon.is_cancelled() {
+                    counters.releases_abandoned.inc();
+                    warn!(
+                        stage = stage.as_str(),
+                        partition,
+                        budget_ms = timing.release_budget.as_millis() as u64,
+                        took_ms = began.elapsed().as_millis() as u64,
+                        "the release's snapshot was not stored within its budget; the next owner replays from the last stored one"
+                    );
+                }
                 worker.close().await;
                 let _ = ack.send(offset);
                 return;
             }
             Some(Input::Checkpoint(ack)) => {
-                let offset = checkpoint_now(&mut worker, partition, &commands, &mut storing).await;
+                let offset =
+                    checkpoint_now(&mut worker, partition, &commands, &mut storing, &abandon).await;
                 let _ = ack.send(offset);
             }
             Some(Input::Record(_)) | None => {}
@@ -328,17 +372,18 @@ fn stored_checkpoint<W: PartitionWorker>(
 
 /// Snapshots now and waits until it is stored (after the one being stored, if any), as the
 /// periodic snapshot does; returns the offset the stored snapshot covers, `None` when nothing
-/// changed since the last one.
+/// changed since the last one or when `abandon` was cancelled before it was stored.
 async fn checkpoint_now<W: PartitionWorker>(
     worker: &mut W,
     partition: i32,
     commands: &std_mpsc::Sender<Command>,
     storing: &mut Option<tokio::task::JoinHandle<Option<i64>>>,
+    abandon: &CancellationToken,
 ) -> Option<i64> {
     if let Some(work) = storing.take() {
         stored_checkpoint(worker, partition, commands, work.await.ok().flatten());
     }
-    let work = worker.begin_checkpoint().await?;
+    let work = worker.begin_checkpoint(abandon.clone()).await?;
     let offset = work.await;
     stored_checkpoint(worker, partition, commands, offset);
     offset
@@ -365,7 +410,7 @@ pub struct StageOptions {
     pub stage: Stage,
     pub group: String,
     pub topic: String,
-    pub snapshot_interval: Duration,
+    pub timing: Timing,
     /// Where the consumer counts (a pipeline's registered series).
     pub counters: StageCounters,
 }
@@ -387,7 +432,7 @@ impl StageConsumer {
             topic: options.topic.clone(),
             factory,
             runtime: tokio::runtime::Handle::current(),
-            snapshot_interval: options.snapshot_interval,
+            timing: options.timing,
             workers: Arc::clone(&workers),
             commands: commands.clone(),
             assigned: Arc::clone(&assigned),
@@ -736,10 +781,12 @@ mod tests {
 
     use super::*;
 
-    /// Counts its snapshots; each is stored at once.
+    /// Counts its snapshots; each is stored at once, or, with `stall`, not before its
+    /// `abandon` is cancelled (a store PostgreSQL is too busy to finish).
     struct Counting {
         handled: Arc<AtomicI64>,
         snapshots: Arc<AtomicUsize>,
+        stall: bool,
     }
 
     impl PartitionWorker for Counting {
@@ -754,10 +801,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
 
-        async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
+        async fn begin_checkpoint(&mut self, abandon: CancellationToken) -> Option<Checkpoint> {
             self.snapshots.fetch_add(1, Ordering::AcqRel);
             let offset = self.handled.load(Ordering::Acquire);
-            Some(Box::pin(async move { Some(offset) }))
+            let stall = self.stall;
+            Some(Box::pin(async move {
+                if stall {
+                    abandon.cancelled().await;
+                    return None;
+                }
+                Some(offset)
+            }))
         }
 
         fn checkpoint_stored(&mut self, _offset: i64) {}
@@ -768,6 +822,7 @@ mod tests {
     struct Factory {
         handled: Arc<AtomicI64>,
         snapshots: Arc<AtomicUsize>,
+        stall: bool,
     }
 
     impl WorkerFactory for Factory {
@@ -777,6 +832,7 @@ mod tests {
             Counting {
                 handled: Arc::clone(&self.handled),
                 snapshots: Arc::clone(&self.snapshots),
+                stall: self.stall,
             }
         }
     }
@@ -787,6 +843,7 @@ mod tests {
         let factory = Arc::new(Factory {
             handled: Arc::default(),
             snapshots: Arc::clone(&snapshots),
+            stall: false,
         });
         let (tx, rx) = mpsc::channel(64);
         let (commands, _command_rx) = std_mpsc::channel();
@@ -796,7 +853,10 @@ mod tests {
             (0, 0),
             rx,
             commands,
-            Duration::from_millis(50),
+            Timing {
+                snapshot_interval: Duration::from_millis(50),
+                release_budget: Duration::from_secs(2),
+            },
             Arc::new(StageCounters::default()),
         ));
         // A backlog that never drains for a second: the channel is refilled as fast as the
@@ -820,6 +880,63 @@ mod tests {
         assert!(
             taken >= 10,
             "{taken} periodic snapshots in 1 s at a 50 ms interval"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_release_whose_snapshot_cannot_be_stored_ends_at_its_budget_without_an_offset() {
+        let factory = Arc::new(Factory {
+            handled: Arc::default(),
+            snapshots: Arc::default(),
+            stall: true,
+        });
+        let (tx, rx) = mpsc::channel(64);
+        let (commands, command_rx) = std_mpsc::channel();
+        let counters = Arc::new(StageCounters::default());
+        let budget = Duration::from_millis(300);
+        let worker = tokio::spawn(run_worker(
+            factory,
+            Stage::Persons,
+            (0, 0),
+            rx,
+            commands,
+            Timing {
+                // No periodic snapshot during the test.
+                snapshot_interval: Duration::from_secs(3600),
+                release_budget: budget,
+            },
+            Arc::clone(&counters),
+        ));
+        for offset in 0..10 {
+            let record = Record {
+                offset,
+                payload: None,
+            };
+            tx.send(Input::Record(record))
+                .await
+                .expect("worker running");
+        }
+        let began = tokio::time::Instant::now();
+        let (ack, done) = oneshot::channel();
+        tx.send(Input::Revoke(ack)).await.expect("worker running");
+        let offset = tokio::time::timeout(Duration::from_secs(10), done)
+            .await
+            .expect("the release ends at its budget, not when the store would")
+            .expect("answered");
+        let took = began.elapsed();
+        worker.await.expect("worker stopped");
+        // Nothing to commit: the next owner starts from the last stored snapshot.
+        assert_eq!(offset, None);
+        assert!(
+            took >= budget && took < budget + Duration::from_secs(2),
+            "released after {took:?} with a budget of {budget:?}"
+        );
+        assert_eq!(counters.releases_abandoned.get(), 1);
+        assert!(
+            command_rx
+                .try_iter()
+                .all(|c| !matches!(c, Command::Commit(..))),
+            "an abandoned snapshot's offset was committed"
         );
     }
 }

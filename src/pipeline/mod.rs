@@ -28,13 +28,13 @@ use udaconnect_actors::actors::zone::ZoneSupervisorMsg;
 use crate::config::{Config, Topics};
 use crate::kafka::{client_config, Broker, Producer};
 use crate::metrics::{PipelineMetrics, Registry};
-use crate::pipeline::consumer::{StageConsumer, StageOptions};
+use crate::pipeline::consumer::{StageConsumer, StageOptions, Timing};
 use crate::pipeline::hub::NotificationHub;
 use crate::pipeline::ingest::Ingestor;
 use crate::pipeline::offsets::MismatchKind;
 use crate::pipeline::stages::{
-    DeadLetters, KafkaPersonUpdates, OffsetMismatches, Owned, PartitionStore, PersonStage,
-    PgConnections, PgLocations, ZoneStage,
+    DeadLetters, KafkaPersonUpdates, Owned, PartitionStore, PersonStage, PgConnections,
+    PgLocations, Restores, ZoneStage,
 };
 pub use crate::pipeline::status::{PartitionFigures, PartitionStatus, PipelineStatus, StageStatus};
 use crate::store::owners::PgOwners;
@@ -55,8 +55,8 @@ pub struct Pipeline {
     /// The series the pipeline's parts count into, and the registry that exports them.
     metrics: PipelineMetrics,
     registry: Registry,
-    zone_mismatches: Arc<OffsetMismatches>,
-    person_mismatches: Arc<OffsetMismatches>,
+    zone_restores: Arc<Restores>,
+    person_restores: Arc<Restores>,
     hub: Arc<NotificationHub>,
     node: String,
     pool: Pool,
@@ -104,9 +104,9 @@ impl Parts<'_> {
             snapshots: PgSnapshots::new(self.pool.clone(), topic),
             owners: PgOwners::new(self.pool.clone(), topic, &self.node, &self.owner_addr),
             broker: self.broker.clone(),
-            mismatches: Arc::new(OffsetMismatches {
-                current: std::sync::Mutex::default(),
+            restores: Arc::new(Restores {
                 found: self.metrics.mismatches.clone(),
+                ..Restores::default()
             }),
         }
     }
@@ -128,7 +128,10 @@ impl Parts<'_> {
                 stage,
                 group: format!("{}.{group}", self.config.topic_prefix),
                 topic: topic.to_owned(),
-                snapshot_interval: SNAPSHOT_INTERVAL,
+                timing: Timing {
+                    snapshot_interval: SNAPSHOT_INTERVAL,
+                    release_budget: Duration::from_millis(self.config.release_budget_ms),
+                },
                 counters: counters.clone(),
             },
             Arc::new(factory),
@@ -220,9 +223,9 @@ impl Pipeline {
             Arc::clone(&zone_stage.owned),
             Arc::clone(&person_stage.owned),
         );
-        let (zone_mismatches, person_mismatches) = (
-            Arc::clone(&zone_stage.store.mismatches),
-            Arc::clone(&person_stage.store.mismatches),
+        let (zone_restores, person_restores) = (
+            Arc::clone(&zone_stage.store.restores),
+            Arc::clone(&person_stage.store.restores),
         );
         // Started first, so it reads every notification the stages produce from now on.
         let hub = {
@@ -248,8 +251,8 @@ impl Pipeline {
             ingestor,
             metrics,
             registry,
-            zone_mismatches,
-            person_mismatches,
+            zone_restores,
+            person_restores,
             zones: Mutex::new(Some(zones)),
             persons: Mutex::new(Some(persons)),
             zone_owned,

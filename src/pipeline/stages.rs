@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use udaconnect_actors::actors::person::{
     PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
@@ -37,7 +38,7 @@ use crate::pipeline::offsets::{self, OffsetMismatch};
 use crate::store::connections::apply_changes;
 use crate::store::locations::{late_partners, store_locations};
 use crate::store::owners::PgOwners;
-use crate::store::snapshots::PgSnapshots;
+use crate::store::snapshots::{PgSnapshots, Stored};
 
 /// How long a call to a supervisor may take (a snapshot of a big partition included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -295,18 +296,33 @@ pub struct PartitionStore {
     pub snapshots: PgSnapshots,
     pub owners: PgOwners,
     pub broker: Broker,
-    /// Snapshot offsets the log contradicted, by owned partition (for the status) and counted
-    /// by kind (for the metrics).
-    pub mismatches: Arc<OffsetMismatches>,
+    /// What the restores of owned partitions found (for the status and the metrics).
+    pub restores: Arc<Restores>,
 }
 
-/// The snapshot offsets a stage found contradicted by the log since this process started.
+/// What a stage's restores found since this process started: snapshot offsets the log
+/// contradicted, and when each owned partition was restored and had replayed its log.
 #[derive(Debug, Default)]
-pub struct OffsetMismatches {
+pub struct Restores {
     /// The mismatch each owned partition was restored with, until it is released.
-    pub current: Mutex<BTreeMap<i32, OffsetMismatch>>,
+    pub mismatches: Mutex<BTreeMap<i32, OffsetMismatch>>,
     /// How many were found, by stage and kind (`udaconnect_snapshot_offset_mismatches_total`).
     pub found: Family<MismatchLabels, Counter>,
+    /// When each owned partition was restored, until it is released.
+    pub times: Mutex<BTreeMap<i32, RestoreTimes>>,
+}
+
+/// When an owned partition started serving here (a handover's end), and when it had replayed
+/// the records its log held then (a replay's end: those after its snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreTimes {
+    /// Restored from its snapshot and fetching, µs since the Unix epoch.
+    pub restored_at_us: i64,
+    /// The log's end offset at the restore.
+    pub log_end: i64,
+    /// When the records up to `log_end` had been handed to the partition's actors, µs since
+    /// the Unix epoch; `None` until then.
+    pub replayed_at_us: Option<i64>,
 }
 
 /// How long a restore waits for the broker's answer about a partition's log, per attempt.
@@ -346,6 +362,8 @@ struct PartitionCore<M: ractor::Message> {
     snapshotted: i64,
     /// The id of the topic incarnation the partition reads, stored with each snapshot.
     topic_id: String,
+    /// The log's end at the restore while the records before it are not all handled yet.
+    replay_end: Option<i64>,
 }
 
 impl<M: ractor::Message> PartitionCore<M> {
@@ -415,7 +433,7 @@ impl<M: ractor::Message> PartitionCore<M> {
                 m.describe()
             );
             store
-                .mismatches
+                .restores
                 .found
                 .get_or_create(&MismatchLabels {
                     stage: stage.as_str(),
@@ -424,7 +442,7 @@ impl<M: ractor::Message> PartitionCore<M> {
                 .inc();
         }
         {
-            let mut current = store.mismatches.current.lock().expect("not poisoned");
+            let mut current = store.restores.mismatches.lock().expect("not poisoned");
             match &mismatch {
                 Some(m) => current.insert(partition, m.clone()),
                 None => current.remove(&partition),
@@ -438,11 +456,21 @@ impl<M: ractor::Message> PartitionCore<M> {
             log_end = log.end,
             "partition restored"
         );
+        let restored_at_us = chrono::Utc::now().timestamp_micros();
+        store.restores.times.lock().expect("not poisoned").insert(
+            partition,
+            RestoreTimes {
+                restored_at_us,
+                log_end: log.end,
+                replayed_at_us: (start >= log.end).then_some(restored_at_us),
+            },
+        );
         owned
             .lock()
             .expect("not poisoned")
             .insert(partition, actor.clone());
         Self {
+            replay_end: (start < log.end).then_some(log.end),
             stage,
             partition,
             handle: PartitionHandle::new(actor, IN_FLIGHT),
@@ -457,9 +485,30 @@ impl<M: ractor::Message> PartitionCore<M> {
         }
     }
 
+    /// Notes when the records the log held at the restore have all been handled.
+    fn note_replay(&mut self) {
+        let Some(end) = self.replay_end else { return };
+        if self.next_offset < end {
+            return;
+        }
+        self.replay_end = None;
+        let now = chrono::Utc::now().timestamp_micros();
+        if let Some(t) = self
+            .store
+            .restores
+            .times
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.partition)
+        {
+            t.replayed_at_us = Some(now);
+        }
+    }
+
     /// Captures a snapshot of the partition, unless nothing was handled since the last one,
-    /// and returns the work that stores it (see [`PartitionWorker::begin_checkpoint`]).
-    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
+    /// and returns the work that stores it (see [`PartitionWorker::begin_checkpoint`]; once
+    /// `abandon` is cancelled the store gives up and the work yields `None`).
+    async fn begin_checkpoint(&mut self, abandon: CancellationToken) -> Option<Checkpoint> {
         if self.next_offset == self.snapshotted {
             confirm_owner(&self.store, self.partition).await;
             return None;
@@ -492,12 +541,24 @@ impl<M: ractor::Message> PartitionCore<M> {
                 }
             };
             let serialized = began.elapsed();
-            retry("storing the snapshot", partition as u32, || {
+            let (stored, _) = retry("storing the snapshot", partition as u32, || {
                 store
                     .snapshots
-                    .store(stage, partition as u32, &blob, &topic_id)
+                    .store(stage, partition as u32, &blob, &topic_id, &abandon)
             })
             .await;
+            if stored == Stored::Abandoned {
+                debug!(
+                    stage = stage.as_str(),
+                    partition,
+                    bytes = blob.serialized_len(),
+                    parts = blob.parts.len(),
+                    serialized_ms = serialized.as_millis() as u64,
+                    abandoned_ms = began.elapsed().as_millis() as u64,
+                    "snapshot abandoned, not stored"
+                );
+                return None;
+            }
             debug!(
                 stage = stage.as_str(),
                 partition,
@@ -521,8 +582,14 @@ impl<M: ractor::Message> PartitionCore<M> {
             .expect("not poisoned")
             .remove(&self.partition);
         self.store
+            .restores
             .mismatches
-            .current
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.partition);
+        self.store
+            .restores
+            .times
             .lock()
             .expect("not poisoned")
             .remove(&self.partition);
@@ -587,10 +654,11 @@ impl<S: StageRecords> PartitionWorker for Worker<S> {
 
     async fn handle(&mut self, records: Vec<Record>) {
         S::handle(self, records).await;
+        self.core.note_replay();
     }
 
-    async fn begin_checkpoint(&mut self) -> Option<Checkpoint> {
-        self.core.begin_checkpoint().await
+    async fn begin_checkpoint(&mut self, abandon: CancellationToken) -> Option<Checkpoint> {
+        self.core.begin_checkpoint(abandon).await
     }
 
     fn checkpoint_stored(&mut self, offset: i64) {

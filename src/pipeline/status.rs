@@ -16,7 +16,7 @@ use udaconnect_actors::actors::zone::{ZonePartitionView, ZoneSupervisorMsg};
 use crate::metrics::StageCounters;
 use crate::pipeline::hub::HubCounters;
 use crate::pipeline::offsets::OffsetMismatch;
-use crate::pipeline::stages::{OffsetMismatches, Owned};
+use crate::pipeline::stages::{Owned, Restores};
 use crate::pipeline::Pipeline;
 use crate::store::owners::{shard_owners, ShardOwner};
 
@@ -34,6 +34,11 @@ pub struct PartitionStatus {
     pub lag: Option<i64>,
     /// The snapshot offset the log contradicted when the partition was restored, if it did.
     pub snapshot_mismatch: Option<OffsetMismatch>,
+    /// When the partition was restored here and started serving, µs since the Unix epoch.
+    pub restored_at_us: Option<i64>,
+    /// When it had handled the records its log held at the restore (the replay after its
+    /// snapshot), µs since the Unix epoch; `None` while it has not.
+    pub replayed_at_us: Option<i64>,
     /// The partition's live figures (from its supervisor's view).
     #[serde(flatten)]
     pub figures: PartitionFigures,
@@ -139,7 +144,7 @@ impl Pipeline {
         &self,
         stage: Stage,
         topic: &str,
-        (owned, counters, mismatches): (&Owned<M>, &StageCounters, &OffsetMismatches),
+        (owned, counters, restores): (&Owned<M>, &StageCounters, &Restores),
         view: fn(ractor::RpcReplyPort<V>) -> M,
         read: fn(&V) -> (u64, PartitionFigures),
     ) -> StageStatus {
@@ -149,31 +154,45 @@ impl Pipeline {
             .iter()
             .map(|(p, a)| (*p, a.clone()))
             .collect();
-        let mut partitions = Vec::new();
-        for (p, actor) in actors {
-            let (processed, figures) = match actor.call(view, Some(Duration::from_secs(30))).await {
-                Ok(CallResult::Success(v)) => {
-                    let (next, figures) = read(&v);
-                    (next as i64, figures)
-                }
-                _ => (-1, PartitionFigures::default()),
-            };
-            let end = self.end_offset(topic, p).await;
-            let mismatch = mismatches
-                .current
+        // All partitions at once: a supervisor busy with a large batch (a replay) delays its
+        // own answer, not the others'.
+        let asked = actors.into_iter().map(|(p, actor)| async move {
+            let ((processed, figures), end) = tokio::join!(
+                async {
+                    match actor.call(view, Some(Duration::from_secs(30))).await {
+                        Ok(CallResult::Success(v)) => {
+                            let (next, figures) = read(&v);
+                            (next as i64, figures)
+                        }
+                        _ => (-1, PartitionFigures::default()),
+                    }
+                },
+                self.end_offset(topic, p)
+            );
+            let mismatch = restores
+                .mismatches
                 .lock()
                 .expect("not poisoned")
                 .get(&p)
                 .cloned();
-            partitions.push(PartitionStatus {
+            let times = restores
+                .times
+                .lock()
+                .expect("not poisoned")
+                .get(&p)
+                .copied();
+            PartitionStatus {
                 partition: p,
                 processed_offset: processed,
                 end_offset: end,
                 lag: (end >= 0 && processed >= 0).then_some(end - processed),
                 snapshot_mismatch: mismatch,
+                restored_at_us: times.map(|t| t.restored_at_us),
+                replayed_at_us: times.and_then(|t| t.replayed_at_us),
                 figures,
-            });
-        }
+            }
+        });
+        let partitions = futures::future::join_all(asked).await;
         StageStatus {
             stage,
             topic: topic.to_owned(),
@@ -189,7 +208,7 @@ impl Pipeline {
             self.stage_status(
                 Stage::Zones,
                 &self.topics.locations,
-                (&self.zone_owned, &self.metrics.zones, &self.zone_mismatches),
+                (&self.zone_owned, &self.metrics.zones, &self.zone_restores),
                 ZoneSupervisorMsg::View,
                 |v| (v.next_offset, PartitionFigures::of_zones(v)),
             )
@@ -200,7 +219,7 @@ impl Pipeline {
                 (
                     &self.person_owned,
                     &self.metrics.persons,
-                    &self.person_mismatches,
+                    &self.person_restores,
                 ),
                 PersonSupervisorMsg::View,
                 |v| (v.next_offset, PartitionFigures::of_persons(v)),

@@ -222,6 +222,14 @@ pub struct PartitionRow {
     /// (local partitions): the partition then reads the log from its start.
     #[oai(skip_serializing_if_is_none)]
     snapshot_mismatch: Option<SnapshotMismatch>,
+    /// When this process restored the partition from its snapshot and started serving it (the
+    /// end of a handover; local partitions).
+    #[oai(skip_serializing_if_is_none)]
+    restored_at: Option<DateTime<Utc>>,
+    /// When it had handled the records its log held at that restore (the end of the replay
+    /// after the snapshot; local partitions, unset while it has not).
+    #[oai(skip_serializing_if_is_none)]
+    replayed_at: Option<DateTime<Utc>>,
 }
 
 /// A snapshot offset the log contradicted when a partition was restored.
@@ -851,6 +859,8 @@ impl V1Api {
                     snapshot_offset: owner.and_then(|o| o.snapshot_offset),
                     snapshot_age_s: owner.and_then(|o| o.snapshot_age_s),
                     snapshot_mismatch: p.snapshot_mismatch.as_ref().map(SnapshotMismatch::from),
+                    restored_at: p.restored_at_us.and_then(DateTime::from_timestamp_micros),
+                    replayed_at: p.replayed_at_us.and_then(DateTime::from_timestamp_micros),
                 });
             }
         }
@@ -872,6 +882,8 @@ impl V1Api {
                     snapshot_offset: o.snapshot_offset,
                     snapshot_age_s: o.snapshot_age_s,
                     snapshot_mismatch: None,
+                    restored_at: None,
+                    replayed_at: None,
                 });
             }
         }

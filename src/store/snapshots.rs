@@ -1,8 +1,24 @@
 //! `shard_snapshot` and `shard_snapshot_part`: the stages' partition snapshots
 //! (docs/design.md §5).
 
+use std::time::Duration;
+
 use deadpool_postgres::Pool;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 use udaconnect_actors::actors::ports::{PortError, SnapshotBlob, Stage};
+
+/// How long an abandoned store waits for its cancelled statement before it cancels again.
+const CANCEL_RETRY: Duration = Duration::from_millis(100);
+
+/// How a [`PgSnapshots::store`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Committed: this snapshot is the partition's stored one.
+    Stored,
+    /// Given up before its commit: the partition's stored snapshot is the one before.
+    Abandoned,
+}
 
 /// `shard_snapshot` for one topic: snapshots of a stage's partitions.
 #[derive(Clone)]
@@ -24,15 +40,73 @@ impl PgSnapshots {
     /// id: the offset means nothing on another one), in one transaction: the partition-wide
     /// state replaces the stored one; the parts replace theirs (all of them when the snapshot
     /// is complete, only the changed ones otherwise).
+    ///
+    /// When `abandon` is cancelled before the transaction commits (a release's budget ran
+    /// out, docs/design.md §5), the statement running is cancelled (PostgreSQL's cancel
+    /// request), the transaction is rolled back and [`Stored::Abandoned`] returned: the stored
+    /// snapshot is then the previous one, whole, and nothing of this one. The decision is taken
+    /// before `COMMIT` is sent, so the outcome is never in doubt. Errors: the pool's or
+    /// PostgreSQL's, as [`PortError`] (nothing stored either).
     pub async fn store(
         &self,
         stage: Stage,
         partition: u32,
         snapshot: &SnapshotBlob,
         topic_id: &str,
-    ) -> Result<(), PortError> {
-        let mut client = self.pool.get().await.map_err(PortError::of)?;
+        abandon: &CancellationToken,
+    ) -> Result<Stored, PortError> {
+        let mut client = tokio::select! {
+            biased;
+            _ = abandon.cancelled() => return Ok(Stored::Abandoned),
+            client = self.pool.get() => client.map_err(PortError::of)?,
+        };
+        let cancel = client.cancel_token();
         let tx = client.transaction().await.map_err(PortError::of)?;
+        let written = {
+            let mut writing = std::pin::pin!(self.write(&tx, stage, partition, snapshot, topic_id));
+            tokio::select! {
+                biased;
+                written = &mut writing => Some(written),
+                _ = abandon.cancelled() => {
+                    // Cancel whatever statement runs until the writing gives up (a cancel
+                    // request that arrives between two statements cancels nothing).
+                    loop {
+                        let _ = cancel.cancel_query(NoTls).await;
+                        if tokio::time::timeout(CANCEL_RETRY, &mut writing).await.is_ok() {
+                            break;
+                        }
+                    }
+                    None
+                }
+            }
+        };
+        match written {
+            Some(Ok(())) if !abandon.is_cancelled() => {
+                tx.commit().await.map_err(PortError::of)?;
+                Ok(Stored::Stored)
+            }
+            Some(Err(e)) if !abandon.is_cancelled() => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+            _ => {
+                // Nothing of this snapshot is visible to anyone (never committed); the
+                // rollback only frees its locks before the connection is reused.
+                let _ = tx.rollback().await;
+                Ok(Stored::Abandoned)
+            }
+        }
+    }
+
+    /// The statements of [`PgSnapshots::store`], in its transaction.
+    async fn write(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        stage: Stage,
+        partition: u32,
+        snapshot: &SnapshotBlob,
+        topic_id: &str,
+    ) -> Result<(), PortError> {
         let (stage, partition) = (stage.as_str(), partition as i32);
         tx.execute(
             "INSERT INTO shard_snapshot
@@ -90,7 +164,6 @@ impl PgSnapshots {
             .await
             .map_err(PortError::of)?;
         }
-        tx.commit().await.map_err(PortError::of)?;
         Ok(())
     }
 

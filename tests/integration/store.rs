@@ -511,3 +511,115 @@ async fn a_late_copy_finds_what_its_zone_saw_before_it() {
     drop(client);
     db.drop_db().await;
 }
+
+/// A snapshot store that its release budget cancels while PostgreSQL is still writing it (here:
+/// blocked behind another transaction's lock) is rolled back, not half stored: the stored
+/// snapshot stays the one before, header and parts, and a later store still succeeds.
+#[tokio::test]
+async fn an_abandoned_snapshot_store_leaves_the_previous_snapshot_whole() {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use udaconnect::store::snapshots::{PgSnapshots, Stored};
+    use udaconnect_actors::actors::ports::{SnapshotBlob, Stage};
+
+    let (db, client) = TestDb::migrated().await;
+    let config = crate::helpers::test_config(&db);
+    let pool = udaconnect::store::pool(&config, Duration::from_secs(5)).expect("pool");
+    let snapshots = PgSnapshots::new(pool, "t.person-updates");
+    let blob = |offset: u64, parts: &[(i64, u8)]| SnapshotBlob {
+        next_offset: offset,
+        format: 4,
+        bytes: vec![offset as u8; 16],
+        parts: parts
+            .iter()
+            .map(|&(key, fill)| (key, Some(vec![fill; 3000])))
+            .collect(),
+        complete: true,
+    };
+    let first = blob(100, &[(1, 1), (2, 2), (3, 3)]);
+    let never = CancellationToken::new();
+    let stored = snapshots
+        .store(Stage::Persons, 0, &first, "topic-a", &never)
+        .await
+        .expect("first store");
+    assert_eq!(stored, Stored::Stored);
+
+    // Another transaction holds the partition's row: the next store's first statement waits.
+    let mut blocker = db.client().await;
+    let held = blocker.transaction().await.expect("begin");
+    held.execute(
+        "SELECT 1 FROM shard_snapshot WHERE stage = 'persons' AND partition = 0 FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("lock the row");
+    let second = blob(200, &[(1, 9), (4, 4)]);
+    let abandon = CancellationToken::new();
+    let storing = tokio::spawn({
+        let (snapshots, second, abandon) = (snapshots.clone(), second.clone(), abandon.clone());
+        async move {
+            snapshots
+                .store(Stage::Persons, 0, &second, "topic-a", &abandon)
+                .await
+        }
+    });
+    // Until the budget runs out the store waits (it is not abandoned on its own).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !storing.is_finished(),
+        "the store did not wait for the lock"
+    );
+    abandon.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), storing)
+        .await
+        .expect("an abandoned store ends without the lock being released")
+        .expect("store task")
+        .expect("abandoning is not an error");
+    assert_eq!(outcome, Stored::Abandoned);
+    held.rollback().await.expect("release the lock");
+
+    let (loaded, topic_id) = snapshots
+        .load(Stage::Persons, 0)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(topic_id.as_deref(), Some("topic-a"));
+    assert_eq!(loaded.next_offset, 100);
+    assert_eq!(loaded.bytes, first.bytes);
+    assert_eq!(loaded.parts, first.parts);
+
+    // The connection it used is fine, and a store whose budget ran out before it began
+    // stores nothing.
+    let spent = CancellationToken::new();
+    spent.cancel();
+    let outcome = snapshots
+        .store(Stage::Persons, 0, &second, "topic-a", &spent)
+        .await
+        .expect("store");
+    assert_eq!(outcome, Stored::Abandoned);
+    assert_eq!(
+        snapshots
+            .load(Stage::Persons, 0)
+            .await
+            .expect("load")
+            .expect("a snapshot")
+            .0
+            .next_offset,
+        100
+    );
+    let outcome = snapshots
+        .store(Stage::Persons, 0, &second, "topic-a", &never)
+        .await
+        .expect("store");
+    assert_eq!(outcome, Stored::Stored);
+    let (loaded, _) = snapshots
+        .load(Stage::Persons, 0)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(loaded.next_offset, 200);
+    assert_eq!(loaded.parts, second.parts);
+    drop(client);
+    db.drop_db().await;
+}

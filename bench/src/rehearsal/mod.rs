@@ -78,15 +78,43 @@ pub struct Step {
     /// The stopped pod's peak resident set size, MiB.
     pub peak_rss_mib: Option<f64>,
     pub sigterm_to_exit_s: Option<f64>,
-    /// SIGTERM until every partition the pod owned is restored and serving on another pod.
+    /// SIGTERM until every partition the pod owned is restored and serving on another pod (the
+    /// pods' own times, see [`Run::all_serving_with`]).
     pub handover_s: Option<f64>,
+    /// SIGTERM until every partition the pod owned had, on its new owner, handled the records
+    /// its log held when it was restored there (the replay after its snapshot; longer when a
+    /// release's last snapshot was abandoned: `release_budget_ms`).
+    pub handover_caught_up_s: Option<f64>,
     /// SIGTERM until every partition of both stages is serving again.
     pub all_serving_after_stop_s: Option<f64>,
     /// Process start to `/readyz` 200.
     pub start_to_ready_s: Option<f64>,
     /// Process start until every partition is serving again, spread over the running pods
-    /// with this one serving its share (restored from their snapshots).
+    /// with this one serving its share (restored from their snapshots): the last restore of
+    /// the served set, by the pods' own times (see [`Run::all_serving_with`]).
     pub start_to_serving_s: Option<f64>,
+    /// The same, as the 50 ms poll of every pod's `/v1/status` first saw it (later under
+    /// load: a pod's status waits for its partitions' supervisors).
+    pub start_to_serving_polled_s: Option<f64>,
+}
+
+/// What [`Run::all_serving_with`] saw, in time since its start.
+struct Served {
+    /// The last moved partition restored and serving on its new owner.
+    moved: Option<Duration>,
+    /// The last moved partition done replaying the log it found at its restore.
+    caught_up: Option<Duration>,
+    /// The last restore of the partitions served (and settled, when asked) when the wait
+    /// ended, by the pods' own times.
+    settled: Option<Duration>,
+    /// Until every partition was served (and settled, when asked), as polled.
+    all: Duration,
+}
+
+/// A local partition's restore, as its pod's status reports it.
+struct Restored {
+    at_us: Option<i64>,
+    replayed_at_us: Option<i64>,
 }
 
 /// What one subscriber received, against the reference episodes of its person.
@@ -428,7 +456,7 @@ impl Run<'_> {
         self.all_serving_with(
             true,
             &BTreeSet::new(),
-            Instant::now(),
+            (Instant::now(), chrono::Utc::now().timestamp_micros()),
             Duration::from_secs(120),
         )
         .await?;
@@ -619,16 +647,28 @@ impl Run<'_> {
         futures::future::join_all(asked).await.into_iter().collect()
     }
 
-    /// `(stage, partition)` each running pod serves (its status's local partitions); a pod
-    /// that does not answer serves nothing.
-    async fn serving(&self) -> BTreeMap<String, BTreeSet<(String, i64)>> {
+    /// Each running pod's local partitions, `(stage, partition)`, with when the pod restored
+    /// each and had replayed its log (µs since the Unix epoch, from the status's
+    /// `restored_at` and `replayed_at`); a pod that does not answer serves nothing.
+    async fn local(&self) -> BTreeMap<String, BTreeMap<(String, i64), Restored>> {
+        let micros = |v: &Value| {
+            v.as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_micros())
+        };
         self.statuses()
             .await
             .into_iter()
             .map(|(name, status)| {
                 let local = local_partitions(status.as_ref())
                     .filter_map(|p| {
-                        Some((p["stage"].as_str()?.to_owned(), p["partition"].as_i64()?))
+                        Some((
+                            (p["stage"].as_str()?.to_owned(), p["partition"].as_i64()?),
+                            Restored {
+                                at_us: micros(&p["restored_at"]),
+                                replayed_at_us: micros(&p["replayed_at"]),
+                            },
+                        ))
                     })
                     .collect();
                 (name, local)
@@ -654,24 +694,53 @@ impl Run<'_> {
     }
 
     /// Waits until every partition is served (and, when `settled`, spread over the running
-    /// pods, see [`Run::served`]); returns how long after `since` the partitions in `moved`
-    /// were first all served elsewhere, and how long until the wait ended.
+    /// pods, see [`Run::served`]) and the partitions in `moved` have replayed their logs on
+    /// their new owners. The handover's times are the pods' own (their status's `restored_at`
+    /// and `replayed_at`, less `since_us`, the same clock), not when a poll saw them: a loaded
+    /// pod answers its status late.
     async fn all_serving_with(
         &self,
         settled: bool,
         moved: &BTreeSet<(String, i64)>,
-        since: Instant,
+        (since, since_us): (Instant, i64),
         within: Duration,
-    ) -> anyhow::Result<(Option<Duration>, Duration)> {
-        let mut moved_at = None;
+    ) -> anyhow::Result<Served> {
+        let after = |at_us: Option<i64>| {
+            at_us.map(|at| Duration::from_micros(at.saturating_sub(since_us).max(0) as u64))
+        };
         loop {
-            let serving = self.serving().await;
-            let all: BTreeSet<&(String, i64)> = serving.values().flatten().collect();
-            if moved_at.is_none() && moved.iter().all(|p| all.contains(p)) {
-                moved_at = Some(since.elapsed());
-            }
-            if self.served(&serving, settled) {
-                return Ok((moved_at, since.elapsed()));
+            let local = self.local().await;
+            let serving: BTreeMap<String, BTreeSet<(String, i64)>> = local
+                .iter()
+                .map(|(name, local)| (name.clone(), local.keys().cloned().collect()))
+                .collect();
+            // Each moved partition as its current owner reports it.
+            let now: Vec<Option<&Restored>> = moved
+                .iter()
+                .map(|p| local.values().find_map(|l| l.get(p)))
+                .collect();
+            let replayed = now
+                .iter()
+                .all(|r| r.is_some_and(|r| r.replayed_at_us.is_some()));
+            if replayed && self.served(&serving, settled) {
+                let latest = |at: fn(&Restored) -> Option<i64>| {
+                    now.iter()
+                        .map(|r| r.and_then(at))
+                        .try_fold(i64::MIN, |m, t| t.map(|t| m.max(t)))
+                };
+                let some = !moved.is_empty();
+                // The last restore completed the served set this poll saw.
+                let settled_at = local
+                    .values()
+                    .flat_map(|l| l.values())
+                    .map(|r| r.at_us)
+                    .try_fold(i64::MIN, |m, t| t.map(|t| m.max(t)));
+                return Ok(Served {
+                    moved: after(latest(|r| r.at_us).filter(|_| some)),
+                    caught_up: after(latest(|r| r.replayed_at_us).filter(|_| some)),
+                    settled: after(settled_at),
+                    all: since.elapsed(),
+                });
             }
             anyhow::ensure!(
                 since.elapsed() < within,
@@ -685,29 +754,36 @@ impl Run<'_> {
     /// handover of its partitions.
     async fn stop_pod(&mut self, i: usize, action: &'static str) -> anyhow::Result<Step> {
         let name = self.pods[i].name.clone();
-        let moved: BTreeSet<(String, i64)> = self.serving().await.remove(&name).unwrap_or_default();
+        let moved: BTreeSet<(String, i64)> = self
+            .local()
+            .await
+            .remove(&name)
+            .unwrap_or_default()
+            .into_keys()
+            .collect();
         (self.say)(&format!(
             "{action}: SIGTERM to {name} ({} partitions)",
             moved.len()
         ));
         self.endpoints.leave(&self.pods[i]);
         let stopping = self.pods[i].signal()?;
-        let signalled = stopping.signalled;
+        let signalled = (stopping.signalled, stopping.signalled_at_us);
         // The handover is watched while the pod shuts down, not after its exit.
         let (exit, served) = tokio::join!(
             stopping.wait(Duration::from_secs(90)),
             self.all_serving_with(false, &moved, signalled, Duration::from_secs(120)),
         );
         let (exit, peak_rss) = exit?;
-        let (handover, all) = served?;
+        let served = served?;
         Ok(Step {
             action,
             pod: name,
             partitions_owned: moved.len(),
             sigterm_to_exit_s: Some(exit.as_secs_f64()),
             peak_rss_mib: Some(peak_rss as f64 / (1 << 20) as f64),
-            handover_s: handover.map(|d| d.as_secs_f64()),
-            all_serving_after_stop_s: Some(all.as_secs_f64()),
+            handover_s: served.moved.map(|d| d.as_secs_f64()),
+            handover_caught_up_s: served.caught_up.map(|d| d.as_secs_f64()),
+            all_serving_after_stop_s: Some(served.all.as_secs_f64()),
             ..Step::default()
         })
     }
@@ -719,11 +795,18 @@ impl Run<'_> {
         let log = self.pods[i].log(&self.spec);
         let ready = wait_ready(&self.http, &self.pods[i], Duration::from_secs(120), &log).await?;
         self.endpoints.join(&self.pods[i]);
-        let (_, serving) = self
-            .all_serving_with(true, &BTreeSet::new(), started, Duration::from_secs(120))
+        let served = self
+            .all_serving_with(
+                true,
+                &BTreeSet::new(),
+                (started, chrono::Utc::now().timestamp_micros()),
+                Duration::from_secs(120),
+            )
             .await?;
         step.start_to_ready_s = Some((ready - started).as_secs_f64());
-        step.start_to_serving_s = Some(serving.as_secs_f64());
+        // The pods' own times; the poll sees it later when a loaded pod answers its status late.
+        step.start_to_serving_s = served.settled.map(|d| d.as_secs_f64());
+        step.start_to_serving_polled_s = Some(served.all.as_secs_f64());
         Ok(())
     }
 

@@ -108,6 +108,10 @@ impl Pod {
                 c.shutdown_grace_s.to_string(),
             )
             .env(
+                "UDACONNECT_RELEASE_BUDGET_MS",
+                c.release_budget_ms.to_string(),
+            )
+            .env(
                 "UDACONNECT_REST_ADDR",
                 format!("127.0.0.1:{}", self.rest_port),
             )
@@ -159,6 +163,7 @@ impl Pod {
             .with_context(|| format!("{} is not running", self.name))?;
         let peak_rss = crate::peak_rss_bytes_of(child.id());
         let signalled = Instant::now();
+        let signalled_at_us = chrono::Utc::now().timestamp_micros();
         let status = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -168,6 +173,7 @@ impl Pod {
             name: self.name.clone(),
             child,
             signalled,
+            signalled_at_us,
             peak_rss,
         })
     }
@@ -192,6 +198,9 @@ pub struct Stopping {
     child: std::process::Child,
     /// When SIGTERM was sent.
     pub signalled: Instant,
+    /// The same moment on the wall clock, µs since the Unix epoch (what the pods' status
+    /// times are compared with: the same machine's clock).
+    pub signalled_at_us: i64,
     peak_rss: u64,
 }
 
