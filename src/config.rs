@@ -83,11 +83,17 @@ pub struct Config {
     pub startup_wait_s: u64,
     /// How long a graceful shutdown may take, seconds.
     pub shutdown_grace_s: u64,
+    /// Days a report is kept, by its `recorded_at`: older reports (and their ghost copies)
+    /// are deleted by the service, hourly, in batches; 0 keeps them forever. Must be longer
+    /// than `late_horizon_s` (the late path matches late reports against the stored ones).
+    pub retention_days: u32,
     /// How long a partition's release (a shutdown, or a rebalance moving it) may spend
-    /// storing its last snapshot, from the revocation, milliseconds (100–60000): past it the
-    /// store is abandoned, never half done, and the next owner restores the last stored
-    /// snapshot (at most one snapshot interval older) and replays from its offset. The
-    /// release still waits for the partition's effects in flight, without a limit.
+    /// storing its snapshots, from the revocation, milliseconds (100–30000, below the
+    /// consumer's 45 s rebalance timeout): past it the store is abandoned, never half done,
+    /// and the next owner restores the last stored snapshot and replays the records since
+    /// (up to two snapshot intervals, when the periodic one still being stored is abandoned
+    /// too). It bounds the snapshot's store only: the release still waits for the
+    /// partition's effects in flight, and removes its owner row (up to 2 s).
     pub release_budget_ms: u64,
     /// This process's name in the cluster, recorded as the owner of its partitions; unset:
     /// `POD_NAME` (the StatefulSet pod), else `<hostname>-<pid>`.
@@ -125,6 +131,7 @@ impl Default for Config {
             ingest_ack_timeout_ms: 10_000,
             startup_wait_s: 30,
             shutdown_grace_s: 10,
+            retention_days: 30,
             release_budget_ms: 2_000,
             node_name: None,
         }
@@ -230,11 +237,23 @@ impl Config {
                 ),
             });
         }
-        if !(100..=60_000).contains(&self.release_budget_ms) {
+        if self.retention_days > 0
+            && u64::from(self.retention_days) * 86_400 <= u64::from(self.late_horizon_s)
+        {
+            return Err(ConfigError::OutOfRange {
+                field: "retention_days",
+                reason: format!(
+                    "must be 0 (keep forever) or longer than late_horizon_s = {} s, which the \
+                     late path looks back (got {} days)",
+                    self.late_horizon_s, self.retention_days
+                ),
+            });
+        }
+        if !(100..=30_000).contains(&self.release_budget_ms) {
             return Err(ConfigError::OutOfRange {
                 field: "release_budget_ms",
                 reason: format!(
-                    "must be between 100 and 60000 milliseconds (got {})",
+                    "must be between 100 and 30000 milliseconds (got {})",
                     self.release_budget_ms
                 ),
             });
@@ -592,6 +611,50 @@ mod tests {
         });
     }
 
+    /// `config` is refused as out of range, naming `field`, with a reason that says `says`.
+    fn assert_out_of_range(config: &Config, field: &str, says: &str) {
+        match config.validate() {
+            Err(ConfigError::OutOfRange { field: f, reason }) => {
+                assert_eq!(f, field, "{reason}");
+                assert!(reason.contains(says), "{reason}");
+            }
+            other => panic!("{config:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn retention_must_outlast_the_late_horizon_and_the_release_budget_is_bounded() {
+        let with = |retention_days, late_horizon_s, release_budget_ms| Config {
+            retention_days,
+            late_horizon_s,
+            release_budget_ms,
+            ..Config::default()
+        };
+        assert!(with(30, 86_400, 2_000).validate().is_ok());
+        assert!(with(0, 10 * 366 * 86_400, 100).validate().is_ok());
+        assert!(with(2, 86_400, 30_000).validate().is_ok());
+        for (config, field, says) in [
+            (
+                with(1, 86_400, 2_000),
+                "retention_days",
+                "late_horizon_s = 86400",
+            ),
+            (
+                with(30, 31_622_400, 2_000),
+                "retention_days",
+                "keep forever",
+            ),
+            (with(30, 86_400, 99), "release_budget_ms", "got 99"),
+            (
+                with(30, 86_400, 30_001),
+                "release_budget_ms",
+                "between 100 and 30000",
+            ),
+        ] {
+            assert_out_of_range(&config, field, says);
+        }
+    }
+
     #[test]
     fn kafka_options_are_checked_by_librdkafka_and_may_not_weaken_acknowledgements() {
         let with = |producer: &str, consumer: &str| Config {
@@ -624,13 +687,7 @@ mod tests {
                 "idempotence",
             ),
         ] {
-            match config.validate() {
-                Err(ConfigError::OutOfRange { field: f, reason }) => {
-                    assert_eq!(f, field, "{reason}");
-                    assert!(reason.contains(says), "{reason}");
-                }
-                other => panic!("{config:?}: {other:?}"),
-            }
+            assert_out_of_range(&config, field, says);
         }
     }
 

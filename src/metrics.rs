@@ -39,6 +39,44 @@ pub struct StageLabel {
     pub stage: &'static str,
 }
 
+/// `{table="location"|"halo_copy"}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: &'static str,
+}
+
+/// What retention counts (`crate::store::retention`).
+#[derive(Debug, Clone, Default)]
+pub struct RetentionCounters {
+    /// Reports deleted from `location` and ghost copies from `halo_copy`.
+    pub locations: Counter,
+    pub halo_copies: Counter,
+    /// Passes finished (a pass skipped because another process ran one is not counted).
+    pub passes: Counter,
+}
+
+impl RetentionCounters {
+    fn register(registry: &mut Registry) -> Self {
+        let deleted = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "udaconnect_retention_deleted",
+            "Rows deleted because their report is older than retention_days, by table",
+            deleted.clone(),
+        );
+        let passes = Counter::default();
+        registry.register(
+            "udaconnect_retention_passes",
+            "Retention passes this process finished",
+            passes.clone(),
+        );
+        Self {
+            locations: deleted.get_or_create_owned(&TableLabel { table: "location" }),
+            halo_copies: deleted.get_or_create_owned(&TableLabel { table: "halo_copy" }),
+            passes,
+        }
+    }
+}
+
 /// `{result="accepted"|"rejected"}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -98,8 +136,9 @@ pub struct StageCounters {
     pub backpressure_s: SecondsCounter,
     /// Records per worker batch.
     pub batch_records: Histogram,
-    /// Releases whose last snapshot was not stored within the release budget (the next
-    /// owner replayed from the snapshot before).
+    /// Snapshot stores given up because a release's budget ran out (its final snapshot, or
+    /// the periodic one still being stored when it began): the next owner replayed from the
+    /// snapshot before.
     pub releases_abandoned: Counter,
 }
 
@@ -138,6 +177,7 @@ pub struct PipelineMetrics {
     pub dead_letters: Counter,
     /// Snapshot offsets the log contradicted, by stage and kind.
     pub mismatches: Family<MismatchLabels, Counter>,
+    pub retention: RetentionCounters,
 }
 
 impl IngestCounters {
@@ -233,7 +273,7 @@ impl StageCounters {
         let abandoned = Family::<StageLabel, Counter>::default();
         registry.register(
             "udaconnect_stage_releases_abandoned",
-            "Partition releases whose last snapshot was not stored within release_budget_ms; the next owner replayed from the snapshot before",
+            "Snapshot stores given up because a partition release's release_budget_ms ran out; the next owner replayed from the snapshot before",
             abandoned.clone(),
         );
         let stage = |stage: Stage| {
@@ -287,6 +327,7 @@ impl PipelineMetrics {
             "Records sent to a dead-letter topic because they could not be read",
             dead_letters.clone(),
         );
+        let retention = RetentionCounters::register(registry);
         Self {
             ingest,
             zones,
@@ -294,6 +335,7 @@ impl PipelineMetrics {
             locations,
             dead_letters,
             mismatches,
+            retention,
         }
     }
 }

@@ -38,6 +38,7 @@ use crate::pipeline::stages::{
 };
 pub use crate::pipeline::status::{PartitionFigures, PartitionStatus, PipelineStatus, StageStatus};
 use crate::store::owners::PgOwners;
+use crate::store::retention::Retention;
 use crate::store::snapshots::PgSnapshots;
 
 /// Consumer group of stage one.
@@ -64,6 +65,8 @@ pub struct Pipeline {
     topics: Topics,
     shutdown: CancellationToken,
     heartbeats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The retention passes (`retention_days`), when on.
+    retention: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     zone_partitions: u32,
     person_partitions: u32,
 }
@@ -108,6 +111,10 @@ impl Parts<'_> {
                 found: self.metrics.mismatches.clone(),
                 ..Restores::default()
             }),
+            abandoned: match stage {
+                Stage::Zones => self.metrics.zones.releases_abandoned.clone(),
+                Stage::Persons => self.metrics.persons.releases_abandoned.clone(),
+            },
         }
     }
 
@@ -244,6 +251,14 @@ impl Pipeline {
         );
         let shutdown = CancellationToken::new();
         let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, shutdown.clone());
+        let retention = (config.retention_days > 0).then(|| {
+            let retention = Retention::new(
+                pool.clone(),
+                config.retention_days,
+                metrics.retention.clone(),
+            );
+            tokio::spawn(retention.run(shutdown.clone()))
+        });
         let probe: BaseConsumer = client_config(config)
             .create()
             .context("failed to create the kafka probe")?;
@@ -264,6 +279,7 @@ impl Pipeline {
             topics,
             shutdown,
             heartbeats: std::sync::Mutex::new(Some(heartbeats)),
+            retention: std::sync::Mutex::new(retention),
             zone_partitions,
             person_partitions,
         })
@@ -309,6 +325,11 @@ impl Pipeline {
         let heartbeats = self.heartbeats.lock().expect("not poisoned").take();
         if let Some(h) = heartbeats {
             let _ = h.await;
+        }
+        // A pass stops between two batches (each its own statement).
+        let retention = self.retention.lock().expect("not poisoned").take();
+        if let Some(r) = retention {
+            let _ = r.await;
         }
         let zones = self.zones.lock().await.take();
         let persons = self.persons.lock().await.take();

@@ -298,6 +298,9 @@ pub struct PartitionStore {
     pub broker: Broker,
     /// What the restores of owned partitions found (for the status and the metrics).
     pub restores: Arc<Restores>,
+    /// Snapshot stores given up because a release's budget ran out
+    /// (`udaconnect_stage_releases_abandoned_total`).
+    pub abandoned: Counter,
 }
 
 /// What a stage's restores found since this process started: snapshot offsets the log
@@ -548,14 +551,15 @@ impl<M: ractor::Message> PartitionCore<M> {
             })
             .await;
             if stored == Stored::Abandoned {
-                debug!(
+                store.abandoned.inc();
+                warn!(
                     stage = stage.as_str(),
                     partition,
                     bytes = blob.serialized_len(),
                     parts = blob.parts.len(),
                     serialized_ms = serialized.as_millis() as u64,
                     abandoned_ms = began.elapsed().as_millis() as u64,
-                    "snapshot abandoned, not stored"
+                    "snapshot not stored within the release's budget; the next owner replays from the last stored one"
                 );
                 return None;
             }

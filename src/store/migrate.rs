@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "open connections",
         sql: include_str!("migrations/0005_open_connections.sql"),
     },
+    Migration {
+        version: 6,
+        name: "retention",
+        sql: include_str!("migrations/0006_retention.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serializes concurrent migrators.

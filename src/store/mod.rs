@@ -1,13 +1,14 @@
 //! PostgreSQL + PostGIS persistence: the connection pool, migrations, the POC seed loader,
 //! the queries of the front ends (`queries`), and the pipeline's effects, one module per
 //! table family: `locations` (zone stage, late path), `connections` (person stage),
-//! `snapshots` and `owners` (partitions).
+//! `snapshots` and `owners` (partitions); `retention` deletes reports past their retention.
 
 pub mod connections;
 pub mod locations;
 mod migrate;
 pub mod owners;
 pub mod queries;
+pub mod retention;
 mod seed;
 pub mod snapshots;
 

@@ -45,8 +45,10 @@ impl PgSnapshots {
     /// out, docs/design.md §5), the statement running is cancelled (PostgreSQL's cancel
     /// request), the transaction is rolled back and [`Stored::Abandoned`] returned: the stored
     /// snapshot is then the previous one, whole, and nothing of this one. The decision is taken
-    /// before `COMMIT` is sent, so the outcome is never in doubt. Errors: the pool's or
-    /// PostgreSQL's, as [`PortError`] (nothing stored either).
+    /// before `COMMIT` is sent, so the outcome is never in doubt. A connection a cancel request
+    /// was sent on is closed, not returned to the pool: the request travels on its own socket
+    /// and may arrive after the statement it was meant for, cancelling the next user's.
+    /// Errors: the pool's or PostgreSQL's, as [`PortError`] (nothing stored either).
     pub async fn store(
         &self,
         stage: Stage,
@@ -62,6 +64,7 @@ impl PgSnapshots {
         };
         let cancel = client.cancel_token();
         let tx = client.transaction().await.map_err(PortError::of)?;
+        let mut cancelled = false;
         let written = {
             let mut writing = std::pin::pin!(self.write(&tx, stage, partition, snapshot, topic_id));
             tokio::select! {
@@ -71,6 +74,7 @@ impl PgSnapshots {
                     // Cancel whatever statement runs until the writing gives up (a cancel
                     // request that arrives between two statements cancels nothing).
                     loop {
+                        cancelled = true;
                         let _ = cancel.cancel_query(NoTls).await;
                         if tokio::time::timeout(CANCEL_RETRY, &mut writing).await.is_ok() {
                             break;
@@ -80,10 +84,10 @@ impl PgSnapshots {
                 }
             }
         };
-        match written {
+        let outcome = match written {
             Some(Ok(())) if !abandon.is_cancelled() => {
                 tx.commit().await.map_err(PortError::of)?;
-                Ok(Stored::Stored)
+                return Ok(Stored::Stored);
             }
             Some(Err(e)) if !abandon.is_cancelled() => {
                 let _ = tx.rollback().await;
@@ -91,11 +95,16 @@ impl PgSnapshots {
             }
             _ => {
                 // Nothing of this snapshot is visible to anyone (never committed); the
-                // rollback only frees its locks before the connection is reused.
+                // rollback frees its locks now rather than when the server notices the
+                // connection closed.
                 let _ = tx.rollback().await;
                 Ok(Stored::Abandoned)
             }
+        };
+        if cancelled {
+            drop(deadpool_postgres::Object::take(client));
         }
+        outcome
     }
 
     /// The statements of [`PgSnapshots::store`], in its transaction.

@@ -129,6 +129,9 @@ pub fn test_config_for(url: &str) -> Config {
         // The tests replay a conference of 2026-03-10 (and the POC's 2020 seed): their
         // reports are older than the default late horizon of a day.
         late_horizon_s: REPLAY_HORIZON_S,
+        // Reports of 2026-03-10 and 2020 are past the default retention: kept here (the
+        // retention tests set their own).
+        retention_days: 0,
         ..Config::default()
     }
 }
@@ -608,6 +611,10 @@ pub fn spawn_serve(
         .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{rest_port}"))
         .env("UDACONNECT_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
         .env("UDACONNECT_NODE_NAME", node)
+        .env(
+            "UDACONNECT_RETENTION_DAYS",
+            config.retention_days.to_string(),
+        )
         .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
         .stdout(std::process::Stdio::null())
         .stderr(log)

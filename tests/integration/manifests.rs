@@ -91,6 +91,36 @@ fn every_udaconnect_setting_in_the_manifests_is_a_key_udaconnect_knows() {
     assert!(unknown.is_empty(), "not configuration keys: {unknown:?}");
 }
 
+/// The settings the pods get (the Secret's configuration file, then the ConfigMap and the
+/// containers' variables over it) load: every value has its key's type and range, and the
+/// keys agree with each other (a pod would exit at start otherwise).
+#[test]
+fn the_settings_in_the_manifests_are_a_configuration_udaconnect_accepts() {
+    let example = manifests_dir().join("secrets/udaconnect.toml.example");
+    let mut toml = std::fs::read_to_string(&example).expect("the example file");
+    toml.push('\n');
+    for (_, name, value) in settings(&documents()) {
+        let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        // As the environment layer reads it: a number or a boolean when it parses as one.
+        let typed = value.parse::<i64>().is_ok()
+            || value.parse::<f64>().is_ok()
+            || value == "true"
+            || value == "false";
+        let value = if typed { value } else { format!("{value:?}") };
+        toml.push_str(&format!("{} = {value}\n", key.to_lowercase()));
+    }
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &toml).expect("write");
+    if let Err(e) = Config::load_from(
+        Some(file.path()),
+        Env::prefixed("UDATEST_NO_SUCH_VARIABLE_"),
+    ) {
+        panic!("the pods' settings do not load: {e}\n{toml}");
+    }
+}
+
 #[test]
 fn no_secret_value_is_committed_in_the_manifests() {
     let docs = documents();

@@ -971,6 +971,8 @@ async fn the_ingest_command_sends_a_file_and_names_rejected_lines() {
             "UDACONNECT_LATE_HORIZON_S",
             crate::helpers::REPLAY_HORIZON_S.to_string(),
         )
+        // A horizon beyond the default retention needs retention off (or longer).
+        .env("UDACONNECT_RETENTION_DAYS", "0")
         .env("UDACONNECT_TOPIC_PREFIX", &config.topic_prefix)
         .env("UDACONNECT_LOCATIONS_PARTITIONS", "2")
         .env("UDACONNECT_PERSON_UPDATES_PARTITIONS", "2")

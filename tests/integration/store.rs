@@ -512,6 +512,54 @@ async fn a_late_copy_finds_what_its_zone_saw_before_it() {
     db.drop_db().await;
 }
 
+/// Stores `blob` as partition 0 of the persons stage while another transaction holds that
+/// partition's `shard_snapshot` row, so that the store's first statement waits; checks that
+/// it waits (a store is not abandoned on its own), abandons it after 300 ms, releases the lock
+/// and returns how the store ended (it must end while the lock is still held).
+async fn store_behind_a_lock(
+    db: &TestDb,
+    snapshots: &udaconnect::store::snapshots::PgSnapshots,
+    blob: &udaconnect_actors::actors::ports::SnapshotBlob,
+) -> udaconnect::store::snapshots::Stored {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use udaconnect_actors::actors::ports::Stage;
+
+    let blocker = db.client().await;
+    blocker
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM shard_snapshot WHERE stage = 'persons' AND partition = 0 FOR UPDATE",
+        )
+        .await
+        .expect("lock the row");
+    let abandon = CancellationToken::new();
+    let storing = tokio::spawn({
+        let (snapshots, blob, abandon) = (snapshots.clone(), blob.clone(), abandon.clone());
+        async move {
+            snapshots
+                .store(Stage::Persons, 0, &blob, "topic-a", &abandon)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !storing.is_finished(),
+        "the store did not wait for the lock"
+    );
+    abandon.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), storing)
+        .await
+        .expect("an abandoned store ends without the lock being released")
+        .expect("store task")
+        .expect("abandoning is not an error");
+    blocker
+        .batch_execute("ROLLBACK")
+        .await
+        .expect("release the lock");
+    outcome
+}
+
 /// A snapshot store that its release budget cancels while PostgreSQL is still writing it (here:
 /// blocked behind another transaction's lock) is rolled back, not half stored: the stored
 /// snapshot stays the one before, header and parts, and a later store still succeeds.
@@ -545,39 +593,11 @@ async fn an_abandoned_snapshot_store_leaves_the_previous_snapshot_whole() {
         .expect("first store");
     assert_eq!(stored, Stored::Stored);
 
-    // Another transaction holds the partition's row: the next store's first statement waits.
-    let mut blocker = db.client().await;
-    let held = blocker.transaction().await.expect("begin");
-    held.execute(
-        "SELECT 1 FROM shard_snapshot WHERE stage = 'persons' AND partition = 0 FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("lock the row");
     let second = blob(200, &[(1, 9), (4, 4)]);
-    let abandon = CancellationToken::new();
-    let storing = tokio::spawn({
-        let (snapshots, second, abandon) = (snapshots.clone(), second.clone(), abandon.clone());
-        async move {
-            snapshots
-                .store(Stage::Persons, 0, &second, "topic-a", &abandon)
-                .await
-        }
-    });
-    // Until the budget runs out the store waits (it is not abandoned on its own).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !storing.is_finished(),
-        "the store did not wait for the lock"
+    assert_eq!(
+        store_behind_a_lock(&db, &snapshots, &second).await,
+        Stored::Abandoned
     );
-    abandon.cancel();
-    let outcome = tokio::time::timeout(Duration::from_secs(5), storing)
-        .await
-        .expect("an abandoned store ends without the lock being released")
-        .expect("store task")
-        .expect("abandoning is not an error");
-    assert_eq!(outcome, Stored::Abandoned);
-    held.rollback().await.expect("release the lock");
 
     let (loaded, topic_id) = snapshots
         .load(Stage::Persons, 0)
@@ -589,8 +609,7 @@ async fn an_abandoned_snapshot_store_leaves_the_previous_snapshot_whole() {
     assert_eq!(loaded.bytes, first.bytes);
     assert_eq!(loaded.parts, first.parts);
 
-    // The connection it used is fine, and a store whose budget ran out before it began
-    // stores nothing.
+    // A store whose budget ran out before it began stores nothing.
     let spent = CancellationToken::new();
     spent.cancel();
     let outcome = snapshots
@@ -620,6 +639,170 @@ async fn an_abandoned_snapshot_store_leaves_the_previous_snapshot_whole() {
         .expect("a snapshot");
     assert_eq!(loaded.next_offset, 200);
     assert_eq!(loaded.parts, second.parts);
+    drop(client);
+    db.drop_db().await;
+}
+
+/// A cancel request travels on its own socket and may reach the server after the statement
+/// it was meant for, and then cancels the connection's next one: a connection a cancel was
+/// sent on must not serve anyone else. With a pool of one connection, the statement after an
+/// abandoned store runs on another server process (`pg_backend_pid`).
+#[tokio::test]
+async fn a_connection_an_abandoned_store_cancelled_on_is_not_reused() {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use udaconnect::store::snapshots::{PgSnapshots, Stored};
+    use udaconnect_actors::actors::ports::{SnapshotBlob, Stage};
+
+    let (db, client) = TestDb::migrated().await;
+    let config = udaconnect::config::Config {
+        database_pool_size: 1,
+        ..crate::helpers::test_config(&db)
+    };
+    let pool = udaconnect::store::pool(&config, Duration::from_secs(5)).expect("pool");
+    let backend = || async {
+        let c = pool.get().await.expect("a connection");
+        c.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get::<_, i32>(0)
+    };
+    let snapshots = PgSnapshots::new(pool.clone(), "t.person-updates");
+    let blob = SnapshotBlob {
+        next_offset: 1,
+        format: 4,
+        bytes: vec![1; 64],
+        parts: vec![(1, Some(vec![1; 100]))],
+        complete: true,
+    };
+    let never = CancellationToken::new();
+    let store = || async {
+        snapshots
+            .store(Stage::Persons, 0, &blob, "topic-a", &never)
+            .await
+            .expect("store")
+    };
+    assert_eq!(store().await, Stored::Stored);
+    // A store that ends without a cancel keeps its connection.
+    let before = backend().await;
+    assert_eq!(backend().await, before, "the pool keeps its connection");
+
+    // The next store is cancelled mid-statement.
+    assert_eq!(
+        store_behind_a_lock(&db, &snapshots, &blob).await,
+        Stored::Abandoned
+    );
+
+    let after = backend().await;
+    assert_ne!(
+        after, before,
+        "the cancelled connection went back to the pool"
+    );
+    // And the new one works for the next store.
+    assert_eq!(store().await, Stored::Stored);
+    drop(client);
+    db.drop_db().await;
+}
+
+/// Retention deletes exactly the reports (and ghost copies) recorded before its cutoff, batch
+/// after batch, counts them, keeps the one recorded at the cutoff, and runs in one process of
+/// the cluster at a time.
+#[tokio::test]
+async fn retention_deletes_exactly_the_reports_past_it() {
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+    use tokio_util::sync::CancellationToken;
+    use udaconnect::metrics::RetentionCounters;
+    use udaconnect::store::retention::Retention;
+    use uuid::Uuid;
+
+    let (db, client) = TestDb::migrated().await;
+    let config = crate::helpers::test_config(&db);
+    let pool = udaconnect::store::pool(&config, Duration::from_secs(5)).expect("pool");
+    let counters = RetentionCounters::default();
+    let retention = Retention::new(pool, 30, counters.clone()).with_batch(7);
+    let now: DateTime<Utc> = "2026-11-30T12:00:00Z".parse().expect("time");
+    let cutoff = retention.cutoff(now);
+    assert_eq!(cutoff, now - chrono::Duration::days(30));
+
+    client
+        .execute("INSERT INTO person (id, first_name, last_name, company_name) VALUES (1, 'A', 'B', 'C')", &[])
+        .await
+        .expect("person");
+    // 23 reports before the cutoff (down to a microsecond before it), 12 at or after it.
+    let micros = chrono::Duration::microseconds;
+    let mut past: Vec<DateTime<Utc>> = (0..22)
+        .map(|i| cutoff - chrono::Duration::hours(i * 13 + 1))
+        .collect();
+    past.push(cutoff - micros(1));
+    let mut kept: Vec<DateTime<Utc>> = (0..11)
+        .map(|i| cutoff + chrono::Duration::hours(i * 61 + 1))
+        .collect();
+    kept.push(cutoff);
+    let mut kept_ids = Vec::new();
+    for (i, at) in past.iter().chain(&kept).enumerate() {
+        let id = Uuid::new_v4();
+        client
+            .execute(
+                "INSERT INTO location (event_id, person_id, coordinate, recorded_at)
+                 VALUES ($1, 1, ST_SetSRID(ST_MakePoint(35.0, -106.0), 4326), $2)",
+                &[&id, at],
+            )
+            .await
+            .expect("location");
+        client
+            .execute(
+                "INSERT INTO halo_copy (zone, event_id, person_id, lat, lon, recorded_at, seq, fine_cell)
+                 VALUES ($1, $2, 1, 35.0, -106.0, $3, $4, 1)",
+                &[&(i as i64 % 3), &id, at, &(i as i64)],
+            )
+            .await
+            .expect("halo copy");
+        if *at >= cutoff {
+            kept_ids.push(id);
+        }
+    }
+    kept_ids.sort();
+
+    // Another session holds the pass's lock: this process skips its pass.
+    let holder = db.client().await;
+    holder
+        .execute("SELECT pg_advisory_lock(x'7564616352657430'::bigint)", &[])
+        .await
+        .expect("lock");
+    let stop = CancellationToken::new();
+    let skipped = retention.pass(now, &stop).await.expect("pass");
+    assert!(skipped.skipped, "{skipped:?}");
+    assert_eq!((skipped.locations, skipped.halo_copies), (0, 0));
+    assert_eq!(scalar(&client, "SELECT count(*) FROM location").await, 35);
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let pass = retention.pass(now, &stop).await.expect("pass");
+    assert_eq!(
+        (pass.locations, pass.halo_copies, pass.skipped),
+        (23, 23, false)
+    );
+    assert_eq!(counters.locations.get(), 23);
+    assert_eq!(counters.halo_copies.get(), 23);
+    assert_eq!(counters.passes.get(), 1);
+    for table in ["location", "halo_copy"] {
+        let mut left: Vec<Uuid> = client
+            .query(&format!("SELECT event_id FROM {table}"), &[])
+            .await
+            .expect("left")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        left.sort();
+        assert_eq!(left, kept_ids, "{table} after the pass");
+    }
+    // Nothing more to delete at the same moment.
+    let again = retention.pass(now, &stop).await.expect("pass");
+    assert_eq!((again.locations, again.halo_copies), (0, 0));
+    assert_eq!(counters.passes.get(), 2);
     drop(client);
     db.drop_db().await;
 }

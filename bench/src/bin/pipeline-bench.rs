@@ -199,6 +199,8 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
     // The bench replays a conference of 2026-03-10: its reports are older than the default
     // late horizon of a day, which would refuse them.
     base.late_horizon_s = base.late_horizon_s.max(10 * 366 * 86_400);
+    // Nor may retention delete them while the bench runs.
+    base.retention_days = 0;
     base.validate()?;
     let admin_url = match &cli.admin_url {
         Some(url) => url.clone(),

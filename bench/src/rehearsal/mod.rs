@@ -792,6 +792,9 @@ impl Run<'_> {
     async fn start_pod(&mut self, i: usize, step: &mut Step) -> anyhow::Result<()> {
         (self.say)(&format!("starting {}", self.pods[i].name));
         let started = self.pods[i].start(&self.spec)?;
+        // The same moment on the wall clock (the pods' restore times are compared with it).
+        let started_at_us =
+            chrono::Utc::now().timestamp_micros() - started.elapsed().as_micros() as i64;
         let log = self.pods[i].log(&self.spec);
         let ready = wait_ready(&self.http, &self.pods[i], Duration::from_secs(120), &log).await?;
         self.endpoints.join(&self.pods[i]);
@@ -799,7 +802,7 @@ impl Run<'_> {
             .all_serving_with(
                 true,
                 &BTreeSet::new(),
-                (started, chrono::Utc::now().timestamp_micros()),
+                (started, started_at_us),
                 Duration::from_secs(120),
             )
             .await?;
