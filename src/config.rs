@@ -237,6 +237,15 @@ impl Config {
                 ),
             });
         }
+        if self.retention_days > 36_500 {
+            return Err(ConfigError::OutOfRange {
+                field: "retention_days",
+                reason: format!(
+                    "must be at most 36500 (a hundred years; 0 keeps forever) (got {})",
+                    self.retention_days
+                ),
+            });
+        }
         if self.retention_days > 0
             && u64::from(self.retention_days) * 86_400 <= u64::from(self.late_horizon_s)
         {
@@ -638,6 +647,11 @@ mod tests {
                 with(1, 86_400, 2_000),
                 "retention_days",
                 "late_horizon_s = 86400",
+            ),
+            (
+                with(100_000_000, 86_400, 2_000),
+                "retention_days",
+                "at most 36500",
             ),
             (
                 with(30, 31_622_400, 2_000),

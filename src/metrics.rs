@@ -139,7 +139,7 @@ pub struct StageCounters {
     /// Snapshot stores given up because a release's budget ran out (its final snapshot, or
     /// the periodic one still being stored when it began): the next owner replayed from the
     /// snapshot before.
-    pub releases_abandoned: Counter,
+    pub snapshot_stores_abandoned: Counter,
 }
 
 impl Default for StageCounters {
@@ -149,7 +149,7 @@ impl Default for StageCounters {
             records: Counter::default(),
             backpressure_s: SecondsCounter::default(),
             batch_records: size_histogram(),
-            releases_abandoned: Counter::default(),
+            snapshot_stores_abandoned: Counter::default(),
         }
     }
 }
@@ -272,7 +272,7 @@ impl StageCounters {
         );
         let abandoned = Family::<StageLabel, Counter>::default();
         registry.register(
-            "udaconnect_stage_releases_abandoned",
+            "udaconnect_stage_snapshot_stores_abandoned",
             "Snapshot stores given up because a partition release's release_budget_ms ran out; the next owner replayed from the snapshot before",
             abandoned.clone(),
         );
@@ -284,7 +284,7 @@ impl StageCounters {
                 records: records.get_or_create_owned(&label),
                 backpressure_s: backpressure.get_or_create_owned(&label),
                 batch_records: batch_records.get_or_create_owned(&label),
-                releases_abandoned: abandoned.get_or_create_owned(&label),
+                snapshot_stores_abandoned: abandoned.get_or_create_owned(&label),
             }
         };
         (stage(Stage::Zones), stage(Stage::Persons))

@@ -112,8 +112,8 @@ impl Parts<'_> {
                 ..Restores::default()
             }),
             abandoned: match stage {
-                Stage::Zones => self.metrics.zones.releases_abandoned.clone(),
-                Stage::Persons => self.metrics.persons.releases_abandoned.clone(),
+                Stage::Zones => self.metrics.zones.snapshot_stores_abandoned.clone(),
+                Stage::Persons => self.metrics.persons.snapshot_stores_abandoned.clone(),
             },
         }
     }
@@ -326,11 +326,6 @@ impl Pipeline {
         if let Some(h) = heartbeats {
             let _ = h.await;
         }
-        // A pass stops between two batches (each its own statement).
-        let retention = self.retention.lock().expect("not poisoned").take();
-        if let Some(r) = retention {
-            let _ = r.await;
-        }
         let zones = self.zones.lock().await.take();
         let persons = self.persons.lock().await.take();
         futures::future::join(
@@ -346,6 +341,12 @@ impl Pipeline {
             },
         )
         .await;
+        // After the stages: a retention pass in progress must not delay their release (it
+        // stops before its next statement).
+        let retention = self.retention.lock().expect("not poisoned").take();
+        if let Some(r) = retention {
+            let _ = r.await;
+        }
         self.hub.stop().await;
     }
 }

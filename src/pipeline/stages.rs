@@ -299,7 +299,7 @@ pub struct PartitionStore {
     /// What the restores of owned partitions found (for the status and the metrics).
     pub restores: Arc<Restores>,
     /// Snapshot stores given up because a release's budget ran out
-    /// (`udaconnect_stage_releases_abandoned_total`).
+    /// (`udaconnect_stage_snapshot_stores_abandoned_total`).
     pub abandoned: Counter,
 }
 

@@ -2,8 +2,8 @@
 //! `retention_days` are deleted by the service itself, from `location` (the reports) and
 //! `halo_copy` (their ghost copies for the late path), in batches, off the hot path.
 //!
-//! One process of the cluster runs a pass at a time (a PostgreSQL advisory lock; the others
-//! skip theirs); a pass deletes at most [`BATCH`] rows per statement, each statement its own
+//! Every process runs a pass hourly; the passes take turns (a PostgreSQL advisory lock: a
+//! process that finds another's pass running skips its own); a pass deletes at most [`BATCH`] rows per statement, each statement its own
 //! transaction, with a pause between them, so that ingest's writes are never held up behind
 //! one large delete. What a pass deletes is counted in `udaconnect_retention_deleted_total`.
 
@@ -39,6 +39,24 @@ pub struct RetentionPass {
     pub skipped: bool,
 }
 
+/// A pooled connection taken out of the pool when dropped: its session ends, and with it any
+/// advisory lock it holds.
+struct Session(Option<deadpool_postgres::Object>);
+
+impl Session {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
+
 /// Deletes reports older than a retention period.
 #[derive(Clone)]
 pub struct Retention {
@@ -49,7 +67,8 @@ pub struct Retention {
 }
 
 impl Retention {
-    /// Retention of `days` days (at least 1) on `pool`, counting into `counters`.
+    /// Retention of `days` days (at least 1; `Config::validate` keeps it at most 36,500) on
+    /// `pool`, counting into `counters`.
     pub fn new(pool: Pool, days: u32, counters: RetentionCounters) -> Self {
         Self {
             pool,
@@ -72,7 +91,7 @@ impl Retention {
 
     /// Deletes every report (and ghost copy) recorded before [`Retention::cutoff`] of `now`,
     /// batch after batch until none is left, unless another process holds the pass's lock
-    /// (then `skipped`). Stops early, between batches, when `stop` is cancelled. Errors:
+    /// (then `skipped`). Stops before its next statement once `stop` is cancelled. Errors:
     /// PostgreSQL's ([`StoreError`]); what was deleted before stays deleted and counted.
     pub async fn pass(
         &self,
@@ -80,8 +99,11 @@ impl Retention {
         stop: &CancellationToken,
     ) -> Result<RetentionPass, StoreError> {
         let cutoff = self.cutoff(now);
-        // One session for the whole pass: an advisory lock belongs to the session that took it.
-        let client = self.pool.get().await?;
+        // One session for the whole pass (an advisory lock belongs to the session that took
+        // it), closed afterwards, never pooled: closing it releases the lock whatever happened,
+        // a panic included.
+        let session = Session(Some(self.pool.get().await?));
+        let client = session.client();
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
             .await?
@@ -93,47 +115,39 @@ impl Retention {
             });
         }
         let mut done = RetentionPass::default();
-        let deleted = async {
-            for (table, statement, counter, total) in [
-                (
-                    "location",
-                    "DELETE FROM location WHERE id IN
-                         (SELECT id FROM location WHERE recorded_at < $1 LIMIT $2)",
-                    &self.counters.locations,
-                    &mut done.locations,
-                ),
-                (
-                    "halo_copy",
-                    "DELETE FROM halo_copy WHERE (zone, event_id) IN
-                         (SELECT zone, event_id FROM halo_copy WHERE recorded_at < $1 LIMIT $2)",
-                    &self.counters.halo_copies,
-                    &mut done.halo_copies,
-                ),
-            ] {
-                let statement = client.prepare_cached(statement).await?;
-                loop {
-                    let n = client.execute(&statement, &[&cutoff, &self.batch]).await?;
-                    counter.inc_by(n);
-                    *total += n;
-                    if n < self.batch as u64 || stop.is_cancelled() {
-                        break;
-                    }
-                    if *total % (self.batch as u64 * 10) == 0 {
-                        info!(table, deleted = *total, %cutoff, "retention pass in progress");
-                    }
-                    tokio::time::sleep(PAUSE).await;
+        for (table, statement, counter, total) in [
+            (
+                "location",
+                "DELETE FROM location WHERE id IN
+                     (SELECT id FROM location WHERE recorded_at < $1 LIMIT $2)",
+                &self.counters.locations,
+                &mut done.locations,
+            ),
+            (
+                "halo_copy",
+                "DELETE FROM halo_copy WHERE (zone, event_id) IN
+                     (SELECT zone, event_id FROM halo_copy WHERE recorded_at < $1 LIMIT $2)",
+                &self.counters.halo_copies,
+                &mut done.halo_copies,
+            ),
+        ] {
+            let statement = client.prepare_cached(statement).await?;
+            while !stop.is_cancelled() {
+                let n = client.execute(&statement, &[&cutoff, &self.batch]).await?;
+                counter.inc_by(n);
+                *total += n;
+                if n < self.batch as u64 {
+                    break;
                 }
+                if *total % (self.batch as u64 * 10) == 0 {
+                    info!(table, deleted = *total, %cutoff, "retention pass in progress");
+                }
+                tokio::time::sleep(PAUSE).await;
             }
-            Ok::<_, StoreError>(())
         }
-        .await;
-        // Released whatever happened (the session returns to the pool).
-        let unlocked = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
-            .await;
-        deleted?;
-        unlocked?;
-        self.counters.passes.inc();
+        if !stop.is_cancelled() {
+            self.counters.passes.inc();
+        }
         Ok(done)
     }
 

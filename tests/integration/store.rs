@@ -772,6 +772,16 @@ async fn retention_deletes_exactly_the_reports_past_it() {
         .execute("SELECT pg_advisory_lock(x'7564616352657430'::bigint)", &[])
         .await
         .expect("lock");
+    // A pass asked to stop before it began deletes nothing.
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    let none = retention.pass(now, &stopped).await.expect("pass");
+    assert_eq!((none.locations, none.halo_copies), (0, 0));
+    assert_eq!(
+        counters.passes.get(),
+        0,
+        "a stopped pass is not a finished one"
+    );
     let stop = CancellationToken::new();
     let skipped = retention.pass(now, &stop).await.expect("pass");
     assert!(skipped.skipped, "{skipped:?}");
@@ -803,6 +813,17 @@ async fn retention_deletes_exactly_the_reports_past_it() {
     let again = retention.pass(now, &stop).await.expect("pass");
     assert_eq!((again.locations, again.halo_copies), (0, 0));
     assert_eq!(counters.passes.get(), 2);
+    // Each pass released its lock (its session closed): another session can take it now.
+    let other = db.client().await;
+    let free: bool = other
+        .query_one(
+            "SELECT pg_try_advisory_lock(x'7564616352657430'::bigint)",
+            &[],
+        )
+        .await
+        .expect("try lock")
+        .get(0);
+    assert!(free, "a pass kept the lock");
     drop(client);
     db.drop_db().await;
 }
