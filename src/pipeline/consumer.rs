@@ -826,40 +826,62 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_partition_that_always_has_records_waiting_still_snapshots_every_interval() {
+    /// A worker of partition 0 over a [`Counting`] worker (stalling its snapshots when
+    /// `stall`): its input, the commands it sends, its task, and its snapshot count.
+    fn spawn_worker(
+        stall: bool,
+        timing: Timing,
+    ) -> (
+        mpsc::Sender<Input>,
+        std_mpsc::Receiver<Command>,
+        tokio::task::JoinHandle<()>,
+        Arc<AtomicUsize>,
+    ) {
         let snapshots = Arc::new(AtomicUsize::new(0));
         let factory = Arc::new(Factory {
             handled: Arc::default(),
             snapshots: Arc::clone(&snapshots),
-            stall: false,
+            stall,
         });
         let (tx, rx) = mpsc::channel(64);
-        let (commands, _command_rx) = std_mpsc::channel();
+        let (commands, command_rx) = std_mpsc::channel();
         let worker = tokio::spawn(run_worker(
             factory,
             Stage::Zones,
             (0, 0),
             rx,
             commands,
+            timing,
+            Arc::new(StageCounters::default()),
+        ));
+        (tx, command_rx, worker, snapshots)
+    }
+
+    async fn send_record(tx: &mpsc::Sender<Input>, offset: i64) {
+        let record = Record {
+            offset,
+            payload: None,
+        };
+        tx.send(Input::Record(record))
+            .await
+            .expect("worker running");
+    }
+
+    #[tokio::test]
+    async fn a_partition_that_always_has_records_waiting_still_snapshots_every_interval() {
+        let (tx, _command_rx, worker, snapshots) = spawn_worker(
+            false,
             Timing {
                 snapshot_interval: Duration::from_millis(50),
                 release_budget: Duration::from_secs(2),
             },
-            Arc::new(StageCounters::default()),
-        ));
+        );
         // A backlog that never drains for a second: the channel is refilled as fast as the
         // worker empties it.
         let started = tokio::time::Instant::now();
         let mut offset = 0;
         while started.elapsed() < Duration::from_secs(1) {
-            let record = Record {
-                offset,
-                payload: None,
-            };
-            tx.send(Input::Record(record))
-                .await
-                .expect("worker running");
+            send_record(&tx, offset).await;
             offset += 1;
         }
         drop(tx);
@@ -874,36 +896,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_whose_snapshot_cannot_be_stored_ends_at_its_budget_without_an_offset() {
-        let factory = Arc::new(Factory {
-            handled: Arc::default(),
-            snapshots: Arc::default(),
-            stall: true,
-        });
-        let (tx, rx) = mpsc::channel(64);
-        let (commands, command_rx) = std_mpsc::channel();
-        let counters = Arc::new(StageCounters::default());
         let budget = Duration::from_millis(300);
-        let worker = tokio::spawn(run_worker(
-            factory,
-            Stage::Persons,
-            (0, 0),
-            rx,
-            commands,
+        let (tx, command_rx, worker, _) = spawn_worker(
+            true,
             Timing {
                 // No periodic snapshot during the test.
                 snapshot_interval: Duration::from_secs(3600),
                 release_budget: budget,
             },
-            Arc::clone(&counters),
-        ));
+        );
         for offset in 0..10 {
-            let record = Record {
-                offset,
-                payload: None,
-            };
-            tx.send(Input::Record(record))
-                .await
-                .expect("worker running");
+            send_record(&tx, offset).await;
         }
         let began = tokio::time::Instant::now();
         let (ack, done) = oneshot::channel();

@@ -303,28 +303,25 @@ pub struct PartitionStore {
     pub abandoned: Counter,
 }
 
-/// What a stage's restores found since this process started: snapshot offsets the log
-/// contradicted, and when each owned partition was restored and had replayed its log.
+/// What a stage's restores found since this process started: each owned partition's restore,
+/// until it is released, and the snapshot offsets the log contradicted, counted.
 #[derive(Debug, Default)]
 pub struct Restores {
-    /// The mismatch each owned partition was restored with, until it is released.
-    pub mismatches: Mutex<BTreeMap<i32, OffsetMismatch>>,
+    pub current: Mutex<BTreeMap<i32, Restored>>,
     /// How many were found, by stage and kind (`udaconnect_snapshot_offset_mismatches_total`).
     pub found: Family<MismatchLabels, Counter>,
-    /// When each owned partition was restored, until it is released.
-    pub times: Mutex<BTreeMap<i32, RestoreTimes>>,
 }
 
-/// When an owned partition started serving here (a handover's end), and when it had replayed
-/// the records its log held then (a replay's end: those after its snapshot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RestoreTimes {
+/// How an owned partition was restored here: the snapshot offset the log contradicted, if it
+/// did; when it started serving (a handover's end), and when it had replayed the records its
+/// log held then (a replay's end: those after its snapshot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub mismatch: Option<OffsetMismatch>,
     /// Restored from its snapshot and fetching, µs since the Unix epoch.
     pub restored_at_us: i64,
-    /// The log's end offset at the restore.
-    pub log_end: i64,
-    /// When the records up to `log_end` had been handed to the partition's actors, µs since
-    /// the Unix epoch; `None` until then.
+    /// When the records its log held at the restore had been handed to the partition's
+    /// actors, µs since the Unix epoch; `None` until then.
     pub replayed_at_us: Option<i64>,
 }
 
@@ -444,13 +441,6 @@ impl<M: ractor::Message> PartitionCore<M> {
                 })
                 .inc();
         }
-        {
-            let mut current = store.restores.mismatches.lock().expect("not poisoned");
-            match &mismatch {
-                Some(m) => current.insert(partition, m.clone()),
-                None => current.remove(&partition),
-            };
-        }
         info!(
             stage = stage.as_str(),
             partition,
@@ -460,11 +450,11 @@ impl<M: ractor::Message> PartitionCore<M> {
             "partition restored"
         );
         let restored_at_us = chrono::Utc::now().timestamp_micros();
-        store.restores.times.lock().expect("not poisoned").insert(
+        store.restores.current.lock().expect("not poisoned").insert(
             partition,
-            RestoreTimes {
+            Restored {
+                mismatch: mismatch.clone(),
                 restored_at_us,
-                log_end: log.end,
                 replayed_at_us: (start >= log.end).then_some(restored_at_us),
             },
         );
@@ -499,7 +489,7 @@ impl<M: ractor::Message> PartitionCore<M> {
         if let Some(t) = self
             .store
             .restores
-            .times
+            .current
             .lock()
             .expect("not poisoned")
             .get_mut(&self.partition)
@@ -587,13 +577,7 @@ impl<M: ractor::Message> PartitionCore<M> {
             .remove(&self.partition);
         self.store
             .restores
-            .mismatches
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.partition);
-        self.store
-            .restores
-            .times
+            .current
             .lock()
             .expect("not poisoned")
             .remove(&self.partition);

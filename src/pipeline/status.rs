@@ -169,26 +169,20 @@ impl Pipeline {
                 },
                 self.end_offset(topic, p)
             );
-            let mismatch = restores
-                .mismatches
+            let restored = restores
+                .current
                 .lock()
                 .expect("not poisoned")
                 .get(&p)
                 .cloned();
-            let times = restores
-                .times
-                .lock()
-                .expect("not poisoned")
-                .get(&p)
-                .copied();
             PartitionStatus {
                 partition: p,
                 processed_offset: processed,
                 end_offset: end,
                 lag: (end >= 0 && processed >= 0).then_some(end - processed),
-                snapshot_mismatch: mismatch,
-                restored_at_us: times.map(|t| t.restored_at_us),
-                replayed_at_us: times.and_then(|t| t.replayed_at_us),
+                restored_at_us: restored.as_ref().map(|r| r.restored_at_us),
+                replayed_at_us: restored.as_ref().and_then(|r| r.replayed_at_us),
+                snapshot_mismatch: restored.and_then(|r| r.mismatch),
                 figures,
             }
         });
