@@ -162,8 +162,12 @@ impl Config {
         let known: Vec<&str> = known.iter().map(String::as_str).collect();
         let env = Env::prefixed(ENV_PREFIX);
         for (key, _) in env.iter() {
-            // UDACONNECT_CONFIG names the file itself (a CLI flag), not a key.
-            if key != "config" && !known.contains(&key.as_str()) {
+            // UDACONNECT_CONFIG names the file itself (a CLI flag), not a key; the `./dev`
+            // script's and the rehearsal's own variables (UDACONNECT_DEV_*,
+            // UDACONNECT_REHEARSAL_*) reach the service through its environment.
+            let tooling =
+                key.as_str().starts_with("dev_") || key.as_str().starts_with("rehearsal_");
+            if key != "config" && !tooling && !known.contains(&key.as_str()) {
                 tracing::warn!(
                     variable = %format!("{ENV_PREFIX}{}", key.as_str().to_uppercase()),
                     "ignoring an environment variable that is not a configuration key"
