@@ -1,4 +1,5 @@
-//! The `udaconnect` command line: `serve`, `migrate`, `ingest --file`, `seed poc <dir>`.
+//! The `udaconnect` command line: `serve`, `migrate`, `ingest --file`, `seed poc <dir>`,
+//! `token`, `docs`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +47,19 @@ pub enum Command {
         /// The folder to write them to.
         #[arg(long, default_value = "docs")]
         out: PathBuf,
+    },
+    /// Print a bearer JWT signed with `jwt_hs256_key` (development, tests, a gateway's
+    /// credential). An RS256 deployment's tokens come from its identity provider instead.
+    Token {
+        /// The caller's role.
+        #[arg(long, value_enum)]
+        role: crate::auth::Role,
+        /// The attendee's person id (the token's `sub`); attendee tokens only.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        person: Option<i64>,
+        /// How long the token is valid: `30m`, `12h`, `7days` (at most 366 days).
+        #[arg(long, default_value = "12h", value_parser = parse_ttl)]
+        ttl: Duration,
     },
     /// Load seed data.
     Seed {
@@ -119,6 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest { file, batch } => {
             crate::pipeline::ingest::ingest_file(&config, &file, batch as usize).await
         }
+        Command::Token { role, person, ttl } => {
+            println!("{}", crate::auth::mint(&config, role, person, ttl)?);
+            Ok(())
+        }
         Command::Docs { out } => {
             for (name, text) in crate::rest::docs::documents()? {
                 let path = out.join(name);
@@ -148,6 +166,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A token lifetime: a humantime duration of 1 s to 366 days.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 30m, 12h, 7days)"))?;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(366 * 86_400) {
+        return Err(format!("must be between 1s and 366days (got {text})"));
+    }
+    Ok(ttl)
 }
 
 async fn connect(config: &Config) -> anyhow::Result<deadpool_postgres::Object> {

@@ -52,8 +52,30 @@ pub struct Config {
     /// `host:port` where the other processes reach this one's gRPC server (recorded as
     /// `shard_owner.owner_addr` for forwarding); unset: the bound gRPC address.
     pub grpc_advertise_addr: Option<String>,
-    /// Bearer token the admin API requires; admin calls are refused while unset.
+    /// A shared bearer token the processes of a cluster forward requests with; accepted on
+    /// REST and gRPC with the organizer's rights (as an alternative to an organizer JWT).
+    /// Unset: only JWTs are accepted, and live state owned by another process cannot be
+    /// forwarded.
     pub admin_token: Option<Secret>,
+    /// `jwt`: `/v1` and gRPC need a bearer JWT (see [`crate::auth`]); `off`: every caller
+    /// has the organizer's rights, for local experiments only (a warning at start).
+    pub auth: AuthMode,
+    /// Key of HS256-signed bearer JWTs, at least 32 bytes (RFC 7518 §3.2: a key as long as
+    /// the hash); `udaconnect token` signs with it.
+    pub jwt_hs256_key: Option<Secret>,
+    /// A PEM file with the RSA public key of RS256-signed JWTs (an identity provider's).
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    /// A JWKS file (RFC 7517) with the RSA public keys of RS256-signed JWTs, chosen by the
+    /// token's `kid`.
+    pub jwt_jwks_file: Option<std::path::PathBuf>,
+    /// When set, a JWT must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, a JWT must carry this `aud`.
+    pub jwt_audience: Option<String>,
+    /// Serve the proof of concept's `/api` contract, which has no authentication by design
+    /// (an open door to every person's data: the `./dev` stack turns it on for the POC's
+    /// frontend). Off: `/api` answers 404.
+    pub poc_api: bool,
     /// Co-location radius in meters.
     pub radius_m: f64,
     /// Co-location time window in seconds.
@@ -119,6 +141,13 @@ impl Default for Config {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 30005)),
             grpc_advertise_addr: None,
             admin_token: None,
+            auth: AuthMode::Jwt,
+            jwt_hs256_key: None,
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            poc_api: false,
             radius_m: engine.radius_m,
             window_s: engine.window_s,
             lateness_s: engine.lateness_s,
@@ -261,6 +290,18 @@ impl Config {
                     self.late_horizon_s, self.retention_days
                 ),
             });
+        }
+        if let Some(key) = &self.jwt_hs256_key {
+            let len = key.expose().len();
+            if len < crate::auth::MIN_HS256_KEY_BYTES {
+                return Err(ConfigError::OutOfRange {
+                    field: "jwt_hs256_key",
+                    reason: format!(
+                        "must be at least {} bytes (RFC 7518 §3.2) (got {len})",
+                        crate::auth::MIN_HS256_KEY_BYTES
+                    ),
+                });
+            }
         }
         if !(100..=30_000).contains(&self.release_budget_ms) {
             return Err(ConfigError::OutOfRange {
@@ -437,6 +478,16 @@ fn describe_figment_error(error: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Whether the API asks who is calling ([`Config::auth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Bearer JWTs (or the admin token) on `/v1` and gRPC.
+    Jwt,
+    /// No authentication: every caller is an organizer.
+    Off,
 }
 
 /// A configuration value that must never be printed: kept in a `secrecy` box (zeroed when

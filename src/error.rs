@@ -19,6 +19,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// No or a wrong bearer token.
     Unauthenticated,
+    /// The caller is known, and the rules ([`crate::auth::Principal::check`]) refuse what it
+    /// asks.
+    PermissionDenied,
     /// A dependency (PostgreSQL, the broker, the owning process) does not answer; retry later.
     Unavailable,
     /// A bug on our side; never used for client mistakes.
@@ -31,6 +34,7 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => 400,
             Self::Unauthenticated => 401,
+            Self::PermissionDenied => 403,
             Self::NotFound => 404,
             Self::AlreadyExists => 409,
             Self::PayloadTooLarge => 413,
@@ -47,6 +51,7 @@ impl ErrorCode {
             Self::AlreadyExists => tonic::Code::AlreadyExists,
             Self::PayloadTooLarge => tonic::Code::ResourceExhausted,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
+            Self::PermissionDenied => tonic::Code::PermissionDenied,
             Self::Unavailable => tonic::Code::Unavailable,
             Self::Internal => tonic::Code::Internal,
         }
@@ -60,6 +65,7 @@ impl ErrorCode {
             Self::AlreadyExists => "already_exists",
             Self::PayloadTooLarge => "payload_too_large",
             Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
@@ -179,6 +185,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::PayloadTooLarge,
             ErrorCode::Unauthenticated,
+            ErrorCode::PermissionDenied,
             ErrorCode::Unavailable,
             ErrorCode::Internal,
         ];

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::auth::Authenticator;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::grpc::{self, GrpcState};
@@ -24,6 +25,7 @@ use crate::store;
 
 /// A service whose listeners are bound and whose schema is migrated, ready to run.
 pub struct Server {
+    auth: Arc<Authenticator>,
     config: Config,
     pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
     pool: Pool,
@@ -39,6 +41,19 @@ impl Server {
     /// Waits for PostgreSQL (up to `startup_wait_s`), migrates, builds the pool and the Kafka
     /// client, and binds the REST and gRPC listeners (port 0 picks a free port).
     pub async fn build(mut config: Config) -> anyhow::Result<Self> {
+        let auth = Arc::new(Authenticator::from_config(&config)?);
+        if !auth.enabled() {
+            warn!(
+                "auth = \"off\": every caller has the organizer's rights and may read and post \
+                 every person's data; for local experiments only"
+            );
+        }
+        if config.poc_api {
+            warn!(
+                "poc_api = true: the proof of concept's /api is served without authentication \
+                 (every person's data, to anyone who reaches the port)"
+            );
+        }
         let connect_timeout = Duration::from_millis(config.readiness_timeout_ms.max(1_000));
         let pool = store::pool(&config, connect_timeout)?;
         let mut client = wait_for_postgres(&pool, &config).await?;
@@ -68,6 +83,7 @@ impl Server {
             config.admin_token.clone(),
         );
         Ok(Self {
+            auth,
             config,
             pipeline,
             pool,
@@ -133,6 +149,8 @@ impl Server {
                 .map(str::to_owned)
                 .collect(),
             cluster: self.cluster.clone(),
+            auth: Arc::clone(&self.auth),
+            poc_api: self.config.poc_api,
             shutdown: stop.clone(),
         });
         let trigger = {
@@ -148,7 +166,7 @@ impl Server {
             readiness,
             pipeline: Arc::clone(&self.pipeline),
             cluster: self.cluster.clone(),
-            admin_token: self.config.admin_token.clone(),
+            auth: Arc::clone(&self.auth),
             zone_resolution: self.config.zone_resolution,
             shutdown: stop.clone(),
         });

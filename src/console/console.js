@@ -17,14 +17,45 @@
   /** The service did not answer at all (network error, server down). */
   class Unreachable extends Error {}
 
+  // ---- who is calling ------------------------------------------------------------------
+
   /**
-   * Request headers of every call: the one place a bearer token will be added. The feed is the
-   * exception: EventSource sends no headers, so once the API asks for a token the feed will
-   * carry it another way (a query parameter or a cookie), in `connectFeed`.
+   * The bearer token (a JWT; an organizer's to see everything) for this tab: from the sign-in
+   * form, or from `?access_token=` in the URL that `./dev run` prints, which is then taken out
+   * of the address bar. Kept in sessionStorage: closing the tab forgets it.
+   */
+  const TOKEN_KEY = "udaconnect.token";
+  const fromUrl = new URLSearchParams(location.search).get("access_token");
+  if (fromUrl) {
+    sessionStorage.setItem(TOKEN_KEY, fromUrl);
+    history.replaceState(null, "", location.pathname + location.hash);
+  }
+  const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+
+  /**
+   * Request headers of every call: the one place the bearer token is added. The feed is the
+   * exception: EventSource sends no headers, so it carries the token as `access_token` in its
+   * URL (RFC 6750 §2.3), in `connectFeed`.
    */
   function headers() {
-    return { accept: "application/json" };
+    const h = { accept: "application/json" };
+    if (token()) h.authorization = `Bearer ${token()}`;
+    return h;
   }
+
+  $("signin").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const value = $("token").value.trim();
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    location.reload();
+  });
+  $("signout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    location.reload();
+  });
+  $("signin").hidden = Boolean(token());
+  $("signout").hidden = !token();
 
   /** GET `path`; resolves to {status, ok, body} (body: parsed JSON or null). */
   async function api(path) {
@@ -65,6 +96,7 @@
   /** The text of a failed call: unreachable, not ready (503), or the API's message. */
   function failure(e, what) {
     if (e instanceof Unreachable) return [`Cannot load ${what}: ${e.message}; retrying.`, "error"];
+    if (e.status === 401) return [`Sign in to see ${what}: ${describe(e)}. Paste a token above (\`./dev run\` prints one; \`udaconnect token --role organizer\` mints one).`, "error"];
     if (e.status === 503) return [`The service is not ready, so ${what} cannot be shown: ${describe(e)}. Retrying.`, "not-ready"];
     return [`Cannot load ${what}: ${describe(e)}.`, "error"];
   }
@@ -336,7 +368,8 @@
 
   function connectFeed() {
     if (source) source.close();
-    source = new EventSource("/v1/connections/stream");
+    const query = token() ? `?access_token=${encodeURIComponent(token())}` : "";
+    source = new EventSource(`/v1/connections/stream${query}`);
     setState(feedState, "Connecting to the feed…", "loading");
     source.onopen = () => {
       if (!feed.children.length) setState(feedState, "Listening: no connections yet since this page opened.", "empty");
@@ -347,8 +380,9 @@
     }
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) {
-        // Refused (503 while the pipeline is not ready) or unreachable: try again later.
-        setState(feedState, `The feed is not available (the pipeline is not ready or the service is unreachable); retrying in ${FEED_RETRY_MS / 1000} s.`, "not-ready");
+        // Refused (401/403 without an organizer's token, 503 while the pipeline is not ready)
+        // or unreachable: try again later.
+        setState(feedState, `The feed is not available (no organizer's token, the pipeline is not ready, or the service is unreachable); retrying in ${FEED_RETRY_MS / 1000} s.`, "not-ready");
         setTimeout(connectFeed, FEED_RETRY_MS);
       } else {
         setState(feedState, "The feed was interrupted; reconnecting…", "not-ready");

@@ -10,9 +10,8 @@ use futures::future::join_all;
 use tonic::{Request, Response, Status};
 use udaconnect_actors::actors::ports::Stage;
 
-use super::{unauthenticated, GrpcState};
+use super::GrpcState;
 use crate::cluster::{forward_error, peer_error, FORWARDED};
-use crate::config::Secret;
 use crate::error::ApiError;
 use crate::input::{parse_zone, point_limit, zone_hex, BoundingBox};
 use crate::pipeline::live::LocalError;
@@ -31,46 +30,6 @@ use crate::store::owners::ShardOwner;
 pub const DEFAULT_POINT_LIMIT: u32 = 100;
 /// Most points of a zone one request returns.
 pub const MAX_POINT_LIMIT: u32 = 10_000;
-
-/// The interceptor in front of Admin: `authorization: Bearer <admin_token>` or
-/// UNAUTHENTICATED; every call is refused while no token is configured.
-pub fn authorize(
-    token: Option<Secret>,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |request: Request<()>| {
-        let Some(expected) = &token else {
-            return Err(unauthenticated(
-                "admin_token is not set on this server, so the admin API is disabled",
-            ));
-        };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token)
-            .ok_or_else(|| {
-                Status::from(ApiError {
-                    field: Some("authorization".to_owned()),
-                    ..ApiError::new(
-                        crate::error::ErrorCode::Unauthenticated,
-                        "a bearer token is required (authorization: Bearer <admin_token>)",
-                    )
-                })
-            })?;
-        if !expected.matches(given.trim()) {
-            return Err(Status::from(ApiError {
-                field: Some("authorization".to_owned()),
-                ..ApiError::new(
-                    crate::error::ErrorCode::Unauthenticated,
-                    "the bearer token is wrong",
-                )
-            }));
-        }
-        Ok(request)
-    }
-}
 
 fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().get(FORWARDED).is_some()
@@ -516,50 +475,5 @@ impl Admin for AdminService {
                 Ok(answer)
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn call(token: Option<&str>, header: Option<&str>) -> Result<(), Status> {
-        let mut check = authorize(token.map(Secret::new));
-        let mut request = Request::new(());
-        if let Some(h) = header {
-            request
-                .metadata_mut()
-                .insert("authorization", h.parse().expect("header value"));
-        }
-        check(request).map(|_| ())
-    }
-
-    #[test]
-    fn admin_needs_the_configured_bearer_token() {
-        assert!(call(Some("s3cret"), Some("Bearer s3cret")).is_ok());
-        assert!(
-            call(Some("s3cret"), Some("bearer s3cret")).is_ok(),
-            "the scheme is case-insensitive"
-        );
-        for (token, header) in [
-            (Some("s3cret"), None),
-            (Some("s3cret"), Some("Bearer wrong")),
-            (Some("s3cret"), Some("s3cret")),
-            (Some("s3cret"), Some("Bearer s3cre")),
-            (None, Some("Bearer anything")),
-        ] {
-            let status = call(token, header).expect_err("refused");
-            assert_eq!(
-                status.code(),
-                tonic::Code::Unauthenticated,
-                "{token:?} {header:?}"
-            );
-        }
-        let unset = call(None, None).expect_err("refused");
-        assert!(
-            unset.message().contains("admin_token is not set"),
-            "{}",
-            unset.message()
-        );
     }
 }

@@ -8,7 +8,8 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 use udaconnect_actors::domain::PersonId;
 
-use super::GrpcState;
+use super::{caller, GrpcState};
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::input::{self, PageFields};
 use crate::proto::convert;
@@ -81,6 +82,10 @@ impl Connections for ConnectionsService {
         &self,
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryPage>, Status> {
+        caller(&request)?.check(Access::Person {
+            person: request.get_ref().person_id,
+            field: "person_id",
+        })?;
         let query = history_query(request.get_ref())?;
         let page = connection_history(&self.state.pool, &query)
             .await
@@ -103,6 +108,7 @@ impl Connections for ConnectionsService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = caller(&request)?;
         let mut persons = request.into_inner().person_ids;
         persons.sort_unstable();
         persons.dedup();
@@ -115,6 +121,12 @@ impl Connections for ConnectionsService {
                 ),
             )
             .into());
+        }
+        for &person in &persons {
+            who.check(Access::Person {
+                person,
+                field: "person_ids",
+            })?;
         }
         let pipeline = self.state.pipeline()?;
         let unknown = unknown_persons(&self.state.pool, &persons).await?;

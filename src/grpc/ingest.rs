@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 use udaconnect_actors::domain::NewLocationEvent;
 
-use super::GrpcState;
+use super::{caller, GrpcState};
+use crate::auth::{Access, Principal};
 use crate::error::ApiError;
 use crate::proto::convert;
 use crate::proto::v1::ingest_server::Ingest;
@@ -59,6 +60,9 @@ async fn flush(
 impl Ingest for IngestService {
     async fn record(&self, request: Request<LocationEvent>) -> Result<Response<Ack>, Status> {
         let event = convert::new_location_event(request.get_ref())?;
+        caller(&request)?.check(Access::Post {
+            person: event.person_id,
+        })?;
         let pipeline = self.state.pipeline()?;
         let report = pipeline
             .ingestor()
@@ -83,13 +87,14 @@ impl Ingest for IngestService {
     ) -> Result<Response<IngestSummary>, Status> {
         // Fail early rather than after reading a whole stream.
         self.state.pipeline()?;
+        let who = caller(&request)?;
         let mut stream = request.into_inner();
         let mut summary = IngestSummary::default();
         let mut batch: Vec<(u64, NewLocationEvent)> = Vec::with_capacity(STREAM_BATCH);
         while let Some(event) = stream.message().await? {
             let index = summary.received;
             summary.received += 1;
-            match convert::new_location_event(&event) {
+            match convert::new_location_event(&event).and_then(|e| allowed(&who, e)) {
                 Ok(e) => batch.push((index, e)),
                 Err(e) => summary.rejections.push(Rejection {
                     index,
@@ -105,4 +110,12 @@ impl Ingest for IngestService {
         summary.rejections.sort_by_key(|r| r.index);
         Ok(Response::new(summary))
     }
+}
+
+/// `event` when `who` may post it; else the refusal, which rejects that event alone.
+fn allowed(who: &Principal, event: NewLocationEvent) -> Result<NewLocationEvent, ApiError> {
+    who.check(Access::Post {
+        person: event.person_id,
+    })?;
+    Ok(event)
 }

@@ -17,8 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::auth::{Access, Authenticator, Principal};
 use crate::cluster::Cluster;
-use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
 use crate::pipeline::Pipeline;
 use crate::proto::{v1, FILE_DESCRIPTOR_SET, SERVICES};
@@ -37,8 +37,9 @@ pub struct GrpcState {
     pub pipeline: Arc<tokio::sync::OnceCell<Arc<Pipeline>>>,
     /// Local-or-forwarded live state.
     pub cluster: Cluster,
-    /// The admin API's bearer token; Admin refuses every call while unset.
-    pub admin_token: Option<Secret>,
+    /// Who is calling: the interceptor of every `udaconnect.v1` service asks it
+    /// ([`authenticate`]).
+    pub auth: Arc<Authenticator>,
     /// H3 resolution of a zone (to check `zone` arguments).
     pub zone_resolution: u8,
     /// Turns true when the service shuts down: live streams end then.
@@ -79,9 +80,18 @@ pub async fn serve(
             .await;
     }
     let health_task = tokio::spawn(report_health(health, Arc::clone(&state)));
+    let auth = &state.auth;
     let admin = v1::admin_server::AdminServer::with_interceptor(
         admin::AdminService::new(Arc::clone(&state)),
-        admin::authorize(state.admin_token.clone()),
+        authenticate(Arc::clone(auth), Some(Access::Everyone)),
+    );
+    let ingest = v1::ingest_server::IngestServer::with_interceptor(
+        ingest::IngestService::new(Arc::clone(&state)),
+        authenticate(Arc::clone(auth), None),
+    );
+    let connections = v1::connections_server::ConnectionsServer::with_interceptor(
+        connections::ConnectionsService::new(Arc::clone(&state)),
+        authenticate(Arc::clone(auth), None),
     );
     let addr = listener.local_addr()?;
     let stopped = CancellationToken::new();
@@ -90,12 +100,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(v1::ingest_server::IngestServer::new(
-            ingest::IngestService::new(Arc::clone(&state)),
-        ))
-        .add_service(v1::connections_server::ConnectionsServer::new(
-            connections::ConnectionsService::new(Arc::clone(&state)),
-        ))
+        .add_service(ingest)
+        .add_service(connections)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
             shutdown.await;
@@ -152,7 +158,102 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, state: Ar
     }
 }
 
-/// An UNAUTHENTICATED error.
-fn unauthenticated(message: impl Into<String>) -> tonic::Status {
-    ApiError::new(ErrorCode::Unauthenticated, message).into()
+/// The interceptor in front of a `udaconnect.v1` service: the caller of `authorization:
+/// Bearer <JWT or admin token>` ([`Authenticator::authenticate`]), or UNAUTHENTICATED; when
+/// `all_calls` is given, the rules must allow it for every call (Admin: [`Access::Everyone`]),
+/// else PERMISSION_DENIED. The caller goes into the request's extensions for the handlers'
+/// own checks ([`caller`]).
+pub fn authenticate(
+    auth: Arc<Authenticator>,
+    all_calls: Option<Access>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |mut request: tonic::Request<()>| {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let principal = auth
+            .authenticate(crate::auth::bearer(header))
+            .map_err(|e| tonic::Status::from(e.api_error()))?;
+        if let Some(access) = all_calls {
+            principal.check(access)?;
+        }
+        request.extensions_mut().insert(principal);
+        Ok(request)
+    }
+}
+
+/// The caller [`authenticate`] found; UNAUTHENTICATED if the service was built without it.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .copied()
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Internal,
+                "the service was built without its authentication interceptor",
+            )
+            .into()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{mint, Role};
+    use crate::config::{Config, Secret};
+
+    fn call(all_calls: Option<Access>, header: Option<&str>) -> Result<Principal, tonic::Status> {
+        let config = Config {
+            jwt_hs256_key: Some(Secret::new("a key of at least thirty-two bytes!")),
+            admin_token: Some(Secret::new("s3cret")),
+            ..Config::default()
+        };
+        let auth = Arc::new(Authenticator::from_config(&config).expect("authenticator"));
+        let mut check = authenticate(auth, all_calls);
+        let mut request = tonic::Request::new(());
+        if let Some(h) = header {
+            let h = h.replace(
+                "ATTENDEE",
+                &mint(&config, Role::Attendee, Some(9), Duration::from_secs(60)).unwrap(),
+            );
+            request
+                .metadata_mut()
+                .insert("authorization", h.parse().expect("header value"));
+        }
+        check(request).and_then(|r| caller(&r))
+    }
+
+    #[test]
+    fn the_interceptor_names_the_caller_or_refuses() {
+        assert_eq!(
+            call(Some(Access::Everyone), Some("Bearer s3cret")).unwrap(),
+            Principal::ORGANIZER
+        );
+        assert_eq!(
+            call(Some(Access::Everyone), Some("bearer s3cret")).unwrap(),
+            Principal::ORGANIZER,
+            "the scheme is case-insensitive"
+        );
+        assert_eq!(call(None, Some("Bearer ATTENDEE")).unwrap().person, Some(9));
+        let denied = call(Some(Access::Everyone), Some("Bearer ATTENDEE")).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        for header in [
+            None,
+            Some("Bearer wrong"),
+            Some("s3cret"),
+            Some("Bearer s3cre"),
+        ] {
+            let status = call(None, header).expect_err("refused");
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
+            assert_eq!(
+                status
+                    .metadata()
+                    .get("x-error-field")
+                    .and_then(|v| v.to_str().ok()),
+                Some("authorization")
+            );
+        }
+    }
 }

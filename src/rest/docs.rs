@@ -33,6 +33,11 @@ fn offline_state() -> anyhow::Result<Arc<RestState>> {
         pool,
         pipeline,
         cors_origins: Vec::new(),
+        auth: Arc::new(crate::auth::Authenticator::from_config(&Config {
+            auth: crate::config::AuthMode::Off,
+            ..Config::default()
+        })?),
+        poc_api: true,
         shutdown: tokio_util::sync::CancellationToken::new(),
     }))
 }
@@ -197,6 +202,11 @@ pub fn postman_collection(spec: &Value) -> anyhow::Result<Value> {
                     "options": {"raw": {"language": "json"}},
                 });
             }
+            // The POC's contract has no authentication; every other operation sends the
+            // collection's bearer token.
+            if op.get("security").is_none() {
+                request["auth"] = json!({"type": "noauth"});
+            }
             let item = json!({
                 "name": op["summary"].as_str().map_or_else(|| format!("{} {path}", method.to_uppercase()), str::to_owned),
                 "request": request,
@@ -212,12 +222,17 @@ pub fn postman_collection(spec: &Value) -> anyhow::Result<Value> {
             "name": "UdaConnect",
             "description": format!(
                 "Every operation of the UdaConnect REST API {} (generated from the code by `udaconnect docs`). \
-                 Set `baseUrl`; `/v1/ws` is a WebSocket: open it with a WebSocket request.",
+                 Set `baseUrl`, and `token` to a bearer JWT (`udaconnect token --role organizer`; \
+                 `./dev run` prints one); `/v1/ws` is a WebSocket: open it with a WebSocket request.",
                 spec["info"]["version"].as_str().unwrap_or_default()
             ),
             "schema": "https://schema.getpostman.com/json/collection/v2.1.0/collection.json",
         },
-        "variable": [{"key": "baseUrl", "value": "http://localhost:30001"}],
+        "variable": [
+            {"key": "baseUrl", "value": "http://localhost:30001"},
+            {"key": "token", "value": ""},
+        ],
+        "auth": {"type": "bearer", "bearer": [{"key": "token", "value": "{{token}}", "type": "string"}]},
         "item": folders
             .into_iter()
             .map(|(name, item)| json!({"name": name, "item": item}))

@@ -7,14 +7,15 @@ use poem::{IntoResponse, Response};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object};
 
+use crate::auth::AuthError;
 use crate::error::{ApiError, ErrorCode};
 
 /// An error answer.
 #[derive(Debug, Clone, Object, serde::Serialize)]
 #[oai(rename = "Error")]
 pub struct ErrorBody {
-    /// `invalid_argument`, `not_found`, `already_exists`, `payload_too_large`, `unavailable`
-    /// or `internal`.
+    /// `invalid_argument`, `unauthenticated`, `permission_denied`, `not_found`,
+    /// `already_exists`, `payload_too_large`, `unavailable` or `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -40,6 +41,20 @@ pub enum ErrorResponse {
     /// A field is malformed, of the wrong type or out of range; `field` names it.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// No bearer token, or one that is not valid (expired, signed with another key, not a
+    /// JWT): `field` is `authorization`, and `WWW-Authenticate` says why (RFC 6750 §3).
+    #[oai(status = 401)]
+    Unauthorized(
+        Json<ErrorBody>,
+        /// `Bearer realm="udaconnect"`, with `error="invalid_token"` and its description when
+        /// a token was sent and refused.
+        #[oai(header = "WWW-Authenticate")]
+        String,
+    ),
+    /// The caller's role may not do this (an attendee reading or posting for another person,
+    /// a gateway reading anyone's data); the message says what is refused, `field` where.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// The person, location or episode named does not exist.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -67,10 +82,17 @@ impl From<ApiError> for ErrorResponse {
             ErrorCode::AlreadyExists => Self::Conflict(body),
             ErrorCode::PayloadTooLarge => Self::PayloadTooLarge(body),
             ErrorCode::Unavailable => Self::Unavailable(body),
-            // Not reachable from REST (no authenticated operation); kept a client error.
-            ErrorCode::Unauthenticated => Self::BadRequest(body),
+            ErrorCode::Unauthenticated => Self::Unauthorized(body, AuthError::Missing.challenge()),
+            ErrorCode::PermissionDenied => Self::Forbidden(body),
             ErrorCode::Internal => Self::Internal(body),
         }
+    }
+}
+
+impl ErrorResponse {
+    /// The 401 of a request whose bearer token is missing or refused.
+    pub fn unauthorized(e: &AuthError) -> Self {
+        Self::Unauthorized(Json(ErrorBody::from(&e.api_error())), e.challenge())
     }
 }
 
@@ -120,6 +142,8 @@ pub fn poem_error_response(err: poem::Error, templates: &PathTemplates, path: &s
         let code = match status {
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ErrorCode::NotFound,
             StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthenticated,
+            StatusCode::FORBIDDEN => ErrorCode::PermissionDenied,
             StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
             s if s.is_client_error() => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,

@@ -2,6 +2,7 @@
 //! streams, health and metrics, `/openapi.json`, Swagger UI at `/docs`, and the web console at
 //! `/`.
 
+mod auth;
 mod console;
 pub mod docs;
 mod errors;
@@ -36,6 +37,10 @@ pub struct RestState {
     pub cors_origins: Vec<String>,
     /// Live actor state across the cluster (local, or forwarded to the owner over gRPC).
     pub cluster: crate::cluster::Cluster,
+    /// Who is calling ([`crate::auth`]); the `/v1` operations ask it through [`auth::Caller`].
+    pub auth: Arc<crate::auth::Authenticator>,
+    /// Whether the POC's `/api` is served (`poc_api`); else it answers 404.
+    pub poc_api: bool,
     /// Cancelled when the process shuts down: the live streams (SSE, WebSocket) end then, so
     /// that the graceful drain does not wait for clients that never hang up.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -76,8 +81,10 @@ pub fn api_service(state: Arc<RestState>) -> OpenApiService<Apis, ()> {
     )
     .description(
         "Real-time co-location detection for conference attendees. `/api` is the proof of \
-         concept's contract, kept for its frontend; `/v1` is the real API. Every error is \
-         `{code, message, field?}`.",
+         concept's contract, kept for its frontend and served only when `poc_api = true` (it has \
+         no authentication); `/v1` is the real API, which needs a bearer JWT (*Authorize*): an \
+         `attendee` reads and posts only its own data, a `gateway` posts for anyone and reads \
+         nothing, an `organizer` may do everything. Every error is `{code, message, field?}`.",
     )
 }
 
@@ -86,6 +93,7 @@ pub fn api_service(state: Arc<RestState>) -> OpenApiService<Apis, ()> {
 /// configured origins, and for any origin under `/api` ([`poc_cors`]).
 pub fn app(state: Arc<RestState>) -> impl Endpoint {
     let cors = cors(&state.cors_origins);
+    let poc_api = state.poc_api;
     let inner = Arc::new(inner_app(state));
     let poc = Arc::new(Arc::clone(&inner).with(poc_cors()));
     inner
@@ -95,13 +103,61 @@ pub fn app(state: Arc<RestState>) -> impl Endpoint {
             async move {
                 let path = req.uri().path();
                 Ok(if path == "/api" || path.starts_with("/api/") {
+                    if !poc_api {
+                        return Ok(poc_off());
+                    }
                     poc.call(req).await?.into_response()
                 } else {
                     next.call(req).await?.into_response()
                 })
             }
         })
-        .with(poem::middleware::Tracing)
+        .around(trace_request)
+}
+
+/// The 404 of `/api` while `poc_api` is off.
+fn poc_off() -> Response {
+    let body = errors::ErrorBody {
+        code: crate::error::ErrorCode::NotFound.as_str().to_owned(),
+        message: "the proof of concept's /api is not served here (poc_api = false): it has no \
+                  authentication; use /v1"
+            .to_owned(),
+        field: None,
+    };
+    poem::web::Json(body)
+        .with_status(StatusCode::NOT_FOUND)
+        .into_response()
+}
+
+/// poem's request tracing (a span per request, then its status and duration), with the
+/// streams' `access_token` query parameter redacted from the logged URI.
+async fn trace_request<E: Endpoint>(next: Arc<E>, req: Request) -> poem::Result<Response> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "request",
+        remote_addr = %req.remote_addr(),
+        version = ?req.version(),
+        method = %req.method(),
+        uri = %auth::redact_uri(req.uri()),
+    );
+    async move {
+        let started = std::time::Instant::now();
+        let result = next.call(req).await;
+        let duration = started.elapsed();
+        match result {
+            Ok(response) => {
+                let response = response.into_response();
+                tracing::info!(status = %response.status(), duration = ?duration, "response");
+                Ok(response)
+            }
+            Err(e) => {
+                tracing::info!(status = %e.status(), error = %e, duration = ?duration, "error");
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
 /// CORS of the POC's contract: its frontend is a page on another origin (port 30000) that
@@ -116,6 +172,7 @@ fn poc_cors() -> Cors {
 
 /// [`app`] without CORS and request tracing.
 fn inner_app(state: Arc<RestState>) -> impl Endpoint {
+    let authenticator = Arc::clone(&state.auth);
     let api = api_service(state);
     let templates = Arc::new(errors::PathTemplates::from_spec(&api.spec()));
     let spec = api.spec_endpoint();
@@ -125,6 +182,7 @@ fn inner_app(state: Arc<RestState>) -> impl Endpoint {
         .nest("/docs", docs)
         .nest("/", api)
         .around(limit_body)
+        .data(authenticator)
         .around(move |next, req| {
             let templates = Arc::clone(&templates);
             async move {

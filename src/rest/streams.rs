@@ -16,9 +16,11 @@ use serde::Deserialize;
 use udaconnect_actors::domain::{Notification, PersonId};
 use uuid::Uuid;
 
+use super::auth::StreamCaller;
 use super::errors::{ErrorBody, RestResult};
 use super::v1::unknown_person;
 use super::RestState;
+use crate::auth::{Access, Principal};
 use crate::error::ApiError;
 use crate::pipeline::hub::Subscription;
 use crate::store::{queries, timestamp};
@@ -149,9 +151,11 @@ fn parse_ids(text: &str) -> Result<Vec<PersonId>, ApiError> {
 #[OpenApi(prefix_path = "/v1", tag = "ApiTags::Connections")]
 impl StreamsApi {
     /// Live `connection.started` / `connection.updated` / `connection.ended` notifications for
-    /// one person, as Server-Sent Events, from now on.
+    /// one person, as Server-Sent Events, from now on. An attendee follows only itself; the
+    /// token may come as `access_token` in the query, since `EventSource` sends no headers.
     #[oai(path = "/persons/:person_id/connections/stream", method = "get")]
-    async fn stream(&self, person_id: Path<i64>) -> RestResult<StreamOk> {
+    async fn stream(&self, auth: StreamCaller, person_id: Path<i64>) -> RestResult<StreamOk> {
+        auth.0.check(super::v1::person_access(person_id.0))?;
         let pipeline = self.state.pipeline()?;
         if queries::person(&self.state.pool, person_id.0)
             .await?
@@ -166,8 +170,10 @@ impl StreamsApi {
     /// Events in the shape of the per-person stream, from now on: an episode is announced to
     /// each of its two persons, so it appears twice, once per `person_id`. A client too slow
     /// for the rate is disconnected (`udaconnect_hub_slow_subscribers_dropped_total`).
+    /// Organizers only; the token may come as `access_token` in the query.
     #[oai(path = "/connections/stream", method = "get")]
-    async fn stream_all(&self) -> RestResult<StreamOk> {
+    async fn stream_all(&self, auth: StreamCaller) -> RestResult<StreamOk> {
+        auth.0.check(Access::Everyone)?;
         let pipeline = self.state.pipeline()?;
         Ok(self.sse(pipeline.hub().subscribe_all()))
     }
@@ -176,10 +182,13 @@ impl StreamsApi {
     /// `?person_ids=1,2` and later by sending `{"subscribe": [3]}` or `{"unsubscribe": [1]}`;
     /// the server answers `{"type": "subscribed", "person_ids": [...]}`, sends each
     /// notification as a `ConnectionEvent` JSON text message, and reports a bad message as
-    /// `{"type": "error", "code", "message", "field"}` without closing.
+    /// `{"type": "error", "code", "message", "field"}` without closing. An attendee follows
+    /// only itself (403 at connect time, an error message later); the token may come as
+    /// `access_token` in the query, since a browser's WebSocket sends no headers.
     #[oai(path = "/ws", method = "get")]
     async fn ws(
         &self,
+        auth: StreamCaller,
         websocket: WebSocket,
         /// Comma-separated person ids to follow from the start.
         person_ids: Query<Option<String>>,
@@ -189,6 +198,8 @@ impl StreamsApi {
             Some(text) => parse_ids(text)?,
             None => Vec::new(),
         };
+        let caller = auth.0;
+        check_persons(&caller, &initial, "person_ids")?;
         let missing = queries::missing_persons(&self.state.pool, &initial).await?;
         if let Some(id) = missing.first() {
             return Err(
@@ -207,7 +218,8 @@ impl StreamsApi {
             dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
         > = Box::new(move |socket| {
             Box::pin(async move {
-                serve_socket(socket, state, pipeline, initial.into_iter().collect()).await;
+                let persons = initial.into_iter().collect();
+                serve_socket(socket, state, pipeline, caller, persons).await;
             })
         });
         Ok(websocket.on_upgrade(run))
@@ -242,6 +254,7 @@ async fn serve_socket(
     socket: WebSocketStream,
     state: Arc<RestState>,
     pipeline: Arc<crate::pipeline::Pipeline>,
+    caller: Principal,
     mut persons: BTreeSet<PersonId>,
 ) {
     let (mut sink, mut incoming) = socket.split();
@@ -273,7 +286,7 @@ async fn serve_socket(
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                     Some(Ok(_)) => continue,
                 };
-                let reply = match change(&state, &mut persons, &text).await {
+                let reply = match change(&state, &caller, &mut persons, &text).await {
                     Ok(()) => {
                         sub = subscribe(&persons);
                         ack(&persons)
@@ -303,6 +316,7 @@ async fn serve_socket(
 /// Applies one client message to the subscribed set.
 async fn change(
     state: &RestState,
+    caller: &Principal,
     persons: &mut BTreeSet<PersonId>,
     text: &str,
 ) -> Result<(), ApiError> {
@@ -312,6 +326,7 @@ async fn change(
             format!("must be {{\"subscribe\": [ids]}} or {{\"unsubscribe\": [ids]}}: {e}"),
         )
     })?;
+    check_persons(caller, &message.subscribe, "subscribe")?;
     let missing = queries::missing_persons(&state.pool, &message.subscribe).await?;
     if let Some(id) = missing.first() {
         return Err(ApiError::not_found(
@@ -332,4 +347,15 @@ async fn change(
     }
     *persons = next;
     Ok(())
+}
+
+/// Whether `caller` may follow each of `persons` (named by `field` when refused).
+fn check_persons(
+    caller: &Principal,
+    persons: &[PersonId],
+    field: &'static str,
+) -> Result<(), ApiError> {
+    persons
+        .iter()
+        .try_for_each(|&person| caller.check(Access::Person { person, field }))
 }

@@ -12,10 +12,12 @@ use serde_json::Value;
 use udaconnect_actors::domain::NewLocationEvent;
 use uuid::Uuid;
 
+use super::auth::Caller;
 use super::errors::{ErrorResponse, RestResult};
 use super::input::Checked;
 use super::poc::MAX_NAME_CHARS;
 use super::RestState;
+use crate::auth::Access;
 use crate::error::{ApiError, ErrorCode};
 use crate::input::{
     history_query, parse_rfc3339, point_limit, zone_boundary, zone_hex, BoundingBox, Fields,
@@ -498,18 +500,25 @@ impl V1Api {
 
 #[OpenApi(prefix_path = "/v1")]
 impl V1Api {
-    /// Creates a person.
+    /// Creates a person. Organizers only.
     #[oai(path = "/persons", method = "post", tag = "ApiTags::Persons")]
-    async fn create_person(&self, body: Json<Checked<PersonIn>>) -> RestResult<Created> {
+    async fn create_person(
+        &self,
+        auth: Caller,
+        body: Json<Checked<PersonIn>>,
+    ) -> RestResult<Created> {
+        auth.0.check(Access::Directory)?;
         let new: NewPerson = body.0.parse_as()?;
         let person = queries::create_person(&self.state.pool, &new).await?;
         Ok(Created::Person(Json(person.into())))
     }
 
     /// Persons by id, a page at a time; `q` keeps those whose name or company contains it.
+    /// Organizers only (the attendee directory).
     #[oai(path = "/persons", method = "get", tag = "ApiTags::Persons")]
     async fn list_persons(
         &self,
+        auth: Caller,
         /// Case-insensitive text to look for in first, last or company name.
         q: Query<Option<String>>,
         /// Page size, 1 to 1000; default 100.
@@ -517,6 +526,7 @@ impl V1Api {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> RestResult<PersonsOk> {
+        auth.0.check(Access::Directory)?;
         let limit = self::limit(limit.0)?;
         let after = match cursor.0.as_deref() {
             None => None,
@@ -546,9 +556,10 @@ impl V1Api {
         })))
     }
 
-    /// One person.
+    /// One person. An attendee reads only itself; organizers anyone.
     #[oai(path = "/persons/:person_id", method = "get", tag = "ApiTags::Persons")]
-    async fn get_person(&self, person_id: Path<i64>) -> RestResult<PersonOk> {
+    async fn get_person(&self, auth: Caller, person_id: Path<i64>) -> RestResult<PersonOk> {
+        auth.0.check(person_access(person_id.0))?;
         match queries::person(&self.state.pool, person_id.0).await? {
             Some(p) => Ok(PersonOk::Ok(Json(p.into()))),
             None => Err(unknown_person(person_id.0)),
@@ -557,10 +568,18 @@ impl V1Api {
 
     /// Ingests one location report; answers 202 once the broker acknowledged it. Unknown
     /// person: 404. An `event_id` already used for a different report (person, place or
-    /// time): 409 naming `event_id`; an identical retry is a 202.
+    /// time): 409 naming `event_id`; an identical retry is a 202. An attendee posts only its
+    /// own reports (403 naming `person_id`); gateways and organizers post for anyone.
     #[oai(path = "/locations", method = "post", tag = "ApiTags::Locations")]
-    async fn post_location(&self, body: Json<Checked<LocationIn>>) -> RestResult<AcceptedOk> {
+    async fn post_location(
+        &self,
+        auth: Caller,
+        body: Json<Checked<LocationIn>>,
+    ) -> RestResult<AcceptedOk> {
         let event: NewLocationEvent = body.0.parse_as()?;
+        auth.0.check(Access::Post {
+            person: event.person_id,
+        })?;
         let report = self.ingest(&[event]).await?;
         if let Some((_, event_id)) = report.accepted.first() {
             return Ok(AcceptedOk::Accepted(Json(Accepted {
@@ -577,9 +596,14 @@ impl V1Api {
     }
 
     /// Ingests up to 10,000 location reports; answers 202 once the broker acknowledged every
-    /// valid one, listing the invalid ones by index (they never hold back the others).
+    /// valid one, listing the invalid ones by index (they never hold back the others). An
+    /// attendee's report for another person is such an invalid item (`person_id`).
     #[oai(path = "/locations/batch", method = "post", tag = "ApiTags::Locations")]
-    async fn post_batch(&self, body: Json<Checked<LocationBatch>>) -> RestResult<BatchOk> {
+    async fn post_batch(
+        &self,
+        auth: Caller,
+        body: Json<Checked<LocationBatch>>,
+    ) -> RestResult<BatchOk> {
         let f = Fields::of(body.0.raw(), "body")?;
         let items = match f.get_raw("events") {
             Some(Value::Array(items)) => items,
@@ -606,7 +630,13 @@ impl V1Api {
         let mut positions = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
             let parsed = Fields::of(item, &format!("events[{index}]"))
-                .and_then(|_| NewLocationEvent::from_json(item));
+                .and_then(|_| NewLocationEvent::from_json(item))
+                .and_then(|event| {
+                    auth.0.check(Access::Post {
+                        person: event.person_id,
+                    })?;
+                    Ok(event)
+                });
             match parsed {
                 Ok(event) => {
                     positions.push(index);
@@ -646,25 +676,31 @@ impl V1Api {
     }
 
     /// One stored location event. Events are stored asynchronously: a 404 shortly after the
-    /// 202 means "not yet".
+    /// 202 means "not yet". An attendee reads only its own (403 naming `event_id`).
     #[oai(
         path = "/locations/:event_id",
         method = "get",
         tag = "ApiTags::Locations"
     )]
-    async fn get_location(&self, event_id: Path<String>) -> RestResult<LocationOk> {
+    async fn get_location(&self, auth: Caller, event_id: Path<String>) -> RestResult<LocationOk> {
         let id = crate::input::parse_uuid(event_id.0.trim(), "event_id")?;
         match queries::location_by_event(&self.state.pool, id).await? {
-            Some(l) => Ok(LocationOk::Ok(Json(Location {
-                event_id: l.event_id,
-                person_id: l.person_id,
-                // Stored as the POC did: X is the latitude.
-                lat: l.x,
-                lon: l.y,
-                recorded_at: l.recorded_at,
-                received_at: l.received_at,
-                zone: l.zone.map(|z| zone_hex(z as u64)),
-            }))),
+            Some(l) => {
+                auth.0.check(Access::Person {
+                    person: l.person_id,
+                    field: "event_id",
+                })?;
+                Ok(LocationOk::Ok(Json(Location {
+                    event_id: l.event_id,
+                    person_id: l.person_id,
+                    // Stored as the POC did: X is the latitude.
+                    lat: l.x,
+                    lon: l.y,
+                    recorded_at: l.recorded_at,
+                    received_at: l.received_at,
+                    zone: l.zone.map(|z| zone_hex(z as u64)),
+                })))
+            }
             None => Err(ApiError::not_found(
                 Some("event_id"),
                 format!("no location event {id} is stored"),
@@ -675,7 +711,7 @@ impl V1Api {
 
     /// The person's connection episodes that overlap `[from, to)` (a closed one spans its
     /// first to its last co-location, an open one its first to now), by start time, a page at
-    /// a time; open episodes have no `ended_at`.
+    /// a time; open episodes have no `ended_at`. An attendee reads only its own.
     #[oai(
         path = "/persons/:person_id/connections",
         method = "get",
@@ -683,6 +719,7 @@ impl V1Api {
     )]
     async fn connections(
         &self,
+        auth: Caller,
         person_id: Path<i64>,
         /// RFC 3339; episodes whose last co-location is at or after it.
         from: Query<Option<String>>,
@@ -693,6 +730,7 @@ impl V1Api {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> RestResult<ConnectionsOk> {
+        auth.0.check(person_access(person_id.0))?;
         let query = history_query(
             person_id.0,
             (time_param("from", from.0)?, time_param("to", to.0)?),
@@ -727,14 +765,16 @@ impl V1Api {
 
     /// The person actor's live state: current zone, last location, recent trajectory, open
     /// connections; answered by the process owning the person's partition (forwarded over gRPC
-    /// when that is another one; forwarding needs `admin_token` set on every process).
+    /// when that is another one; forwarding needs `admin_token` set on every process). An
+    /// attendee reads only its own.
     #[oai(
         path = "/persons/:person_id/live",
         method = "get",
         tag = "ApiTags::Connections"
     )]
-    async fn live(&self, person_id: Path<i64>) -> RestResult<LiveOk> {
+    async fn live(&self, auth: Caller, person_id: Path<i64>) -> RestResult<LiveOk> {
         let id = person_id.0;
+        auth.0.check(person_access(id))?;
         let answer = self.state.cluster.person(id, false).await?;
         let live = match answer.value {
             Some(v) => {
@@ -787,16 +827,18 @@ impl V1Api {
     /// The points the zone actors retain now, across the cluster (the live floor map): home
     /// copies only (each report once), inside `bbox`, newest first, at most `limit`, with
     /// every zone asked and its H3 outline. A process that does not answer leaves its points
-    /// out and is named in `unanswered`.
+    /// out and is named in `unanswered`. Organizers only.
     #[oai(path = "/points", method = "get", tag = "ApiTags::Status")]
     async fn points(
         &self,
+        auth: Caller,
         /// `min_lon,min_lat,max_lon,max_lat` in WGS84 degrees (GeoJSON's order); default the
         /// whole Earth. A box across the antimeridian is not supported.
         bbox: Query<Option<String>>,
         /// Most points, 1 to 10000; default 1000.
         limit: Query<Option<i64>>,
     ) -> RestResult<PointsOk> {
+        auth.0.check(Access::Everyone)?;
         let bbox = match bbox.0.as_deref() {
             Some(text) => BoundingBox::parse(text, "bbox")?,
             None => BoundingBox::WORLD,
@@ -836,8 +878,10 @@ impl V1Api {
     }
 
     /// The pipeline: every owned partition with its owner, offsets and lag, and `lag_total`.
+    /// Organizers only.
     #[oai(path = "/status", method = "get", tag = "ApiTags::Status")]
-    async fn status(&self) -> RestResult<StatusOk> {
+    async fn status(&self, auth: Caller) -> RestResult<StatusOk> {
+        auth.0.check(Access::Everyone)?;
         let status = self.state.pipeline()?.status().await;
         let mut partitions: Vec<PartitionRow> = Vec::new();
         for stage in &status.stages {
@@ -897,6 +941,14 @@ impl V1Api {
             open_connections: queries::open_connections(&self.state.pool).await.ok(),
             owners_error: status.owners_error,
         })))
+    }
+}
+
+/// Reading the data of the person a `person_id` path parameter names.
+pub fn person_access(person: i64) -> Access {
+    Access::Person {
+        person,
+        field: "person_id",
     }
 }
 

@@ -589,7 +589,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     let mut browser = Chromium::start(1280, 860).await;
 
     // 0. Nothing yet: each panel says so in words.
-    browser.goto(&app.url("/")).await;
+    browser.goto(&signed_in(&app, "/")).await;
     let said = browser
         .says(
             "the empty floor said",
@@ -600,7 +600,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         .await;
     assert!(said.contains("No points"), "{said}");
     browser
-        .goto(&app.url("/#/people?q=Nobody-by-this-name"))
+        .goto(&signed_in(&app, "/#/people?q=Nobody-by-this-name"))
         .await;
     let said = browser
         .says(
@@ -628,7 +628,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     )
     .await;
     // 1. The floor map.
-    browser.goto(&app.url("/")).await;
+    browser.goto(&signed_in(&app, "/")).await;
     let points = "Number(document.querySelector('#map').dataset.points)";
     let (shown, took) = browser
         .wait(
@@ -806,7 +806,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
         },
     )
     .await;
-    browser.goto(&app.url("/#/people")).await;
+    browser.goto(&signed_in(&app, "/#/people")).await;
     browser.enter("#q", &attendee.last_name).await;
     let row = format!("#people tr[data-person-id=\"{}\"]", attendee.id);
     browser
@@ -922,7 +922,7 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
     } else {
         live.abort();
     }
-    browser.goto(&app.url("/")).await;
+    browser.goto(&signed_in(&app, "/")).await;
     broker.stop();
     let said = browser
         .says(
@@ -1007,4 +1007,19 @@ async fn the_console_shows_the_floor_the_feed_people_and_history_and_says_when_n
 
     browser.close().await;
     db.drop_db().await;
+}
+
+/// The console's URL at `path` (`/` or `/#/…`) signed in as an organizer: `./dev run` prints
+/// such a URL; the console keeps the token for the tab and takes it out of the address bar.
+fn signed_in(app: &TestApp, path: &str) -> String {
+    let (page, fragment) = path.split_once('#').unwrap_or((path, ""));
+    let fragment = if fragment.is_empty() {
+        String::new()
+    } else {
+        format!("#{fragment}")
+    };
+    app.url(&format!(
+        "{page}?access_token={}{fragment}",
+        crate::helpers::organizer_token()
+    ))
 }

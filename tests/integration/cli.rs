@@ -101,6 +101,91 @@ async fn user_mistakes_get_clear_errors_and_a_failing_exit_code() {
     db.drop_db().await;
 }
 
+/// `udaconnect token` prints a JWT the service accepts, with the role and person asked for;
+/// mistakes (an attendee without a person, a person for a gateway, a bad `--ttl`, no key) are
+/// errors naming what is wrong. `serve` without any key refuses to start, saying which to set.
+#[tokio::test]
+async fn token_mints_what_the_service_accepts_and_serve_needs_a_key() {
+    let db = TestDb::new().await;
+    let with_key = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_udaconnect"))
+            .args(args)
+            .env("UDACONNECT_JWT_HS256_KEY", crate::helpers::TEST_JWT_KEY)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run udaconnect")
+    };
+    let config = udaconnect::Config {
+        jwt_hs256_key: Some(udaconnect::config::Secret::new(
+            crate::helpers::TEST_JWT_KEY,
+        )),
+        ..udaconnect::Config::default()
+    };
+    let auth = udaconnect::auth::Authenticator::from_config(&config).expect("authenticator");
+    let minted = with_key(&[
+        "token", "--role", "attendee", "--person", "1001", "--ttl", "30m",
+    ]);
+    assert!(minted.status.success(), "{}", stderr(&minted));
+    let principal = auth.authenticate(Some(&stdout(&minted))).expect("accepted");
+    assert_eq!(
+        (principal.role, principal.person),
+        (udaconnect::auth::Role::Attendee, Some(1001))
+    );
+    let organizer = with_key(&["token", "--role", "organizer"]);
+    let principal = auth
+        .authenticate(Some(&stdout(&organizer)))
+        .expect("accepted");
+    assert_eq!(principal, udaconnect::auth::Principal::ORGANIZER);
+
+    for (args, says) in [
+        (&["token", "--role", "attendee"][..], "--person"),
+        (
+            &["token", "--role", "gateway", "--person", "5"][..],
+            "--person",
+        ),
+        (
+            &["token", "--role", "organizer", "--ttl", "soon"][..],
+            "--ttl",
+        ),
+        (
+            &["token", "--role", "organizer", "--ttl", "400days"][..],
+            "366days",
+        ),
+        (&["token", "--role", "janitor"][..], "--role"),
+    ] {
+        let out = with_key(args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    let no_key = udaconnect(&db, &["token", "--role", "organizer"]);
+    assert_eq!(no_key.status.code(), Some(1));
+    assert!(
+        stderr(&no_key).contains("jwt_hs256_key"),
+        "{}",
+        stderr(&no_key)
+    );
+    let short_key = Command::new(env!("CARGO_BIN_EXE_udaconnect"))
+        .args(["token", "--role", "organizer"])
+        .env("UDACONNECT_JWT_HS256_KEY", "too-short")
+        .output()
+        .expect("run");
+    assert_eq!(short_key.status.code(), Some(1));
+    assert!(
+        stderr(&short_key).contains("jwt_hs256_key must be at least 32 bytes"),
+        "{}",
+        stderr(&short_key)
+    );
+
+    let serve = udaconnect(&db, &["serve"]);
+    assert_eq!(serve.status.code(), Some(1));
+    assert!(
+        stderr(&serve).contains("auth = \"jwt\" needs a key"),
+        "{}",
+        stderr(&serve)
+    );
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
     for signal in ["TERM", "INT"] {
@@ -116,6 +201,7 @@ async fn serve_shuts_down_cleanly_on_sigterm_and_sigint() {
             )
             .env("UDACONNECT_REST_ADDR", format!("127.0.0.1:{port}"))
             .env("UDACONNECT_GRPC_ADDR", "127.0.0.1:0")
+            .env("UDACONNECT_JWT_HS256_KEY", crate::helpers::TEST_JWT_KEY)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use udaconnect::auth::Role;
 use udaconnect::proto::convert::timestamp;
 use udaconnect::proto::v1::admin_client::AdminClient;
 use udaconnect::proto::v1::connections_client::ConnectionsClient;
@@ -97,6 +98,17 @@ async fn wait_serving(channel: Channel, within: Duration) {
 /// `message` with the admin bearer token.
 fn admin<T>(message: T) -> Request<T> {
     with_token(message, TOKEN)
+}
+
+/// Adds an organizer's JWT to every call of a client (`with_interceptor`).
+fn as_organizer(mut request: Request<()>) -> Result<Request<()>, Status> {
+    if !request.metadata().contains_key("authorization") {
+        let value = format!("Bearer {}", crate::helpers::organizer_token());
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().expect("header"));
+    }
+    Ok(request)
 }
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
@@ -346,12 +358,12 @@ async fn without_a_broker_health_is_not_serving_and_ingest_is_unavailable() {
     })
     .await;
     assert_eq!(status, ServingStatus::NotServing as i32);
-    let err = IngestClient::new(channel.clone())
+    let err = IngestClient::with_interceptor(channel.clone(), as_organizer)
         .record(event(1, LAT, LON, now_micros()))
         .await
         .expect_err("no pipeline");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let err = ConnectionsClient::new(channel)
+    let err = ConnectionsClient::with_interceptor(channel, as_organizer)
         .subscribe(SubscribeRequest {
             person_ids: vec![1],
         })
@@ -365,7 +377,7 @@ async fn without_a_broker_health_is_not_serving_and_ingest_is_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_acknowledges_valid_events_and_names_the_field_of_bad_ones() {
     let (db, client, _config, app) = serving_app([1, 2]).await;
-    let mut ingest = IngestClient::new(channel(app.grpc_addr).await);
+    let mut ingest = IngestClient::with_interceptor(channel(app.grpc_addr).await, as_organizer);
     let t = now_micros() - 1_000_000;
 
     // One event: acknowledged with its derived id, which is deterministic; then stored.
@@ -532,7 +544,8 @@ async fn history_pages_through_episodes_and_checks_its_arguments() {
             .await
             .expect("insert connection");
     }
-    let mut connections = ConnectionsClient::new(channel(app.grpc_addr).await);
+    let mut connections =
+        ConnectionsClient::with_interceptor(channel(app.grpc_addr).await, as_organizer);
     let request = |page_size, page_token: String| HistoryRequest {
         person_id: 1,
         from: None,
@@ -636,7 +649,7 @@ async fn history_pages_through_episodes_and_checks_its_arguments() {
 async fn subscribe_streams_connection_started_for_a_pair_sent_through_record_stream() {
     let (db, _client, _config, app) = serving_app([1, 2]).await;
     let channel = channel(app.grpc_addr).await;
-    let mut connections = ConnectionsClient::new(channel.clone());
+    let mut connections = ConnectionsClient::with_interceptor(channel.clone(), as_organizer);
 
     for (ids, expected) in [
         (
@@ -664,7 +677,7 @@ async fn subscribe_streams_connection_started_for_a_pair_sent_through_record_str
         .into_inner();
     // Persons 1 and 2 about 0.7 m apart, one second apart.
     let t = now_micros() - 2_000_000;
-    let summary = IngestClient::new(channel)
+    let summary = IngestClient::with_interceptor(channel, as_organizer)
         .record_stream(futures::stream::iter(vec![
             event(1, LAT, LON, t),
             event(2, LAT, LON + 0.00001, t + 1_000_000),
@@ -733,7 +746,7 @@ async fn subscribe_streams_connection_started_for_a_pair_sent_through_record_str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_refuses_missing_or_wrong_tokens_and_when_none_is_configured() {
+async fn admin_refuses_missing_or_wrong_tokens_and_other_roles_than_organizer() {
     let (db, _client, _config, app) = serving_app([]).await;
     let mut admin_client = AdminClient::new(channel(app.grpc_addr).await);
     let missing = admin_client
@@ -760,19 +773,146 @@ async fn admin_refuses_missing_or_wrong_tokens_and_when_none_is_configured() {
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 
-    // A service without admin_token refuses Admin whatever the caller sends.
+    // A service without admin_token: Admin takes an organizer's JWT, and refuses the other
+    // roles with PERMISSION_DENIED.
     let (db, _client) = TestDb::migrated().await;
     let app = TestApp::spawn(test_config(&db)).await;
-    let status = AdminClient::new(channel(app.grpc_addr).await)
+    wait_serving(channel(app.grpc_addr).await, Duration::from_secs(90)).await;
+    let mut admin_client = AdminClient::new(channel(app.grpc_addr).await);
+    let organizer = admin_client
+        .cluster_status(with_token(
+            ClusterStatusRequest {},
+            &crate::helpers::organizer_token(),
+        ))
+        .await;
+    assert!(organizer.is_ok(), "{organizer:?}");
+    for role in [Role::Attendee, Role::Gateway] {
+        let person = (role == Role::Attendee).then_some(1);
+        let status = admin_client
+            .get_person(with_token(
+                GetPersonRequest { person_id: 1 },
+                &crate::helpers::token(role, person),
+            ))
+            .await
+            .expect_err("not an organizer");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{role:?}: {status:?}"
+        );
+    }
+    let old_token = admin_client
         .cluster_status(admin(ClusterStatusRequest {}))
         .await
-        .expect_err("admin disabled");
-    assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(
-        status.message().contains("admin_token is not set"),
-        "{}",
-        status.message()
+        .expect_err("no admin token here");
+    assert_eq!(old_token.code(), Code::Unauthenticated);
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// The authorization rules on gRPC, role by role: an attendee records, reads history of and
+/// subscribes to itself only; a gateway records for anyone and reads no one; a refused item of
+/// a stream is rejected alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_may_do_what_the_rules_allow_on_grpc_and_nothing_else() {
+    let (db, _client, _config, app) = serving_app([1, 2]).await;
+    let channel = channel(app.grpc_addr).await;
+    let mut ingest = IngestClient::new(channel.clone());
+    let mut connections = ConnectionsClient::new(channel);
+    let attendee = crate::helpers::token(Role::Attendee, Some(1));
+    let gateway = crate::helpers::token(Role::Gateway, None);
+    let t = now_micros() - 1_000_000;
+    let history = |person| HistoryRequest {
+        person_id: person,
+        ..HistoryRequest::default()
+    };
+    let subscribe = |ids: Vec<i64>| SubscribeRequest { person_ids: ids };
+
+    // No token at all: UNAUTHENTICATED on every service.
+    let status = ingest.record(event(1, LAT, LON, t)).await.unwrap_err();
+    assert_eq!(
+        code_and_field(&status),
+        (Code::Unauthenticated, Some("authorization".to_owned()))
     );
+    let status = connections.history(history(1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // The attendee: itself yes, person 2 no, naming the field.
+    ingest
+        .record(with_token(event(1, LAT, LON, t), &attendee))
+        .await
+        .expect("its own report");
+    let status = ingest
+        .record(with_token(event(2, LAT, LON, t), &attendee))
+        .await
+        .expect_err("another's report");
+    assert_eq!(
+        code_and_field(&status),
+        (Code::PermissionDenied, Some("person_id".to_owned()))
+    );
+    connections
+        .history(with_token(history(1), &attendee))
+        .await
+        .expect("its own history");
+    let status = connections
+        .history(with_token(history(2), &attendee))
+        .await
+        .expect_err("another's history");
+    assert_eq!(
+        code_and_field(&status),
+        (Code::PermissionDenied, Some("person_id".to_owned()))
+    );
+    let status = connections
+        .subscribe(with_token(subscribe(vec![1, 2]), &attendee))
+        .await
+        .map(|_| ())
+        .expect_err("another's notifications");
+    assert_eq!(
+        code_and_field(&status),
+        (Code::PermissionDenied, Some("person_ids".to_owned()))
+    );
+    connections
+        .subscribe(with_token(subscribe(vec![1]), &attendee))
+        .await
+        .expect("its own notifications");
+    // A stream with another person's report: that item alone is rejected.
+    let summary = ingest
+        .record_stream(with_token(
+            futures::stream::iter(vec![
+                event(1, LAT, LON, t + 1_000_000),
+                event(2, LAT, LON, t + 1_000_000),
+            ]),
+            &attendee,
+        ))
+        .await
+        .expect("stream answered")
+        .into_inner();
+    assert_eq!((summary.received, summary.accepted), (2, 1));
+    assert_eq!(summary.rejections.len(), 1);
+    assert_eq!(
+        (
+            summary.rejections[0].index,
+            summary.rejections[0].field.as_str()
+        ),
+        (1, "person_id")
+    );
+
+    // The gateway: records for anyone, reads no one.
+    ingest
+        .record(with_token(event(2, LAT, LON, t + 2_000_000), &gateway))
+        .await
+        .expect("a gateway posts for anyone");
+    let status = connections
+        .history(with_token(history(2), &gateway))
+        .await
+        .expect_err("a gateway reads no history");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = connections
+        .subscribe(with_token(subscribe(vec![2]), &gateway))
+        .await
+        .map(|_| ())
+        .expect_err("a gateway follows no one");
+    assert_eq!(status.code(), Code::PermissionDenied);
     app.stop().await.expect("clean shutdown");
     db.drop_db().await;
 }
@@ -805,7 +945,7 @@ async fn met_pair_at(t: Micros) -> MetPair {
     let (db, client, config, app) = serving_app([1, 2, 3]).await;
     let channel = channel(app.grpc_addr).await;
     let admin_client = AdminClient::new(channel.clone());
-    let summary = IngestClient::new(channel)
+    let summary = IngestClient::with_interceptor(channel, as_organizer)
         .record_stream(futures::stream::iter(vec![
             event(1, LAT, LON, t),
             event(2, LAT, LON + 0.00001, t + 1_000_000),
@@ -1292,7 +1432,7 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
         .iter()
         .map(|(_, lat, lon)| grid.home_zone(*lat, *lon))
         .collect();
-    let summary = IngestClient::new(clients["node-a"].clone())
+    let summary = IngestClient::with_interceptor(clients["node-a"].clone(), as_organizer)
         .record_stream(futures::stream::iter(
             spots
                 .iter()
@@ -1342,7 +1482,7 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
         let mut live = Vec::new();
         for node in ["node-a", "node-b"] {
             let url = format!("{}/v1/persons/{person}/live", rest[node]);
-            let response = reqwest::get(&url).await.expect("live answered");
+            let response = crate::helpers::get(&url).await.expect("live answered");
             assert_eq!(response.status().as_u16(), 200, "{url}");
             live.push(response.json::<serde_json::Value>().await.expect("JSON"));
         }
@@ -1459,7 +1599,7 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
             assert_eq!(z.owner, split[&("zones".to_owned(), z.partition)], "{z:?}");
         }
         let url = format!("{}/v1/points", rest[node]);
-        let body: serde_json::Value = reqwest::get(&url)
+        let body: serde_json::Value = crate::helpers::get(&url)
             .await
             .expect("points answered")
             .json()

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::Value;
+use udaconnect::auth::Role;
 
 use crate::helpers::{eventually, poc_seed_dir, test_config, TestApp, TestDb};
 
@@ -213,6 +214,10 @@ async fn run(command: &str, grpcurl_dir: &str) -> (bool, String, String) {
         .arg("-c")
         .arg(command)
         .env("PATH", path)
+        // The page's three tokens (its "ORGANIZER=$(udaconnect token …)" block).
+        .env("ORGANIZER", crate::helpers::organizer_token())
+        .env("GATEWAY", crate::helpers::token(Role::Gateway, None))
+        .env("ATTENDEE", crate::helpers::token(Role::Attendee, Some(5)))
         .output()
         .await
         .expect("bash runs");

@@ -132,8 +132,53 @@ pub fn test_config_for(url: &str) -> Config {
         // Reports of 2026-03-10 and 2020 are past the default retention: kept here (the
         // retention tests set their own).
         retention_days: 0,
+        // Every test service checks JWTs signed with this key; [`client`] and [`get`] call
+        // as an organizer, the authorization tests with the role they test.
+        jwt_hs256_key: Some(udaconnect::config::Secret::new(TEST_JWT_KEY)),
+        // The POC tests call `/api`, as `./dev run` serves it.
+        poc_api: true,
         ..Config::default()
     }
+}
+
+/// The HS256 key of every test service ([`test_config_for`]).
+pub const TEST_JWT_KEY: &str = "udaconnect-integration-tests-hs256-key-0123456789";
+
+/// A JWT a test service accepts: `role`, `person` as its `sub` for an attendee; valid an hour.
+pub fn token(role: udaconnect::auth::Role, person: Option<i64>) -> String {
+    let config = Config {
+        jwt_hs256_key: Some(udaconnect::config::Secret::new(TEST_JWT_KEY)),
+        ..Config::default()
+    };
+    udaconnect::auth::mint(&config, role, person, Duration::from_secs(3600)).expect("token")
+}
+
+/// An organizer's JWT for a test service.
+pub fn organizer_token() -> String {
+    token(udaconnect::auth::Role::Organizer, None)
+}
+
+/// An HTTP client calling as an organizer (`Authorization: Bearer <organizer JWT>`).
+pub fn client() -> reqwest::Client {
+    client_as(&organizer_token())
+}
+
+/// An HTTP client sending `token` as its bearer token.
+pub fn client_as(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("http client")
+}
+
+/// GET `url` as an organizer.
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    client().get(url).send().await
 }
 
 /// A late horizon that takes in the replayed conferences' reports (about ten years).
@@ -184,7 +229,7 @@ impl TestApp {
 
     /// This service's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
+        get(&self.url("/metrics"))
             .await
             .expect("GET /metrics")
             .text()
@@ -211,7 +256,7 @@ impl TestApp {
 
 /// GET `url`, returning the status and the JSON body.
 pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
-    let response = reqwest::get(url).await.expect("request sent");
+    let response = get(url).await.expect("request sent");
     let status = response.status().as_u16();
     let body = response.json().await.expect("JSON body");
     (status, body)
@@ -221,7 +266,7 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
 /// as not yet); returns the last body.
 pub async fn wait_for_status(url: &str, status: u16, within: Duration) -> serde_json::Value {
     eventually(&format!("{url} answers {status}"), within, || async {
-        match reqwest::get(url).await {
+        match get(url).await {
             Ok(response) => {
                 let got = response.status().as_u16();
                 let body: serde_json::Value = response.json().await.expect("JSON body");
@@ -578,9 +623,26 @@ impl Drop for Served {
 /// given ports (0: any), its admin token if the configuration has one.
 pub fn spawn_serve(
     config: &udaconnect::Config,
+    ports: (u16, u16),
+    node: &str,
+    log: &std::path::Path,
+) -> Served {
+    spawn_serve_logging(
+        config,
+        ports,
+        node,
+        log,
+        "info,librdkafka=warn,rdkafka=warn",
+    )
+}
+
+/// [`spawn_serve`] with the log filter `rust_log` (`RUST_LOG`).
+pub fn spawn_serve_logging(
+    config: &udaconnect::Config,
     (rest_port, grpc_port): (u16, u16),
     node: &str,
     log: &std::path::Path,
+    rust_log: &str,
 ) -> Served {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -590,6 +652,9 @@ pub fn spawn_serve(
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_udaconnect"));
     if let Some(token) = &config.admin_token {
         command.env("UDACONNECT_ADMIN_TOKEN", token.expose());
+    }
+    if let Some(key) = &config.jwt_hs256_key {
+        command.env("UDACONNECT_JWT_HS256_KEY", key.expose());
     }
     command
         .arg("serve")
@@ -615,7 +680,8 @@ pub fn spawn_serve(
             "UDACONNECT_RETENTION_DAYS",
             config.retention_days.to_string(),
         )
-        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+        .env("UDACONNECT_POC_API", config.poc_api.to_string())
+        .env("RUST_LOG", rust_log)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

@@ -2,6 +2,7 @@
 //! starts (`./dev test` exports where they are). Each test gets a fresh database and fresh
 //! topic names.
 
+mod auth;
 mod browser;
 mod cli;
 mod grpc;

@@ -113,11 +113,16 @@ fn the_settings_in_the_manifests_are_a_configuration_udaconnect_accepts() {
     }
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), &toml).expect("write");
-    if let Err(e) = Config::load_from(
+    let config = match Config::load_from(
         Some(file.path()),
         Env::prefixed("UDATEST_NO_SUCH_VARIABLE_"),
     ) {
-        panic!("the pods' settings do not load: {e}\n{toml}");
+        Ok(config) => config,
+        Err(e) => panic!("the pods' settings do not load: {e}\n{toml}"),
+    };
+    // `serve` builds its authenticator first: a pod with no key to verify tokens would exit.
+    if let Err(e) = udaconnect::auth::Authenticator::from_config(&config) {
+        panic!("the pods could not check bearer tokens: {e}\n{toml}");
     }
 }
 
@@ -222,6 +227,7 @@ fn the_configuration_file_the_pods_read_is_one_udaconnect_loads() {
     let config = Config::load_from(Some(&example), Env::prefixed("UDATEST_NO_SUCH_VARIABLE_"))
         .unwrap_or_else(|e| panic!("{}: {e}", example.display()));
     assert!(config.admin_token.is_some(), "{}", example.display());
+    assert!(config.jwt_hs256_key.is_some(), "{}", example.display());
     assert!(
         config
             .database_url

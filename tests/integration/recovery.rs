@@ -66,7 +66,7 @@ fn report(person: i64, meters_east: f64, at: Micros) -> Value {
 
 /// POSTs one report to `/v1/locations`; returns the acknowledged event id.
 async fn post(app: &TestApp, body: &Value) -> String {
-    let response = reqwest::Client::new()
+    let response = crate::helpers::client()
         .post(app.url("/v1/locations"))
         .json(body)
         .send()
@@ -510,7 +510,7 @@ async fn send_with_retries(
     per_call: usize,
     mut before_call: impl FnMut(usize),
 ) -> Vec<String> {
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let mut refusals = Vec::new();
     for (i, chunk) in events.chunks(per_call).enumerate() {
         before_call(i);

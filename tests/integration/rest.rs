@@ -13,7 +13,7 @@ use udaconnect::store;
 use crate::helpers::{eventually, poc_seed_dir, test_config, TestApp, TestDb};
 
 pub(crate) async fn send(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16, Value) {
-    let client = reqwest::Client::new();
+    let client = crate::helpers::client();
     let mut request = client.request(method, url);
     if let Some(body) = body {
         request = request.json(body);
@@ -384,7 +384,7 @@ async fn the_poc_contract_on_the_poc_seed() {
 
     // Unknown paths and malformed bodies get the same shape.
     assert_error(&get(&app.url("/api/nothing")).await, 404, "not_found", None);
-    let response = reqwest::Client::new()
+    let response = crate::helpers::client()
         .post(app.url("/api/persons"))
         .header("content-type", "application/json")
         .body("{not json")
@@ -429,7 +429,7 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 /// A valid report of `person`, now.
-fn good(person: i64) -> Value {
+pub(crate) fn good(person: i64) -> Value {
     json!({"person_id": person, "lat": 10.0, "lon": 20.0, "recorded_at": now_rfc3339()})
 }
 
@@ -658,7 +658,7 @@ async fn v1_numbers_a_double_cannot_hold_name_the_field_they_came_in() {
             "events[1].lon",
         ),
     ] {
-        let response = reqwest::Client::new()
+        let response = crate::helpers::client()
             .post(app.url(path))
             .header("content-type", "application/json")
             .body(text)
@@ -752,7 +752,7 @@ async fn v1_a_batch_keeps_its_valid_items_and_an_oversized_body_is_refused() {
         "{{\"events\": [\"{}\"]}}",
         "x".repeat(udaconnect::rest::MAX_BODY_BYTES)
     );
-    let response = reqwest::Client::new()
+    let response = crate::helpers::client()
         .post(app.url("/v1/locations/batch"))
         .header("content-type", "application/json")
         .body(huge)
@@ -975,7 +975,7 @@ async fn v1_connection_history_overlaps_and_pages() {
 }
 
 /// The next text message of a WebSocket, as JSON.
-async fn next_text<S>(ws: &mut S) -> Value
+pub(crate) async fn next_text<S>(ws: &mut S) -> Value
 where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
@@ -1027,8 +1027,13 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
     // Bad subscriptions first.
     let url = app.url(&format!("/v1/persons/{}/connections/stream", 777_777));
     assert_error(&get(&url).await, 404, "not_found", Some("person_id"));
-    let ws_base = format!("ws://{}/v1/ws", app.rest_addr);
-    let refused = tokio_tungstenite::connect_async(format!("{ws_base}?person_ids=1,x")).await;
+    // A browser's WebSocket sends no Authorization header: the token rides in the query.
+    let ws_base = format!(
+        "ws://{}/v1/ws?access_token={}",
+        app.rest_addr,
+        crate::helpers::organizer_token()
+    );
+    let refused = tokio_tungstenite::connect_async(format!("{ws_base}&person_ids=1,x")).await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status().as_u16(), 400);
@@ -1037,7 +1042,7 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
     }
 
     // SSE for Alice.
-    let response = reqwest::get(app.url(&format!("/v1/persons/{a}/connections/stream")))
+    let response = crate::helpers::get(app.url(&format!("/v1/persons/{a}/connections/stream")))
         .await
         .expect("sse");
     assert_eq!(response.status().as_u16(), 200);
@@ -1049,7 +1054,7 @@ async fn sse_and_websocket_subscribers_hear_of_a_pair_posted_through_v1() {
     let mut sse_buffer = String::new();
 
     // WebSocket for Bob (at connect time) and Carol (subscribed later).
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}?person_ids={b}"))
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}&person_ids={b}"))
         .await
         .expect("websocket");
     assert_eq!(
@@ -1202,7 +1207,7 @@ fn allowed_origin(r: &reqwest::Response) -> Option<String> {
 
 /// `GET path` as a page on `origin` sends it.
 async fn get_from(app: &TestApp, origin: &str, path: &str) -> reqwest::Response {
-    reqwest::Client::new()
+    crate::helpers::client()
         .get(app.url(path))
         .header("origin", origin)
         .send()
@@ -1212,7 +1217,7 @@ async fn get_from(app: &TestApp, origin: &str, path: &str) -> reqwest::Response 
 
 /// The browser's CORS preflight for a JSON `method path` from a page on `origin`.
 async fn preflight(app: &TestApp, origin: &str, path: &str, method: &str) -> reqwest::Response {
-    reqwest::Client::new()
+    crate::helpers::client()
         .request(reqwest::Method::OPTIONS, app.url(path))
         .header("origin", origin)
         .header("access-control-request-method", method)
@@ -1333,7 +1338,11 @@ async fn without_a_broker_the_pipeline_endpoints_answer_503_and_the_rest_works()
     ] {
         assert_error(&get(&app.url(&path)).await, 503, "unavailable", None);
     }
-    let ws = format!("ws://{}/v1/ws?person_ids={person}", app.rest_addr);
+    let ws = format!(
+        "ws://{}/v1/ws?person_ids={person}&access_token={}",
+        app.rest_addr,
+        crate::helpers::organizer_token()
+    );
     match tokio_tungstenite::connect_async(ws).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status().as_u16(), 503);
@@ -1373,7 +1382,7 @@ async fn the_console_endpoints_check_their_input_and_answer_everyone() {
         assert_error(&got, 400, "invalid_argument", Some(field));
     }
 
-    let response = reqwest::get(app.url("/v1/connections/stream"))
+    let response = crate::helpers::get(app.url("/v1/connections/stream"))
         .await
         .expect("sse");
     assert_eq!(response.status().as_u16(), 200);

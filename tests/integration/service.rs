@@ -152,6 +152,8 @@ async fn start_up_fails_with_a_clear_error_when_postgres_never_answers() {
         )),
         startup_wait_s: 1,
         rest_addr: "127.0.0.1:0".parse().expect("addr"),
+        // Checked before PostgreSQL: a key, or no authentication.
+        auth: udaconnect::config::AuthMode::Off,
         ..Config::default()
     };
     let err = match udaconnect::Server::build(config).await {

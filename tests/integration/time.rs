@@ -61,7 +61,7 @@ struct Notifications {
 impl Notifications {
     async fn of(app: &TestApp, person: i64) -> Self {
         let url = app.url(&format!("/v1/persons/{person}/connections/stream"));
-        let response = reqwest::get(url).await.expect("sse");
+        let response = crate::helpers::get(url).await.expect("sse");
         assert_eq!(response.status().as_u16(), 200);
         Self {
             stream: Box::pin(response.bytes_stream().map(|b| b.map(|b| b.to_vec()))),

@@ -205,13 +205,31 @@ async fn measure(cli: &Cli, base: &Config, url: &str) -> anyhow::Result<Value> {
     // Nothing answers there: the pipeline never starts and no topic is created.
     config.kafka_brokers = "127.0.0.1:9".to_owned();
     config.topic_prefix = format!("bench-history-{}", Uuid::new_v4().simple());
+    // The queries carry an organizer's JWT, as a real client's would (its check is measured).
+    if config.jwt_hs256_key.is_none() {
+        let key = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+        config.jwt_hs256_key = Some(udaconnect::config::Secret::new(key));
+    }
+    let token = udaconnect::auth::mint(
+        &config,
+        udaconnect::auth::Role::Organizer,
+        None,
+        Duration::from_secs(86_400),
+    )?;
     let server = udaconnect::Server::build(config).await?;
     let rest = format!("http://{}", server.rest_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    let http = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let mut rng = Lcg(42);
     let day = |d: u64| format!("2020-08-{:02}", 15 + d);
 

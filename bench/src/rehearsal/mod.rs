@@ -318,12 +318,25 @@ async fn rehearse(
         tokio_postgres::connect(config.database_url.expose(), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     std::fs::create_dir_all(&options.work_dir)?;
+    // The pods forward to each other with it, and the rehearsal's own REST calls (status,
+    // subscriptions, ingest) carry it: the admin token has the organizer's rights.
+    let admin_token = uuid::Uuid::new_v4().simple().to_string();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {admin_token}").parse()?,
+    );
     let mut run = Run {
         options,
         spec: PodSpec {
             binary: options.binary.clone(),
             config: config.clone(),
-            admin_token: uuid::Uuid::new_v4().simple().to_string(),
+            admin_token,
+            jwt_hs256_key: format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
             log_dir: options.work_dir.clone(),
         },
         pods: (0..options.pods)
@@ -332,6 +345,7 @@ async fn rehearse(
         endpoints: Endpoints::default(),
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            .default_headers(headers)
             .build()?,
         db,
         partitions: (

@@ -15,6 +15,9 @@ pub struct PodSpec {
     pub binary: PathBuf,
     pub config: Config,
     pub admin_token: String,
+    /// The pods' HS256 key (`auth = "jwt"` needs one; the rehearsal itself calls with the
+    /// admin token).
+    pub jwt_hs256_key: String,
     pub log_dir: PathBuf,
 }
 
@@ -124,6 +127,7 @@ impl Pod {
                 format!("127.0.0.1:{}", self.grpc_port),
             )
             .env("UDACONNECT_ADMIN_TOKEN", &spec.admin_token)
+            .env("UDACONNECT_JWT_HS256_KEY", &spec.jwt_hs256_key)
             // The name comes from POD_NAME, as in the StatefulSet.
             .env_remove("UDACONNECT_NODE_NAME")
             // The rehearsal's own settings (`./dev rehearse`), not the service's.
