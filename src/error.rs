@@ -17,6 +17,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The request body is larger than allowed.
     PayloadTooLarge,
+    /// The request body is not sent as `Content-Type: application/json`.
+    UnsupportedMediaType,
     /// No or a wrong bearer token.
     Unauthenticated,
     /// The caller is known, and the rules ([`crate::auth::Principal::check`]) refuse what it
@@ -38,6 +40,7 @@ impl ErrorCode {
             Self::NotFound => 404,
             Self::AlreadyExists => 409,
             Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
             Self::Unavailable => 503,
             Self::Internal => 500,
         }
@@ -50,6 +53,7 @@ impl ErrorCode {
             Self::NotFound => tonic::Code::NotFound,
             Self::AlreadyExists => tonic::Code::AlreadyExists,
             Self::PayloadTooLarge => tonic::Code::ResourceExhausted,
+            Self::UnsupportedMediaType => tonic::Code::InvalidArgument,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::PermissionDenied => tonic::Code::PermissionDenied,
             Self::Unavailable => tonic::Code::Unavailable,
@@ -64,6 +68,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::AlreadyExists => "already_exists",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Unauthenticated => "unauthenticated",
             Self::PermissionDenied => "permission_denied",
             Self::Unavailable => "unavailable",
@@ -184,6 +189,7 @@ mod tests {
             ErrorCode::InvalidArgument,
             ErrorCode::NotFound,
             ErrorCode::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType,
             ErrorCode::Unauthenticated,
             ErrorCode::PermissionDenied,
             ErrorCode::Unavailable,

@@ -375,17 +375,11 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A required non-blank string of at most `max` characters, trimmed.
+    /// A required non-blank string of at most `max` characters, trimmed ([`text`]).
     pub fn text(&self, name: &str, max: usize) -> Result<String, ApiError> {
-        let s = self.string(name)?.trim();
+        let s = text(name, self.string(name)?, max)?;
         if s.is_empty() {
             return Err(ApiError::invalid(name, "must not be empty"));
-        }
-        if s.chars().count() > max {
-            return Err(ApiError::invalid(
-                name,
-                format!("must be at most {max} characters"),
-            ));
         }
         Ok(s.to_owned())
     }
@@ -431,6 +425,26 @@ fn describe(v: &Value) -> String {
         Value::Number(n) => format!("{n}"),
         other => kind(other).to_owned(),
     }
+}
+
+/// `value` trimmed, when it is text PostgreSQL can store and compare: at most `max`
+/// characters, and no NUL (U+0000), which PostgreSQL's `text` cannot hold (it would fail the
+/// statement). Errors name `name`.
+pub fn text<'a>(name: &str, value: &'a str, max: usize) -> Result<&'a str, ApiError> {
+    let value = value.trim();
+    if value.contains('\0') {
+        return Err(ApiError::invalid(
+            name,
+            "must not contain the NUL character (U+0000)",
+        ));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::invalid(
+            name,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]

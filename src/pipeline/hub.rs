@@ -4,6 +4,11 @@
 //! crash re-derives the same ids) and fans each notification out to the in-process
 //! subscribers of its person (REST SSE / WebSocket and gRPC streams) and to those of everyone.
 //!
+//! Each process keeps the last [`RESUME_BUFFER`] notifications it fanned out, in order, so that
+//! a subscriber that reconnects naming the last one it received (SSE `Last-Event-ID`, the
+//! WebSocket's `last_event_id`) gets exactly those it missed before the live ones
+//! ([`NotificationHub::subscribe_after`]).
+//!
 //! A subscriber's queue is bounded: one that falls [`SUBSCRIBER_QUEUE`] notifications behind is
 //! disconnected (its stream ends) rather than slowing the hub or growing without bound; it
 //! reconnects and reads what it missed from the history API.
@@ -31,6 +36,9 @@ use crate::pipeline::consumer::ErrorThrottle;
 
 /// Notifications queued for one subscriber before it is disconnected as too slow.
 pub const SUBSCRIBER_QUEUE: usize = 4_096;
+/// Notifications a process keeps for subscribers that resume after a reconnect: at 1,000
+/// notifications per second, the last two minutes or so (about 20 MB).
+pub const RESUME_BUFFER: usize = 131_072;
 /// How many recent notification ids the hub remembers to drop repeats. A replay re-emits at
 /// most a snapshot interval's notifications, far fewer than this.
 pub const REMEMBERED_IDS: usize = 262_144;
@@ -93,9 +101,51 @@ struct Subscribers {
     everyone: Vec<(u64, Sender)>,
     /// Each subscriber's persons (empty for a subscriber of everyone).
     members: HashMap<u64, Vec<PersonId>>,
+    /// The last [`RESUME_BUFFER`] notifications fanned out, oldest first (kept under the same
+    /// lock as the subscribers, so that a resumed subscription's backlog and its live
+    /// notifications neither overlap nor leave a gap).
+    recent: VecDeque<Arc<Notification>>,
+    /// The sequence number of `recent[0]`; each fanned-out notification takes the next one.
+    first_seq: u64,
+    /// Where each id in `recent` is (its sequence number).
+    seq_of: HashMap<Uuid, u64>,
 }
 
 impl Subscribers {
+    /// Appends `n` to the resume buffer, forgetting the oldest beyond its capacity.
+    fn remember(&mut self, n: &Arc<Notification>, capacity: usize) {
+        let seq = self.first_seq + self.recent.len() as u64;
+        self.seq_of.insert(n.id, seq);
+        self.recent.push_back(Arc::clone(n));
+        while self.recent.len() > capacity {
+            if let Some(old) = self.recent.pop_front() {
+                // An id fanned out again later (once out of the repeat window) is left alone.
+                if self.seq_of.get(&old.id) == Some(&self.first_seq) {
+                    self.seq_of.remove(&old.id);
+                }
+            }
+            self.first_seq += 1;
+        }
+    }
+
+    /// The buffered notifications after `id` that `wanted` keeps, oldest first; `None` when
+    /// `id` is not in the buffer.
+    fn after(
+        &self,
+        id: Uuid,
+        wanted: impl Fn(&Notification) -> bool,
+    ) -> Option<Vec<Arc<Notification>>> {
+        let seq = *self.seq_of.get(&id)?;
+        let start = (seq - self.first_seq) as usize + 1;
+        Some(
+            self.recent
+                .range(start..)
+                .filter(|n| wanted(n))
+                .cloned()
+                .collect(),
+        )
+    }
+
     fn remove(&mut self, id: u64) {
         let Some(persons) = self.members.remove(&id) else {
             return;
@@ -115,6 +165,8 @@ impl Subscribers {
 #[derive(Default)]
 struct HubShared {
     subscribers: Mutex<Subscribers>,
+    /// How many notifications [`Subscribers::recent`] keeps ([`RESUME_BUFFER`]).
+    resume_capacity: usize,
     received: AtomicU64,
     repeats: AtomicU64,
     malformed: AtomicU64,
@@ -152,6 +204,7 @@ impl HubShared {
             subs.remove(id);
             self.slow_dropped.fetch_add(1, Ordering::Relaxed);
         }
+        subs.remember(&n, self.resume_capacity);
         self.delivered.fetch_add(delivered, Ordering::Relaxed);
     }
 }
@@ -185,6 +238,18 @@ impl Drop for Subscription {
                 .remove(self.id);
         }
     }
+}
+
+/// Where a resumed subscription starts ([`NotificationHub::subscribe_after`]).
+#[derive(Debug)]
+pub enum Resume {
+    /// The notifications after the one named, for the subscription's persons, oldest first:
+    /// send them before the subscription's own.
+    After(Vec<Arc<Notification>>),
+    /// The one named is not among those this process keeps (older than its last
+    /// [`RESUME_BUFFER`], or read before it started): the subscription starts from now, and
+    /// what was missed is in the history.
+    Unknown,
 }
 
 /// Why the hub could not start.
@@ -231,7 +296,10 @@ impl NotificationHub {
             tpl.add_partition_offset(&topic, p, Offset::Offset(end))?;
         }
         consumer.assign(&tpl)?;
-        let shared = Arc::new(HubShared::default());
+        let shared = Arc::new(HubShared {
+            resume_capacity: RESUME_BUFFER,
+            ..HubShared::default()
+        });
         let stop = CancellationToken::new();
         let thread = {
             let shared = Arc::clone(&shared);
@@ -251,26 +319,53 @@ impl NotificationHub {
 
     /// Notifications of these persons from now on.
     pub fn subscribe(&self, persons: &[PersonId]) -> Subscription {
-        self.register(persons, false, SUBSCRIBER_QUEUE)
+        self.register(persons, false, SUBSCRIBER_QUEUE, None).0
     }
 
     /// Every notification from now on (live feeds).
     pub fn subscribe_all(&self) -> Subscription {
-        self.register(&[], true, SUBSCRIBER_QUEUE)
+        self.register(&[], true, SUBSCRIBER_QUEUE, None).0
     }
 
     /// Every notification from now on, with room for `queue` of them before the subscriber
     /// counts as too slow (an audit or a test that must see every one through a burst).
     pub fn subscribe_all_queued(&self, queue: usize) -> Subscription {
-        self.register(&[], true, queue.max(1))
+        self.register(&[], true, queue.max(1), None).0
     }
 
-    fn register(&self, persons: &[PersonId], everyone: bool, queue: usize) -> Subscription {
+    /// A subscriber that reconnects: notifications of these persons (everyone's when
+    /// `everyone`) after the one with id `after`, which it received last. The backlog comes
+    /// back as [`Resume::After`], taken with the registration under one lock, so the backlog
+    /// followed by the subscription holds each notification once and misses none;
+    /// [`Resume::Unknown`] when this process no longer (or never) held `after`.
+    pub fn subscribe_after(
+        &self,
+        persons: &[PersonId],
+        everyone: bool,
+        after: Uuid,
+    ) -> (Subscription, Resume) {
+        let (subscription, backlog) =
+            self.register(persons, everyone, SUBSCRIBER_QUEUE, Some(after));
+        (subscription, backlog.map_or(Resume::Unknown, Resume::After))
+    }
+
+    fn register(
+        &self,
+        persons: &[PersonId],
+        everyone: bool,
+        queue: usize,
+        after: Option<Uuid>,
+    ) -> (Subscription, Option<Vec<Arc<Notification>>>) {
         let (tx, rx) = mpsc::channel(queue);
         let mut persons = persons.to_vec();
         persons.sort_unstable();
         persons.dedup();
         let mut subs = self.shared.subscribers.lock().expect("not poisoned");
+        let backlog = after.and_then(|id| {
+            subs.after(id, |n| {
+                everyone || persons.binary_search(&n.episode.person).is_ok()
+            })
+        });
         let id = subs.next_id;
         subs.next_id += 1;
         subs.members.insert(id, persons.clone());
@@ -281,11 +376,14 @@ impl NotificationHub {
                 subs.by_person.entry(*p).or_default().push((id, tx.clone()));
             }
         }
-        Subscription {
-            id,
-            rx,
-            shared: Arc::downgrade(&self.shared),
-        }
+        (
+            Subscription {
+                id,
+                rx,
+                shared: Arc::downgrade(&self.shared),
+            },
+            backlog,
+        )
     }
 
     /// What the hub did so far.
@@ -312,6 +410,8 @@ impl NotificationHub {
         subs.by_person.clear();
         subs.everyone.clear();
         subs.members.clear();
+        subs.recent.clear();
+        subs.seq_of.clear();
     }
 }
 
@@ -390,6 +490,44 @@ mod tests {
         // `a` fell out of the window of two.
         assert!(ids.first_time(a));
         assert!(!ids.first_time(c));
+    }
+
+    #[test]
+    fn a_resumed_subscription_gets_exactly_what_followed_its_last_notification() {
+        let shared = Arc::new(HubShared {
+            resume_capacity: 4,
+            ..HubShared::default()
+        });
+        let hub = NotificationHub {
+            shared: Arc::clone(&shared),
+            stop: CancellationToken::new(),
+            thread: Mutex::new(None),
+        };
+        // 1..=6 fanned out for persons 7 and 8 in turn; the buffer keeps the last four (3..=6).
+        for n in 1..=6u128 {
+            shared.fan_out(notification(if n % 2 == 1 { 7 } else { 8 }, n));
+        }
+        let ids = |r: &Resume| match r {
+            Resume::After(ns) => ns.iter().map(|n| n.id.as_u128()).collect::<Vec<_>>(),
+            Resume::Unknown => vec![u128::MAX],
+        };
+        let (mut seven, resume) = hub.subscribe_after(&[7], false, Uuid::from_u128(3));
+        assert_eq!(ids(&resume), [5]);
+        let (_, everyone) = hub.subscribe_after(&[], true, Uuid::from_u128(4));
+        assert_eq!(ids(&everyone), [5, 6]);
+        let (_, latest) = hub.subscribe_after(&[7], false, Uuid::from_u128(6));
+        assert_eq!(ids(&latest), Vec::<u128>::new());
+        // Out of the buffer, or never seen: from now on.
+        let (_, old) = hub.subscribe_after(&[7], false, Uuid::from_u128(2));
+        assert!(matches!(old, Resume::Unknown));
+        let (_, never) = hub.subscribe_after(&[7], false, Uuid::from_u128(99));
+        assert!(matches!(never, Resume::Unknown));
+        // What comes next arrives live, once.
+        shared.fan_out(notification(7, 7));
+        assert_eq!(seven.try_recv().map(|n| n.id.as_u128()), Some(7));
+        assert!(seven.try_recv().is_none());
+        let (_, after_seven) = hub.subscribe_after(&[7], false, Uuid::from_u128(5));
+        assert_eq!(ids(&after_seven), [7]);
     }
 
     #[tokio::test]

@@ -15,7 +15,8 @@ use crate::error::{ApiError, ErrorCode};
 #[oai(rename = "Error")]
 pub struct ErrorBody {
     /// `invalid_argument`, `unauthenticated`, `permission_denied`, `not_found`,
-    /// `already_exists`, `payload_too_large`, `unavailable` or `internal`.
+    /// `already_exists`, `payload_too_large`, `unsupported_media_type`, `unavailable` or
+    /// `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -64,6 +65,9 @@ pub enum ErrorResponse {
     /// The request body or the batch is too large.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The body is not sent as `Content-Type: application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// PostgreSQL, the broker or the owning process does not answer, or the pipeline has not
     /// started yet; retry later.
     #[oai(status = 503)]
@@ -81,6 +85,7 @@ impl From<ApiError> for ErrorResponse {
             ErrorCode::NotFound => Self::NotFound(body),
             ErrorCode::AlreadyExists => Self::Conflict(body),
             ErrorCode::PayloadTooLarge => Self::PayloadTooLarge(body),
+            ErrorCode::UnsupportedMediaType => Self::UnsupportedMediaType(body),
             ErrorCode::Unavailable => Self::Unavailable(body),
             ErrorCode::Unauthenticated => Self::Unauthorized(body, AuthError::Missing.challenge()),
             ErrorCode::PermissionDenied => Self::Forbidden(body),
@@ -142,6 +147,7 @@ pub fn poem_error_response(err: poem::Error, templates: &PathTemplates, path: &s
         let code = match status {
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ErrorCode::NotFound,
             StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
             StatusCode::UNAUTHORIZED => ErrorCode::Unauthenticated,
             StatusCode::FORBIDDEN => ErrorCode::PermissionDenied,
             StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,

@@ -1,5 +1,8 @@
 //! Live notification streams from the process's NotificationHub: Server-Sent Events for one
-//! person, and a WebSocket on which a client subscribes to several persons.
+//! person, and a WebSocket on which a client subscribes to several persons. A client that
+//! reconnects naming the last notification it received (SSE `Last-Event-ID`, which browsers
+//! send by themselves; the WebSocket's `last_event_id`) first gets the ones it missed, from
+//! the hub's resume buffer ([`crate::pipeline::hub::RESUME_BUFFER`]), each once.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -9,9 +12,9 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use poem::web::websocket::{Message, WebSocket, WebSocketStream, WebSocketUpgraded};
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::EventStream;
-use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags, Union};
 use serde::Deserialize;
 use udaconnect_actors::domain::{Notification, PersonId};
 use uuid::Uuid;
@@ -22,7 +25,7 @@ use super::v1::unknown_person;
 use super::RestState;
 use crate::auth::{Access, Principal};
 use crate::error::ApiError;
-use crate::pipeline::hub::Subscription;
+use crate::pipeline::hub::{Resume, Subscription};
 use crate::store::{queries, timestamp};
 
 #[derive(Tags)]
@@ -84,12 +87,48 @@ impl From<&Notification> for ConnectionEvent {
     }
 }
 
-type Events = BoxStream<'static, ConnectionEvent>;
+/// Sent first on a stream resumed from a notification this process does not hold (older than
+/// its resume buffer, or from before it started): what followed it is not replayed, and the
+/// client reads the gap from the history (`/v1/persons/{id}/connections`).
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct ResumeGap {
+    /// `resume.gap`.
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    kind: String,
+    /// The id the client resumed from.
+    last_event_id: Uuid,
+    /// What happened, in one sentence.
+    message: String,
+}
+
+impl ResumeGap {
+    fn new(last_event_id: Uuid) -> Self {
+        Self {
+            kind: "resume.gap".to_owned(),
+            last_event_id,
+            message: format!(
+                "notification {last_event_id} is not among those this process keeps; the \
+                 stream starts from now: read what was missed from the connection history"
+            ),
+        }
+    }
+}
+
+/// One event of a notification stream: a notification, or the gap of a resume.
+#[derive(Debug, Clone, Union)]
+pub enum StreamItem {
+    Connection(ConnectionEvent),
+    Gap(ResumeGap),
+}
+
+type Events = BoxStream<'static, StreamItem>;
 
 #[derive(ApiResponse)]
 enum StreamOk {
     /// Server-Sent Events: each `event:` is the notification's type, `id:` its id, `data:`
-    /// a `ConnectionEvent`; a comment every 15 s keeps the connection open.
+    /// a `ConnectionEvent`; a comment every 15 s keeps the connection open. A resume from an
+    /// id this process does not hold starts with one `resume.gap` event (a `ResumeGap`).
     #[oai(status = 200)]
     Events(EventStream<Events>),
 }
@@ -98,18 +137,46 @@ type Upgrade = WebSocketUpgraded<
     Box<dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
 >;
 
-/// `sub`'s notifications until `until` completes (the process's shutdown).
+/// What a stream sends before its subscription's own notifications: the missed ones of a
+/// resume, or the gap of one that could not be resumed.
+fn first_items(resume: Option<(Uuid, Resume)>) -> Vec<StreamItem> {
+    match resume {
+        None => Vec::new(),
+        Some((_, Resume::After(missed))) => missed
+            .iter()
+            .map(|n| StreamItem::Connection(ConnectionEvent::from(n.as_ref())))
+            .collect(),
+        Some((id, Resume::Unknown)) => vec![StreamItem::Gap(ResumeGap::new(id))],
+    }
+}
+
+/// `first`, then `sub`'s notifications, until `until` completes (the process's shutdown).
 fn events(
+    first: Vec<StreamItem>,
     sub: Subscription,
     until: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Events {
-    futures::stream::unfold(sub, |mut sub| async move {
-        sub.recv()
-            .await
-            .map(|n| (ConnectionEvent::from(n.as_ref()), sub))
-    })
-    .take_until(until)
-    .boxed()
+    let live = futures::stream::unfold(sub, |mut sub| async move {
+        sub.recv().await.map(|n| {
+            (
+                StreamItem::Connection(ConnectionEvent::from(n.as_ref())),
+                sub,
+            )
+        })
+    });
+    futures::stream::iter(first)
+        .chain(live)
+        .take_until(until)
+        .boxed()
+}
+
+/// The id a client resumes from (`Last-Event-ID`, `last_event_id`), named `field` when it is
+/// not a notification id.
+fn resume_point(value: Option<&str>, field: &str) -> Result<Option<Uuid>, ApiError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(text) => crate::input::parse_uuid(text, field).map(Some),
+    }
 }
 
 /// What a WebSocket client may send.
@@ -154,8 +221,17 @@ impl StreamsApi {
     /// one person, as Server-Sent Events, from now on. An attendee follows only itself; the
     /// token may come as `access_token` in the query, since `EventSource` sends no headers.
     #[oai(path = "/persons/:person_id/connections/stream", method = "get")]
-    async fn stream(&self, auth: StreamCaller, person_id: Path<i64>) -> RestResult<StreamOk> {
+    async fn stream(
+        &self,
+        auth: StreamCaller,
+        person_id: Path<i64>,
+        /// The id of the last notification received: the stream starts with those after it
+        /// (browsers send it by themselves when they reconnect).
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> RestResult<StreamOk> {
         auth.0.check(super::v1::person_access(person_id.0))?;
+        let after = resume_point(last_event_id.0.as_deref(), "Last-Event-ID")?;
         let pipeline = self.state.pipeline()?;
         if queries::person(&self.state.pool, person_id.0)
             .await?
@@ -163,7 +239,14 @@ impl StreamsApi {
         {
             return Err(unknown_person(person_id.0));
         }
-        Ok(self.sse(pipeline.hub().subscribe(&[person_id.0])))
+        let hub = pipeline.hub();
+        Ok(match after {
+            None => self.sse(Vec::new(), hub.subscribe(&[person_id.0])),
+            Some(id) => {
+                let (sub, resume) = hub.subscribe_after(&[person_id.0], false, id);
+                self.sse(first_items(Some((id, resume))), sub)
+            }
+        })
     }
 
     /// Every person's live notifications (the connection feed of the console), as Server-Sent
@@ -172,10 +255,23 @@ impl StreamsApi {
     /// for the rate is disconnected (`udaconnect_hub_slow_subscribers_dropped_total`).
     /// Organizers only; the token may come as `access_token` in the query.
     #[oai(path = "/connections/stream", method = "get")]
-    async fn stream_all(&self, auth: StreamCaller) -> RestResult<StreamOk> {
+    async fn stream_all(
+        &self,
+        auth: StreamCaller,
+        /// The id of the last notification received: the stream starts with those after it.
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<String>>,
+    ) -> RestResult<StreamOk> {
         auth.0.check(Access::Everyone)?;
-        let pipeline = self.state.pipeline()?;
-        Ok(self.sse(pipeline.hub().subscribe_all()))
+        let after = resume_point(last_event_id.0.as_deref(), "Last-Event-ID")?;
+        let hub = self.state.pipeline()?.hub().clone();
+        Ok(match after {
+            None => self.sse(Vec::new(), hub.subscribe_all()),
+            Some(id) => {
+                let (sub, resume) = hub.subscribe_after(&[], true, id);
+                self.sse(first_items(Some((id, resume))), sub)
+            }
+        })
     }
 
     /// A WebSocket of live notifications for several persons. Subscribe at connect time with
@@ -192,7 +288,12 @@ impl StreamsApi {
         websocket: WebSocket,
         /// Comma-separated person ids to follow from the start.
         person_ids: Query<Option<String>>,
+        /// The id of the last notification received on an earlier socket: after `subscribed`,
+        /// the socket first sends those of `person_ids` that followed it (or a `resume.gap`
+        /// message when this process does not hold it).
+        last_event_id: Query<Option<String>>,
     ) -> RestResult<Upgrade> {
+        let after = resume_point(last_event_id.0.as_deref(), "last_event_id")?;
         let pipeline = self.state.pipeline()?.clone();
         let initial = match person_ids.0.as_deref() {
             Some(text) => parse_ids(text)?,
@@ -214,12 +315,16 @@ impl StreamsApi {
             .into());
         }
         let state = Arc::clone(&self.state);
+        let start = Start {
+            caller,
+            persons: initial.into_iter().collect(),
+            after,
+        };
         let run: Box<
             dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
         > = Box::new(move |socket| {
             Box::pin(async move {
-                let persons = initial.into_iter().collect();
-                serve_socket(socket, state, pipeline, caller, persons).await;
+                serve_socket(socket, state, pipeline, start).await;
             })
         });
         Ok(websocket.on_upgrade(run))
@@ -227,18 +332,25 @@ impl StreamsApi {
 }
 
 impl StreamsApi {
-    /// `sub` as Server-Sent Events until the process shuts down (the client then reconnects
-    /// to another process).
-    fn sse(&self, sub: Subscription) -> StreamOk {
+    /// `first`, then `sub`, as Server-Sent Events until the process shuts down (the client
+    /// then reconnects, to any process, with `Last-Event-ID`).
+    fn sse(&self, first: Vec<StreamItem>, sub: Subscription) -> StreamOk {
         let until = self.state.shutdown.clone().cancelled_owned();
         StreamOk::Events(
-            EventStream::new(events(sub, until))
+            EventStream::new(events(first, sub, until))
                 .keep_alive(Duration::from_secs(15))
-                .to_event(|e| {
-                    let data = serde_json::to_string(&e).unwrap_or_default();
-                    poem::web::sse::Event::message(data)
-                        .event_type(e.kind.clone())
-                        .id(e.id.to_string())
+                .to_event(|item| match item {
+                    StreamItem::Connection(e) => {
+                        let data = serde_json::to_string(&e).unwrap_or_default();
+                        poem::web::sse::Event::message(data)
+                            .event_type(e.kind.clone())
+                            .id(e.id.to_string())
+                    }
+                    // No `id:`: the client keeps resuming from its last notification.
+                    StreamItem::Gap(gap) => {
+                        let data = serde_json::to_string(&gap).unwrap_or_default();
+                        poem::web::sse::Event::message(data).event_type(gap.kind.clone())
+                    }
                 }),
         )
     }
@@ -250,19 +362,37 @@ fn error_text(e: &ApiError) -> String {
     v.to_string()
 }
 
+/// How a socket starts: who is calling, whom it follows, and where it resumes.
+struct Start {
+    caller: Principal,
+    persons: BTreeSet<PersonId>,
+    after: Option<Uuid>,
+}
+
 async fn serve_socket(
     socket: WebSocketStream,
     state: Arc<RestState>,
     pipeline: Arc<crate::pipeline::Pipeline>,
-    caller: Principal,
-    mut persons: BTreeSet<PersonId>,
+    start: Start,
 ) {
+    let Start {
+        caller,
+        mut persons,
+        after,
+    } = start;
     let (mut sink, mut incoming) = socket.split();
     let subscribe = |persons: &BTreeSet<PersonId>| {
         let ids: Vec<PersonId> = persons.iter().copied().collect();
         pipeline.hub().subscribe(&ids)
     };
-    let mut sub = subscribe(&persons);
+    let (mut sub, first) = match after {
+        None => (subscribe(&persons), Vec::new()),
+        Some(id) => {
+            let ids: Vec<PersonId> = persons.iter().copied().collect();
+            let (sub, resume) = pipeline.hub().subscribe_after(&ids, false, id);
+            (sub, first_items(Some((id, resume))))
+        }
+    };
     let ack = |persons: &BTreeSet<PersonId>| {
         serde_json::to_string(&Subscribed {
             kind: "subscribed",
@@ -272,6 +402,16 @@ async fn serve_socket(
     };
     if sink.send(Message::Text(ack(&persons))).await.is_err() {
         return;
+    }
+    for item in first {
+        let text = match item {
+            StreamItem::Connection(e) => serde_json::to_string(&e),
+            StreamItem::Gap(gap) => serde_json::to_string(&gap),
+        }
+        .unwrap_or_default();
+        if sink.send(Message::Text(text)).await.is_err() {
+            return;
+        }
     }
     loop {
         tokio::select! {

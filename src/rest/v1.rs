@@ -534,14 +534,11 @@ impl V1Api {
                 Some(queries::decode_person_cursor(text).ok_or_else(|| bad_cursor(text))?)
             }
         };
-        let q = q.0.as_deref().map(str::trim).filter(|q| !q.is_empty());
-        if q.is_some_and(|q| q.chars().count() > MAX_NAME_CHARS) {
-            return Err(ApiError::invalid(
-                "q",
-                format!("must be at most {MAX_NAME_CHARS} characters"),
-            )
-            .into());
+        let q = match q.0.as_deref() {
+            Some(q) => Some(crate::input::text("q", q, MAX_NAME_CHARS)?),
+            None => None,
         }
+        .filter(|q| !q.is_empty());
         // One more row than asked tells whether another page follows.
         let mut items = queries::search_persons(&self.state.pool, q, limit + 1, after).await?;
         let next_cursor = if items.len() > limit as usize {
