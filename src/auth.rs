@@ -77,6 +77,16 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
+/// What the service reads of a verified token's claims: the role and the subject. `exp`,
+/// `nbf`, `iss` and `aud` are checked by jsonwebtoken on the raw claims, which allow what
+/// RFC 7519 allows there (an `aud` array, fractional NumericDates); other claims are ignored.
+#[derive(Debug, Deserialize)]
+struct VerifiedClaims {
+    role: Role,
+    #[serde(default)]
+    sub: Option<String>,
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Principal {
@@ -188,14 +198,25 @@ impl AuthError {
     }
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3): with `error="invalid_token"`
-    /// when a token was sent and refused.
+    /// when a token was sent and refused, and the reason as `error_description`, kept to the
+    /// characters RFC 6750 §3 allows there (printable ASCII but `"` and `\`; others become
+    /// `?`), so that text taken from a token can never break or drop the header.
     pub fn challenge(&self) -> String {
         match self {
             Self::Missing => format!("Bearer realm=\"{REALM}\""),
-            Self::Invalid(reason) => format!(
-                "Bearer realm=\"{REALM}\", error=\"invalid_token\", error_description=\"{}\"",
-                reason.replace(['"', '\\'], "'")
-            ),
+            Self::Invalid(reason) => {
+                let description: String = reason
+                    .chars()
+                    .map(|c| match c {
+                        ' '..='~' if c != '"' && c != '\\' => c,
+                        _ => '?',
+                    })
+                    .collect();
+                format!(
+                    "Bearer realm=\"{REALM}\", error=\"invalid_token\", \
+                     error_description=\"{description}\""
+                )
+            }
         }
     }
 }
@@ -305,9 +326,18 @@ impl Authenticator {
     }
 
     /// The claims of `token` once its signature and times check out.
-    fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(describe(&e)))?;
+    fn verify(&self, token: &str) -> Result<VerifiedClaims, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            AuthError::Invalid(match e.kind() {
+                // The header decodes as base64 but is not a JWT header of an algorithm
+                // jsonwebtoken knows (`alg: none` among them).
+                ErrorKind::Json(_) => {
+                    "its header is not a JWT header of an accepted algorithm (HS256, RS256)"
+                        .to_owned()
+                }
+                _ => describe(&e),
+            })
+        })?;
         let key = self
             .keys
             .iter()
@@ -341,14 +371,14 @@ impl Authenticator {
             }
             None => validation.validate_aud = false,
         }
-        jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+        jsonwebtoken::decode::<VerifiedClaims>(token, &key.key, &validation)
             .map(|data| data.claims)
             .map_err(|e| AuthError::Invalid(describe(&e)))
     }
 }
 
 /// The principal `claims` name: an attendee's `sub` must be its person id.
-fn principal(claims: &Claims) -> Result<Principal, AuthError> {
+fn principal(claims: &VerifiedClaims) -> Result<Principal, AuthError> {
     let person = match claims.role {
         Role::Attendee => {
             let sub = claims.sub.as_deref().unwrap_or_default();
@@ -515,6 +545,42 @@ mod tests {
         let no_exp = serde_json::json!({"role": "organizer"});
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_exp, &key).unwrap();
         assert!(reason(&t).contains("exp"), "{}", reason(&t));
+    }
+
+    #[test]
+    fn what_rfc_7519_allows_in_aud_and_exp_is_accepted() {
+        let c = Config {
+            jwt_audience: Some("udaconnect".to_owned()),
+            ..config()
+        };
+        let a = auth(&c);
+        let key = EncodingKey::from_secret(KEY.as_bytes());
+        let exp = chrono::Utc::now().timestamp() as f64 + 3600.5;
+        let claims = serde_json::json!({
+            "role": "organizer", "exp": exp, "aud": ["other", "udaconnect"], "scope": "x"
+        });
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        assert_eq!(a.authenticate(Some(&t)), Ok(Principal::ORGANIZER));
+    }
+
+    #[test]
+    fn the_challenge_keeps_to_the_characters_rfc_6750_allows() {
+        let e = AuthError::Invalid("a \"quoted\" é\nnewline\\".to_owned());
+        let challenge = e.challenge();
+        assert!(
+            challenge.ends_with("error_description=\"a ?quoted? ??newline?\""),
+            "{challenge}"
+        );
+        assert!(challenge.chars().all(|c| (' '..='~').contains(&c)));
+        let header: poem::http::HeaderValue = challenge.parse().expect("a valid header value");
+        assert!(!header.is_empty());
+        // `alg: none` is named as a header problem.
+        let none = "eyJhbGciOiJub25lIn0.eyJyb2xlIjoib3JnYW5pemVyIiwiZXhwIjo0MDAwMDAwMDAwfQ.";
+        let a = auth(&config());
+        match a.authenticate(Some(none)) {
+            Err(AuthError::Invalid(r)) => assert!(r.contains("header"), "{r}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

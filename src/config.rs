@@ -291,6 +291,18 @@ impl Config {
                 ),
             });
         }
+        if let Some(token) = &self.admin_token {
+            let len = token.expose().len();
+            if len < MIN_ADMIN_TOKEN_BYTES {
+                return Err(ConfigError::OutOfRange {
+                    field: "admin_token",
+                    reason: format!(
+                        "must be at least {MIN_ADMIN_TOKEN_BYTES} bytes: it has the organizer's \
+                         rights (got {len})"
+                    ),
+                });
+            }
+        }
         if let Some(key) = &self.jwt_hs256_key {
             let len = key.expose().len();
             if len < crate::auth::MIN_HS256_KEY_BYTES {
@@ -480,6 +492,9 @@ fn describe_figment_error(error: figment::Error) -> String {
         .join("; ")
 }
 
+/// Shortest `admin_token` accepted, bytes: it carries the organizer's rights on REST and gRPC.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
 /// Whether the API asks who is calling ([`Config::auth`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -509,9 +524,14 @@ impl Secret {
         self.0.expose_secret()
     }
 
-    /// Whether `given` is this secret, in time that does not depend on where they differ.
+    /// Whether `given` is this secret, in time that depends neither on where they differ nor
+    /// on their lengths: their SHA-256 digests are compared (`subtle`'s comparison of slices
+    /// returns early when the lengths differ).
     pub fn matches(&self, given: &str) -> bool {
-        self.expose().as_bytes().ct_eq(given.as_bytes()).into()
+        use sha2::{Digest, Sha256};
+        let expected = Sha256::digest(self.expose().as_bytes());
+        let given = Sha256::digest(given.as_bytes());
+        expected.as_slice().ct_eq(given.as_slice()).into()
     }
 }
 
@@ -634,13 +654,16 @@ mod tests {
                 "radius_m = 7.5\nwindow_s = 90\nrest_addr = \"0.0.0.0:8080\"\n",
             )?;
             jail.set_env("UDACONNECT_WINDOW_S", "120");
-            jail.set_env("UDACONNECT_ADMIN_TOKEN", "s3cret");
+            jail.set_env("UDACONNECT_ADMIN_TOKEN", "s3cret-admin-token");
             let c = Config::load(Some(Path::new("udaconnect.toml"))).expect("loads");
             assert_eq!(c.radius_m, 7.5, "from the file");
             assert_eq!(c.window_s, 120, "the environment wins over the file");
             assert_eq!(c.rest_addr, "0.0.0.0:8080".parse().unwrap());
             assert_eq!(c.lateness_s, 30, "untouched keys keep their default");
-            assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("s3cret"));
+            assert_eq!(
+                c.admin_token.as_ref().map(Secret::expose),
+                Some("s3cret-admin-token")
+            );
             Ok(())
         });
     }
@@ -814,6 +837,22 @@ mod tests {
         }
         let token = Secret::new("tok-123");
         assert!(token.matches("tok-123"));
+        // A short admin token is refused: it carries the organizer's rights.
+        let short = Config {
+            admin_token: Some(Secret::new("tok-123")),
+            ..Config::default()
+        };
+        assert!(
+            matches!(
+                short.validate(),
+                Err(ConfigError::OutOfRange {
+                    field: "admin_token",
+                    ..
+                })
+            ),
+            "{:?}",
+            short.validate()
+        );
         assert!(!token.matches("tok-12") && !token.matches("tok-1234") && !token.matches(""));
     }
 

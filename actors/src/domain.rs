@@ -108,33 +108,7 @@ impl NewLocationEvent {
         max_future_skew_s: u32,
         late_horizon_s: u32,
     ) -> Result<LocationEvent, ValidationError> {
-        if self.person_id <= 0 {
-            return Err(ValidationError::new(
-                "person_id",
-                format!("must be a positive id (got {})", self.person_id),
-            ));
-        }
-        if !(self.lat.is_finite() && (-90.0..=90.0).contains(&self.lat)) {
-            return Err(ValidationError::new(
-                "lat",
-                format!("must be between -90 and 90 degrees (got {})", self.lat),
-            ));
-        }
-        if !(self.lon.is_finite() && (-180.0..=180.0).contains(&self.lon)) {
-            return Err(ValidationError::new(
-                "lon",
-                format!("must be between -180 and 180 degrees (got {})", self.lon),
-            ));
-        }
-        if self.recorded_at < MIN_RECORDED_AT {
-            return Err(ValidationError::new(
-                "recorded_at",
-                format!(
-                    "must not be before 2000-01-01T00:00:00Z (got {} µs since the epoch)",
-                    self.recorded_at
-                ),
-            ));
-        }
+        check_report(self.person_id, self.lat, self.lon, self.recorded_at)?;
         let limit = received_at.saturating_add(i64::from(max_future_skew_s) * MICROS_PER_S);
         if self.recorded_at > limit {
             return Err(ValidationError::new(
@@ -169,6 +143,72 @@ impl NewLocationEvent {
             recorded_at: self.recorded_at,
             received_at,
         })
+    }
+}
+
+/// The rules every report meets, whoever made it: a positive person id, WGS84 degrees in
+/// range (finite), and a time not before 2000-01-01 nor after 9999-12-31 (µs since the Unix
+/// epoch). Errors name the field.
+fn check_report(
+    person_id: PersonId,
+    lat: f64,
+    lon: f64,
+    recorded_at: Micros,
+) -> Result<(), ValidationError> {
+    if person_id <= 0 {
+        return Err(ValidationError::new(
+            "person_id",
+            format!("must be a positive id (got {person_id})"),
+        ));
+    }
+    if !(lat.is_finite() && (-90.0..=90.0).contains(&lat)) {
+        return Err(ValidationError::new(
+            "lat",
+            format!("must be between -90 and 90 degrees (got {lat})"),
+        ));
+    }
+    if !(lon.is_finite() && (-180.0..=180.0).contains(&lon)) {
+        return Err(ValidationError::new(
+            "lon",
+            format!("must be between -180 and 180 degrees (got {lon})"),
+        ));
+    }
+    if recorded_at < MIN_RECORDED_AT {
+        return Err(ValidationError::new(
+            "recorded_at",
+            format!(
+                "must not be before 2000-01-01T00:00:00Z (got {recorded_at} µs since the epoch)"
+            ),
+        ));
+    }
+    if recorded_at > MAX_TIME {
+        return Err(ValidationError::new(
+            "recorded_at",
+            format!("must not be after 9999-12-31 (got {recorded_at} µs since the epoch)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The last microsecond of 9999-12-31 UTC: later times are not RFC 3339 (four-digit years).
+pub const MAX_TIME: Micros = 253_402_300_799_999_999;
+
+impl LocationEvent {
+    /// Checks an event that arrives already validated, from a Kafka record (a corrupted one,
+    /// or one another program wrote): the report's rules of [`NewLocationEvent::validate`],
+    /// and a receive time in the same range. Errors name the field.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        check_report(self.person_id, self.lat, self.lon, self.recorded_at)?;
+        if !(MIN_RECORDED_AT..=MAX_TIME).contains(&self.received_at) {
+            return Err(ValidationError::new(
+                "received_at",
+                format!(
+                    "must be from 2000-01-01 to 9999-12-31 (got {} µs since the epoch)",
+                    self.received_at
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

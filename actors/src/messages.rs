@@ -19,6 +19,23 @@ pub struct RoutedEvent {
     pub home: bool,
 }
 
+impl RoutedEvent {
+    /// Checks a copy read from the locations topic: its event ([`LocationEvent::check`]), and
+    /// its zone and fine cell valid H3 cells. Errors name the field.
+    pub fn check(&self) -> Result<(), crate::domain::ValidationError> {
+        self.event.check()?;
+        for (field, cell) in [("zone", self.zone), ("fine_cell", self.fine_cell)] {
+            if h3o::CellIndex::try_from(cell).is_err() {
+                return Err(crate::domain::ValidationError {
+                    field,
+                    reason: format!("is not an H3 cell (got {cell:#x})"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A copy as a zone partition saw it: with `seq`, the input offset that brought it (copies of
 /// one record share it), which orders what a zone saw before what.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

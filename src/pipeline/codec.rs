@@ -54,8 +54,20 @@ impl LocationRecord {
         encode(self)
     }
 
+    /// Decodes a record and checks each event in it ([`RoutedEvent::check`]): a record whose
+    /// bytes decode but hold an event no ingest would have accepted (NaN or out-of-range
+    /// coordinates, a non-positive person, a time out of range, a zone that is no H3 cell) is
+    /// malformed too, and goes to the dead-letter topic rather than into the engine.
     pub fn decode(bytes: Option<&[u8]>) -> Result<Self, DecodeError> {
-        decode(bytes)
+        let record: Self = decode(bytes)?;
+        if let Self::Events(events) = &record {
+            for (i, e) in events.iter().enumerate() {
+                e.check().map_err(|v| {
+                    DecodeError::Malformed(format!("event {i}: {} {}", v.field, v.reason))
+                })?;
+            }
+        }
+        Ok(record)
     }
 }
 
@@ -96,6 +108,59 @@ pub fn decode_notifications(bytes: Option<&[u8]>) -> Result<Vec<Notification>, D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `kafka_records` fuzz target: postcard decodes a NaN longitude (or any
+    /// value) that no ingest would accept; the record is malformed, named by its event.
+    #[test]
+    fn a_location_record_holding_an_event_no_ingest_accepts_is_malformed() {
+        use udaconnect_actors::domain::LocationEvent;
+        let cell = |r| u64::from(h3o::LatLng::new(52.5, 13.4).expect("a place").to_cell(r));
+        let good = RoutedEvent {
+            event: LocationEvent {
+                event_id: uuid::Uuid::from_u128(1),
+                person_id: 5,
+                lat: 52.5,
+                lon: 13.4,
+                recorded_at: 1_764_000_000_000_000,
+                received_at: 1_764_000_000_000_000,
+            },
+            zone: cell(h3o::Resolution::Eight),
+            fine_cell: cell(h3o::Resolution::Twelve),
+            home: true,
+        };
+        let record = LocationRecord::Events(vec![good]);
+        assert_eq!(LocationRecord::decode(Some(&record.encode())), Ok(record));
+        let bad = |f: &dyn Fn(&mut RoutedEvent)| {
+            let mut e = good;
+            f(&mut e);
+            LocationRecord::decode(Some(&LocationRecord::Events(vec![good, e]).encode()))
+        };
+        for (change, field) in [
+            (
+                &(|e: &mut RoutedEvent| e.event.lon = f64::NAN) as &dyn Fn(&mut RoutedEvent),
+                "lon",
+            ),
+            (&|e: &mut RoutedEvent| e.event.lat = 91.0, "lat"),
+            (&|e: &mut RoutedEvent| e.event.person_id = 0, "person_id"),
+            (
+                &|e: &mut RoutedEvent| e.event.recorded_at = -7_113_539_584,
+                "recorded_at",
+            ),
+            (
+                &|e: &mut RoutedEvent| e.event.received_at = i64::MAX,
+                "received_at",
+            ),
+            (&|e: &mut RoutedEvent| e.zone = 43, "zone"),
+            (&|e: &mut RoutedEvent| e.fine_cell = 0, "fine_cell"),
+        ] {
+            match bad(change) {
+                Err(DecodeError::Malformed(m)) => {
+                    assert!(m.starts_with(&format!("event 1: {field} ")), "{m}")
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn records_round_trip_and_bad_ones_say_why() {

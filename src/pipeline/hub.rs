@@ -99,8 +99,9 @@ struct Subscribers {
     next_id: u64,
     by_person: HashMap<PersonId, Vec<(u64, Sender)>>,
     everyone: Vec<(u64, Sender)>,
-    /// Each subscriber's persons (empty for a subscriber of everyone).
-    members: HashMap<u64, Vec<PersonId>>,
+    /// Each subscriber's persons (empty for a subscriber of everyone) and its sender, which
+    /// keeps its queue open while it follows no one; removing the entry ends its stream.
+    members: HashMap<u64, (Vec<PersonId>, Sender)>,
     /// The last [`RESUME_BUFFER`] notifications fanned out, oldest first (kept under the same
     /// lock as the subscribers, so that a resumed subscription's backlog and its live
     /// notifications neither overlap nor leave a gap).
@@ -147,11 +148,16 @@ impl Subscribers {
     }
 
     fn remove(&mut self, id: u64) {
-        let Some(persons) = self.members.remove(&id) else {
+        let Some((persons, _)) = self.members.remove(&id) else {
             return;
         };
         self.everyone.retain(|(i, _)| *i != id);
-        for person in persons {
+        self.unregister(id, &persons);
+    }
+
+    /// Takes subscriber `id` off the lists of `persons`.
+    fn unregister(&mut self, id: u64, persons: &[PersonId]) {
+        for &person in persons {
             if let Some(list) = self.by_person.get_mut(&person) {
                 list.retain(|(i, _)| *i != id);
                 if list.is_empty() {
@@ -368,7 +374,7 @@ impl NotificationHub {
         });
         let id = subs.next_id;
         subs.next_id += 1;
-        subs.members.insert(id, persons.clone());
+        subs.members.insert(id, (persons.clone(), tx.clone()));
         if everyone {
             subs.everyone.push((id, tx));
         } else {
@@ -384,6 +390,27 @@ impl NotificationHub {
             },
             backlog,
         )
+    }
+
+    /// Makes `subscription` follow `persons` from now on instead of its earlier ones, in place:
+    /// what is queued stays queued, and nothing fanned out meanwhile is missed or sent twice
+    /// (a new subscription in its place would drop the old one's queue). False when the hub
+    /// already cut the subscription off (its stream is ending).
+    pub fn resubscribe(&self, subscription: &Subscription, persons: &[PersonId]) -> bool {
+        let mut persons = persons.to_vec();
+        persons.sort_unstable();
+        persons.dedup();
+        let mut subs = self.shared.subscribers.lock().expect("not poisoned");
+        let id = subscription.id;
+        let Some((old, tx)) = subs.members.get(&id).cloned() else {
+            return false;
+        };
+        subs.unregister(id, &old);
+        for &p in &persons {
+            subs.by_person.entry(p).or_default().push((id, tx.clone()));
+        }
+        subs.members.insert(id, (persons, tx));
+        true
     }
 
     /// What the hub did so far.
@@ -528,6 +555,33 @@ mod tests {
         assert!(seven.try_recv().is_none());
         let (_, after_seven) = hub.subscribe_after(&[7], false, Uuid::from_u128(5));
         assert_eq!(ids(&after_seven), [7]);
+    }
+
+    #[test]
+    fn a_subscription_changes_its_persons_in_place_and_stays_open_following_no_one() {
+        let shared = Arc::new(HubShared::default());
+        let hub = NotificationHub {
+            shared: Arc::clone(&shared),
+            stop: CancellationToken::new(),
+            thread: Mutex::new(None),
+        };
+        // Following no one: open, nothing arrives (a WebSocket before its first subscribe).
+        let mut sub = hub.subscribe(&[]);
+        shared.fan_out(notification(7, 1));
+        assert!(sub.try_recv().is_none());
+        assert!(!sub.rx.is_closed());
+        assert!(hub.resubscribe(&sub, &[7]));
+        shared.fan_out(notification(7, 2));
+        // Switched to 8: the queued notification of 7 is still there, later ones of 7 are not.
+        assert!(hub.resubscribe(&sub, &[8]));
+        shared.fan_out(notification(7, 3));
+        shared.fan_out(notification(8, 4));
+        assert_eq!(sub.try_recv().map(|n| n.id.as_u128()), Some(2));
+        assert_eq!(sub.try_recv().map(|n| n.id.as_u128()), Some(4));
+        assert!(sub.try_recv().is_none());
+        assert_eq!(hub.counters().subscribers, 1);
+        drop(sub);
+        assert_eq!(hub.counters().subscribers, 0);
     }
 
     #[tokio::test]

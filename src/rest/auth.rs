@@ -15,8 +15,11 @@ use crate::auth::{bearer, AuthError, Authenticator, Principal};
 
 /// The OpenAPI name of the header scheme.
 const BEARER: &str = "bearer";
-/// The OpenAPI name of the query-string scheme of the streams.
+/// The query parameter of the streams' token (RFC 6750 §2.3's name).
 const ACCESS_TOKEN: &str = "access_token";
+/// The OpenAPI name of the streams' query-string scheme: after `bearer` in Swagger UI's
+/// Authorize dialog (names are listed in order), where the header scheme is the one to fill.
+const STREAM_SCHEME: &str = "stream_token";
 
 /// The authenticated caller of a `/v1` operation: `Authorization: Bearer <JWT>`.
 pub struct Caller(pub Principal);
@@ -74,25 +77,32 @@ pub fn query_token(query: Option<&str>) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// `uri` with the value of an `access_token` query parameter replaced by `***`, for logs.
+/// `uri` with the value of every `access_token` query parameter replaced by `***`, for logs.
+/// Names are compared once form-decoded, as [`query_token`] reads them (`%61ccess_token` is
+/// `access_token` too); a query holding one is logged re-encoded.
 pub fn redact_uri(uri: &poem::http::Uri) -> String {
     let Some(query) = uri.query() else {
         return uri.to_string();
     };
-    if !query.split('&').any(|p| p.starts_with("access_token=")) {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if !pairs.iter().any(|(name, _)| name == ACCESS_TOKEN) {
         return uri.to_string();
     }
-    let query: Vec<&str> = query
-        .split('&')
-        .map(|p| {
-            if p.starts_with("access_token=") {
-                "access_token=***"
+    let encode = |text: &str| form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
+    let redacted: Vec<String> = pairs
+        .iter()
+        .map(|(name, value)| {
+            let value = if name == ACCESS_TOKEN {
+                "***".to_owned()
             } else {
-                p
-            }
+                encode(value)
+            };
+            format!("{}={value}", encode(name))
         })
         .collect();
-    format!("{}?{}", uri.path(), query.join("&"))
+    format!("{}?{}", uri.path(), redacted.join("&"))
 }
 
 impl<'a> ApiExtractor<'a> for Caller {
@@ -128,13 +138,14 @@ impl<'a> ApiExtractor<'a> for StreamCaller {
     fn register(registry: &mut Registry) {
         register_bearer(registry);
         registry.create_security_scheme(
-            ACCESS_TOKEN,
+            STREAM_SCHEME,
             MetaSecurityScheme {
                 ty: "apiKey",
                 description: Some(
-                    "The bearer JWT in the query string, for the live streams only: a browser's \
-                     EventSource and WebSocket cannot send an Authorization header (RFC 6750 \
-                     §2.3). It is redacted from the service's logs.",
+                    "The bearer JWT as `access_token` in the query string, for the live streams \
+                     only: a browser's EventSource and WebSocket cannot send an Authorization \
+                     header (RFC 6750 §2.3). It is redacted from the service's logs. Elsewhere, \
+                     fill `bearer`.",
                 ),
                 name: Some(ACCESS_TOKEN),
                 key_in: Some("query"),
@@ -147,7 +158,7 @@ impl<'a> ApiExtractor<'a> for StreamCaller {
     }
 
     fn security_schemes() -> Vec<&'static str> {
-        vec![BEARER, ACCESS_TOKEN]
+        vec![BEARER, STREAM_SCHEME]
     }
 
     async fn from_request(

@@ -381,12 +381,9 @@ async fn serve_socket(
         after,
     } = start;
     let (mut sink, mut incoming) = socket.split();
-    let subscribe = |persons: &BTreeSet<PersonId>| {
-        let ids: Vec<PersonId> = persons.iter().copied().collect();
-        pipeline.hub().subscribe(&ids)
-    };
+    let ids = |persons: &BTreeSet<PersonId>| -> Vec<PersonId> { persons.iter().copied().collect() };
     let (mut sub, first) = match after {
-        None => (subscribe(&persons), Vec::new()),
+        None => (pipeline.hub().subscribe(&ids(&persons)), Vec::new()),
         Some(id) => {
             let ids: Vec<PersonId> = persons.iter().copied().collect();
             let (sub, resume) = pipeline.hub().subscribe_after(&ids, false, id);
@@ -427,9 +424,12 @@ async fn serve_socket(
                     Some(Ok(_)) => continue,
                 };
                 let reply = match change(&state, &caller, &mut persons, &text).await {
+                    // In place: what is queued for the earlier persons is still sent.
+                    Ok(()) if pipeline.hub().resubscribe(&sub, &ids(&persons)) => ack(&persons),
                     Ok(()) => {
-                        sub = subscribe(&persons);
-                        ack(&persons)
+                        let e = ApiError::unavailable("the notification stream ended; reconnect");
+                        let _ = sink.send(Message::Text(error_text(&e))).await;
+                        return;
                     }
                     Err(e) => error_text(&e),
                 };

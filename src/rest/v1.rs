@@ -673,7 +673,8 @@ impl V1Api {
     }
 
     /// One stored location event. Events are stored asynchronously: a 404 shortly after the
-    /// 202 means "not yet". An attendee reads only its own (403 naming `event_id`).
+    /// 202 means "not yet". An attendee reads only its own (another person's answers the same
+    /// 404 as a report that does not exist); a gateway reads none (403).
     #[oai(
         path = "/locations/:event_id",
         method = "get",
@@ -681,12 +682,22 @@ impl V1Api {
     )]
     async fn get_location(&self, auth: Caller, event_id: Path<String>) -> RestResult<LocationOk> {
         let id = crate::input::parse_uuid(event_id.0.trim(), "event_id")?;
-        match queries::location_by_event(&self.state.pool, id).await? {
-            Some(l) => {
-                auth.0.check(Access::Person {
-                    person: l.person_id,
+        // Whose report an id is, and whether it exists, is told only to who may read it: a
+        // gateway (which reads no one's) is refused before the lookup, and an attendee asking
+        // for another person's report gets the 404 of a report that does not exist.
+        if auth.0.role == crate::auth::Role::Gateway {
+            auth.0.check(Access::Everyone)?;
+        }
+        let readable = |person| {
+            auth.0
+                .check(Access::Person {
+                    person,
                     field: "event_id",
-                })?;
+                })
+                .is_ok()
+        };
+        match queries::location_by_event(&self.state.pool, id).await? {
+            Some(l) if readable(l.person_id) => {
                 Ok(LocationOk::Ok(Json(Location {
                     event_id: l.event_id,
                     person_id: l.person_id,
@@ -698,7 +709,8 @@ impl V1Api {
                     zone: l.zone.map(|z| zone_hex(z as u64)),
                 })))
             }
-            None => Err(ApiError::not_found(
+            // Not stored, or another person's, to an attendee: the same answer.
+            _ => Err(ApiError::not_found(
                 Some("event_id"),
                 format!("no location event {id} is stored"),
             )

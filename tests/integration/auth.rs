@@ -56,6 +56,11 @@ async fn post_as(token: Option<&str>, url: &str, body: &Value) -> (u16, Value) {
     (status, body)
 }
 
+/// Person `person`'s SSE stream.
+fn bobs_stream(app: &TestApp, person: i64) -> String {
+    app.url(&format!("/v1/persons/{person}/connections/stream"))
+}
+
 /// The status of opening a stream (SSE) as `token`, by header or by `access_token`.
 async fn stream_status(url: &str, token: &str, in_query: bool) -> u16 {
     let response = if in_query {
@@ -77,9 +82,9 @@ async fn each_role_may_do_what_the_rules_allow_on_rest_and_nothing_else() {
     let a = create_person(&app, "Alice").await;
     let b = create_person(&app, "Bob").await;
     let alice_token = token(Role::Attendee, Some(a));
-    let gateway = token(Role::Gateway, None);
+    let gateway_token = token(Role::Gateway, None);
     let alice = Some(alice_token.as_str());
-    let gateway = Some(gateway.as_str());
+    let gateway = Some(gateway_token.as_str());
     let url = |path: String| app.url(&path);
 
     // No token, or a bad one: 401 with the challenge, naming `authorization`.
@@ -234,6 +239,15 @@ async fn each_role_may_do_what_the_rules_allow_on_rest_and_nothing_else() {
         next_text(&mut socket).await,
         json!({"type": "subscribed", "person_ids": []})
     );
+    // Following no one, the socket stays open for the next subscription (it used to end).
+    socket
+        .send(Message::Text(json!({"subscribe": [a]}).to_string().into()))
+        .await
+        .expect("sent");
+    assert_eq!(
+        next_text(&mut socket).await,
+        json!({"type": "subscribed", "person_ids": [a]})
+    );
     let _ = socket.close(None).await;
 
     // Reports: its own yes, Bob's no; in a batch, Bob's item alone is rejected.
@@ -260,8 +274,19 @@ async fn each_role_may_do_what_the_rules_allow_on_rest_and_nothing_else() {
         let got = get_as(gateway, &url(path)).await;
         assert_error(&got, 403, "permission_denied", Some("person_id"));
     }
-    let got = get_as(gateway, &url("/v1/status".to_owned())).await;
-    assert_error(&got, 403, "permission_denied", None);
+    for path in [
+        "/v1/status",
+        "/v1/persons",
+        "/v1/points",
+        "/v1/connections/stream",
+    ] {
+        let got = get_as(gateway, &url(path.to_owned())).await;
+        assert_error(&got, 403, "permission_denied", None);
+    }
+    assert_eq!(
+        stream_status(&bobs_stream(&app, b), &gateway_token, true).await,
+        403
+    );
 
     // Stored reports: Alice reads hers, and Bob's is refused naming `event_id`.
     let own_event = url(format!(
@@ -294,8 +319,17 @@ async fn each_role_may_do_what_the_rules_allow_on_rest_and_nothing_else() {
         },
     )
     .await;
+    // Another person's report is, to an attendee, a report that does not exist: neither its
+    // existence nor its owner is told.
     let got = get_as(alice, &bob_event).await;
-    assert_error(&got, 403, "permission_denied", Some("event_id"));
+    assert_error(&got, 404, "not_found", Some("event_id"));
+    assert!(
+        !got.1["message"].as_str().unwrap().contains("person"),
+        "{}",
+        got.1
+    );
+    let got = get_as(gateway, &bob_event).await;
+    assert_error(&got, 403, "permission_denied", None);
 
     // Health, metrics, the API documents and the console need no token.
     for path in [

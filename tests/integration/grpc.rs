@@ -27,7 +27,7 @@ use crate::helpers::{
     eventually, free_port, get_json, scalar, spawn_serve, test_config, Served, TestApp, TestDb,
 };
 
-const TOKEN: &str = "grpc-test-token";
+const TOKEN: &str = "grpc-test-admin-token";
 /// The venue of these tests (Brandenburg Gate); persons stand 500 m apart (different zones).
 const LAT: f64 = 52.5163;
 const LON: f64 = 13.3777;

@@ -18,4 +18,5 @@ mod rest;
 mod resume;
 mod service;
 mod store;
+mod subscribers;
 mod time;

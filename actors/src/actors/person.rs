@@ -219,6 +219,18 @@ pub struct PersonPartitionSnapshot {
     pub counters: PersonSupervisorCounters,
 }
 
+/// Decodes a stored person partition's snapshot: its partition-wide state and every person's
+/// state, in the snapshot's order. Errors, never panics, whatever the bytes: another format, a
+/// header or part that does not decode (postcard), or a part filed under another person than it
+/// holds.
+pub fn decode_person_snapshot(
+    blob: &SnapshotBlob,
+) -> Result<(PersonPartitionSnapshot, Vec<PersonState>), ActorProcessingErr> {
+    let header = restore_header::<PersonActor, _>(blob, PERSON_SNAPSHOT_FORMAT)?;
+    let persons = restore_parts::<PersonActor>(blob).collect::<Result<Vec<_>, _>>()?;
+    Ok((header, persons))
+}
+
 /// Counters of one person partition.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersonSupervisorCounters {
@@ -637,15 +649,13 @@ impl Actor for PersonSupervisor {
             snapshot_failed: Arc::default(),
         };
         if let Some(blob) = args.snapshot {
-            let snapshot: PersonPartitionSnapshot =
-                restore_header::<PersonActor, _>(&blob, PERSON_SNAPSHOT_FORMAT)?;
+            let (snapshot, persons) = decode_person_snapshot(&blob)?;
             state.watermarks = snapshot.watermarks;
             state.deadlines = snapshot.deadlines;
             state.counters = snapshot.counters;
             state.next_offset = blob.next_offset;
             // Restored persons start passivated; their actors start on their next update.
-            for restored in restore_parts::<PersonActor>(&blob) {
-                let restored = restored?;
+            for restored in persons {
                 state.passivated.insert(restored.person(), restored);
             }
             // The stored parts are this snapshot's: the next one may build on them.

@@ -206,6 +206,62 @@ pub struct ZoneSlicePart {
     pub zones: Vec<(ZoneId, CellPointList)>,
 }
 
+/// A stored zone partition's snapshot, decoded ([`decode_zone_snapshot`]).
+#[derive(Debug)]
+pub struct DecodedZoneSnapshot {
+    /// The partition-wide state (its `zones` are the metas the indexes were built from).
+    pub header: ZonePartitionSnapshot,
+    /// Each zone's index, its points from the slice parts.
+    pub zones: Vec<ZoneIndex>,
+    /// The slices the snapshot holds.
+    pub slices: BTreeSet<i64>,
+}
+
+/// Decodes a stored zone snapshot: the zones' metas from the header, their points from the
+/// slice parts (in slice order), into one index per zone. Errors, never panics, whatever the
+/// bytes: another format, a header or part that does not decode (postcard), an incomplete
+/// snapshot, a part filed under another slice than it holds, or a zone the header does not
+/// list.
+pub fn decode_zone_snapshot(
+    blob: &SnapshotBlob,
+) -> Result<DecodedZoneSnapshot, ActorProcessingErr> {
+    let header: ZonePartitionSnapshot = restore_header::<ZoneActor, _>(blob, ZONE_SNAPSHOT_FORMAT)?;
+    if !blob.complete {
+        return Err("a zone snapshot to restore must hold every slice (complete)".into());
+    }
+    let mut points: FxHashMap<ZoneId, CellPointList> =
+        header.zones.iter().map(|m| (m.zone, Vec::new())).collect();
+    let mut parts: Vec<(i64, &[u8])> = blob.part_states().collect();
+    parts.sort_unstable_by_key(|(slice, _)| *slice);
+    let mut slices = BTreeSet::new();
+    for (slice, bytes) in parts {
+        let part: ZoneSlicePart = postcard::from_bytes(bytes)?;
+        if part.slice != slice {
+            return Err(format!("zone snapshot part {slice} holds slice {}", part.slice).into());
+        }
+        for (zone, cells) in part.zones {
+            let Some(into) = points.get_mut(&zone) else {
+                return Err(format!("zone snapshot part {slice} holds zone {zone:x}, which its header does not list").into());
+            };
+            into.extend(cells);
+        }
+        slices.insert(slice);
+    }
+    let zones = header
+        .zones
+        .iter()
+        .map(|meta| {
+            let cells = points.remove(&meta.zone).unwrap_or_default();
+            ZoneIndex::restore(meta.clone(), cells)
+        })
+        .collect();
+    Ok(DecodedZoneSnapshot {
+        header,
+        zones,
+        slices,
+    })
+}
+
 /// The zone partition's supervisor: configuration only.
 pub struct ZoneSupervisor;
 
@@ -581,41 +637,17 @@ impl ZoneSupervisorState {
         Ok(flag_unfinished(pending, &self.snapshot_failed))
     }
 
-    /// Restores the zones of a stored snapshot: their metas from the header, their points from
-    /// the slice parts (in slice order); errors if a part does not decode, is filed under
-    /// another slice than it holds, or holds a zone the header does not list.
+    /// Restores the zones of a stored snapshot ([`decode_zone_snapshot`]): each zone's actor
+    /// starts with its index, and the snapshot's slices count as stored.
     async fn restore(
         &mut self,
         myself: &ActorRef<ZoneSupervisorMsg>,
-        blob: &SnapshotBlob,
-        metas: Vec<ZoneMeta>,
+        zones: Vec<ZoneIndex>,
+        slices: BTreeSet<i64>,
     ) -> Result<(), ActorProcessingErr> {
-        if !blob.complete {
-            return Err("a zone snapshot to restore must hold every slice (complete)".into());
-        }
-        let mut points: FxHashMap<ZoneId, CellPointList> =
-            metas.iter().map(|m| (m.zone, Vec::new())).collect();
-        let mut parts: Vec<(i64, &[u8])> = blob.part_states().collect();
-        parts.sort_unstable_by_key(|(slice, _)| *slice);
-        for (slice, bytes) in parts {
-            let part: ZoneSlicePart = postcard::from_bytes(bytes)?;
-            if part.slice != slice {
-                return Err(
-                    format!("zone snapshot part {slice} holds slice {}", part.slice).into(),
-                );
-            }
-            for (zone, cells) in part.zones {
-                let Some(into) = points.get_mut(&zone) else {
-                    return Err(format!("zone snapshot part {slice} holds zone {zone:x}, which its header does not list").into());
-                };
-                into.extend(cells);
-            }
-            self.stored_slices.insert(slice);
-        }
-        for meta in metas {
-            let cells = points.remove(&meta.zone).unwrap_or_default();
-            self.spawn_zone(myself, ZoneIndex::restore(meta, cells))
-                .await?;
+        self.stored_slices.extend(slices);
+        for index in zones {
+            self.spawn_zone(myself, index).await?;
         }
         Ok(())
     }
@@ -663,8 +695,11 @@ impl Actor for ZoneSupervisor {
             snapshot_failed: Arc::default(),
         };
         if let Some(blob) = args.snapshot {
-            let snapshot: ZonePartitionSnapshot =
-                restore_header::<ZoneActor, _>(&blob, ZONE_SNAPSHOT_FORMAT)?;
+            let DecodedZoneSnapshot {
+                header: snapshot,
+                zones,
+                slices,
+            } = decode_zone_snapshot(&blob)?;
             state.clock = snapshot.clock;
             // The lateness and clock skew are this run's, whatever the snapshot's were.
             state.clock.reconfigure(&args.params);
@@ -672,7 +707,7 @@ impl Actor for ZoneSupervisor {
             state.next_offset = blob.next_offset;
             // Restored zones start right away, each with its index; the stored slices are
             // this snapshot's, so the next one may build on them.
-            state.restore(&myself, &blob, snapshot.zones).await?;
+            state.restore(&myself, zones, slices).await?;
             state.complete_next = false;
         }
         Ok(state)
