@@ -23,12 +23,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use udaconnect_actors::domain::PersonId;
 
-use crate::config::{AuthMode, Config, Secret};
+use crate::config::{AuthMode, Config, Secret, MIN_HS256_KEY_BYTES};
 use crate::error::{ApiError, ErrorCode};
-
-/// Shortest HS256 key accepted, bytes: RFC 7518 §3.2 asks for a key at least as long as the
-/// hash output (256 bits).
-pub const MIN_HS256_KEY_BYTES: usize = 32;
 
 /// The realm named in `WWW-Authenticate`.
 pub const REALM: &str = "udaconnect";

@@ -305,12 +305,12 @@ impl Config {
         }
         if let Some(key) = &self.jwt_hs256_key {
             let len = key.expose().len();
-            if len < crate::auth::MIN_HS256_KEY_BYTES {
+            if len < MIN_HS256_KEY_BYTES {
                 return Err(ConfigError::OutOfRange {
                     field: "jwt_hs256_key",
                     reason: format!(
                         "must be at least {} bytes (RFC 7518 §3.2) (got {len})",
-                        crate::auth::MIN_HS256_KEY_BYTES
+                        MIN_HS256_KEY_BYTES
                     ),
                 });
             }
@@ -491,6 +491,10 @@ fn describe_figment_error(error: figment::Error) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+/// Shortest `jwt_hs256_key` accepted, bytes: RFC 7518 §3.2 asks for an HMAC key at least as
+/// long as the hash output (256 bits).
+pub const MIN_HS256_KEY_BYTES: usize = 32;
 
 /// Shortest `admin_token` accepted, bytes: it carries the organizer's rights on REST and gRPC.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;

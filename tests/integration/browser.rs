@@ -1023,3 +1023,88 @@ fn signed_in(app: &TestApp, path: &str) -> String {
         crate::helpers::organizer_token()
     ))
 }
+
+/// Swagger UI at `/docs`, in Chromium: its Authorize dialog offers the `bearer` scheme first;
+/// with an organizer's token pasted there, *Try it out* on `GET /v1/status` sends it and gets
+/// 200, where without it the same button gets 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swagger_ui_authorize_sends_the_bearer_token_with_try_it_out() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(test_config(&db)).await;
+    app.pipeline(Duration::from_secs(60)).await;
+    let mut browser = Chromium::start(1280, 900).await;
+    browser.goto(&app.url("/docs")).await;
+    let op = "[id$='get_v1_status']";
+    browser
+        .wait(
+            "Swagger UI loads",
+            "document.querySelector('button.authorize')",
+            Duration::from_secs(20),
+            "document.title",
+        )
+        .await;
+    // Without a token: 401.
+    browser
+        .run(json!({"op": "click", "selector": format!("{op} .opblock-summary")}))
+        .await;
+    browser
+        .run(json!({"op": "click", "selector": format!("{op} button.try-out__btn")}))
+        .await;
+    try_it_out(&mut browser, op, "401").await;
+    // Authorize: `bearer` first; the token pasted there.
+    browser
+        .run(json!({"op": "click", "selector": "button.authorize"}))
+        .await;
+    let (schemes, _) = browser
+        .wait(
+            "the Authorize dialog",
+            "[...document.querySelectorAll('.auth-container h4')].map(h => h.textContent.trim().split(/\\s/)[0]).join(',')",
+            Duration::from_secs(10),
+            "document.title",
+        )
+        .await;
+    assert_eq!(schemes, "bearer,stream_token");
+    browser
+        .run(json!({"op": "fill", "selector": ".auth-container input", "value": crate::helpers::organizer_token()}))
+        .await;
+    browser
+        .run(json!({"op": "click", "selector": ".auth-container button.authorize"}))
+        .await;
+    browser
+        .run(json!({"op": "click", "selector": "button.close-modal"}))
+        .await;
+    try_it_out(&mut browser, op, "200").await;
+    let curl = browser
+        .eval(&format!(
+            "document.querySelector(\"{op} .curl\").textContent"
+        ))
+        .await;
+    assert!(
+        curl.as_str()
+            .unwrap_or_default()
+            .contains("Authorization: Bearer"),
+        "{curl}"
+    );
+    browser.close().await;
+    app.stop().await.expect("clean shutdown");
+    db.drop_db().await;
+}
+
+/// Clicks *Execute* of the Swagger UI operation `op` (a selector) and waits until the status
+/// it shows starts with `expected` (a response already shown counts only once replaced).
+async fn try_it_out(browser: &mut Chromium, op: &str, expected: &str) {
+    browser
+        .run(json!({"op": "click", "selector": format!("{op} button.execute")}))
+        .await;
+    let cell = format!(
+        "document.querySelector(\"{op} .live-responses-table tbody .response-col_status\")"
+    );
+    browser
+        .wait(
+            &format!("Try it out answers {expected}"),
+            &format!("{cell} && {cell}.textContent.trim().startsWith({expected:?})"),
+            Duration::from_secs(20),
+            &format!("{cell} && {cell}.textContent"),
+        )
+        .await;
+}
