@@ -323,6 +323,60 @@ pub struct ColocationSummary {
 }
 
 impl ColocationSummary {
+    /// Checks a summary that arrives from a Kafka record: two different positive persons, at
+    /// least one co-location, `first <= last` within 2000-01-01 to 9999-12-31, and a closest
+    /// co-location with a finite distance of 0 m or more, at a place in range, at a time between
+    /// `first` and `last`. Errors name the field.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        let fail = |field, reason: String| Err(ValidationError::new(field, reason));
+        if self.person <= 0 || self.peer <= 0 || self.person == self.peer {
+            return fail(
+                "peer",
+                format!(
+                    "person {} and peer {} must be two positive ids",
+                    self.person, self.peer
+                ),
+            );
+        }
+        if self.count == 0 {
+            return fail("count", "must be at least 1".to_owned());
+        }
+        let times = MIN_RECORDED_AT..=MAX_TIME;
+        if !(times.contains(&self.first) && times.contains(&self.last) && self.first <= self.last) {
+            return fail(
+                "first",
+                format!(
+                    "first {} and last {} must be in order, from 2000 to 9999",
+                    self.first, self.last
+                ),
+            );
+        }
+        let c = &self.closest;
+        if !(c.distance_m.is_finite() && c.distance_m >= 0.0) {
+            return fail(
+                "closest.distance_m",
+                format!("must be 0 m or more (got {})", c.distance_m),
+            );
+        }
+        let in_range = c.lat.is_finite()
+            && (-90.0..=90.0).contains(&c.lat)
+            && c.lon.is_finite()
+            && (-180.0..=180.0).contains(&c.lon);
+        if !in_range {
+            return fail(
+                "closest.lat",
+                format!("({}, {}) is not a place", c.lat, c.lon),
+            );
+        }
+        if !(self.first..=self.last).contains(&c.time) {
+            return fail(
+                "closest.time",
+                format!("must be between first and last (got {})", c.time),
+            );
+        }
+        Ok(())
+    }
+
     /// A summary of one co-location found in `zone` by the arrival of `arriving_event`.
     pub fn of(c: &ColocationReport, arriving_event: Uuid, zone: u64) -> Self {
         Self {

@@ -24,15 +24,8 @@ impl RoutedEvent {
     /// its zone and fine cell valid H3 cells. Errors name the field.
     pub fn check(&self) -> Result<(), crate::domain::ValidationError> {
         self.event.check()?;
-        for (field, cell) in [("zone", self.zone), ("fine_cell", self.fine_cell)] {
-            if h3o::CellIndex::try_from(cell).is_err() {
-                return Err(crate::domain::ValidationError {
-                    field,
-                    reason: format!("is not an H3 cell (got {cell:#x})"),
-                });
-            }
-        }
-        Ok(())
+        check_cell("zone", self.zone)?;
+        check_cell("fine_cell", self.fine_cell)
     }
 }
 
@@ -66,7 +59,34 @@ pub enum PersonUpdate {
     LateColocations(ColocationSummary),
 }
 
+/// `cell` as an H3 cell, or the error naming `field`.
+fn check_cell(field: &'static str, cell: u64) -> Result<(), crate::domain::ValidationError> {
+    match h3o::CellIndex::try_from(cell) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(crate::domain::ValidationError {
+            field,
+            reason: format!("is not an H3 cell (got {cell:#x})"),
+        }),
+    }
+}
+
 impl PersonUpdate {
+    /// Checks an update read from the person-updates topic (a corrupted record, or one another
+    /// program wrote): a sighting's event and zone as [`RoutedEvent::check`] does, a summary as
+    /// [`ColocationSummary::check`] does. Errors name the field.
+    pub fn check(&self) -> Result<(), crate::domain::ValidationError> {
+        match self {
+            Self::Sighting { event, zone } => {
+                event.check()?;
+                check_cell("zone", *zone)
+            }
+            Self::Colocations(c) | Self::LateColocations(c) => {
+                c.check()?;
+                check_cell("zone", c.zone)
+            }
+        }
+    }
+
     /// The person the update is for.
     pub fn person(&self) -> PersonId {
         match self {

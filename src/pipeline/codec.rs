@@ -77,8 +77,16 @@ pub fn encode_person_batch(batch: &PersonBatch) -> Vec<u8> {
 }
 
 /// Decodes a record of the `person-updates` topic.
+/// Decodes a record of the `person-updates` topic and checks each update in it
+/// ([`udaconnect_actors::messages::PersonUpdate::check`]): one whose bytes decode but hold a
+/// value the zone stage never sends is malformed, and goes to the dead-letter topic.
 pub fn decode_person_batch(bytes: Option<&[u8]>) -> Result<PersonBatch, DecodeError> {
-    decode(bytes)
+    let batch: PersonBatch = decode(bytes)?;
+    for (i, u) in batch.updates.iter().enumerate() {
+        u.check()
+            .map_err(|v| DecodeError::Malformed(format!("update {i}: {} {}", v.field, v.reason)))?;
+    }
+    Ok(batch)
 }
 
 /// A record of the `connections` topic: notifications, in the order they were made.
@@ -186,5 +194,67 @@ mod tests {
             decode_person_batch(Some(&encode_person_batch(&batch))),
             Ok(batch)
         );
+    }
+
+    /// A person-updates record holding a summary the zone stage never sends is malformed,
+    /// named by its update.
+    #[test]
+    fn a_person_batch_holding_an_impossible_summary_is_malformed() {
+        use udaconnect_actors::domain::{Closest, ColocationSummary};
+        use udaconnect_actors::messages::PersonUpdate;
+        let t = 1_764_000_000_000_000;
+        let summary = ColocationSummary {
+            person: 5,
+            peer: 6,
+            arriving_event: uuid::Uuid::from_u128(1),
+            zone: u64::from(
+                h3o::LatLng::new(52.5, 13.4)
+                    .expect("a place")
+                    .to_cell(h3o::Resolution::Eight),
+            ),
+            count: 1,
+            first: t,
+            last: t,
+            closest: Closest {
+                distance_m: 1.5,
+                time: t,
+                own_event: uuid::Uuid::from_u128(1),
+                peer_event: uuid::Uuid::from_u128(2),
+                lat: 52.5,
+                lon: 13.4,
+            },
+        };
+        let batch = |s: ColocationSummary| PersonBatch {
+            source: 0,
+            updates: vec![
+                PersonUpdate::Colocations(summary),
+                PersonUpdate::Colocations(s),
+            ],
+            watermark: t,
+        };
+        let good = batch(summary);
+        assert_eq!(
+            decode_person_batch(Some(&encode_person_batch(&good))),
+            Ok(good)
+        );
+        type Change = dyn Fn(&mut ColocationSummary);
+        let changes: [(&Change, &str); 6] = [
+            (&|s| s.peer = s.person, "peer"),
+            (&|s| s.count = 0, "count"),
+            (&|s| s.last = s.first - 1, "first"),
+            (&|s| s.closest.distance_m = f64::NAN, "closest.distance_m"),
+            (&|s| s.closest.lon = 200.0, "closest.lat"),
+            (&|s| s.zone = 7, "zone"),
+        ];
+        for (change, field) in changes {
+            let mut s = summary;
+            change(&mut s);
+            match decode_person_batch(Some(&encode_person_batch(&batch(s)))) {
+                Err(DecodeError::Malformed(m)) => {
+                    assert!(m.starts_with(&format!("update 1: {field} ")), "{m}")
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
     }
 }
