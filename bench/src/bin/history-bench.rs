@@ -205,6 +205,8 @@ async fn measure(cli: &Cli, base: &Config, url: &str) -> anyhow::Result<Value> {
     // Nothing answers there: the pipeline never starts and no topic is created.
     config.kafka_brokers = "127.0.0.1:9".to_owned();
     config.topic_prefix = format!("bench-history-{}", Uuid::new_v4().simple());
+    // The POC's connection query is the peer measured: serve its `/api`.
+    config.poc_api = true;
     // The queries carry an organizer's JWT, as a real client's would (its check is measured).
     if config.jwt_hs256_key.is_none() {
         let key = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
