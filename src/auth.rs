@@ -131,6 +131,14 @@ impl Principal {
         person: None,
     };
 
+    /// [`Principal::check`] of reading each of `persons` (a subscription's), the first refused
+    /// named by `field`.
+    pub fn check_persons(&self, persons: &[PersonId], field: &'static str) -> Result<(), ApiError> {
+        persons
+            .iter()
+            .try_for_each(|&person| self.check(Access::Person { person, field }))
+    }
+
     /// `Ok` when the rules allow `access`; else a PERMISSION_DENIED (403) naming what is
     /// refused and the field at fault.
     pub fn check(&self, access: Access) -> Result<(), ApiError> {

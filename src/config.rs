@@ -291,27 +291,26 @@ impl Config {
                 ),
             });
         }
-        if let Some(token) = &self.admin_token {
-            let len = token.expose().len();
-            if len < MIN_ADMIN_TOKEN_BYTES {
+        let secrets = [
+            (
+                "admin_token",
+                &self.admin_token,
+                MIN_ADMIN_TOKEN_BYTES,
+                "it has the organizer's rights",
+            ),
+            (
+                "jwt_hs256_key",
+                &self.jwt_hs256_key,
+                MIN_HS256_KEY_BYTES,
+                "RFC 7518 §3.2",
+            ),
+        ];
+        for (field, secret, min, why) in secrets {
+            let len = secret.as_ref().map_or(min, |s| s.expose().len());
+            if len < min {
                 return Err(ConfigError::OutOfRange {
-                    field: "admin_token",
-                    reason: format!(
-                        "must be at least {MIN_ADMIN_TOKEN_BYTES} bytes: it has the organizer's \
-                         rights (got {len})"
-                    ),
-                });
-            }
-        }
-        if let Some(key) = &self.jwt_hs256_key {
-            let len = key.expose().len();
-            if len < MIN_HS256_KEY_BYTES {
-                return Err(ConfigError::OutOfRange {
-                    field: "jwt_hs256_key",
-                    reason: format!(
-                        "must be at least {} bytes (RFC 7518 §3.2) (got {len})",
-                        MIN_HS256_KEY_BYTES
-                    ),
+                    field,
+                    reason: format!("must be at least {min} bytes ({why}) (got {len})"),
                 });
             }
         }

@@ -122,12 +122,7 @@ impl Connections for ConnectionsService {
             )
             .into());
         }
-        for &person in &persons {
-            who.check(Access::Person {
-                person,
-                field: "person_ids",
-            })?;
-        }
+        who.check_persons(&persons, "person_ids")?;
         let pipeline = self.state.pipeline()?;
         let unknown = unknown_persons(&self.state.pool, &persons).await?;
         if !unknown.is_empty() {

@@ -155,6 +155,16 @@ impl Subscribers {
         self.unregister(id, &persons);
     }
 
+    /// Puts subscriber `id` on the lists of `persons`, with its sender.
+    fn enroll(&mut self, id: u64, persons: &[PersonId], tx: &Sender) {
+        for &person in persons {
+            self.by_person
+                .entry(person)
+                .or_default()
+                .push((id, tx.clone()));
+        }
+    }
+
     /// Takes subscriber `id` off the lists of `persons`.
     fn unregister(&mut self, id: u64, persons: &[PersonId]) {
         for &person in persons {
@@ -256,6 +266,14 @@ pub enum Resume {
     /// [`RESUME_BUFFER`], or read before it started): the subscription starts from now, and
     /// what was missed is in the history.
     Unknown,
+}
+
+/// `persons` sorted, each once.
+fn distinct(persons: &[PersonId]) -> Vec<PersonId> {
+    let mut persons = persons.to_vec();
+    persons.sort_unstable();
+    persons.dedup();
+    persons
 }
 
 /// Why the hub could not start.
@@ -363,9 +381,7 @@ impl NotificationHub {
         after: Option<Uuid>,
     ) -> (Subscription, Option<Vec<Arc<Notification>>>) {
         let (tx, rx) = mpsc::channel(queue);
-        let mut persons = persons.to_vec();
-        persons.sort_unstable();
-        persons.dedup();
+        let persons = distinct(persons);
         let mut subs = self.shared.subscribers.lock().expect("not poisoned");
         let backlog = after.and_then(|id| {
             subs.after(id, |n| {
@@ -374,14 +390,12 @@ impl NotificationHub {
         });
         let id = subs.next_id;
         subs.next_id += 1;
-        subs.members.insert(id, (persons.clone(), tx.clone()));
         if everyone {
-            subs.everyone.push((id, tx));
+            subs.everyone.push((id, tx.clone()));
         } else {
-            for p in &persons {
-                subs.by_person.entry(*p).or_default().push((id, tx.clone()));
-            }
+            subs.enroll(id, &persons, &tx);
         }
+        subs.members.insert(id, (persons, tx));
         (
             Subscription {
                 id,
@@ -397,18 +411,14 @@ impl NotificationHub {
     /// (a new subscription in its place would drop the old one's queue). False when the hub
     /// already cut the subscription off (its stream is ending).
     pub fn resubscribe(&self, subscription: &Subscription, persons: &[PersonId]) -> bool {
-        let mut persons = persons.to_vec();
-        persons.sort_unstable();
-        persons.dedup();
+        let persons = distinct(persons);
         let mut subs = self.shared.subscribers.lock().expect("not poisoned");
         let id = subscription.id;
         let Some((old, tx)) = subs.members.get(&id).cloned() else {
             return false;
         };
         subs.unregister(id, &old);
-        for &p in &persons {
-            subs.by_person.entry(p).or_default().push((id, tx.clone()));
-        }
+        subs.enroll(id, &persons, &tx);
         subs.members.insert(id, (persons, tx));
         true
     }

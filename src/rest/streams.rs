@@ -25,7 +25,7 @@ use super::v1::unknown_person;
 use super::RestState;
 use crate::auth::{Access, Principal};
 use crate::error::ApiError;
-use crate::pipeline::hub::{Resume, Subscription};
+use crate::pipeline::hub::{NotificationHub, Resume, Subscription};
 use crate::store::{queries, timestamp};
 
 #[derive(Tags)]
@@ -116,7 +116,8 @@ impl ResumeGap {
 }
 
 /// One event of a notification stream: a notification, or the gap of a resume.
-#[derive(Debug, Clone, Union)]
+#[derive(Debug, Clone, Union, serde::Serialize)]
+#[serde(untagged)]
 pub enum StreamItem {
     Connection(ConnectionEvent),
     Gap(ResumeGap),
@@ -137,17 +138,32 @@ type Upgrade = WebSocketUpgraded<
     Box<dyn FnOnce(WebSocketStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
 >;
 
-/// What a stream sends before its subscription's own notifications: the missed ones of a
-/// resume, or the gap of one that could not be resumed.
-fn first_items(resume: Option<(Uuid, Resume)>) -> Vec<StreamItem> {
-    match resume {
-        None => Vec::new(),
-        Some((_, Resume::After(missed))) => missed
+/// A subscription to `persons` (everyone's when `everyone`), and what the stream sends before
+/// its notifications: nothing from now on; resumed `after` a notification, the ones that
+/// followed it, or the gap of a resume this process cannot make.
+fn open(
+    hub: &NotificationHub,
+    persons: &[PersonId],
+    everyone: bool,
+    after: Option<Uuid>,
+) -> (Subscription, Vec<StreamItem>) {
+    let Some(id) = after else {
+        let sub = if everyone {
+            hub.subscribe_all()
+        } else {
+            hub.subscribe(persons)
+        };
+        return (sub, Vec::new());
+    };
+    let (sub, resume) = hub.subscribe_after(persons, everyone, id);
+    let first = match resume {
+        Resume::After(missed) => missed
             .iter()
             .map(|n| StreamItem::Connection(ConnectionEvent::from(n.as_ref())))
             .collect(),
-        Some((id, Resume::Unknown)) => vec![StreamItem::Gap(ResumeGap::new(id))],
-    }
+        Resume::Unknown => vec![StreamItem::Gap(ResumeGap::new(id))],
+    };
+    (sub, first)
 }
 
 /// `first`, then `sub`'s notifications, until `until` completes (the process's shutdown).
@@ -239,14 +255,8 @@ impl StreamsApi {
         {
             return Err(unknown_person(person_id.0));
         }
-        let hub = pipeline.hub();
-        Ok(match after {
-            None => self.sse(Vec::new(), hub.subscribe(&[person_id.0])),
-            Some(id) => {
-                let (sub, resume) = hub.subscribe_after(&[person_id.0], false, id);
-                self.sse(first_items(Some((id, resume))), sub)
-            }
-        })
+        let (sub, first) = open(pipeline.hub(), &[person_id.0], false, after);
+        Ok(self.sse(first, sub))
     }
 
     /// Every person's live notifications (the connection feed of the console), as Server-Sent
@@ -264,14 +274,8 @@ impl StreamsApi {
     ) -> RestResult<StreamOk> {
         auth.0.check(Access::Everyone)?;
         let after = resume_point(last_event_id.0.as_deref(), "Last-Event-ID")?;
-        let hub = self.state.pipeline()?.hub().clone();
-        Ok(match after {
-            None => self.sse(Vec::new(), hub.subscribe_all()),
-            Some(id) => {
-                let (sub, resume) = hub.subscribe_after(&[], true, id);
-                self.sse(first_items(Some((id, resume))), sub)
-            }
-        })
+        let (sub, first) = open(self.state.pipeline()?.hub(), &[], true, after);
+        Ok(self.sse(first, sub))
     }
 
     /// A WebSocket of live notifications for several persons. Subscribe at connect time with
@@ -300,7 +304,7 @@ impl StreamsApi {
             None => Vec::new(),
         };
         let caller = auth.0;
-        check_persons(&caller, &initial, "person_ids")?;
+        caller.check_persons(&initial, "person_ids")?;
         let missing = queries::missing_persons(&self.state.pool, &initial).await?;
         if let Some(id) = missing.first() {
             return Err(
@@ -382,14 +386,7 @@ async fn serve_socket(
     } = start;
     let (mut sink, mut incoming) = socket.split();
     let ids = |persons: &BTreeSet<PersonId>| -> Vec<PersonId> { persons.iter().copied().collect() };
-    let (mut sub, first) = match after {
-        None => (pipeline.hub().subscribe(&ids(&persons)), Vec::new()),
-        Some(id) => {
-            let ids: Vec<PersonId> = persons.iter().copied().collect();
-            let (sub, resume) = pipeline.hub().subscribe_after(&ids, false, id);
-            (sub, first_items(Some((id, resume))))
-        }
-    };
+    let (mut sub, first) = open(pipeline.hub(), &ids(&persons), false, after);
     let ack = |persons: &BTreeSet<PersonId>| {
         serde_json::to_string(&Subscribed {
             kind: "subscribed",
@@ -401,11 +398,7 @@ async fn serve_socket(
         return;
     }
     for item in first {
-        let text = match item {
-            StreamItem::Connection(e) => serde_json::to_string(&e),
-            StreamItem::Gap(gap) => serde_json::to_string(&gap),
-        }
-        .unwrap_or_default();
+        let text = serde_json::to_string(&item).unwrap_or_default();
         if sink.send(Message::Text(text)).await.is_err() {
             return;
         }
@@ -466,7 +459,7 @@ async fn change(
             format!("must be {{\"subscribe\": [ids]}} or {{\"unsubscribe\": [ids]}}: {e}"),
         )
     })?;
-    check_persons(caller, &message.subscribe, "subscribe")?;
+    caller.check_persons(&message.subscribe, "subscribe")?;
     let missing = queries::missing_persons(&state.pool, &message.subscribe).await?;
     if let Some(id) = missing.first() {
         return Err(ApiError::not_found(
@@ -487,15 +480,4 @@ async fn change(
     }
     *persons = next;
     Ok(())
-}
-
-/// Whether `caller` may follow each of `persons` (named by `field` when refused).
-fn check_persons(
-    caller: &Principal,
-    persons: &[PersonId],
-    field: &'static str,
-) -> Result<(), ApiError> {
-    persons
-        .iter()
-        .try_for_each(|&person| caller.check(Access::Person { person, field }))
 }
