@@ -24,7 +24,8 @@ use crate::pipeline::live::{LivePoints, LocalError};
 use crate::pipeline::Pipeline;
 use crate::proto::convert;
 use crate::proto::v1::admin_client::AdminClient;
-use crate::proto::v1::{GetPersonRequest, GetZoneRequest, ListPointsRequest};
+use crate::proto::v1::{ErasePersonRequest, GetPersonRequest, GetZoneRequest, ListPointsRequest};
+use crate::store::erasure::{self, DeletedRows};
 use crate::store::owners::{shard_owners, ShardOwner};
 
 /// Metadata key marking a request one process forwarded to another: answer it locally.
@@ -60,6 +61,20 @@ impl<T> FromOwner<Option<T>> {
             owner,
         }
     }
+}
+
+/// What an erasure did ([`Cluster::erase_person`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Erasure {
+    pub person: PersonId,
+    /// Rows deleted (none for a forwarded request, which forgets live state only).
+    pub rows: DeletedRows,
+    /// Processes that forgot the person, this one included.
+    pub processes: u32,
+    /// Partitions (both stages) whose snapshots were stored again without it.
+    pub partitions: u32,
+    /// Notifications emptied from the resume buffers.
+    pub notifications: u64,
 }
 
 /// This process's entry to the cluster's live state; cheap to clone.
@@ -273,6 +288,106 @@ impl Cluster {
             }
             Err(LocalError::NotOwned { .. }) => Ok(None),
         }
+    }
+
+    /// Erases `person` across the cluster (docs/design.md §6; REST `DELETE /v1/persons/{id}`
+    /// and gRPC `Admin.ErasePerson` both come here), in this order:
+    /// 1. marks it in `erased_person` (from then on every process drops what the Kafka topics
+    ///    still hold of it, and refuses its reports);
+    /// 2. this process and every other process that owns partitions forget it
+    ///    ([`Pipeline::forget`]; a process is asked over gRPC, `FORWARDED`), each storing its
+    ///    partitions' snapshots again without it;
+    /// 3. its rows are deleted in one transaction ([`erasure::delete_rows`]).
+    ///
+    /// A `forwarded` request does step 2 here only. Errors: NOT_FOUND (`person_id`) when no
+    /// person has the id and none was erased under it; UNAVAILABLE when the store or a process
+    /// did not do its part (the rows are deleted all the same; erasing again finishes it).
+    pub async fn erase_person(
+        &self,
+        person: PersonId,
+        forwarded: bool,
+    ) -> Result<Erasure, ApiError> {
+        let pipeline = self.pipeline()?;
+        let mut failures = Vec::new();
+        if forwarded {
+            let local = pipeline.forget(person).await;
+            if !local.failures.is_empty() {
+                return Err(ApiError::unavailable(format!(
+                    "{} did not forget person {person}: {}",
+                    pipeline.node(),
+                    local.failures.join("; ")
+                )));
+            }
+            return Ok(Erasure {
+                person,
+                processes: 1,
+                partitions: local.partitions,
+                notifications: local.notifications,
+                ..Erasure::default()
+            });
+        }
+        if erasure::mark(&self.pool, person).await? == erasure::Mark::NoSuchPerson {
+            return Err(ApiError::unknown_person(person));
+        }
+        let local = pipeline.forget(person).await;
+        let mut done = Erasure {
+            person,
+            processes: 1,
+            partitions: local.partitions,
+            notifications: local.notifications,
+            ..Erasure::default()
+        };
+        failures.extend(local.failures);
+        let mut peers: BTreeMap<String, String> = BTreeMap::new();
+        for o in self.owners(&pipeline).await? {
+            if o.owner != pipeline.node() {
+                peers.insert(o.owner, o.owner_addr);
+            }
+        }
+        let asks = peers.iter().map(|(node, addr)| async move {
+            let result = async {
+                let mut request = self.forwarded(ErasePersonRequest { person_id: person })?;
+                // Each partition stores a snapshot; the owner bounds each at a minute.
+                request.set_timeout(Duration::from_secs(70));
+                self.admin(addr)?
+                    .erase_person(request)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| peer_error(node, addr, s))
+            }
+            .await;
+            (node, result)
+        });
+        for (node, result) in futures::future::join_all(asks).await {
+            match result {
+                Ok(answer) => {
+                    done.processes += 1;
+                    done.partitions += answer.partitions;
+                    done.notifications += answer.notifications;
+                }
+                Err(e) => failures.push(format!("{node}: {}", e.message)),
+            }
+        }
+        let rows = erasure::delete_rows(&self.pool, person).await?;
+        done.rows = rows;
+        tracing::info!(
+            person,
+            locations = rows.locations,
+            halo_copies = rows.halo_copies,
+            connections = rows.connections,
+            processes = done.processes,
+            partitions = done.partitions,
+            failures = failures.len(),
+            "person erased"
+        );
+        if !failures.is_empty() {
+            return Err(ApiError::unavailable(format!(
+                "person {person} is erased from the store and its reports are dropped, but not \
+                 every process forgot it ({}); erase it again to finish",
+                failures.join("; ")
+            )));
+        }
+        Ok(done)
     }
 
     /// The `shard_owner` rows of both stages' topics.

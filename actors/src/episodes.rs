@@ -12,7 +12,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -564,6 +564,16 @@ impl PersonState {
         next
     }
 
+    /// Forgets every episode, open or closed, with one of `persons` as the peer (erasure: no
+    /// change or notification is emitted for them); true when any was held. The summary
+    /// identities of [`RecentSummaries`] are hashes and age out at the watermark.
+    pub fn forget_peers(&mut self, persons: &FxHashSet<PersonId>) -> bool {
+        let before = self.peers.len();
+        self.peers.retain(|peer, _| !persons.contains(peer));
+        self.dirty_peers.retain(|peer| !persons.contains(peer));
+        self.peers.len() != before
+    }
+
     /// Whether any episode is open.
     pub fn has_open_episodes(&self) -> bool {
         self.peers.values().flatten().any(|s| !s.closed)
@@ -586,6 +596,14 @@ impl PersonState {
             .collect();
         v.sort_by_key(|e| (e.peer, e.started_at));
         v
+    }
+
+    /// Every peer the person holds an episode with, open or closed (kept until the late path
+    /// can no longer reshape it), in ascending order.
+    pub fn peers(&self) -> Vec<PersonId> {
+        let mut peers: Vec<PersonId> = self.peers.keys().copied().collect();
+        peers.sort_unstable();
+        peers
     }
 
     /// The recent trajectory, oldest first.

@@ -2,6 +2,9 @@
 //! and
 //! zone watermarks into persons, episode changes and notifications out.
 
+use std::sync::Arc;
+
+use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ColocationSummary, Episode, LocationEvent, Micros, Notification, PersonId};
@@ -45,6 +48,10 @@ pub struct LateCopy {
     pub near_cells: Vec<FineCell>,
 }
 
+/// Persons erased (`DELETE /v1/persons/{id}`): the actors forget every trace of them
+/// (`Forget` messages of the supervisors) and the stages drop what the logs still hold of them.
+pub type PersonSet = Arc<FxHashSet<PersonId>>;
+
 /// One update for one person, from the zone stage.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum PersonUpdate {
@@ -71,6 +78,16 @@ fn check_cell(field: &'static str, cell: u64) -> Result<(), crate::domain::Valid
 }
 
 impl PersonUpdate {
+    /// Whether the update is about one of `persons`: its person, or a summary's peer.
+    pub fn involves_any(&self, persons: &FxHashSet<PersonId>) -> bool {
+        match self {
+            PersonUpdate::Sighting { event, .. } => persons.contains(&event.person_id),
+            PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => {
+                persons.contains(&c.person) || persons.contains(&c.peer)
+            }
+        }
+    }
+
     /// Checks an update read from the person-updates topic (a corrupted record, or one another
     /// program wrote): a sighting's event and zone as [`RoutedEvent::check`] does, a summary as
     /// [`ColocationSummary::check`] does. Errors name the field.

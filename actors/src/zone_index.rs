@@ -530,6 +530,24 @@ impl ZoneIndex {
         }
     }
 
+    /// Forgets every retained point of `persons` (erasure), home and ghost copies alike;
+    /// returns how many were removed. A cell left empty is dropped; a cell's eviction bucket
+    /// may then be older than its oldest point, which eviction tolerates (it refiles the cell).
+    pub fn forget(&mut self, persons: &FxHashSet<PersonId>) -> usize {
+        if persons.is_empty() {
+            return 0;
+        }
+        let mut removed = 0;
+        self.cells.retain(|_, cell| {
+            let before = cell.points.len();
+            cell.points.retain(|p| !persons.contains(&p.person));
+            removed += before - cell.points.len();
+            !cell.points.is_empty()
+        });
+        self.retained -= removed;
+        removed
+    }
+
     /// The retained points, oldest first, at most `limit` of them.
     pub fn points(&self, limit: usize) -> Vec<RetainedPoint> {
         let mut all: Vec<RetainedPoint> = self
@@ -862,6 +880,37 @@ mod tests {
                 PersonUpdate::Sighting { .. } | PersonUpdate::LateColocations(_) => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn forgetting_a_person_drops_its_points_only_and_leaves_matching_and_eviction_working() {
+        let params = EngineParams::default();
+        let grid = ZoneGrid::new(&params);
+        let mut cache = CellCache::new(grid);
+        let a = routed(&grid, event(1, 48.0, 11.0, 0));
+        let mut z = ZoneIndex::new(a.zone, &params);
+        let mut out = Vec::new();
+        // Persons 1 and 2 at one place, 3 a cell away, twice each over 20 s.
+        for (person, dlat, t) in [(1, 0.0, 0), (2, 0.00001, 0), (3, 0.0002, 10), (2, 0.0, 20)] {
+            let e = routed(&grid, event(person, 48.0 + dlat, 11.0, t));
+            z.insert(&e, cache.neighbors(e.fine_cell), &mut out);
+        }
+        assert_eq!(z.retained(), 4);
+        let erased: FxHashSet<PersonId> = [2].into_iter().collect();
+        assert_eq!(z.forget(&erased), 2);
+        assert_eq!(z.retained(), 2);
+        let persons: Vec<PersonId> = z.points(10).iter().map(|p| p.person).collect();
+        assert_eq!(persons, [1, 3]);
+        assert_eq!(z.forget(&erased), 0);
+        // A newcomer next to person 1 meets person 1 only.
+        out.clear();
+        let b = routed(&grid, event(4, 48.00001, 11.0, 30));
+        z.insert(&b, cache.neighbors(b.fine_cell), &mut out);
+        assert_eq!(colocations(&out), [(4, 1), (1, 4)]);
+        // Eviction still finds every point, though cells were emptied and refiled.
+        z.evict(T0 + 1_000 * MICROS_PER_S);
+        assert_eq!(z.retained(), 0);
+        assert_eq!(z.cells(), 0);
     }
 
     #[test]

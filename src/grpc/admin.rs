@@ -19,10 +19,10 @@ use crate::pipeline::{Pipeline, PipelineStatus};
 use crate::proto::convert;
 use crate::proto::v1::admin_server::Admin;
 use crate::proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, GetPersonRequest, GetZoneRequest,
-    ListPointsRequest, ListPointsResponse, ListZonesRequest, ListZonesResponse, PartitionStatus,
-    PersonState, Process, TriggerSnapshotRequest, TriggerSnapshotResponse, ZonePartition,
-    ZoneState, ZoneSummary,
+    ClusterStatusRequest, ClusterStatusResponse, ErasePersonRequest, ErasePersonResponse,
+    GetPersonRequest, GetZoneRequest, ListPointsRequest, ListPointsResponse, ListZonesRequest,
+    ListZonesResponse, PartitionStatus, PersonState, Process, TriggerSnapshotRequest,
+    TriggerSnapshotResponse, ZonePartition, ZoneState, ZoneSummary,
 };
 use crate::store::owners::ShardOwner;
 
@@ -423,6 +423,23 @@ impl Admin for AdminService {
             answer.partition,
             &answer.owner,
         )))
+    }
+
+    async fn erase_person(
+        &self,
+        request: Request<ErasePersonRequest>,
+    ) -> Result<Response<ErasePersonResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let person = request.into_inner().person_id;
+        if person <= 0 {
+            return Err(ApiError::invalid(
+                "person_id",
+                format!("must be a positive id (got {person})"),
+            )
+            .into());
+        }
+        let done = self.state.cluster.erase_person(person, forwarded).await?;
+        Ok(Response::new(convert::erasure(&done)))
     }
 
     async fn trigger_snapshot(

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use udaconnect_actors::actors::ports::Stage;
+use udaconnect_actors::messages::PersonSet;
 
 use crate::config::Config;
 use crate::kafka::consumer_config;
@@ -60,6 +61,10 @@ pub trait PartitionWorker: Send + 'static {
     ) -> impl Future<Output = Option<Checkpoint>> + Send;
     /// Notes that a snapshot covering the records before `offset` is stored.
     fn checkpoint_stored(&mut self, offset: i64);
+    /// Erasure: the partition's actors forget `persons` (see
+    /// [`crate::pipeline::Pipeline::forget`]), and the next checkpoint is taken even if no
+    /// record came since the last one. Errors: why the actors could not (retry).
+    fn forget(&mut self, persons: &PersonSet) -> impl Future<Output = Result<(), String>> + Send;
     /// Stops the partition's actors.
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -81,6 +86,10 @@ enum Input {
     /// Snapshot now (admin), as the periodic snapshot does; answer with the offset of the new
     /// snapshot, `None` when nothing changed since the last one.
     Checkpoint(oneshot::Sender<Option<i64>>),
+    /// Forget these persons (erasure), then snapshot as [`Input::Checkpoint`] does, after the
+    /// snapshot being stored if one is: the answer comes once the stored snapshot no longer
+    /// holds them (`Ok(None)`: it did not hold them; `Err`: why not, to retry).
+    Forget(PersonSet, oneshot::Sender<Result<Option<i64>, String>>),
 }
 
 enum Command {
@@ -341,6 +350,25 @@ async fn run_worker<F: WorkerFactory>(
                     checkpoint_now(&mut worker, partition, &commands, &mut storing, &abandon).await;
                 let _ = ack.send(offset);
             }
+            Some(Input::Forget(persons, ack)) => {
+                // The snapshot being stored was captured before: it is stored first, and the
+                // one taken after the actors forgot replaces it.
+                if let Some(work) = storing.take() {
+                    stored_checkpoint(&mut worker, partition, &commands, work.await.ok().flatten());
+                }
+                let answer = match worker.forget(&persons).await {
+                    Ok(()) => Ok(checkpoint_now(
+                        &mut worker,
+                        partition,
+                        &commands,
+                        &mut storing,
+                        &abandon,
+                    )
+                    .await),
+                    Err(e) => Err(e),
+                };
+                let _ = ack.send(answer);
+            }
             Some(Input::Record(_)) | None => {}
         }
     }
@@ -382,6 +410,38 @@ async fn checkpoint_now<W: PartitionWorker>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the partition is not owned by this process")]
 pub struct NotOwned;
+
+/// Erasures on a stage's partitions ([`StageConsumer::forgetter`]).
+pub struct Forgetter(Workers);
+
+impl Forgetter {
+    /// Erasure on every partition this process owns in the stage ([`Input::Forget`]): each
+    /// partition's answer, by partition (a partition released meanwhile answers
+    /// `Err(NotOwned)`: its next owner forgets the persons at its restore).
+    pub async fn forget(
+        &self,
+        persons: &PersonSet,
+    ) -> Vec<(i32, Result<Result<Option<i64>, String>, NotOwned>)> {
+        let workers: Vec<(i32, mpsc::Sender<Input>)> = self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(p, tx)| (*p, tx.clone()))
+            .collect();
+        let asks = workers.into_iter().map(|(partition, tx)| async move {
+            let (ack, done) = oneshot::channel();
+            let answer = match tx.send(Input::Forget(Arc::clone(persons), ack)).await {
+                Ok(()) => done.await.map_err(|_| NotOwned),
+                Err(_) => Err(NotOwned),
+            };
+            (partition, answer)
+        });
+        let mut answers = futures::future::join_all(asks).await;
+        answers.sort_by_key(|(p, _)| *p);
+        answers
+    }
+}
 
 /// A running stage consumer.
 pub struct StageConsumer {
@@ -494,6 +554,11 @@ impl StageConsumer {
             .await
             .map_err(|_| NotOwned)?;
         done.await.map_err(|_| NotOwned)
+    }
+
+    /// A handle for erasures on the stage's partitions, usable without holding the consumer.
+    pub fn forgetter(&self) -> Forgetter {
+        Forgetter(Arc::clone(&self.workers))
     }
 
     /// Stops fetching a partition (its worker keeps what it has); for operations and tests.
@@ -804,6 +869,10 @@ mod tests {
         }
 
         fn checkpoint_stored(&mut self, _offset: i64) {}
+
+        async fn forget(&mut self, _persons: &PersonSet) -> Result<(), String> {
+            Ok(())
+        }
 
         async fn close(self) {}
     }

@@ -22,17 +22,20 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use rustc_hash::FxHashSet;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use udaconnect_actors::domain::{Notification, PersonId};
+use udaconnect_actors::messages::PersonSet;
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::kafka::consumer_config;
 use crate::pipeline::codec;
 use crate::pipeline::consumer::ErrorThrottle;
+use crate::pipeline::erasure::ErasedPersons;
 
 /// Notifications queued for one subscriber before it is disconnected as too slow.
 pub const SUBSCRIBER_QUEUE: usize = 4_096;
@@ -88,6 +91,8 @@ pub struct HubCounters {
     pub delivered: u64,
     /// Subscribers disconnected because their queue was full.
     pub slow_subscribers_dropped: u64,
+    /// Notifications dropped because they are about an erased person.
+    pub erased_dropped: u64,
     /// Subscribers now.
     pub subscribers: u64,
 }
@@ -102,10 +107,11 @@ struct Subscribers {
     /// Each subscriber's persons (empty for a subscriber of everyone) and its sender, which
     /// keeps its queue open while it follows no one; removing the entry ends its stream.
     members: HashMap<u64, (Vec<PersonId>, Sender)>,
-    /// The last [`RESUME_BUFFER`] notifications fanned out, oldest first (kept under the same
-    /// lock as the subscribers, so that a resumed subscription's backlog and its live
-    /// notifications neither overlap nor leave a gap).
-    recent: VecDeque<Arc<Notification>>,
+    /// The last [`RESUME_BUFFER`] notifications fanned out, oldest first, each with its id
+    /// (kept under the same lock as the subscribers, so that a resumed subscription's backlog
+    /// and its live notifications neither overlap nor leave a gap). An erased person's are
+    /// emptied in place (`None`): their ids stay valid resume points.
+    recent: VecDeque<(Uuid, Option<Arc<Notification>>)>,
     /// The sequence number of `recent[0]`; each fanned-out notification takes the next one.
     first_seq: u64,
     /// Where each id in `recent` is (its sequence number).
@@ -117,12 +123,12 @@ impl Subscribers {
     fn remember(&mut self, n: &Arc<Notification>, capacity: usize) {
         let seq = self.first_seq + self.recent.len() as u64;
         self.seq_of.insert(n.id, seq);
-        self.recent.push_back(Arc::clone(n));
+        self.recent.push_back((n.id, Some(Arc::clone(n))));
         while self.recent.len() > capacity {
-            if let Some(old) = self.recent.pop_front() {
+            if let Some((old, _)) = self.recent.pop_front() {
                 // An id fanned out again later (once out of the repeat window) is left alone.
-                if self.seq_of.get(&old.id) == Some(&self.first_seq) {
-                    self.seq_of.remove(&old.id);
+                if self.seq_of.get(&old) == Some(&self.first_seq) {
+                    self.seq_of.remove(&old);
                 }
             }
             self.first_seq += 1;
@@ -141,10 +147,24 @@ impl Subscribers {
         Some(
             self.recent
                 .range(start..)
+                .filter_map(|(_, n)| n.as_ref())
                 .filter(|n| wanted(n))
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// Empties the resume buffer's notifications about one of `persons` (as the person or the
+    /// peer); returns how many.
+    fn forget(&mut self, persons: &FxHashSet<PersonId>) -> u64 {
+        let mut emptied = 0;
+        for (_, slot) in &mut self.recent {
+            if slot.as_ref().is_some_and(|n| involves(n, persons)) {
+                *slot = None;
+                emptied += 1;
+            }
+        }
+        emptied
     }
 
     fn remove(&mut self, id: u64) {
@@ -178,9 +198,16 @@ impl Subscribers {
     }
 }
 
+/// Whether `n` is about one of `persons`, as the person or the peer.
+fn involves(n: &Notification, persons: &FxHashSet<PersonId>) -> bool {
+    persons.contains(&n.episode.person) || persons.contains(&n.episode.peer)
+}
+
 #[derive(Default)]
 struct HubShared {
     subscribers: Mutex<Subscribers>,
+    /// Notifications about these persons are dropped as they are read.
+    erased: Arc<ErasedPersons>,
     /// How many notifications [`Subscribers::recent`] keeps ([`RESUME_BUFFER`]).
     resume_capacity: usize,
     received: AtomicU64,
@@ -188,6 +215,8 @@ struct HubShared {
     malformed: AtomicU64,
     delivered: AtomicU64,
     slow_dropped: AtomicU64,
+    /// Notifications read about erased persons, dropped.
+    erased_dropped: AtomicU64,
 }
 
 impl HubShared {
@@ -294,9 +323,10 @@ pub struct NotificationHub {
 
 impl NotificationHub {
     /// Starts reading every partition of the connections topic from its end: every
-    /// notification produced after this returns is read. The topic must exist; this blocks on
-    /// the broker (metadata, end offsets), so call it off the async threads.
-    pub fn start(config: &Config) -> Result<Self, HubError> {
+    /// notification produced after this returns is read, except those about a person in
+    /// `erased`. The topic must exist; this blocks on the broker (metadata, end offsets), so
+    /// call it off the async threads.
+    pub fn start(config: &Config, erased: Arc<ErasedPersons>) -> Result<Self, HubError> {
         let topic = config.topics().connections;
         let consumer: BaseConsumer = consumer_config(config)
             // Never used for offsets: the hub assigns partitions itself and reads from the end.
@@ -322,6 +352,7 @@ impl NotificationHub {
         consumer.assign(&tpl)?;
         let shared = Arc::new(HubShared {
             resume_capacity: RESUME_BUFFER,
+            erased,
             ..HubShared::default()
         });
         let stop = CancellationToken::new();
@@ -423,6 +454,14 @@ impl NotificationHub {
         true
     }
 
+    /// Erasure: empties the resume buffer's notifications about `persons` (as the person or
+    /// the peer); those read from now on are dropped as long as the persons are in the hub's
+    /// erased set. Returns how many were emptied.
+    pub fn forget(&self, persons: &PersonSet) -> u64 {
+        let mut subs = self.shared.subscribers.lock().expect("not poisoned");
+        subs.forget(persons)
+    }
+
     /// What the hub did so far.
     pub fn counters(&self) -> HubCounters {
         let s = &self.shared;
@@ -432,6 +471,7 @@ impl NotificationHub {
             malformed: s.malformed.load(Ordering::Relaxed),
             delivered: s.delivered.load(Ordering::Relaxed),
             slow_subscribers_dropped: s.slow_dropped.load(Ordering::Relaxed),
+            erased_dropped: s.erased_dropped.load(Ordering::Relaxed),
             subscribers: s.subscribers.lock().expect("not poisoned").members.len() as u64,
         }
     }
@@ -468,8 +508,11 @@ fn read_loop(consumer: &BaseConsumer, shared: &HubShared, stop: &CancellationTok
                     shared
                         .received
                         .fetch_add(notifications.len() as u64, Ordering::Relaxed);
+                    let erased = shared.erased.current();
                     for n in notifications {
-                        if recent.first_time(n.id) {
+                        if involves(&n, &erased) {
+                            shared.erased_dropped.fetch_add(1, Ordering::Relaxed);
+                        } else if recent.first_time(n.id) {
                             shared.fan_out(n);
                         } else {
                             shared.repeats.fetch_add(1, Ordering::Relaxed);
@@ -565,6 +608,49 @@ mod tests {
         assert!(seven.try_recv().is_none());
         let (_, after_seven) = hub.subscribe_after(&[7], false, Uuid::from_u128(5));
         assert_eq!(ids(&after_seven), [7]);
+    }
+
+    #[test]
+    fn an_erased_persons_notifications_leave_the_resume_buffer_and_are_dropped_as_read() {
+        let shared = Arc::new(HubShared {
+            resume_capacity: 16,
+            ..HubShared::default()
+        });
+        let hub = NotificationHub {
+            shared: Arc::clone(&shared),
+            stop: CancellationToken::new(),
+            thread: Mutex::new(None),
+        };
+        // Persons 7 (peer 8), 8 (peer 9) and 9 (peer 10) in turn.
+        for n in 1..=6u128 {
+            shared.fan_out(notification(7 + (n as i64 - 1) % 3, n));
+        }
+        let ids = |r: &Resume| match r {
+            Resume::After(ns) => ns.iter().map(|n| n.id.as_u128()).collect::<Vec<_>>(),
+            Resume::Unknown => vec![u128::MAX],
+        };
+        // Person 8 erased: its notifications and those it is the peer of (person 7's) go.
+        let erased: PersonSet = Arc::new([8].into_iter().collect());
+        assert_eq!(hub.forget(&erased), 4);
+        assert_eq!(hub.forget(&erased), 0);
+        let (_, everyone) = hub.subscribe_after(&[], true, Uuid::from_u128(1));
+        assert_eq!(ids(&everyone), [3, 6]);
+        // An erased notification's id is still a resume point.
+        let (_, after_erased) = hub.subscribe_after(&[], true, Uuid::from_u128(4));
+        assert_eq!(ids(&after_erased), [6]);
+        // Read from now on: dropped while the person is in the hub's erased set.
+        let read = |n: Notification| {
+            if involves(&n, &shared.erased.current()) {
+                None
+            } else {
+                Some(n)
+            }
+        };
+        assert!(read(notification(8, 7)).is_some());
+        shared.erased.add([8]);
+        assert!(read(notification(8, 7)).is_none());
+        assert!(read(notification(7, 8)).is_none());
+        assert!(read(notification(9, 9)).is_some());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::kafka::{OutRecord, Producer};
 use crate::metrics::IngestCounters;
 use crate::pipeline::codec::LocationRecord;
+use crate::pipeline::erasure::ErasedPersons;
 use crate::store::locations::stored_fingerprints;
 use crate::store::StoreError;
 
@@ -197,10 +198,12 @@ pub struct IngestReport {
     pub rejected: Vec<Rejection>,
 }
 
-/// Which persons exist, cached (persons are never deleted).
+/// Which persons exist, cached; an erased person is unknown from the moment this process
+/// learns of the erasure ([`crate::pipeline::erasure`]).
 pub struct PersonDirectory {
     pool: Pool,
     known: RwLock<HashSet<PersonId>>,
+    erased: Arc<ErasedPersons>,
 }
 
 impl PersonDirectory {
@@ -208,16 +211,23 @@ impl PersonDirectory {
         Self {
             pool,
             known: RwLock::default(),
+            erased: Arc::default(),
         }
+    }
+
+    /// Drops `person` from the cache (it was erased).
+    pub fn forget(&self, person: PersonId) {
+        self.known.write().expect("not poisoned").remove(&person);
     }
 
     /// The persons among `ids` that do not exist.
     pub async fn unknown(&self, ids: &[PersonId]) -> Result<HashSet<PersonId>, StoreError> {
         let missing: Vec<PersonId> = {
             let known = self.known.read().expect("not poisoned");
+            let erased = self.erased.current();
             let mut m: Vec<PersonId> = ids
                 .iter()
-                .filter(|id| !known.contains(id))
+                .filter(|id| !known.contains(id) || erased.contains(id))
                 .copied()
                 .collect();
             m.sort_unstable();
@@ -231,7 +241,12 @@ impl PersonDirectory {
         let rows = client
             .query("SELECT id FROM person WHERE id = ANY($1)", &[&missing])
             .await?;
-        let found: HashSet<PersonId> = rows.iter().map(|r| r.get(0)).collect();
+        let erased = self.erased.current();
+        let found: HashSet<PersonId> = rows
+            .iter()
+            .map(|r| r.get(0))
+            .filter(|id| !erased.contains(id))
+            .collect();
         self.known
             .write()
             .expect("not poisoned")
@@ -536,6 +551,19 @@ impl Ingestor {
     pub fn with_counters(mut self, counters: IngestCounters) -> Self {
         self.counters = counters;
         self
+    }
+
+    /// Refuses the reports of the persons in `erased` (those erased in the cluster, as this
+    /// process knows them) as those of unknown persons.
+    pub fn with_erased(mut self, erased: Arc<ErasedPersons>) -> Self {
+        self.persons.erased = erased;
+        self
+    }
+
+    /// Forgets that `person` exists (it was erased): its next report is checked against the
+    /// store, where it is gone.
+    pub fn forget_person(&self, person: PersonId) {
+        self.persons.forget(person);
     }
 
     async fn ingest_uncounted(

@@ -229,6 +229,11 @@ impl StatusCollector {
                 "Subscribers disconnected for falling behind",
                 hub.slow_subscribers_dropped,
             ),
+            (
+                "erased_dropped",
+                "Notifications dropped because they are about an erased person",
+                hub.erased_dropped,
+            ),
         ];
         for (name, help, value) in hub_counters {
             single(

@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod consumer;
+pub mod erasure;
 pub mod hub;
 pub mod ingest;
 pub mod live;
@@ -29,6 +30,7 @@ use crate::config::{Config, Topics};
 use crate::kafka::{client_config, Broker, Producer};
 use crate::metrics::{PipelineMetrics, Registry};
 use crate::pipeline::consumer::{StageConsumer, StageOptions, Timing};
+use crate::pipeline::erasure::ErasedPersons;
 use crate::pipeline::hub::NotificationHub;
 use crate::pipeline::ingest::Ingestor;
 use crate::pipeline::offsets::MismatchKind;
@@ -67,6 +69,9 @@ pub struct Pipeline {
     heartbeats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The retention passes (`retention_days`), when on.
     retention: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The erased persons, and the task that re-reads them.
+    erased: Arc<ErasedPersons>,
+    erasure_refresh: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     zone_partitions: u32,
     person_partitions: u32,
 }
@@ -86,6 +91,7 @@ struct Parts<'a> {
     node: String,
     /// Where peers reach this process's gRPC server (start-up fills in the bound address).
     owner_addr: String,
+    erased: &'a Arc<ErasedPersons>,
 }
 
 impl Parts<'_> {
@@ -115,6 +121,8 @@ impl Parts<'_> {
                 Stage::Zones => self.metrics.zones.snapshot_stores_abandoned.clone(),
                 Stage::Persons => self.metrics.persons.snapshot_stores_abandoned.clone(),
             },
+            erased: Arc::clone(self.erased),
+            pool: self.pool.clone(),
         }
     }
 
@@ -172,6 +180,12 @@ impl Pipeline {
             partition_counts(broker, &topics).await?;
         let producer = Producer::new(config).context("failed to create the kafka producer")?;
         let params = config.engine_params();
+        // Erasures made before this start: dropped from the first record on.
+        let erased = Arc::new(ErasedPersons::default());
+        erased
+            .refresh(&pool)
+            .await
+            .context("failed to read erased_person")?;
         let mut registry = Registry::default();
         let metrics = PipelineMetrics::register(
             &mut registry,
@@ -193,6 +207,7 @@ impl Pipeline {
                 .grpc_advertise_addr
                 .clone()
                 .unwrap_or_else(|| config.grpc_addr.to_string()),
+            erased: &erased,
         };
         let zone_stage = ZoneStage {
             params,
@@ -236,8 +251,8 @@ impl Pipeline {
         );
         // Started first, so it reads every notification the stages produce from now on.
         let hub = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || NotificationHub::start(&config))
+            let (config, erased) = (config.clone(), Arc::clone(&erased));
+            tokio::task::spawn_blocking(move || NotificationHub::start(&config, erased))
                 .await
                 .context("the notification hub's start panicked")?
                 .context("failed to start the notification hub")?
@@ -247,8 +262,10 @@ impl Pipeline {
         let node = parts.node;
         let ingestor = Arc::new(
             Ingestor::new(config, producer, pool.clone(), zone_partitions)
-                .with_counters(metrics.ingest.clone()),
+                .with_counters(metrics.ingest.clone())
+                .with_erased(Arc::clone(&erased)),
         );
+        let hub = Arc::new(hub);
         let shutdown = CancellationToken::new();
         let heartbeats = ingestor.spawn_heartbeats(HEARTBEAT_INTERVAL, shutdown.clone());
         let retention = (config.retention_days > 0).then(|| {
@@ -259,6 +276,13 @@ impl Pipeline {
             );
             tokio::spawn(retention.run(shutdown.clone()))
         });
+        let erasure_refresh = Self::spawn_erasure_refresh(
+            Arc::clone(&erased),
+            pool.clone(),
+            Arc::clone(&hub),
+            Arc::clone(&ingestor),
+            shutdown.clone(),
+        );
         let probe: BaseConsumer = client_config(config)
             .create()
             .context("failed to create the kafka probe")?;
@@ -272,7 +296,7 @@ impl Pipeline {
             persons: Mutex::new(Some(persons)),
             zone_owned,
             person_owned,
-            hub: Arc::new(hub),
+            hub,
             node,
             pool,
             probe: Arc::new(probe),
@@ -280,6 +304,8 @@ impl Pipeline {
             shutdown,
             heartbeats: std::sync::Mutex::new(Some(heartbeats)),
             retention: std::sync::Mutex::new(retention),
+            erased,
+            erasure_refresh: std::sync::Mutex::new(Some(erasure_refresh)),
             zone_partitions,
             person_partitions,
         })
@@ -345,6 +371,10 @@ impl Pipeline {
         // stops before its next statement).
         let retention = self.retention.lock().expect("not poisoned").take();
         if let Some(r) = retention {
+            let _ = r.await;
+        }
+        let refresh = self.erasure_refresh.lock().expect("not poisoned").take();
+        if let Some(r) = refresh {
             let _ = r.await;
         }
         self.hub.stop().await;

@@ -25,7 +25,7 @@ use udaconnect_actors::actors::ports::{
 use udaconnect_actors::actors::zone::{ZoneSupervisor, ZoneSupervisorArgs, ZoneSupervisorMsg};
 use udaconnect_actors::actors::PartitionHandle;
 use udaconnect_actors::domain::{Micros, Notification};
-use udaconnect_actors::messages::{EpisodeChange, LateCopy, PersonBatch, SeenCopy};
+use udaconnect_actors::messages::{EpisodeChange, LateCopy, PersonBatch, PersonSet, SeenCopy};
 use udaconnect_actors::params::EngineParams;
 use udaconnect_actors::zone_index::StoredCopy;
 use udaconnect_actors::zones::person_partition;
@@ -34,6 +34,7 @@ use crate::kafka::{Broker, OutRecord, Producer};
 use crate::metrics::{LocationCounters, MismatchLabels};
 use crate::pipeline::codec::{self, LocationRecord};
 use crate::pipeline::consumer::{Checkpoint, PartitionWorker, Record, WorkerFactory};
+use crate::pipeline::erasure::ErasedPersons;
 use crate::pipeline::offsets::{self, OffsetMismatch};
 use crate::store::connections::apply_changes;
 use crate::store::locations::{late_partners, store_locations};
@@ -301,6 +302,9 @@ pub struct PartitionStore {
     /// Snapshot stores given up because a release's budget ran out
     /// (`udaconnect_stage_snapshot_stores_abandoned_total`).
     pub abandoned: Counter,
+    /// The erased persons, re-read from `erased_person` at each restore (on `pool`).
+    pub erased: Arc<ErasedPersons>,
+    pub pool: deadpool_postgres::Pool,
 }
 
 /// What a stage's restores found since this process started: each owned partition's restore,
@@ -356,6 +360,7 @@ struct PartitionCore<M: ractor::Message> {
     store: PartitionStore,
     owned: Owned<M>,
     snapshot_request: fn(ractor::RpcReplyPort<PendingSnapshot>) -> M,
+    forget_request: ForgetRequest<M>,
     /// The offset after the last record handled.
     next_offset: i64,
     /// The offset the stored snapshot covers (-1: store one at the next checkpoint).
@@ -365,6 +370,9 @@ struct PartitionCore<M: ractor::Message> {
     /// The log's end at the restore while the records before it are not all handled yet.
     replay_end: Option<i64>,
 }
+
+/// How a supervisor is asked to forget persons (`Forget` of either stage).
+type ForgetRequest<M> = fn(PersonSet, ractor::RpcReplyPort<Result<u64, String>>) -> M;
 
 impl<M: ractor::Message> PartitionCore<M> {
     /// Loads the partition's snapshot, checks its offset against the log (see
@@ -378,6 +386,7 @@ impl<M: ractor::Message> PartitionCore<M> {
         supervisor: impl Fn() -> A,
         args: impl Fn(Option<SnapshotBlob>) -> A::Arguments,
         snapshot_request: fn(ractor::RpcReplyPort<PendingSnapshot>) -> M,
+        forget_request: ForgetRequest<M>,
     ) -> Self
     where
         A: Actor<Msg = M>,
@@ -462,7 +471,7 @@ impl<M: ractor::Message> PartitionCore<M> {
             .lock()
             .expect("not poisoned")
             .insert(partition, actor.clone());
-        Self {
+        let mut core = Self {
             replay_end: (start < log.end).then_some(log.end),
             stage,
             partition,
@@ -470,11 +479,76 @@ impl<M: ractor::Message> PartitionCore<M> {
             store: store.clone(),
             owned: Arc::clone(owned),
             snapshot_request,
+            forget_request,
             next_offset: start,
             // A snapshot the log contradicted is replaced at the next checkpoint, so that the
             // stored one agrees with the log again.
             snapshotted: if mismatch.is_some() { -1 } else { start },
             topic_id: log.topic_id,
+        };
+        // Erasures the snapshot predates (another process erased while this one did not own
+        // the partition): forgotten before the first record, and the snapshot replaced.
+        retry("reading the erased persons", partition_u32, || async {
+            store
+                .erased
+                .refresh(&store.pool)
+                .await
+                .map_err(PortError::of)
+        })
+        .await;
+        let erased = store.erased.current();
+        if !erased.is_empty() {
+            loop {
+                match core.ask_forget(Arc::clone(&erased)).await {
+                    Ok(held) => {
+                        if held {
+                            info!(
+                                stage = stage.as_str(),
+                                partition,
+                                erased = erased.len(),
+                                "erased persons forgotten after the restore"
+                            );
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(stage = stage.as_str(), partition, error = %e, "forgetting erased persons after the restore failed, retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+        core
+    }
+
+    /// Asks the supervisor to forget `persons` (after every batch sent before); when it held
+    /// any of them, the next checkpoint is taken whether records came or not. Returns whether
+    /// it held any. Errors: the supervisor's, or its silence.
+    async fn ask_forget(&mut self, persons: PersonSet) -> Result<bool, PortError> {
+        let request = self.forget_request;
+        let answer = self
+            .handle
+            .actor()
+            .call(|reply| request(persons, reply), Some(CALL_TIMEOUT))
+            .await;
+        match answer {
+            Ok(CallResult::Success(Ok(touched))) => {
+                if touched > 0 {
+                    self.snapshotted = -1;
+                }
+                Ok(touched > 0)
+            }
+            Ok(CallResult::Success(Err(e))) => Err(PortError::new(e)),
+            Ok(other) => Err(PortError::new(format!(
+                "the supervisor did not answer the erasure ({})",
+                match other {
+                    CallResult::Timeout => "timed out",
+                    _ => "stopped",
+                }
+            ))),
+            Err(e) => Err(PortError::new(format!(
+                "the supervisor did not take the erasure: {e}"
+            ))),
         }
     }
 
@@ -653,6 +727,14 @@ impl<S: StageRecords> PartitionWorker for Worker<S> {
         self.core.snapshotted = offset;
     }
 
+    async fn forget(&mut self, persons: &PersonSet) -> Result<(), String> {
+        self.core
+            .ask_forget(Arc::clone(persons))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     async fn close(self) {
         self.core.close().await;
     }
@@ -693,6 +775,7 @@ impl WorkerFactory for ZoneStage {
                 complete: false,
                 reply,
             },
+            |persons, reply| ZoneSupervisorMsg::Forget { persons, reply },
         )
         .await;
         Worker::new(core, self.dead_letters.clone())
@@ -722,6 +805,7 @@ impl StageRecords for ZoneRecords {
     type Msg = ZoneSupervisorMsg;
 
     async fn handle(worker: &mut Worker<Self>, records: Vec<Record>) {
+        let erased = worker.core.store.erased.current();
         let mut events: Vec<SeenCopy> = Vec::new();
         for record in records {
             // Covered by the snapshot the partition was restored from.
@@ -731,7 +815,12 @@ impl StageRecords for ZoneRecords {
             match LocationRecord::decode(record.payload.as_deref()) {
                 Ok(LocationRecord::Events(copies)) => {
                     let seq = record.offset;
-                    events.extend(copies.into_iter().map(|routed| SeenCopy { routed, seq }));
+                    events.extend(
+                        copies
+                            .into_iter()
+                            .filter(|c| !erased.contains(&c.event.person_id))
+                            .map(|routed| SeenCopy { routed, seq }),
+                    );
                 }
                 Ok(LocationRecord::Heartbeat { max_event_time }) => {
                     if !events.is_empty() {
@@ -798,6 +887,7 @@ impl WorkerFactory for PersonStage {
                 complete: false,
                 reply,
             },
+            |persons, reply| PersonSupervisorMsg::Forget { persons, reply },
         )
         .await;
         Worker::new(core, self.dead_letters.clone())
@@ -810,13 +900,19 @@ impl StageRecords for PersonRecords {
     async fn handle(worker: &mut Worker<Self>, records: Vec<Record>) {
         // The records taken together go to the supervisor as one message: one write of
         // their episode changes and one publish of their notifications.
+        let erased = worker.core.store.erased.current();
         let mut batches = Vec::with_capacity(records.len());
         for record in records {
             if record.offset < worker.core.next_offset {
                 continue;
             }
             match codec::decode_person_batch(record.payload.as_deref()) {
-                Ok(batch) => batches.push(batch),
+                Ok(mut batch) => {
+                    if !erased.is_empty() {
+                        batch.updates.retain(|u| !u.involves_any(&erased));
+                    }
+                    batches.push(batch)
+                }
                 Err(e) => {
                     worker.dead_letter(&record, &e.to_string()).await;
                 }

@@ -149,6 +149,20 @@ fn sighting(s: &Sighting) -> v1::Sighting {
     }
 }
 
+/// What an erasure did, as `Admin.ErasePerson` answers it.
+pub fn erasure(e: &crate::cluster::Erasure) -> v1::ErasePersonResponse {
+    v1::ErasePersonResponse {
+        person_id: e.person,
+        locations: e.rows.locations,
+        halo_copies: e.rows.halo_copies,
+        connections: e.rows.connections,
+        person_deleted: e.rows.person,
+        processes: e.processes,
+        partitions: e.partitions,
+        notifications: e.notifications,
+    }
+}
+
 /// A person's live state, with where it lives; without a view (no actor holds state for the
 /// person) only `person_id` and `partition` are set, and `counters` is unset.
 pub fn person_state(

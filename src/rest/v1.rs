@@ -106,6 +106,43 @@ pub struct Accepted {
     event_id: Uuid,
 }
 
+/// What erasing a person did: the rows deleted, and the processes and partitions that forgot
+/// it.
+#[derive(Debug, Clone, Object)]
+pub struct Erasure {
+    person_id: i64,
+    /// The person's location reports deleted.
+    locations: u64,
+    /// Their ghost copies (the late path's copies in neighbouring zones) deleted.
+    halo_copies: u64,
+    /// Connection episode rows deleted, of either side (the person's, and its peers' about
+    /// it).
+    connections: u64,
+    /// Whether the person row was deleted now (false when an earlier erasure had).
+    person_deleted: bool,
+    /// Processes that forgot the person's live state, the one that answered included.
+    processes: u32,
+    /// Partitions of both stages whose snapshots were stored again without the person.
+    partitions: u32,
+    /// Notifications removed from the processes' resume buffers.
+    notifications: u64,
+}
+
+impl From<crate::cluster::Erasure> for Erasure {
+    fn from(e: crate::cluster::Erasure) -> Self {
+        Self {
+            person_id: e.person,
+            locations: e.rows.locations,
+            halo_copies: e.rows.halo_copies,
+            connections: e.rows.connections,
+            person_deleted: e.rows.person,
+            processes: e.processes,
+            partitions: e.partitions,
+            notifications: e.notifications,
+        }
+    }
+}
+
 /// Up to 10,000 location reports.
 #[derive(Debug, Clone, Object)]
 pub struct LocationBatch {
@@ -315,6 +352,13 @@ enum PersonsOk {
     /// A page of persons, by id.
     #[oai(status = 200)]
     Ok(Json<PersonPage>),
+}
+
+#[derive(ApiResponse)]
+enum ErasedOk {
+    /// The person is erased: no table, snapshot, actor or API answer holds it any more.
+    #[oai(status = 200)]
+    Ok(Json<Erasure>),
 }
 
 #[derive(ApiResponse)]
@@ -561,6 +605,24 @@ impl V1Api {
             Some(p) => Ok(PersonOk::Ok(Json(p.into()))),
             None => Err(unknown_person(person_id.0)),
         }
+    }
+
+    /// Erases a person (organizers, or the attendee itself): its reports, the connection
+    /// episodes on both sides, its live actor state and its entries in every process's
+    /// snapshots and notification buffers, across the cluster; from then on the POC `/api` and
+    /// `/v1` know nothing of it, and what the Kafka topics still hold of it (until their
+    /// retention) is dropped wherever it is read. Unknown person: 404. Erasing an erased
+    /// person again finishes an erasure that failed part-way (503: a process did not answer;
+    /// the rows are deleted all the same).
+    #[oai(
+        path = "/persons/:person_id",
+        method = "delete",
+        tag = "ApiTags::Persons"
+    )]
+    async fn erase_person(&self, auth: Caller, person_id: Path<i64>) -> RestResult<ErasedOk> {
+        auth.0.check(person_access(person_id.0))?;
+        let done = self.state.cluster.erase_person(person_id.0, false).await?;
+        Ok(ErasedOk::Ok(Json(done.into())))
     }
 
     /// Ingests one location report; answers 202 once the broker acknowledged it. Unknown

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "retention",
         sql: include_str!("migrations/0006_retention.sql"),
     },
+    Migration {
+        version: 7,
+        name: "erasure",
+        sql: include_str!("migrations/0007_erasure.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serializes concurrent migrators.

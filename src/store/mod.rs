@@ -1,9 +1,11 @@
 //! PostgreSQL + PostGIS persistence: the connection pool, migrations, the POC seed loader,
 //! the queries of the front ends (`queries`), and the pipeline's effects, one module per
 //! table family: `locations` (zone stage, late path), `connections` (person stage),
-//! `snapshots` and `owners` (partitions); `retention` deletes reports past their retention.
+//! `snapshots` and `owners` (partitions); `retention` deletes reports past their retention,
+//! `erasure` a person's rows.
 
 pub mod connections;
+pub mod erasure;
 pub mod locations;
 mod migrate;
 pub mod owners;

@@ -15,9 +15,9 @@ use udaconnect::proto::v1::admin_client::AdminClient;
 use udaconnect::proto::v1::connections_client::ConnectionsClient;
 use udaconnect::proto::v1::ingest_client::IngestClient;
 use udaconnect::proto::v1::{
-    ClusterStatusRequest, ConnectionEventKind, GetPersonRequest, GetZoneRequest, HistoryRequest,
-    ListPointsRequest, ListZonesRequest, LocationEvent, PersonState, SubscribeRequest,
-    TriggerSnapshotRequest, ZoneState,
+    ClusterStatusRequest, ConnectionEventKind, ErasePersonRequest, GetPersonRequest,
+    GetZoneRequest, HistoryRequest, ListPointsRequest, ListZonesRequest, LocationEvent,
+    PersonState, SubscribeRequest, TriggerSnapshotRequest, ZoneState,
 };
 use udaconnect::Config;
 use udaconnect_actors::domain::Micros;
@@ -800,7 +800,32 @@ async fn admin_refuses_missing_or_wrong_tokens_and_other_roles_than_organizer() 
             Code::PermissionDenied,
             "{role:?}: {status:?}"
         );
+        // Erasure over gRPC is an organizer's, even of an attendee's own person (REST's
+        // DELETE lets an attendee erase itself).
+        let status = admin_client
+            .erase_person(with_token(
+                ErasePersonRequest { person_id: 1 },
+                &crate::helpers::token(role, person),
+            ))
+            .await
+            .expect_err("not an organizer");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{role:?}: {status:?}"
+        );
     }
+    let bad = admin_client
+        .erase_person(with_token(
+            ErasePersonRequest { person_id: 0 },
+            &crate::helpers::organizer_token(),
+        ))
+        .await
+        .expect_err("not a person id");
+    assert_eq!(
+        code_and_field(&bad),
+        (Code::InvalidArgument, Some("person_id".to_owned()))
+    );
     let old_token = admin_client
         .cluster_status(admin(ClusterStatusRequest {}))
         .await

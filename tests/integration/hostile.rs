@@ -331,6 +331,11 @@ fn methods() -> Vec<(&'static str, Shape, BoxedStrategy<Vec<u8>>)> {
             encoded(person().prop_map(|person_id| pb::GetPersonRequest { person_id })),
         ),
         (
+            "/udaconnect.v1.Admin/ErasePerson",
+            Shape::Unary,
+            encoded(person().prop_map(|person_id| pb::ErasePersonRequest { person_id })),
+        ),
+        (
             "/udaconnect.v1.Admin/TriggerSnapshot",
             Shape::Unary,
             encoded(

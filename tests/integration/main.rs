@@ -5,6 +5,7 @@
 mod auth;
 mod browser;
 mod cli;
+mod erasure;
 mod grpc;
 mod grpc_docs;
 mod helpers;

@@ -564,7 +564,7 @@ async fn gateway(config: &udaconnect::Config) -> Ingestor {
 /// The test's own notification hub on the service's connections topic.
 async fn hub(config: &udaconnect::Config) -> NotificationHub {
     let config = config.clone();
-    tokio::task::spawn_blocking(move || NotificationHub::start(&config))
+    tokio::task::spawn_blocking(move || NotificationHub::start(&config, Default::default()))
         .await
         .expect("no panic")
         .expect("hub started")

@@ -138,7 +138,7 @@ async fn wait_connected(app: &TestApp, a: i64, b: i64, within: Duration) {
 }
 
 /// Polls `/v1/status` until every local partition has processed its whole log.
-async fn wait_caught_up(app: &TestApp, within: Duration) -> Value {
+pub(crate) async fn wait_caught_up(app: &TestApp, within: Duration) -> Value {
     eventually("every local partition caught up", within, || async {
         let (status, body) = get_json(&app.url("/v1/status")).await;
         let partitions = body["partitions"].as_array().cloned().unwrap_or_default();

@@ -175,7 +175,7 @@ async fn two_thousand_subscribers_each_get_every_notification_of_their_person_or
     let hub = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            udaconnect::pipeline::hub::NotificationHub::start(&config)
+            udaconnect::pipeline::hub::NotificationHub::start(&config, Default::default())
         })
         .await
         .expect("no panic")

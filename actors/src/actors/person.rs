@@ -29,7 +29,7 @@ use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{
     Deadlines, EpisodeRules, OpenEpisode, PersonCounters, PersonState, Sighting, Watermarks,
 };
-use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
+use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonSet, PersonUpdate};
 use crate::params::EngineParams;
 use crate::zones::ZoneId;
 
@@ -73,6 +73,12 @@ pub enum PersonMsg {
     View(RpcReplyPort<PersonView>),
     /// Hands the state over (snapshots, passivation).
     Snapshot(RpcReplyPort<PersonState>),
+    /// Forgets the episodes with these persons as the peer ([`PersonState::forget_peers`]);
+    /// replies whether any was held.
+    ForgetPeers {
+        persons: PersonSet,
+        reply: RpcReplyPort<bool>,
+    },
     #[doc(hidden)]
     Crash,
 }
@@ -169,6 +175,9 @@ impl Actor for PersonActor {
             }
             PersonMsg::Snapshot(reply) => {
                 let _ = reply.send(state.clone());
+            }
+            PersonMsg::ForgetPeers { persons, reply } => {
+                let _ = reply.send(state.forget_peers(&persons));
             }
             PersonMsg::Crash => panic!("person actor asked to crash"),
         }
@@ -322,6 +331,16 @@ pub enum PersonSupervisorMsg {
     },
     /// Hands over what was captured so far (tests).
     TakeCaptured(RpcReplyPort<PersonOutput>),
+    /// Erasure: drops the state of `persons` (their actors stopped, passivated states
+    /// removed), forgets their episodes in every other person's state, drops the pending
+    /// episode changes that involve them, and replies once every earlier change is stored (so
+    /// that none about them is written after the reply). The next snapshot then holds every
+    /// person, rewritten without them. Replies with how many persons' states held a trace of
+    /// them, or why it failed (a person actor did not answer: retry).
+    Forget {
+        persons: PersonSet,
+        reply: RpcReplyPort<Result<u64, String>>,
+    },
     #[doc(hidden)]
     CrashPerson(PersonId),
 }
@@ -549,6 +568,58 @@ impl PersonSupervisorState {
         self.writer.stored_so_far().await
     }
 
+    /// See [`PersonSupervisorMsg::Forget`].
+    async fn forget(&mut self, persons: &PersonSet) -> Result<u64, ActorProcessingErr> {
+        let involves = |c: &EpisodeChange| {
+            persons.contains(&c.episode.person) || persons.contains(&c.episode.peer)
+        };
+        self.pending_changes.retain(|c| !involves(c));
+        let _ = self.stored_so_far().await.await;
+        let mut touched = 0u64;
+        for &person in persons.iter() {
+            let active = self.actors.get(&person).is_some();
+            if active {
+                self.actors.stop(person, "erased");
+            }
+            let passivated = self.passivated.remove(&person).is_some();
+            self.last_active.remove(&person);
+            self.changed.remove(&person);
+            touched += u64::from(active || passivated);
+        }
+        for state in self.passivated.values_mut() {
+            touched += u64::from(state.forget_peers(persons));
+        }
+        let calls = self.actors.actors().cloned().map(|actor| {
+            let persons = Arc::clone(persons);
+            async move {
+                actor
+                    .call(
+                        |reply| PersonMsg::ForgetPeers { persons, reply },
+                        Some(CALL_TIMEOUT),
+                    )
+                    .await
+            }
+        });
+        let mut failed = 0;
+        for result in join_all(calls).await {
+            match success(result) {
+                Some(held) => touched += u64::from(held),
+                None => failed += 1,
+            }
+        }
+        if touched > 0 {
+            self.complete_next = true;
+        }
+        if self.capture {
+            self.captured.changes.retain(|c| !involves(c));
+        }
+        if failed > 0 {
+            self.actors.lost_batch();
+            return Err(format!("{failed} person actors did not answer the erasure").into());
+        }
+        Ok(touched)
+    }
+
     /// Captures the partition's state (every person's when `complete`, else those that
     /// changed since the last snapshot); it is serialized in the background once the episode
     /// changes it covers are stored.
@@ -723,6 +794,11 @@ impl Actor for PersonSupervisor {
             }
             PersonSupervisorMsg::TakeCaptured(reply) => {
                 let _ = reply.send(std::mem::take(&mut state.captured));
+            }
+            PersonSupervisorMsg::Forget { persons, reply } => {
+                // An error is the caller's to retry; the supervisor goes on.
+                let result = state.forget(&persons).await;
+                let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             PersonSupervisorMsg::CrashPerson(person) => state.actors.crash(person),
         }

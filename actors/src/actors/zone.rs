@@ -24,7 +24,7 @@ use crate::actors::ports::{
 use crate::actors::supervision::{flag_unfinished, restore_header, Child, Children};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
-use crate::messages::{LateCopy, PersonBatch, PersonUpdate, RoutedEvent, SeenCopy};
+use crate::messages::{LateCopy, PersonBatch, PersonSet, PersonUpdate, RoutedEvent, SeenCopy};
 use crate::params::EngineParams;
 use crate::zone_index::{
     admit, pack_updates, snapshot_slice, CellPointList, EventClock, PartitionCounters,
@@ -78,6 +78,11 @@ pub enum ZoneMsg {
         reply: RpcReplyPort<ZoneView>,
     },
     Snapshot(RpcReplyPort<ZoneIndex>),
+    /// Forgets the points of these persons (erasure); replies with how many were removed.
+    Forget {
+        persons: PersonSet,
+        reply: RpcReplyPort<usize>,
+    },
     /// Panics in the handler: exercises the supervisor's restart path.
     #[doc(hidden)]
     Crash,
@@ -143,6 +148,9 @@ impl Actor for ZoneActor {
             }
             ZoneMsg::Snapshot(reply) => {
                 let _ = reply.send(state.index.clone());
+            }
+            ZoneMsg::Forget { persons, reply } => {
+                let _ = reply.send(state.index.forget(&persons));
             }
             ZoneMsg::Crash => panic!("zone actor asked to crash"),
         }
@@ -347,6 +355,15 @@ pub enum ZoneSupervisorMsg {
         zone: ZoneId,
         limit: usize,
         reply: RpcReplyPort<Option<ZoneView>>,
+    },
+    /// Erasure: forgets every point of `persons` in the partition's zones and in the copies
+    /// not confirmed stored yet, once every earlier batch's home events are stored (so that
+    /// none is written after the reply); the next snapshot then holds every slice, rewritten
+    /// without them. Replies with how many points were removed, or why it failed (a zone actor
+    /// did not answer: retry).
+    Forget {
+        persons: PersonSet,
+        reply: RpcReplyPort<Result<u64, String>>,
     },
     /// Makes one zone actor panic (tests of the restart path).
     #[doc(hidden)]
@@ -637,6 +654,43 @@ impl ZoneSupervisorState {
         Ok(flag_unfinished(pending, &self.snapshot_failed))
     }
 
+    /// See [`ZoneSupervisorMsg::Forget`]. A zone that does not answer in time counts as a lost
+    /// batch, as in [`ZoneSupervisorState::process`], and makes the forgetting fail: the
+    /// erasure is then retried.
+    async fn forget(&mut self, persons: &PersonSet) -> Result<u64, ActorProcessingErr> {
+        let _ = self.locations.stored_so_far().await.await;
+        for (_, copies) in &mut self.unconfirmed {
+            copies.retain(|c| !persons.contains(&c.routed.event.person_id));
+        }
+        let calls = self.zones.actors().cloned().map(|actor| {
+            let persons = Arc::clone(persons);
+            async move {
+                actor
+                    .call(
+                        |reply| ZoneMsg::Forget { persons, reply },
+                        Some(CALL_TIMEOUT),
+                    )
+                    .await
+            }
+        });
+        let mut removed = 0u64;
+        let mut failed = 0;
+        for result in join_all(calls).await {
+            match result {
+                Ok(ractor::rpc::CallResult::Success(n)) => removed += n as u64,
+                _ => failed += 1,
+            }
+        }
+        if removed > 0 {
+            self.complete_next = true;
+        }
+        if failed > 0 {
+            self.zones.lost_batch();
+            return Err(format!("{failed} zone actors did not answer the erasure").into());
+        }
+        Ok(removed)
+    }
+
     /// Restores the zones of a stored snapshot ([`decode_zone_snapshot`]): each zone's actor
     /// starts with its index, and the snapshot's slices count as stored.
     async fn restore(
@@ -783,6 +837,11 @@ impl Actor for ZoneSupervisor {
                     None => None,
                 };
                 let _ = reply.send(view);
+            }
+            ZoneSupervisorMsg::Forget { persons, reply } => {
+                // An error is the caller's to retry; the supervisor goes on.
+                let result = state.forget(&persons).await;
+                let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             ZoneSupervisorMsg::CrashZone(zone) => state.zones.crash(zone),
         }
