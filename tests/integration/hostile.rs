@@ -44,6 +44,18 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_do
     let (_, spec) = crate::helpers::get_json(&app.url("/openapi.json")).await;
     let reports = tempfile::tempdir().expect("report dir");
     let events = reports.path().join("events.ndjson");
+    // schemathesis feeds the ids its POSTs answered into later path parameters, and stops
+    // drawing an id once a DELETE of it succeeded or found nothing: for `DELETE
+    // /v1/persons/{person_id}` that small pool ran dry after 17 fuzzed cases. There, ids are
+    // generated from the schema alone (the POC's seeded persons are still met). Read from the
+    // working directory.
+    std::fs::write(
+        reports.path().join("schemathesis.toml"),
+        "[[operations]]\n\
+         include-name = \"DELETE /v1/persons/{person_id}\"\n\
+         phases.fuzzing.extra-data-sources.responses = false\n",
+    )
+    .expect("schemathesis.toml");
     let run = tokio::process::Command::new(&st)
         .arg("run")
         .arg(app.url("/openapi.json"))
