@@ -90,6 +90,10 @@ pub struct Principal {
     pub role: Role,
     /// The person it is, for an attendee.
     pub person: Option<PersonId>,
+    /// Whether it presented the cluster's `admin_token`, the credential with which the
+    /// processes forward requests to each other: only then is a request's forwarded mark
+    /// (`crate::cluster::FORWARDED`) honoured.
+    pub cluster: bool,
 }
 
 impl fmt::Display for Principal {
@@ -125,10 +129,18 @@ pub enum Access {
 }
 
 impl Principal {
-    /// The caller when authentication is off, or who presents the admin token.
+    /// The caller when authentication is off.
     pub const ORGANIZER: Principal = Principal {
         role: Role::Organizer,
         person: None,
+        cluster: false,
+    };
+
+    /// Who presents the admin token: an organizer, and a process of the cluster.
+    pub const CLUSTER: Principal = Principal {
+        role: Role::Organizer,
+        person: None,
+        cluster: true,
     };
 
     /// [`Principal::check`] of reading each of `persons` (a subscription's), the first refused
@@ -317,14 +329,16 @@ impl Authenticator {
     /// Who presents `bearer` (the token of `Authorization: Bearer <token>`, `None` when none
     /// was sent). With `auth = "off"` every caller is an organizer, token or not.
     pub fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, AuthError> {
+        let token = bearer.map(str::trim).filter(|t| !t.is_empty());
+        if let (Some(admin), Some(token)) = (&self.admin_token, token) {
+            if admin.matches(token) {
+                return Ok(Principal::CLUSTER);
+            }
+        }
         if !self.enabled() {
             return Ok(Principal::ORGANIZER);
         }
-        let token = bearer.map(str::trim).filter(|t| !t.is_empty());
         let token = token.ok_or(AuthError::Missing)?;
-        if self.admin_token.as_ref().is_some_and(|a| a.matches(token)) {
-            return Ok(Principal::ORGANIZER);
-        }
         let claims = self.verify(token)?;
         principal(&claims)
     }
@@ -398,6 +412,7 @@ fn principal(claims: &VerifiedClaims) -> Result<Principal, AuthError> {
     Ok(Principal {
         role: claims.role,
         person,
+        cluster: false,
     })
 }
 
@@ -500,12 +515,13 @@ mod tests {
             a.authenticate(Some(&t)),
             Ok(Principal {
                 role: Role::Attendee,
-                person: Some(7)
+                person: Some(7),
+                cluster: false,
             })
         );
         let t = mint(&c, Role::Gateway, None, HOUR).unwrap();
         assert_eq!(a.authenticate(Some(&t)).unwrap().role, Role::Gateway);
-        assert_eq!(a.authenticate(Some("admin-tok")), Ok(Principal::ORGANIZER));
+        assert_eq!(a.authenticate(Some("admin-tok")), Ok(Principal::CLUSTER));
     }
 
     #[test]
@@ -609,10 +625,12 @@ mod tests {
         let me = Principal {
             role: Role::Attendee,
             person: Some(5),
+            cluster: false,
         };
         let gateway = Principal {
             role: Role::Gateway,
             person: None,
+            cluster: false,
         };
         let own = Access::Person {
             person: 5,

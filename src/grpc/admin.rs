@@ -31,8 +31,11 @@ pub const DEFAULT_POINT_LIMIT: u32 = 100;
 /// Most points of a zone one request returns.
 pub const MAX_POINT_LIMIT: u32 = 10_000;
 
+/// Whether `request` was forwarded by another process of the cluster: it carries the
+/// [`FORWARDED`] mark and the admin token (from anyone else the mark is ignored, and the
+/// request is answered for the whole cluster).
 fn is_forwarded<T>(request: &Request<T>) -> bool {
-    request.metadata().get(FORWARDED).is_some()
+    request.metadata().get(FORWARDED).is_some() && super::caller(request).is_ok_and(|p| p.cluster)
 }
 
 fn parse_stage(stage: &str) -> Result<Stage, ApiError> {

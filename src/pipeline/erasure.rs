@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use udaconnect_actors::domain::PersonId;
 use udaconnect_actors::messages::PersonSet;
 
-use super::consumer::NotOwned;
+use super::consumer::{Forgetter, NotOwned};
 use super::Pipeline;
 use crate::store::erasure::erased_persons;
 use crate::store::StoreError;
@@ -72,31 +72,39 @@ pub struct LocalErasure {
     pub failures: Vec<String>,
 }
 
-impl Pipeline {
-    /// The persons erased as far as this process knows.
-    pub fn erased(&self) -> &Arc<ErasedPersons> {
-        &self.erased
-    }
+/// What forgets persons in this process: the erased set, the ingest cache, the hub, and both
+/// stages' partitions. Shared by [`Pipeline::forget`] and the refresh from `erased_person`.
+pub(super) struct Forgetting {
+    pub erased: Arc<ErasedPersons>,
+    pub ingestor: Arc<super::ingest::Ingestor>,
+    pub hub: Arc<super::hub::NotificationHub>,
+    pub stages: [(&'static str, Forgetter); 2],
+    /// The persons every partition of this process has forgotten (those erased before it
+    /// started, which its partitions forget at their restore, and those forgotten since). The
+    /// erased set is not enough to tell: a partition's restore adds to it what it reads from
+    /// `erased_person`, for its own partition only.
+    pub applied: std::sync::Mutex<FxHashSet<PersonId>>,
+}
 
-    /// Makes this process forget `person`: from now on its reports are refused as those of an
-    /// unknown person and whatever the topics still hold of it is dropped; every partition this
-    /// process owns (both stages) forgets it (the zones its points, the persons its state and
-    /// every episode with it as the peer), writes what it had queued, and stores a snapshot
-    /// without it; the hub drops its notifications from the resume buffer. Partitions released
-    /// meanwhile forget it at their next owner's restore.
-    pub async fn forget(&self, person: PersonId) -> LocalErasure {
-        self.erased.add([person]);
-        self.ingestor.forget_person(person);
-        let persons: PersonSet = Arc::new(std::iter::once(person).collect());
+impl Forgetting {
+    /// Makes this process forget `persons`: from now on their reports are refused as those of
+    /// unknown persons and whatever the topics still hold of them is dropped; every partition
+    /// this process owns (both stages) forgets them (the zones their points, the persons their
+    /// state and every episode with them as the peer), writes what it had queued, and stores
+    /// a snapshot without them; the hub drops their notifications from the resume buffer.
+    /// Partitions released meanwhile forget them at their next owner's restore.
+    async fn forget(&self, persons: &[PersonId]) -> LocalErasure {
+        self.erased.add(persons.iter().copied());
+        for &p in persons {
+            self.ingestor.forget_person(p);
+        }
+        let set: PersonSet = Arc::new(persons.iter().copied().collect());
         let mut done = LocalErasure {
-            notifications: self.hub.forget(&persons),
+            notifications: self.hub.forget(&set),
             ..LocalErasure::default()
         };
-        for (stage, consumer) in [("zones", &self.zones), ("persons", &self.persons)] {
-            let Some(consumer) = consumer.lock().await.as_ref().map(|c| c.forgetter()) else {
-                continue;
-            };
-            for (partition, answer) in consumer.forget(&persons).await {
+        for (stage, forgetter) in &self.stages {
+            for (partition, answer) in forgetter.forget(&set).await {
                 match answer {
                     Ok(Ok(_)) => done.partitions += 1,
                     Ok(Err(e)) => done
@@ -107,24 +115,29 @@ impl Pipeline {
                 }
             }
         }
+        if done.failures.is_empty() {
+            self.applied
+                .lock()
+                .expect("not poisoned")
+                .extend(persons.iter().copied());
+        }
         info!(
-            person,
+            ?persons,
             partitions = done.partitions,
             notifications = done.notifications,
             failures = done.failures.len(),
-            "person forgotten in this process"
+            "persons forgotten in this process"
         );
         done
     }
 
-    /// Reads `erased_person` every [`REFRESH_INTERVAL`] until `stop`; a person new to this
-    /// process is dropped from its caches and hub (its partitions, if it owns the person's,
-    /// were told by the erasing process).
-    pub(super) fn spawn_erasure_refresh(
-        erased: Arc<ErasedPersons>,
+    /// Reads `erased_person` every [`REFRESH_INTERVAL`] until `stop`, and forgets the persons
+    /// new to this process as [`Forgetting::forget`] does: erasures this process was not told
+    /// of (it owned nothing then, or the erasing process could not reach it). Partitions that
+    /// could not forget are asked again at the next read.
+    pub(super) fn spawn_refresh(
+        self: Arc<Self>,
         pool: Pool,
-        hub: Arc<super::hub::NotificationHub>,
-        ingestor: Arc<super::ingest::Ingestor>,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -133,21 +146,47 @@ impl Pipeline {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
                 }
-                match erased.refresh(&pool).await {
-                    Ok(new) if !new.is_empty() => {
-                        for &p in &new {
-                            ingestor.forget_person(p);
-                        }
-                        let purged = hub.forget(&Arc::new(new.iter().copied().collect()));
-                        info!(
-                            persons = new.len(),
-                            purged, "erasures made elsewhere applied"
-                        );
+                let all = match erased_persons(&pool).await {
+                    Ok(all) => all,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read erased_person; retrying");
+                        continue;
                     }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "cannot read erased_person; retrying"),
+                };
+                let new: Vec<PersonId> = {
+                    let applied = self.applied.lock().expect("not poisoned");
+                    let mut new: Vec<PersonId> =
+                        all.into_iter().filter(|p| !applied.contains(p)).collect();
+                    new.sort_unstable();
+                    new
+                };
+                if new.is_empty() {
+                    continue;
+                }
+                let done = self.forget(&new).await;
+                info!(
+                    persons = new.len(),
+                    partitions = done.partitions,
+                    "erasures made elsewhere applied"
+                );
+                if !done.failures.is_empty() {
+                    // Not applied: read again, and asked again, at the next refresh.
+                    warn!(failures = ?done.failures, "some partitions did not forget erased persons; retrying");
                 }
             }
         })
+    }
+}
+
+impl Pipeline {
+    /// The persons erased as far as this process knows.
+    pub fn erased(&self) -> &Arc<ErasedPersons> {
+        &self.forgetting.erased
+    }
+
+    /// Makes this process forget `person` ([`Forgetting::forget`]); the cluster's erasure asks
+    /// every owning process for it.
+    pub async fn forget(&self, person: PersonId) -> LocalErasure {
+        self.forgetting.forget(&[person]).await
     }
 }

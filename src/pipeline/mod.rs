@@ -30,7 +30,7 @@ use crate::config::{Config, Topics};
 use crate::kafka::{client_config, Broker, Producer};
 use crate::metrics::{PipelineMetrics, Registry};
 use crate::pipeline::consumer::{StageConsumer, StageOptions, Timing};
-use crate::pipeline::erasure::ErasedPersons;
+use crate::pipeline::erasure::{ErasedPersons, Forgetting};
 use crate::pipeline::hub::NotificationHub;
 use crate::pipeline::ingest::Ingestor;
 use crate::pipeline::offsets::MismatchKind;
@@ -69,8 +69,8 @@ pub struct Pipeline {
     heartbeats: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The retention passes (`retention_days`), when on.
     retention: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The erased persons, and the task that re-reads them.
-    erased: Arc<ErasedPersons>,
+    /// What forgets erased persons here, and the task that re-reads them.
+    forgetting: Arc<Forgetting>,
     erasure_refresh: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     zone_partitions: u32,
     person_partitions: u32,
@@ -110,7 +110,7 @@ impl Parts<'_> {
         PartitionStore {
             stage,
             topic: topic.to_owned(),
-            snapshots: PgSnapshots::new(self.pool.clone(), topic),
+            snapshots: PgSnapshots::new(self.pool.clone(), topic).owned_by(&self.node),
             owners: PgOwners::new(self.pool.clone(), topic, &self.node, &self.owner_addr),
             broker: self.broker.clone(),
             restores: Arc::new(Restores {
@@ -276,13 +276,17 @@ impl Pipeline {
             );
             tokio::spawn(retention.run(shutdown.clone()))
         });
-        let erasure_refresh = Self::spawn_erasure_refresh(
-            Arc::clone(&erased),
-            pool.clone(),
-            Arc::clone(&hub),
-            Arc::clone(&ingestor),
-            shutdown.clone(),
-        );
+        let forgetting = Arc::new(Forgetting {
+            erased: Arc::clone(&erased),
+            ingestor: Arc::clone(&ingestor),
+            hub: Arc::clone(&hub),
+            stages: [
+                ("zones", zones.forgetter()),
+                ("persons", persons.forgetter()),
+            ],
+            applied: std::sync::Mutex::new(erased.current().iter().copied().collect()),
+        });
+        let erasure_refresh = Arc::clone(&forgetting).spawn_refresh(pool.clone(), shutdown.clone());
         let probe: BaseConsumer = client_config(config)
             .create()
             .context("failed to create the kafka probe")?;
@@ -304,7 +308,7 @@ impl Pipeline {
             shutdown,
             heartbeats: std::sync::Mutex::new(Some(heartbeats)),
             retention: std::sync::Mutex::new(retention),
-            erased,
+            forgetting,
             erasure_refresh: std::sync::Mutex::new(Some(erasure_refresh)),
             zone_partitions,
             person_partitions,

@@ -627,6 +627,14 @@ impl<M: ractor::Message> PartitionCore<M> {
                 );
                 return None;
             }
+            if stored == Stored::Superseded {
+                warn!(
+                    stage = stage.as_str(),
+                    partition,
+                    "snapshot not stored: the partition's owner row names another process, which took the partition over; its snapshot stays"
+                );
+                return None;
+            }
             debug!(
                 stage = stage.as_str(),
                 partition,

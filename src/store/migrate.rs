@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "erasure",
         sql: include_str!("migrations/0007_erasure.sql"),
     },
+    Migration {
+        version: 8,
+        name: "erased ids stay erased",
+        sql: include_str!("migrations/0008_erased_ids_stay_erased.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serializes concurrent migrators.

@@ -18,6 +18,10 @@ pub enum Stored {
     Stored,
     /// Given up before its commit: the partition's stored snapshot is the one before.
     Abandoned,
+    /// Refused: the partition's `shard_owner` row names another process (this one lost the
+    /// partition while it was away, e.g. paused past its session): the stored snapshot is the
+    /// new owner's, and stays.
+    Superseded,
 }
 
 /// `shard_snapshot` for one topic: snapshots of a stage's partitions.
@@ -25,6 +29,8 @@ pub enum Stored {
 pub struct PgSnapshots {
     pool: Pool,
     topic: String,
+    /// The process storing, when its snapshots are fenced by `shard_owner`.
+    owner: Option<String>,
 }
 
 impl PgSnapshots {
@@ -33,7 +39,17 @@ impl PgSnapshots {
         Self {
             pool,
             topic: topic.into(),
+            owner: None,
         }
+    }
+
+    /// The same, storing as the process `node`: a store is refused ([`Stored::Superseded`])
+    /// while the partition's `shard_owner` row names another process, so that a process that
+    /// lost a partition (paused, partitioned from the broker) cannot put an older state over
+    /// its new owner's.
+    pub fn owned_by(mut self, node: impl Into<String>) -> Self {
+        self.owner = Some(node.into());
+        self
     }
 
     /// Stores a partition's snapshot, taken on the topic incarnation `topic_id` (Kafka's topic
@@ -85,7 +101,11 @@ impl PgSnapshots {
             }
         };
         let outcome = match written {
-            Some(Ok(())) if !abandon.is_cancelled() => {
+            Some(Ok(false)) if !abandon.is_cancelled() => {
+                let _ = tx.rollback().await;
+                return Ok(Stored::Superseded);
+            }
+            Some(Ok(true)) if !abandon.is_cancelled() => {
                 tx.commit().await.map_err(PortError::of)?;
                 return Ok(Stored::Stored);
             }
@@ -107,7 +127,9 @@ impl PgSnapshots {
         outcome
     }
 
-    /// The statements of [`PgSnapshots::store`], in its transaction.
+    /// The statements of [`PgSnapshots::store`], in its transaction; `false` when the
+    /// partition's owner row names another process than [`PgSnapshots::owned_by`]'s (nothing
+    /// written then).
     async fn write(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -115,27 +137,39 @@ impl PgSnapshots {
         partition: u32,
         snapshot: &SnapshotBlob,
         topic_id: &str,
-    ) -> Result<(), PortError> {
+    ) -> Result<bool, PortError> {
         let (stage, partition) = (stage.as_str(), partition as i32);
-        tx.execute(
-            "INSERT INTO shard_snapshot
-                 (stage, topic, partition, next_offset, format, state, topic_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (stage, topic, partition) DO UPDATE SET
-                 next_offset = EXCLUDED.next_offset, format = EXCLUDED.format,
-                 state = EXCLUDED.state, topic_id = EXCLUDED.topic_id, taken_at = now()",
-            &[
-                &stage,
-                &self.topic,
-                &partition,
-                &(snapshot.next_offset as i64),
-                &(snapshot.format as i32),
-                &snapshot.bytes,
-                &topic_id,
-            ],
-        )
-        .await
-        .map_err(PortError::of)?;
+        // The owner row is locked (FOR SHARE) until the commit, so that a claim by another
+        // process waits for this store, or this store sees the claim.
+        let written = tx
+            .execute(
+                "INSERT INTO shard_snapshot
+                     (stage, topic, partition, next_offset, format, state, topic_id)
+                 SELECT $1, $2, $3, $4, $5, $6, $7
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM shard_owner o
+                     WHERE o.stage = $1 AND o.topic = $2 AND o.partition = $3
+                       AND $8::text IS NOT NULL AND o.owner <> $8::text
+                     FOR SHARE)
+                 ON CONFLICT (stage, topic, partition) DO UPDATE SET
+                     next_offset = EXCLUDED.next_offset, format = EXCLUDED.format,
+                     state = EXCLUDED.state, topic_id = EXCLUDED.topic_id, taken_at = now()",
+                &[
+                    &stage,
+                    &self.topic,
+                    &partition,
+                    &(snapshot.next_offset as i64),
+                    &(snapshot.format as i32),
+                    &snapshot.bytes,
+                    &topic_id,
+                    &self.owner,
+                ],
+            )
+            .await
+            .map_err(PortError::of)?;
+        if written == 0 {
+            return Ok(false);
+        }
         let (mut keys, mut states, mut removed) = (Vec::new(), Vec::new(), Vec::new());
         for (key, state) in &snapshot.parts {
             match state {
@@ -173,7 +207,7 @@ impl PgSnapshots {
             .await
             .map_err(PortError::of)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A partition's snapshot, if one was stored (complete: with every part), with the topic

@@ -350,6 +350,16 @@ async fn an_erased_person_is_in_no_table_snapshot_actor_or_answer_and_a_replay_d
     )
     .await;
     assert_error(&(status, body), 404, "not_found", Some("person_id"));
+    // Her id never names a person again, whoever inserts it (a seed, a simulator).
+    let inserted = client
+        .execute(
+            "INSERT INTO person (id, first_name, last_name, company_name)
+             VALUES ($1, 'Alice', 'Again', 'Seed') ON CONFLICT (id) DO NOTHING",
+            &[&alice],
+        )
+        .await
+        .expect("insert");
+    assert_eq!(inserted, 0);
     // Erasing again finishes nothing left: 200, nothing more deleted.
     let (status, again) = send(reqwest::Method::DELETE, &url, None).await;
     assert_eq!(status, 200, "{again}");
@@ -361,6 +371,59 @@ async fn an_erased_person_is_in_no_table_snapshot_actor_or_answer_and_a_replay_d
         (Some(false), Some(0)),
         "{again}"
     );
+
+    // An erasure this process is not told of (another process erased Carol and could not reach
+    // it): read from `erased_person` within seconds, and forgotten by its actors too.
+    client
+        .execute(
+            "INSERT INTO erased_person (person_id) VALUES ($1)",
+            &[&carol],
+        )
+        .await
+        .expect("mark");
+    eventually(
+        "Carol forgotten by the actors",
+        Duration::from_secs(30),
+        || async {
+            let (_, live) = get(&app.url(&format!("/v1/persons/{bob}/live"))).await;
+            let (_, points) = get(&app.url("/v1/points?limit=10000")).await;
+            let seen: BTreeSet<i64> = persons_in(&live)
+                .union(&persons_in(&points))
+                .copied()
+                .collect();
+            (!seen.contains(&carol))
+                .then_some(())
+                .ok_or(format!("{seen:?}"))
+        },
+    )
+    .await;
+
+    // The forwarded mark (with which processes ask each other to forget locally) is honoured
+    // only with the cluster's admin token: an organizer's JWT with it erases Dan whole.
+    let mut admin = udaconnect::proto::v1::admin_client::AdminClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("gRPC connects"),
+    );
+    let mut request =
+        tonic::Request::new(udaconnect::proto::v1::ErasePersonRequest { person_id: dan });
+    let metadata = request.metadata_mut();
+    metadata.insert(
+        "authorization",
+        format!("Bearer {}", crate::helpers::organizer_token())
+            .parse()
+            .expect("header"),
+    );
+    metadata.insert(udaconnect::cluster::FORWARDED, "1".parse().expect("header"));
+    let answer = admin
+        .erase_person(request)
+        .await
+        .expect("erased")
+        .into_inner();
+    assert!(answer.person_deleted && answer.locations > 0, "{answer:?}");
+    assert!(rows_of(&db, dan).await.iter().all(|(_, n)| *n == 0));
 
     // A replay of the whole log (every snapshot gone) drops what the topics still hold of her.
     app.stop().await.expect("stops");
@@ -381,11 +444,19 @@ async fn an_erased_person_is_in_no_table_snapshot_actor_or_answer_and_a_replay_d
     let (status, live) = get(&app.url(&format!("/v1/persons/{bob}/live"))).await;
     assert_eq!(status, 200, "{live}");
     let peers = persons_in(&live);
-    assert!(!peers.contains(&alice) && peers.contains(&dan), "{live}");
+    assert!(peers.contains(&bob), "{live}");
+    for erased in [alice, carol, dan] {
+        assert!(!peers.contains(&erased), "{erased}: {live}");
+    }
     snapshot_all(&app).await;
     let (in_snapshots, _) = persons_in_snapshots(&config).await;
-    assert!(!in_snapshots.contains(&alice), "{in_snapshots:?}");
     assert!(in_snapshots.contains(&bob), "{in_snapshots:?}");
+    for erased in [alice, carol, dan] {
+        assert!(
+            !in_snapshots.contains(&erased),
+            "{erased}: {in_snapshots:?}"
+        );
+    }
     drop(pipeline);
     app.stop().await.expect("stops");
 }

@@ -560,6 +560,58 @@ async fn store_behind_a_lock(
     outcome
 }
 
+/// A process that lost a partition (paused past its session while another took it over)
+/// cannot store its older snapshot over the new owner's: while the owner row names another
+/// process the store is refused, whole; its own row, or none, lets it store.
+#[tokio::test]
+async fn a_process_that_lost_a_partition_cannot_store_over_its_new_owners_snapshot() {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use udaconnect::store::owners::PgOwners;
+    use udaconnect::store::snapshots::{PgSnapshots, Stored};
+    use udaconnect_actors::actors::ports::{SnapshotBlob, Stage};
+
+    let (db, client) = TestDb::migrated().await;
+    let config = crate::helpers::test_config(&db);
+    let pool = udaconnect::store::pool(&config, Duration::from_secs(5)).expect("pool");
+    let topic = "t.locations";
+    let blob = |offset: u64, fill: u8| SnapshotBlob {
+        next_offset: offset,
+        format: 4,
+        bytes: vec![fill; 16],
+        parts: vec![(7, Some(vec![fill; 100]))],
+        complete: true,
+    };
+    let never = CancellationToken::new();
+    let old = PgSnapshots::new(pool.clone(), topic).owned_by("process-a");
+    let new = PgSnapshots::new(pool.clone(), topic).owned_by("process-b");
+    // No owner row yet: stored.
+    let stored = old.store(Stage::Zones, 3, &blob(10, 1), "t", &never).await;
+    assert_eq!(stored.expect("store"), Stored::Stored);
+    // process-b takes the partition over and stores.
+    PgOwners::new(pool.clone(), topic, "process-b", "b:1")
+        .claim(Stage::Zones, 3)
+        .await
+        .expect("claim");
+    let stored = new.store(Stage::Zones, 3, &blob(50, 2), "t", &never).await;
+    assert_eq!(stored.expect("store"), Stored::Stored);
+    // process-a wakes up and stores what it had: refused, nothing of it written.
+    let stored = old.store(Stage::Zones, 3, &blob(20, 3), "t", &never).await;
+    assert_eq!(stored.expect("store"), Stored::Superseded);
+    let row = client
+        .query_one(
+            "SELECT s.next_offset, p.state FROM shard_snapshot s JOIN shard_snapshot_part p
+             USING (stage, topic, partition) WHERE s.stage = 'zones' AND s.partition = 3",
+            &[],
+        )
+        .await
+        .expect("row");
+    assert_eq!(row.get::<_, i64>(0), 50);
+    assert_eq!(row.get::<_, Vec<u8>>(1), vec![2; 100]);
+    db.drop_db().await;
+}
+
 /// A snapshot store that its release budget cancels while PostgreSQL is still writing it (here:
 /// blocked behind another transaction's lock) is rolled back, not half stored: the stored
 /// snapshot stays the one before, header and parts, and a later store still succeeds.
