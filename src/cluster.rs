@@ -20,12 +20,13 @@ use udaconnect_actors::zones::ZoneId;
 use crate::config::Secret;
 use crate::error::{ApiError, ErrorCode};
 use crate::input::{zone_hex, BoundingBox};
+use crate::pipeline::erasure::Erasure;
 use crate::pipeline::live::{LivePoints, LocalError};
 use crate::pipeline::Pipeline;
 use crate::proto::convert;
 use crate::proto::v1::admin_client::AdminClient;
 use crate::proto::v1::{ErasePersonRequest, GetPersonRequest, GetZoneRequest, ListPointsRequest};
-use crate::store::erasure::{self, DeletedRows};
+use crate::store::erasure;
 use crate::store::owners::{shard_owners, ShardOwner};
 
 /// Metadata key marking a request one process forwarded to another: answer it locally.
@@ -61,20 +62,6 @@ impl<T> FromOwner<Option<T>> {
             owner,
         }
     }
-}
-
-/// What an erasure did ([`Cluster::erase_person`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Erasure {
-    pub person: PersonId,
-    /// Rows deleted (none for a forwarded request, which forgets live state only).
-    pub rows: DeletedRows,
-    /// Processes that forgot the person, this one included.
-    pub processes: u32,
-    /// Partitions (both stages) whose snapshots were stored again without it.
-    pub partitions: u32,
-    /// Notifications emptied from the resume buffers.
-    pub notifications: u64,
 }
 
 /// This process's entry to the cluster's live state; cheap to clone.

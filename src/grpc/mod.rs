@@ -229,11 +229,11 @@ mod tests {
     fn the_interceptor_names_the_caller_or_refuses() {
         assert_eq!(
             call(Some(Access::Everyone), Some("Bearer s3cret")).unwrap(),
-            Principal::ORGANIZER
+            Principal::CLUSTER
         );
         assert_eq!(
             call(Some(Access::Everyone), Some("bearer s3cret")).unwrap(),
-            Principal::ORGANIZER,
+            Principal::CLUSTER,
             "the scheme is case-insensitive"
         );
         assert_eq!(call(None, Some("Bearer ATTENDEE")).unwrap().person, Some(9));

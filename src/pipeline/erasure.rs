@@ -1,5 +1,4 @@
-//! Erasure in a running process (docs/design.md §6): the set of erased persons every part of
-//! the pipeline consults, and [`Pipeline::forget`], which makes this process's actors, caches
+//! Erasure in a running process (docs/design.md §6): [`Pipeline::forget`], which makes this process's actors, caches
 //! and notification hub forget a person. The cluster-wide order (mark, every process forgets,
 //! rows deleted) is [`crate::cluster::Cluster::erase_person`]'s.
 //!
@@ -9,7 +8,7 @@
 //! restored from a snapshot taken before an erasure forgets the erased persons before it takes
 //! records.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -20,44 +19,26 @@ use udaconnect_actors::domain::PersonId;
 use udaconnect_actors::messages::PersonSet;
 
 use super::consumer::{Forgetter, NotOwned};
+use super::erased::ErasedPersons;
 use super::Pipeline;
-use crate::store::erasure::erased_persons;
-use crate::store::StoreError;
+use crate::store::erasure::{erased_persons, DeletedRows};
 
 /// How often a process reads `erased_person` for erasures another process made (a process
 /// that owns no partition is not told directly).
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The persons erased in the cluster as far as this process knows: those it was told of and
-/// those it read from `erased_person`. Only grows.
-#[derive(Debug, Default)]
-pub struct ErasedPersons {
-    set: RwLock<PersonSet>,
-}
-
-impl ErasedPersons {
-    /// The set now (a cheap copy of a shared set: take it once per batch).
-    pub fn current(&self) -> PersonSet {
-        Arc::clone(&self.set.read().expect("not poisoned"))
-    }
-
-    /// Adds `persons`; returns those that were not in the set yet.
-    pub fn add(&self, persons: impl IntoIterator<Item = PersonId>) -> Vec<PersonId> {
-        let mut set = self.set.write().expect("not poisoned");
-        let new: Vec<PersonId> = persons.into_iter().filter(|p| !set.contains(p)).collect();
-        if !new.is_empty() {
-            let mut grown: FxHashSet<PersonId> = (**set).clone();
-            grown.extend(new.iter().copied());
-            *set = Arc::new(grown);
-        }
-        new
-    }
-
-    /// Reads `erased_person` and adds what it holds; returns the persons new to this process.
-    /// Errors: PostgreSQL's (the set is left as it was).
-    pub async fn refresh(&self, pool: &Pool) -> Result<Vec<PersonId>, StoreError> {
-        Ok(self.add(erased_persons(pool).await?))
-    }
+/// What an erasure did across the cluster ([`crate::cluster::Cluster::erase_person`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Erasure {
+    pub person: PersonId,
+    /// Rows deleted (none for a forwarded request, which forgets live state only).
+    pub rows: DeletedRows,
+    /// Processes that forgot the person, this one included.
+    pub processes: u32,
+    /// Partitions (both stages) whose snapshots were stored again without it.
+    pub partitions: u32,
+    /// Notifications emptied from the resume buffers.
+    pub notifications: u64,
 }
 
 /// What forgetting a person did in this process.

@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::kafka::consumer_config;
 use crate::pipeline::codec;
 use crate::pipeline::consumer::ErrorThrottle;
-use crate::pipeline::erasure::ErasedPersons;
+use crate::pipeline::erased::ErasedPersons;
 
 /// Notifications queued for one subscriber before it is disconnected as too slow.
 pub const SUBSCRIBER_QUEUE: usize = 4_096;

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::kafka::{OutRecord, Producer};
 use crate::metrics::IngestCounters;
 use crate::pipeline::codec::LocationRecord;
-use crate::pipeline::erasure::ErasedPersons;
+use crate::pipeline::erased::ErasedPersons;
 use crate::store::locations::stored_fingerprints;
 use crate::store::StoreError;
 

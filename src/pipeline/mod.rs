@@ -5,6 +5,7 @@
 
 pub mod codec;
 pub mod consumer;
+pub mod erased;
 pub mod erasure;
 pub mod hub;
 pub mod ingest;
@@ -30,7 +31,8 @@ use crate::config::{Config, Topics};
 use crate::kafka::{client_config, Broker, Producer};
 use crate::metrics::{PipelineMetrics, Registry};
 use crate::pipeline::consumer::{StageConsumer, StageOptions, Timing};
-use crate::pipeline::erasure::{ErasedPersons, Forgetting};
+use crate::pipeline::erased::ErasedPersons;
+use crate::pipeline::erasure::Forgetting;
 use crate::pipeline::hub::NotificationHub;
 use crate::pipeline::ingest::Ingestor;
 use crate::pipeline::offsets::MismatchKind;

@@ -34,7 +34,7 @@ use crate::kafka::{Broker, OutRecord, Producer};
 use crate::metrics::{LocationCounters, MismatchLabels};
 use crate::pipeline::codec::{self, LocationRecord};
 use crate::pipeline::consumer::{Checkpoint, PartitionWorker, Record, WorkerFactory};
-use crate::pipeline::erasure::ErasedPersons;
+use crate::pipeline::erased::ErasedPersons;
 use crate::pipeline::offsets::{self, OffsetMismatch};
 use crate::store::connections::apply_changes;
 use crate::store::locations::{late_partners, store_locations};

@@ -150,7 +150,7 @@ fn sighting(s: &Sighting) -> v1::Sighting {
 }
 
 /// What an erasure did, as `Admin.ErasePerson` answers it.
-pub fn erasure(e: &crate::cluster::Erasure) -> v1::ErasePersonResponse {
+pub fn erasure(e: &crate::pipeline::erasure::Erasure) -> v1::ErasePersonResponse {
     v1::ErasePersonResponse {
         person_id: e.person,
         locations: e.rows.locations,

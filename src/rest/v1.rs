@@ -128,8 +128,8 @@ pub struct Erasure {
     notifications: u64,
 }
 
-impl From<crate::cluster::Erasure> for Erasure {
-    fn from(e: crate::cluster::Erasure) -> Self {
+impl From<crate::pipeline::erasure::Erasure> for Erasure {
+    fn from(e: crate::pipeline::erasure::Erasure) -> Self {
         Self {
             person_id: e.person,
             locations: e.rows.locations,
