@@ -163,6 +163,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.locations_read,
                 report.locations_inserted
             );
+            if report.persons_erased > 0 {
+                println!(
+                    "left out: {} erased persons and their locations",
+                    report.persons_erased
+                );
+            }
             Ok(())
         }
     }

@@ -24,6 +24,9 @@ pub struct SeedReport {
     pub locations_read: u64,
     /// Locations newly inserted.
     pub locations_inserted: u64,
+    /// Persons of the file that were erased (`DELETE /v1/persons/{id}`): neither they nor their
+    /// locations are loaded again.
+    pub persons_erased: u64,
 }
 
 struct PersonRow {
@@ -43,12 +46,24 @@ struct LocationRow {
 }
 
 /// Loads `dir/persons.csv` and `dir/locations.csv` in one transaction; rows already present
-/// (same id) are left as they are, so a second run changes nothing.
+/// (same id) are left as they are, so a second run changes nothing. Erased persons (in
+/// `erased_person`) and their locations are left out. Errors: a file that does not read, a
+/// location of a person neither in the file nor stored, PostgreSQL's.
 pub async fn seed_poc(client: &mut Client, dir: &Path) -> Result<SeedReport, StoreError> {
-    let persons = read_persons(&dir.join("persons.csv"))?;
-    let locations = read_locations(&dir.join("locations.csv"))?;
+    let mut persons = read_persons(&dir.join("persons.csv"))?;
+    let mut locations = read_locations(&dir.join("locations.csv"))?;
+    let locations_read = locations.len() as u64;
 
     let tx = client.transaction().await?;
+    let erased: BTreeSet<i64> = tx
+        .query("SELECT person_id FROM erased_person", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let persons_erased = persons.iter().filter(|p| erased.contains(&p.id)).count() as u64;
+    persons.retain(|p| !erased.contains(&p.id));
+    locations.retain(|l| !erased.contains(&l.person_id));
     let ids: Vec<i64> = persons.iter().map(|p| p.id).collect();
     let first: Vec<&str> = persons.iter().map(|p| p.first_name.as_str()).collect();
     let last: Vec<&str> = persons.iter().map(|p| p.last_name.as_str()).collect();
@@ -115,16 +130,18 @@ pub async fn seed_poc(client: &mut Client, dir: &Path) -> Result<SeedReport, Sto
     tx.commit().await?;
 
     let report = SeedReport {
-        persons_read: persons.len() as u64,
+        persons_read: persons.len() as u64 + persons_erased,
         persons_inserted,
-        locations_read: locations.len() as u64,
+        locations_read,
         locations_inserted,
+        persons_erased,
     };
     info!(
         persons_read = report.persons_read,
         persons_inserted = report.persons_inserted,
         locations_read = report.locations_read,
         locations_inserted = report.locations_inserted,
+        persons_erased = report.persons_erased,
         "poc seed loaded"
     );
     Ok(report)

@@ -230,6 +230,48 @@ async fn table_digest(client: &tokio_postgres::Client) -> (String, String) {
     (persons, locations)
 }
 
+/// An erased POC person stays erased when the seed is loaded again: it and its locations are
+/// left out, the rest loads as before.
+#[tokio::test]
+async fn the_poc_seed_loaded_again_leaves_an_erased_person_out() {
+    use std::time::Duration;
+
+    use udaconnect::store::erasure::{delete_rows, mark, Mark};
+
+    let (db, mut client) = TestDb::migrated().await;
+    seed_poc(&mut client, &poc_seed_dir()).await.expect("seed");
+    let pool = udaconnect::store::pool(&crate::helpers::test_config(&db), Duration::from_secs(5))
+        .expect("pool");
+    assert_eq!(mark(&pool, 8).await.expect("mark"), Mark::Marked);
+    let deleted = delete_rows(&pool, 8).await.expect("delete");
+    assert!(deleted.person && deleted.locations == 9, "{deleted:?}");
+
+    let again = seed_poc(&mut client, &poc_seed_dir())
+        .await
+        .expect("seed again");
+    assert_eq!(
+        (
+            again.persons_read,
+            again.persons_inserted,
+            again.persons_erased
+        ),
+        (5, 0, 1)
+    );
+    assert_eq!((again.locations_read, again.locations_inserted), (39, 0));
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM person WHERE id = 8").await,
+        0
+    );
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM location WHERE person_id = 8").await,
+        0
+    );
+    assert_eq!(scalar(&client, "SELECT count(*) FROM person").await, 4);
+    assert_eq!(scalar(&client, "SELECT count(*) FROM location").await, 30);
+    drop(pool);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn poc_seed_loads_exactly_and_idempotently() {
     let (db, mut client) = TestDb::migrated().await;
