@@ -116,6 +116,12 @@ pub enum Access {
         /// The request field naming it (`person_id`, `subscribe`, …).
         field: &'static str,
     },
+    /// Erases a person (`DELETE /v1/persons/{person_id}`): the same rule as reading it (an
+    /// organizer, or the attendee itself), said as an erasure when refused.
+    Erase {
+        /// The person erased.
+        person: PersonId,
+    },
     /// Posts a location report in a person's name.
     Post {
         /// The person the report is for.
@@ -158,9 +164,10 @@ impl Principal {
             (Role::Organizer, _) => true,
             (Role::Gateway, Access::Post { .. }) => true,
             (Role::Gateway, _) => false,
-            (Role::Attendee, Access::Person { person, .. } | Access::Post { person }) => {
-                self.person == Some(person)
-            }
+            (
+                Role::Attendee,
+                Access::Person { person, .. } | Access::Erase { person } | Access::Post { person },
+            ) => self.person == Some(person),
             (Role::Attendee, _) => false,
         };
         if allowed {
@@ -170,6 +177,10 @@ impl Principal {
             Access::Person { person, field } => (
                 Some(field),
                 format!("may not read person {person}'s data: an attendee reads only its own, and a gateway reads no one's"),
+            ),
+            Access::Erase { person } => (
+                Some("person_id"),
+                format!("may not erase person {person}: an attendee erases only itself, and a gateway no one"),
             ),
             Access::Post { person } => (
                 Some("person_id"),
@@ -651,9 +662,11 @@ mod tests {
         }
         assert!(me.check(own).is_ok());
         assert!(me.check(Access::Post { person: 5 }).is_ok());
+        assert!(me.check(Access::Erase { person: 5 }).is_ok());
         for access in [
             other,
             Access::Post { person: 6 },
+            Access::Erase { person: 6 },
             Access::Directory,
             Access::Everyone,
         ] {
@@ -667,8 +680,20 @@ mod tests {
             "{}",
             e.message
         );
+        let e = me.check(Access::Erase { person: 6 }).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("person_id"));
+        assert!(
+            e.message.starts_with("attendee 5 may not erase person 6"),
+            "{}",
+            e.message
+        );
         assert!(gateway.check(Access::Post { person: 6 }).is_ok());
-        for access in [own, Access::Directory, Access::Everyone] {
+        for access in [
+            own,
+            Access::Erase { person: 5 },
+            Access::Directory,
+            Access::Everyone,
+        ] {
             assert!(gateway.check(access).is_err(), "{access:?}");
         }
     }

@@ -620,7 +620,9 @@ impl V1Api {
         tag = "ApiTags::Persons"
     )]
     async fn erase_person(&self, auth: Caller, person_id: Path<i64>) -> RestResult<ErasedOk> {
-        auth.0.check(person_access(person_id.0))?;
+        auth.0.check(Access::Erase {
+            person: person_id.0,
+        })?;
         let done = self.state.cluster.erase_person(person_id.0, false).await?;
         Ok(ErasedOk::Ok(Json(done.into())))
     }

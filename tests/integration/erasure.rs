@@ -259,6 +259,12 @@ async fn an_erased_person_is_in_no_table_snapshot_actor_or_answer_and_a_replay_d
             .expect("sent");
         let status = response.status().as_u16();
         let body: Value = response.json().await.expect("JSON");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("may not erase person {alice}"))),
+            "{body}"
+        );
         assert_error(&(status, body), 403, "permission_denied", Some("person_id"));
     }
     let missing = send(
