@@ -1671,5 +1671,82 @@ async fn two_processes_answer_get_person_and_get_zone_for_each_other() {
             );
         }
     }
+
+    // Erasure reaches the other process: a person whose actor the other one holds, erased
+    // through REST on one and through gRPC on the other; both processes forget it, each
+    // storing its partitions' snapshots again.
+    let held_by = |p: i64| {
+        split[&(
+            "persons".to_owned(),
+            udaconnect_actors::zones::person_partition(p, 2) as i32,
+        )]
+            .clone()
+    };
+    let on_b = *persons
+        .iter()
+        .find(|&&p| held_by(p) == "node-b")
+        .expect("one on node-b");
+    let on_a = *persons
+        .iter()
+        .find(|&&p| held_by(p) == "node-a")
+        .expect("one on node-a");
+    let response = crate::helpers::client()
+        .delete(format!("{}/v1/persons/{on_b}", rest["node-a"]))
+        .send()
+        .await
+        .expect("DELETE sent");
+    assert_eq!(response.status().as_u16(), 200);
+    let erased: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(
+        (
+            erased["processes"].as_u64(),
+            erased["partitions"].as_u64(),
+            erased["person_deleted"].as_bool()
+        ),
+        (Some(2), Some(4), Some(true)),
+        "{erased}"
+    );
+    let answer = AdminClient::new(clients["node-b"].clone())
+        .erase_person(admin(udaconnect::proto::v1::ErasePersonRequest {
+            person_id: on_a,
+        }))
+        .await
+        .expect("erased")
+        .into_inner();
+    assert_eq!((answer.processes, answer.partitions), (2, 4), "{answer:?}");
+    let left: Vec<i64> = persons
+        .iter()
+        .copied()
+        .filter(|p| *p != on_a && *p != on_b)
+        .collect();
+    for node in ["node-a", "node-b"] {
+        for gone in [on_a, on_b] {
+            let status = AdminClient::new(clients[node].clone())
+                .get_person(admin(GetPersonRequest { person_id: gone }))
+                .await
+                .expect_err("erased");
+            assert_eq!(status.code(), Code::NotFound, "{node}, person {gone}");
+        }
+        let live = AdminClient::new(clients[node].clone())
+            .list_points(admin(ListPointsRequest::default()))
+            .await
+            .expect("points")
+            .into_inner();
+        let mut seen: Vec<i64> = live.points.iter().map(|p| p.person_id).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, left, "from {node}: {live:?}");
+    }
+    for gone in [on_a, on_b] {
+        let rows = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM person WHERE id = $1)
+                      + (SELECT count(*) FROM location WHERE person_id = $1)",
+                &[&gone],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0);
+        assert_eq!(rows, 0, "person {gone}");
+    }
     db.drop_db().await;
 }
