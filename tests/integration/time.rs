@@ -432,10 +432,12 @@ async fn a_meeting_open_at_a_restart_ends_on_the_clock_with_nobody_reporting() {
     let (config, app) = ending_in_40_s(&db).await;
     let a = create_person(&app, "A").await;
     let b = create_person(&app, "B").await;
+    // Listening before the reports go in: a stream starts from now on, and the notification
+    // could otherwise be published before the subscription (it was, once, in a full run).
+    let mut heard = Notifications::of(&app, a).await;
     let posted = Instant::now();
     accepted(&app, &report(a, 0.0, &at(0))).await;
     accepted(&app, &report(b, 1.0, &at(0))).await;
-    let mut heard = Notifications::of(&app, a).await;
     heard
         .next("connection.started", Duration::from_secs(20))
         .await;
