@@ -197,6 +197,17 @@ pub struct PageFields {
     pub cursor: &'static str,
 }
 
+/// `person_id` as a person id: positive. Errors: 400 naming `person_id`.
+pub fn person_id(person_id: i64) -> Result<i64, ApiError> {
+    if person_id <= 0 {
+        return Err(ApiError::invalid(
+            "person_id",
+            format!("must be a positive id (got {person_id})"),
+        ));
+    }
+    Ok(person_id)
+}
+
 /// The one check of a history request: `person_id` positive, `to` not before `from`, a
 /// page size from 1 to [`MAX_PAGE_SIZE`] (`None`: [`DEFAULT_PAGE_SIZE`]), and a cursor this
 /// API handed out. Errors are 400s naming the field as `fields` calls it.
@@ -207,12 +218,7 @@ pub fn history_query(
     cursor: Option<&str>,
     fields: PageFields,
 ) -> Result<HistoryQuery, ApiError> {
-    if person_id <= 0 {
-        return Err(ApiError::invalid(
-            "person_id",
-            format!("must be a positive id (got {person_id})"),
-        ));
-    }
+    let person_id = self::person_id(person_id)?;
     if let (Some(from), Some(to)) = (from, to) {
         if from > to {
             return Err(ApiError::invalid(

@@ -13,7 +13,7 @@ use udaconnect_actors::actors::ports::Stage;
 use super::GrpcState;
 use crate::cluster::{forward_error, peer_error, FORWARDED};
 use crate::error::ApiError;
-use crate::input::{parse_zone, point_limit, zone_hex, BoundingBox};
+use crate::input::{parse_zone, person_id, point_limit, zone_hex, BoundingBox};
 use crate::pipeline::live::LocalError;
 use crate::pipeline::{Pipeline, PipelineStatus};
 use crate::proto::convert;
@@ -411,14 +411,7 @@ impl Admin for AdminService {
         request: Request<GetPersonRequest>,
     ) -> Result<Response<PersonState>, Status> {
         let forwarded = is_forwarded(&request);
-        let person = request.into_inner().person_id;
-        if person <= 0 {
-            return Err(ApiError::invalid(
-                "person_id",
-                format!("must be a positive id (got {person})"),
-            )
-            .into());
-        }
+        let person = person_id(request.into_inner().person_id)?;
         let answer = self.state.cluster.person(person, forwarded).await?;
         Ok(Response::new(convert::person_state(
             person,
@@ -433,14 +426,7 @@ impl Admin for AdminService {
         request: Request<ErasePersonRequest>,
     ) -> Result<Response<ErasePersonResponse>, Status> {
         let forwarded = is_forwarded(&request);
-        let person = request.into_inner().person_id;
-        if person <= 0 {
-            return Err(ApiError::invalid(
-                "person_id",
-                format!("must be a positive id (got {person})"),
-            )
-            .into());
-        }
+        let person = person_id(request.into_inner().person_id)?;
         let done = self.state.cluster.erase_person(person, forwarded).await?;
         Ok(Response::new(convert::erasure(&done)))
     }

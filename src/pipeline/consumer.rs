@@ -351,8 +351,9 @@ async fn run_worker<F: WorkerFactory>(
                 let _ = ack.send(offset);
             }
             Some(Input::Forget(persons, ack)) => {
-                // The snapshot being stored was captured before: it is stored first, and the
-                // one taken after the actors forgot replaces it.
+                // The snapshot being stored was captured before: it is stored (and noted)
+                // first, so that noting it cannot undo the forgetting's mark that the next
+                // snapshot is due; the one taken after the actors forgot replaces it.
                 if let Some(work) = storing.take() {
                     stored_checkpoint(&mut worker, partition, &commands, work.await.ok().flatten());
                 }

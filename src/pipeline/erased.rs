@@ -25,21 +25,21 @@ impl ErasedPersons {
         Arc::clone(&self.set.read().expect("not poisoned"))
     }
 
-    /// Adds `persons`; returns those that were not in the set yet.
-    pub fn add(&self, persons: impl IntoIterator<Item = PersonId>) -> Vec<PersonId> {
+    /// Adds `persons` (the set is copied only when one of them is new).
+    pub fn add(&self, persons: impl IntoIterator<Item = PersonId>) {
         let mut set = self.set.write().expect("not poisoned");
         let new: Vec<PersonId> = persons.into_iter().filter(|p| !set.contains(p)).collect();
         if !new.is_empty() {
             let mut grown: FxHashSet<PersonId> = (**set).clone();
-            grown.extend(new.iter().copied());
+            grown.extend(new);
             *set = Arc::new(grown);
         }
-        new
     }
 
-    /// Reads `erased_person` and adds what it holds; returns the persons new to this process.
-    /// Errors: PostgreSQL's (the set is left as it was).
-    pub async fn refresh(&self, pool: &Pool) -> Result<Vec<PersonId>, StoreError> {
-        Ok(self.add(erased_persons(pool).await?))
+    /// Reads `erased_person` and adds what it holds. Errors: PostgreSQL's (the set is left
+    /// as it was).
+    pub async fn refresh(&self, pool: &Pool) -> Result<(), StoreError> {
+        self.add(erased_persons(pool).await?);
+        Ok(())
     }
 }

@@ -160,11 +160,6 @@ impl Forgetting {
 }
 
 impl Pipeline {
-    /// The persons erased as far as this process knows.
-    pub fn erased(&self) -> &Arc<ErasedPersons> {
-        &self.forgetting.erased
-    }
-
     /// Makes this process forget `person` ([`Forgetting::forget`]); the cluster's erasure asks
     /// every owning process for it.
     pub async fn forget(&self, person: PersonId) -> LocalErasure {

@@ -559,6 +559,23 @@ mod tests {
         }
     }
 
+    /// A hub over `shared` that reads no topic: the tests fan out themselves.
+    fn hub_over(shared: &Arc<HubShared>) -> NotificationHub {
+        NotificationHub {
+            shared: Arc::clone(shared),
+            stop: CancellationToken::new(),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// The ids of a resumed backlog, in order; `[u128::MAX]` for [`Resume::Unknown`].
+    fn resumed(r: &Resume) -> Vec<u128> {
+        match r {
+            Resume::After(ns) => ns.iter().map(|n| n.id.as_u128()).collect(),
+            Resume::Unknown => vec![u128::MAX],
+        }
+    }
+
     #[test]
     fn recent_ids_drop_repeats_and_forget_the_oldest() {
         let mut ids = RecentIds::new(2);
@@ -578,25 +595,17 @@ mod tests {
             resume_capacity: 4,
             ..HubShared::default()
         });
-        let hub = NotificationHub {
-            shared: Arc::clone(&shared),
-            stop: CancellationToken::new(),
-            thread: Mutex::new(None),
-        };
+        let hub = hub_over(&shared);
         // 1..=6 fanned out for persons 7 and 8 in turn; the buffer keeps the last four (3..=6).
         for n in 1..=6u128 {
             shared.fan_out(notification(if n % 2 == 1 { 7 } else { 8 }, n));
         }
-        let ids = |r: &Resume| match r {
-            Resume::After(ns) => ns.iter().map(|n| n.id.as_u128()).collect::<Vec<_>>(),
-            Resume::Unknown => vec![u128::MAX],
-        };
         let (mut seven, resume) = hub.subscribe_after(&[7], false, Uuid::from_u128(3));
-        assert_eq!(ids(&resume), [5]);
+        assert_eq!(resumed(&resume), [5]);
         let (_, everyone) = hub.subscribe_after(&[], true, Uuid::from_u128(4));
-        assert_eq!(ids(&everyone), [5, 6]);
+        assert_eq!(resumed(&everyone), [5, 6]);
         let (_, latest) = hub.subscribe_after(&[7], false, Uuid::from_u128(6));
-        assert_eq!(ids(&latest), Vec::<u128>::new());
+        assert_eq!(resumed(&latest), Vec::<u128>::new());
         // Out of the buffer, or never seen: from now on.
         let (_, old) = hub.subscribe_after(&[7], false, Uuid::from_u128(2));
         assert!(matches!(old, Resume::Unknown));
@@ -607,7 +616,7 @@ mod tests {
         assert_eq!(seven.try_recv().map(|n| n.id.as_u128()), Some(7));
         assert!(seven.try_recv().is_none());
         let (_, after_seven) = hub.subscribe_after(&[7], false, Uuid::from_u128(5));
-        assert_eq!(ids(&after_seven), [7]);
+        assert_eq!(resumed(&after_seven), [7]);
     }
 
     #[test]
@@ -616,28 +625,20 @@ mod tests {
             resume_capacity: 16,
             ..HubShared::default()
         });
-        let hub = NotificationHub {
-            shared: Arc::clone(&shared),
-            stop: CancellationToken::new(),
-            thread: Mutex::new(None),
-        };
+        let hub = hub_over(&shared);
         // Persons 7 (peer 8), 8 (peer 9) and 9 (peer 10) in turn.
         for n in 1..=6u128 {
             shared.fan_out(notification(7 + (n as i64 - 1) % 3, n));
         }
-        let ids = |r: &Resume| match r {
-            Resume::After(ns) => ns.iter().map(|n| n.id.as_u128()).collect::<Vec<_>>(),
-            Resume::Unknown => vec![u128::MAX],
-        };
         // Person 8 erased: its notifications and those it is the peer of (person 7's) go.
         let erased: PersonSet = Arc::new([8].into_iter().collect());
         assert_eq!(hub.forget(&erased), 4);
         assert_eq!(hub.forget(&erased), 0);
         let (_, everyone) = hub.subscribe_after(&[], true, Uuid::from_u128(1));
-        assert_eq!(ids(&everyone), [3, 6]);
+        assert_eq!(resumed(&everyone), [3, 6]);
         // An erased notification's id is still a resume point.
         let (_, after_erased) = hub.subscribe_after(&[], true, Uuid::from_u128(4));
-        assert_eq!(ids(&after_erased), [6]);
+        assert_eq!(resumed(&after_erased), [6]);
         // Read from now on: dropped while the person is in the hub's erased set.
         let read = |n: Notification| {
             if involves(&n, &shared.erased.current()) {
@@ -656,11 +657,7 @@ mod tests {
     #[test]
     fn a_subscription_changes_its_persons_in_place_and_stays_open_following_no_one() {
         let shared = Arc::new(HubShared::default());
-        let hub = NotificationHub {
-            shared: Arc::clone(&shared),
-            stop: CancellationToken::new(),
-            thread: Mutex::new(None),
-        };
+        let hub = hub_over(&shared);
         // Following no one: open, nothing arrives (a WebSocket before its first subscribe).
         let mut sub = hub.subscribe(&[]);
         shared.fan_out(notification(7, 1));
@@ -683,11 +680,7 @@ mod tests {
     #[tokio::test]
     async fn fan_out_reaches_the_persons_subscribers_and_everyone_and_drops_slow_ones() {
         let shared = Arc::new(HubShared::default());
-        let hub = NotificationHub {
-            shared: Arc::clone(&shared),
-            stop: CancellationToken::new(),
-            thread: Mutex::new(None),
-        };
+        let hub = hub_over(&shared);
         let mut seven = hub.subscribe(&[7, 7, 9]);
         let mut all = hub.subscribe_all();
         let mut other = hub.subscribe(&[8]);

@@ -498,33 +498,29 @@ impl<M: ractor::Message> PartitionCore<M> {
         .await;
         let erased = store.erased.current();
         if !erased.is_empty() {
-            loop {
-                match core.ask_forget(Arc::clone(&erased)).await {
-                    Ok(held) => {
-                        if held {
-                            info!(
-                                stage = stage.as_str(),
-                                partition,
-                                erased = erased.len(),
-                                "erased persons forgotten after the restore"
-                            );
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        warn!(stage = stage.as_str(), partition, error = %e, "forgetting erased persons after the restore failed, retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
+            let (held, _) = retry(
+                "forgetting erased persons after the restore",
+                partition_u32,
+                || core.ask_forget(Arc::clone(&erased)),
+            )
+            .await;
+            if held {
+                core.snapshotted = -1;
+                info!(
+                    stage = stage.as_str(),
+                    partition,
+                    erased = erased.len(),
+                    "erased persons forgotten after the restore"
+                );
             }
         }
         core
     }
 
-    /// Asks the supervisor to forget `persons` (after every batch sent before); when it held
-    /// any of them, the next checkpoint is taken whether records came or not. Returns whether
-    /// it held any. Errors: the supervisor's, or its silence.
-    async fn ask_forget(&mut self, persons: PersonSet) -> Result<bool, PortError> {
+    /// Asks the supervisor to forget `persons` (after every batch sent before); whether it held
+    /// any of them (the next checkpoint must then be taken whether records came or not: the
+    /// caller marks it). Errors: the supervisor's, or its silence.
+    async fn ask_forget(&self, persons: PersonSet) -> Result<bool, PortError> {
         let request = self.forget_request;
         let answer = self
             .handle
@@ -532,12 +528,7 @@ impl<M: ractor::Message> PartitionCore<M> {
             .call(|reply| request(persons, reply), Some(CALL_TIMEOUT))
             .await;
         match answer {
-            Ok(CallResult::Success(Ok(touched))) => {
-                if touched > 0 {
-                    self.snapshotted = -1;
-                }
-                Ok(touched > 0)
-            }
+            Ok(CallResult::Success(Ok(touched))) => Ok(touched > 0),
             Ok(CallResult::Success(Err(e))) => Err(PortError::new(e)),
             Ok(other) => Err(PortError::new(format!(
                 "the supervisor did not answer the erasure ({})",
@@ -736,11 +727,15 @@ impl<S: StageRecords> PartitionWorker for Worker<S> {
     }
 
     async fn forget(&mut self, persons: &PersonSet) -> Result<(), String> {
-        self.core
+        let held = self
+            .core
             .ask_forget(Arc::clone(persons))
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if held {
+            self.core.snapshotted = -1;
+        }
+        Ok(())
     }
 
     async fn close(self) {
