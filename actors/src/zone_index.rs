@@ -691,15 +691,25 @@ pub fn pack_updates(
     watermark: Micros,
     person_partitions: u32,
 ) -> Vec<PersonBatch> {
-    let mut batches: Vec<PersonBatch> = (0..person_partitions.max(1))
-        .map(|_| PersonBatch {
+    // Sized first: growing batches of millions of updates by doubling copied each of them
+    // several times (a visible part of engine-bench's profile).
+    let partitions: Vec<u32> = updates
+        .iter()
+        .map(|u| person_partition(u.person(), person_partitions))
+        .collect();
+    let mut sizes = vec![0usize; person_partitions.max(1) as usize];
+    for &q in &partitions {
+        sizes[q as usize] += 1;
+    }
+    let mut batches: Vec<PersonBatch> = sizes
+        .into_iter()
+        .map(|n| PersonBatch {
             source,
-            updates: Vec::new(),
+            updates: Vec::with_capacity(n),
             watermark,
         })
         .collect();
-    for u in updates {
-        let q = person_partition(u.person(), person_partitions);
+    for (u, q) in updates.into_iter().zip(partitions) {
         batches[q as usize].updates.push(u);
     }
     batches

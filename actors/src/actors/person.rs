@@ -27,7 +27,8 @@ use crate::actors::supervision::{
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{
-    Deadlines, EpisodeRules, OpenEpisode, PersonCounters, PersonState, Sighting, Watermarks,
+    Deadlines, EpisodeRules, OpenEpisode, PassivatedPerson, PersonCounters, PersonState, Sighting,
+    Watermarks,
 };
 use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonSet, PersonUpdate};
 use crate::params::EngineParams;
@@ -282,7 +283,8 @@ pub struct PersonSupervisorState {
     actors: Children<PersonActor>,
     /// Event time of each active person's latest update.
     last_active: FxHashMap<PersonId, Micros>,
-    passivated: FxHashMap<PersonId, PersonState>,
+    /// Idle persons' states, packed.
+    passivated: FxHashMap<PersonId, PassivatedPerson>,
     counters: PersonSupervisorCounters,
     next_offset: u64,
     port_retries: u64,
@@ -375,9 +377,9 @@ impl PersonSupervisorState {
             return Ok(actor.clone());
         }
         let state = match self.passivated.remove(&person) {
-            Some(state) => {
+            Some(packed) => {
                 self.counters.activations += 1;
-                state
+                packed.unpack()
             }
             None => PersonState::new(person),
         };
@@ -477,10 +479,12 @@ impl PersonSupervisorState {
                         .await;
                     (person, success(r))
                 });
-            } else if let Some(state) = self.passivated.get_mut(&person) {
+            } else if let Some(packed) = self.passivated.get_mut(&person) {
+                let mut state = packed.unpack();
                 if let Some(next) = state.close(min, &self.rules, out) {
                     self.deadlines.push(next, person);
                 }
+                *packed = PassivatedPerson::pack(&state);
             }
         }
         for (person, result) in join_all(calls).await {
@@ -520,7 +524,8 @@ impl PersonSupervisorState {
             }
             self.last_active.remove(&person);
             self.actors.stop(person, "passivated");
-            self.passivated.insert(person, state);
+            self.passivated
+                .insert(person, PassivatedPerson::pack(&state));
             self.counters.passivations += 1;
         }
     }
@@ -586,8 +591,12 @@ impl PersonSupervisorState {
             self.changed.remove(&person);
             touched += u64::from(active || passivated);
         }
-        for state in self.passivated.values_mut() {
-            touched += u64::from(state.forget_peers(persons));
+        for packed in self.passivated.values_mut() {
+            let mut state = packed.unpack();
+            if state.forget_peers(persons) {
+                *packed = PassivatedPerson::pack(&state);
+                touched += 1;
+            }
         }
         let calls = self.actors.actors().cloned().map(|actor| {
             let persons = Arc::clone(persons);
@@ -648,7 +657,9 @@ impl PersonSupervisorState {
         let parts = wanted
             .iter()
             .filter_map(|p| {
-                let state = active.remove(p).or_else(|| self.passivated.get(p).cloned());
+                let state = active
+                    .remove(p)
+                    .or_else(|| self.passivated.get(p).map(PassivatedPerson::unpack));
                 state.map(|s| (*p, Some(s)))
             })
             .collect();
@@ -727,7 +738,9 @@ impl Actor for PersonSupervisor {
             state.next_offset = blob.next_offset;
             // Restored persons start passivated; their actors start on their next update.
             for restored in persons {
-                state.passivated.insert(restored.person(), restored);
+                state
+                    .passivated
+                    .insert(restored.person(), PassivatedPerson::pack(&restored));
             }
             // The stored parts are this snapshot's: the next one may build on them.
             state.complete_next = false;
@@ -788,7 +801,10 @@ impl Actor for PersonSupervisor {
                 let view = if let Some(actor) = state.actors.get(&person) {
                     success(actor.call(PersonMsg::View, Some(CALL_TIMEOUT)).await)
                 } else {
-                    state.passivated.get(&person).map(|s| person_view(s, true))
+                    state
+                        .passivated
+                        .get(&person)
+                        .map(|s| person_view(&s.unpack(), true))
                 };
                 let _ = reply.send(view);
             }

@@ -14,6 +14,10 @@ use udaconnect_actors::{Engine, EngineOptions, EngineParams};
 use udaconnect_bench::peak_rss_bytes;
 use udaconnect_bench::sim::{self, ConferenceConfig};
 
+// The service's allocator (src/main.rs), so that the engine is measured as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Measure the proximity engine on a simulated conference (in process, no I/O)")]
 struct Args {

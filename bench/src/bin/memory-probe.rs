@@ -1,15 +1,16 @@
 //! `memory-probe`: live heap bytes per retained zone point, per person actor and per empty ractor
 //! actor (the runtime's floor), measured with a counting allocator. The last line is one JSON object with the figures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
+use mimalloc::MiMalloc;
 use ractor::Actor;
 use udaconnect_actors::actors::in_process::MemoryConnections;
 use udaconnect_actors::actors::person::{
-    PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
+    PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
 };
 use udaconnect_actors::domain::{derived_event_id, LocationEvent, MICROS_PER_S};
 use udaconnect_actors::messages::{PersonBatch, PersonUpdate};
@@ -21,19 +22,19 @@ struct Counting;
 
 static LIVE: AtomicI64 = AtomicI64::new(0);
 
-// SAFETY: forwards to the system allocator and only counts sizes.
+// SAFETY: forwards to the service's allocator (mimalloc, as src/main.rs) and only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
+        unsafe { MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { MiMalloc.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
     }
 }
 
@@ -53,15 +54,28 @@ struct Args {
     /// Person actors to start (and empty actors, for the floor).
     #[arg(long, default_value_t = 100_000)]
     persons: i64,
+    /// Persons to passivate in one person partition (started in rounds of
+    /// `--passivation-round` actors, each seen once, then passivated by the supervisor as the
+    /// watermark passes them).
+    #[arg(long, default_value_t = 1_000_000)]
+    passivated: i64,
+    /// Person actors running at once while `--passivated` persons are made.
+    #[arg(long, default_value_t = 100_000)]
+    passivation_round: i64,
 }
 
 const T0: i64 = 1_790_000_000 * MICROS_PER_S;
 
 fn event(person: i64, i: usize) -> LocationEvent {
+    event_at(person, i, T0)
+}
+
+/// [`event`], `t0` standing for the start of the window.
+fn event_at(person: i64, i: usize, t0: i64) -> LocationEvent {
     // A 1 km square around a venue, 10 persons per 10 m cell, all within one window.
     let lat = 35.08 + (i % 1000) as f64 * 1e-5;
     let lon = -106.65 + ((i / 1000) % 1000) as f64 * 1.2e-5;
-    let t = T0 + (i % 1000) as i64 * 1000;
+    let t = t0 + (i % 1000) as i64 * 1000;
     LocationEvent {
         event_id: derived_event_id(person, t, lat, lon),
         person_id: person,
@@ -89,13 +103,20 @@ impl Actor for Empty {
     }
 }
 
-/// Heap and RSS bytes per empty ractor actor, `count` of them running at once.
-async fn empty_actor_floor(count: i64) -> (f64, f64) {
+/// Heap and RSS bytes per empty ractor actor, `count` of them running at once; `linked`: each
+/// linked to one parent actor (as a supervisor links its children), which ractor pays for too.
+async fn empty_actor_floor(count: i64, linked: bool) -> (f64, f64) {
+    let (parent, parent_task) = Actor::spawn(None, Empty, ()).await.expect("spawn");
     let rss0 = rss_bytes();
     let before = live();
     let mut actors = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let (actor, handle) = Actor::spawn(None, Empty, ()).await.expect("spawn");
+        let (actor, handle) = if linked {
+            Actor::spawn_linked(None, Empty, (), parent.get_cell()).await
+        } else {
+            Actor::spawn(None, Empty, ()).await
+        }
+        .expect("spawn");
         actors.push((actor, handle));
     }
     let bytes = (live() - before) as f64 / count.max(1) as f64;
@@ -104,7 +125,109 @@ async fn empty_actor_floor(count: i64) -> (f64, f64) {
         actor.stop(None);
         let _ = handle.await;
     }
+    parent.stop(None);
+    let _ = parent_task.await;
     (bytes, rss)
+}
+
+/// Sends `batch` to the person supervisor `sup` and waits until it is processed.
+async fn apply(sup: &ractor::ActorRef<PersonSupervisorMsg>, batch: PersonBatch) {
+    sup.call(
+        |reply| PersonSupervisorMsg::Batch {
+            batches: vec![batch],
+            next_offset: 0,
+            permit: None,
+            done: Some(reply),
+        },
+        None,
+    )
+    .await
+    .expect("batch");
+}
+
+/// The person partition's view.
+async fn view(sup: &ractor::ActorRef<PersonSupervisorMsg>) -> PersonPartitionView {
+    match sup
+        .call(PersonSupervisorMsg::View, None)
+        .await
+        .expect("view")
+    {
+        ractor::rpc::CallResult::Success(v) => v,
+        other => panic!("the person supervisor did not answer its view: {other:?}"),
+    }
+}
+
+/// Heap and RSS bytes per passivated person, `count` of them in one person partition: rounds of
+/// `round` persons are each seen once (their actors start), then the watermark passes them by
+/// more than the passivation delay and the supervisor passivates them (their actors stop).
+/// Returns the bytes each, the persons passivated and the process's RSS at the end.
+async fn passivated_persons(
+    params: EngineParams,
+    count: i64,
+    round: i64,
+) -> (f64, f64, usize, u64) {
+    let passivate_after_s = 60;
+    let args_p = PersonSupervisorArgs {
+        partition: 0,
+        params,
+        zone_partitions: 1,
+        connections: Arc::new(MemoryConnections::new(false)),
+        passivate_after_s,
+        capture: false,
+        snapshot: None,
+    };
+    let (sup, _) = Actor::spawn(None, PersonSupervisor, args_p)
+        .await
+        .expect("spawn");
+    let rss0 = rss_bytes();
+    let before = live();
+    let round = round.max(1);
+    for (k, start) in (1..=count).step_by(round as usize).enumerate() {
+        // Each round an hour after the previous one, its persons seen within its first second.
+        let t0 = T0 + k as i64 * 3_600 * MICROS_PER_S;
+        for chunk in (start..(start + round).min(count + 1)).step_by(10_000) {
+            let updates: Vec<PersonUpdate> = (chunk
+                ..(chunk + 10_000).min(start + round).min(count + 1))
+                .map(|p| PersonUpdate::Sighting {
+                    event: event_at(p, p as usize, t0),
+                    zone: 0,
+                })
+                .collect();
+            apply(
+                &sup,
+                PersonBatch {
+                    source: 0,
+                    updates,
+                    watermark: t0,
+                },
+            )
+            .await;
+        }
+        let past = t0 + (i64::from(passivate_after_s) + 10) * MICROS_PER_S;
+        apply(
+            &sup,
+            PersonBatch {
+                source: 0,
+                updates: Vec::new(),
+                watermark: past,
+            },
+        )
+        .await;
+        eprintln!(
+            "  {} persons passivated",
+            view(&sup).await.passivated_persons
+        );
+    }
+    // Stopped actors free their memory as their tasks end.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let v = view(&sup).await;
+    assert_eq!(v.active_persons, 0, "every person was passivated");
+    let n = v.passivated_persons;
+    let bytes = (live() - before) as f64 / n.max(1) as f64;
+    let rss_end = rss_bytes();
+    let rss = (rss_end.saturating_sub(rss0)) as f64 / n.max(1) as f64;
+    sup.stop(None);
+    (bytes, rss, n, rss_end)
 }
 
 fn main() {
@@ -140,7 +263,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let (floor_bytes, floor_rss) = runtime.block_on(empty_actor_floor(args.persons));
+    let (floor_bytes, floor_rss) = runtime.block_on(empty_actor_floor(args.persons, false));
+    let (linked_bytes, linked_rss) = runtime.block_on(empty_actor_floor(args.persons, true));
+    eprintln!(
+        "{} empty ractor actors linked to a parent: {linked_bytes:.0} heap bytes each \
+         ({linked_rss:.0} RSS)",
+        args.persons
+    );
     eprintln!(
         "{} empty ractor actors: {floor_bytes:.0} heap bytes each ({floor_rss:.0} RSS)",
         args.persons
@@ -155,7 +284,7 @@ fn main() {
             capture: false,
             snapshot: None,
         };
-        let (sup, _) = Actor::spawn(None, PersonSupervisor, args_p)
+        let (sup, sup_task) = Actor::spawn(None, PersonSupervisor, args_p)
             .await
             .expect("spawn");
         let rss0 = rss_bytes();
@@ -198,11 +327,25 @@ fn main() {
             "{active} person actors: {bytes:.0} heap bytes each ({rss:.0} RSS), one sighting each"
         );
         sup.stop(None);
+        let _ = sup_task.await;
+        // Its actors stop with it; their memory is freed as their tasks end.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         (bytes, rss)
     });
+    let (passivated_bytes, passivated_rss, passivated, rss_end) = runtime.block_on(
+        passivated_persons(params, args.passivated, args.passivation_round),
+    );
+    eprintln!(
+        "{passivated} passivated persons: {passivated_bytes:.0} heap bytes each \
+         ({passivated_rss:.0} RSS); process RSS {rss_end} bytes"
+    );
     println!(
         "{}",
         serde_json::json!({
+            "passivated_persons": passivated,
+            "bytes_per_passivated_person": passivated_bytes.round(),
+            "rss_bytes_per_passivated_person": passivated_rss.round(),
+            "rss_bytes_with_passivated_persons": rss_end,
             "retained_points": retained,
             "bytes_per_retained_point": point_bytes.round(),
             "rss_bytes_per_retained_point": point_rss.round(),
@@ -210,6 +353,8 @@ fn main() {
             "bytes_per_person_actor": actor_bytes.round(),
             "rss_bytes_per_person_actor": actor_rss.round(),
             "bytes_per_empty_actor": floor_bytes.round(),
+            "bytes_per_linked_empty_actor": linked_bytes.round(),
+            "rss_bytes_per_linked_empty_actor": linked_rss.round(),
             "rss_bytes_per_empty_actor": floor_rss.round(),
         })
     );
