@@ -5,6 +5,8 @@
 
 use udaconnect::config::redact_url;
 
+pub mod engine_run;
+pub mod peers;
 pub mod produce;
 pub mod rehearsal;
 pub mod scratch;
@@ -30,6 +32,12 @@ pub fn peak_rss_bytes() -> u64 {
 /// Process `pid`'s peak resident set size, bytes (0 where `/proc` is unavailable).
 pub fn peak_rss_bytes_of(pid: u32) -> u64 {
     proc_status_bytes(&pid.to_string(), "VmHWM")
+}
+
+/// Resets this process's peak resident set size (`VmHWM`) to its current RSS, so that
+/// [`peak_rss_bytes`] then reports the peak of what follows; false where Linux refuses.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// The process's resident set size now, bytes (0 where `/proc` is unavailable).

@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use udaconnect_actors::actors::in_process::{ActorEngine, ActorEngineOptions};
 use udaconnect_actors::domain::LocationEvent;
 use udaconnect_actors::{Engine, EngineOptions, EngineParams};
+use udaconnect_bench::engine_run::{
+    run_actor_engine, ActorRun, Conference, ConferenceSpec, Progress,
+};
 use udaconnect_bench::peak_rss_bytes;
-use udaconnect_bench::sim::{self, ConferenceConfig};
 
 // The service's allocator (src/main.rs), so that the engine is measured as it runs there.
 #[global_allocator]
@@ -80,43 +81,26 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     if args.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
-    let mut config = ConferenceConfig::for_attendees(args.attendees);
-    config.duration_s = args.duration_s;
-    config.seed = args.seed;
-    config.zone_resolution = args.zone_resolution;
-    if let Some(booths) = args.booths {
-        config.booths = booths;
-        config.fit_venue();
-        // Leave room for the talk rooms around a larger booth hall.
-        config.venue_w_m += 100.0;
-        config.venue_h_m += 100.0;
-    }
-    if let Some(p) = args.talk_probability {
-        config.talk_probability = p;
-    }
-    if let Some(r) = args.report_interval_s {
-        config.report_interval_s = r;
-    }
+    let spec = ConferenceSpec {
+        attendees: args.attendees,
+        duration_s: args.duration_s,
+        booths: args.booths,
+        talk_probability: args.talk_probability,
+        report_interval_s: args.report_interval_s,
+        seed: args.seed,
+        zone_resolution: args.zone_resolution,
+    };
     let params = EngineParams {
         zone_resolution: args.zone_resolution,
         ..EngineParams::default()
     };
     params.validate()?;
-    let started = Instant::now();
-    let mut stream = sim::events(&config)?.count_zones(true);
-    let mut events: Vec<LocationEvent> = Vec::new();
-    for e in stream.by_ref() {
-        events.push(e);
-    }
-    let zones = stream.stats().zones_touched;
-    eprintln!(
-        "generated {} events of {} attendees over {} s in {:.1} s ({} home zones)",
-        events.len(),
-        args.attendees,
-        args.duration_s,
-        started.elapsed().as_secs_f64(),
-        zones
-    );
+    let Conference {
+        config,
+        events,
+        zones,
+        ..
+    } = spec.generate()?;
     let figures = match args.engine.as_str() {
         "actors" => run_actors(args, &params, &events)?,
         "sync" => run_sync(args, &params, &events),
@@ -168,72 +152,30 @@ struct Figures {
     table: Vec<udaconnect_actors::domain::Episode>,
 }
 
-fn progress(done: usize, total: usize, started: Instant, last: &mut usize) {
-    if done * 10 / total.max(1) > *last {
-        *last = done * 10 / total.max(1);
-        eprintln!(
-            "  {:>3}% {} events in {:.1} s",
-            *last * 10,
-            done,
-            started.elapsed().as_secs_f64()
-        );
-    }
-}
-
 fn run_actors(
     args: &Args,
     params: &EngineParams,
     events: &[LocationEvent],
 ) -> anyhow::Result<Figures> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let options = ActorEngineOptions {
-            zone_partitions: args.zone_partitions,
-            person_partitions: args.person_partitions,
-            capacity: 4,
-            passivate_after_s: 900,
-            capture: false,
-            // The simulated input is never later than lateness_s: nothing to keep for late copies.
-            keep_copies: false,
-        };
-        let mut engine = ActorEngine::start(params, options, None)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let started = Instant::now();
-        let mut last = 0;
-        let mut done = 0;
-        for chunk in events.chunks(args.batch) {
-            engine
-                .ingest(chunk)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            done += chunk.len();
-            progress(done, events.len(), started, &mut last);
-        }
-        engine.finish().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let elapsed_s = started.elapsed().as_secs_f64();
-        let persons = engine
-            .person_partitions()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let colocations = persons.iter().map(|p| p.counters.colocations).sum();
-        let table = engine.episodes();
-        let notifications = engine.notification_count();
-        eprintln!(
-            "backpressure: ingest waited {:.2} s for room in front of the zone partitions",
-            engine.zone_backpressure_ns() as f64 / 1e9
-        );
-        engine.stop().await;
-        Ok(Figures {
-            elapsed_s,
-            colocations,
-            episodes: table.len(),
-            notifications,
-            table,
-        })
+    let run = ActorRun {
+        zone_partitions: args.zone_partitions,
+        person_partitions: args.person_partitions,
+        batch: args.batch,
+        workers: args.workers,
+        settle_each_batch: false,
+        label: "",
+    };
+    let figures = run_actor_engine(params, &run, events)?;
+    eprintln!(
+        "backpressure: ingest waited {:.2} s for room in front of the zone partitions",
+        figures.backpressure_s
+    );
+    Ok(Figures {
+        elapsed_s: figures.elapsed_s,
+        colocations: figures.colocations,
+        episodes: figures.episodes.len(),
+        notifications: figures.notifications,
+        table: figures.episodes,
     })
 }
 
@@ -247,17 +189,18 @@ fn run_sync(args: &Args, params: &EngineParams, events: &[LocationEvent]) -> Fig
     };
     let mut engine = Engine::new(params, options).expect("validated");
     let started = Instant::now();
-    let mut last = 0;
+    let mut progress = Progress::new("", events.len());
     let mut done = 0;
     for chunk in events.chunks(args.batch) {
         engine.ingest(chunk);
         done += chunk.len();
-        progress(done, events.len(), started, &mut last);
+        progress.update(done);
     }
     engine.finish();
     let elapsed_s = started.elapsed().as_secs_f64();
     let stats = engine.stats();
-    let table = engine.episodes();
+    let mut table = engine.episodes();
+    table.sort_by_key(|e| e.key());
     Figures {
         elapsed_s,
         colocations: stats.colocations,
