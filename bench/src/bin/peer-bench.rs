@@ -40,6 +40,10 @@ use udaconnect_bench::{
     peak_rss_bytes, peak_rss_bytes_of, reset_peak_rss, rss_bytes, with_database,
 };
 
+// The service's allocator (src/main.rs), so that the engine is measured as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 enum Peer {
     /// UdaConnect's actor engine, in process.
