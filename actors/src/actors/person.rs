@@ -409,16 +409,28 @@ impl PersonSupervisorState {
         self.counters.updates += batch.updates.len() as u64;
         let source_watermark = self.watermarks.of(batch.source);
         let min_watermark = self.watermarks.min();
-        let mut by_person: FxHashMap<PersonId, Vec<PersonUpdate>> = FxHashMap::default();
-        for u in batch.updates {
-            let person = u.person();
-            let t = match &u {
-                PersonUpdate::Sighting { event, .. } => event.recorded_at,
-                PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => c.last,
-            };
+        // Each person's updates in their batch order, in a vector of the exact size (grown one
+        // push at a time, the per-person vectors were a visible part of the profile).
+        let mut updates = batch.updates;
+        updates.sort_by_key(PersonUpdate::person);
+        let mut by_person: Vec<(PersonId, Vec<PersonUpdate>)> = Vec::new();
+        let mut rest = updates.as_slice();
+        while let Some(first) = rest.first() {
+            let person = first.person();
+            let run = rest.iter().take_while(|u| u.person() == person).count();
+            let (mine, after) = rest.split_at(run);
+            let t = mine
+                .iter()
+                .map(|u| match u {
+                    PersonUpdate::Sighting { event, .. } => event.recorded_at,
+                    PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => c.last,
+                })
+                .max()
+                .expect("a run holds one update at least");
             let active = self.last_active.entry(person).or_insert(t);
             *active = (*active).max(t);
-            by_person.entry(person).or_default().push(u);
+            by_person.push((person, mine.to_vec()));
+            rest = after;
         }
         let mut calls = Vec::with_capacity(by_person.len());
         for (person, updates) in by_person {
