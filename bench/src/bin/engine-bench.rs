@@ -123,6 +123,7 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         "workers": args.workers,
         "elapsed_s": figures.elapsed_s,
         "events_per_s": (events.len() as f64 / figures.elapsed_s).round(),
+        "ns_per_event": (figures.elapsed_s * 1e9 / events.len().max(1) as f64).round(),
         "colocations": figures.colocations,
         "episodes": figures.episodes,
         "notifications": figures.notifications,
