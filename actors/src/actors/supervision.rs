@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use ractor::rpc::CallResult;
-use ractor::{
-    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
-};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 
@@ -91,7 +89,9 @@ pub(crate) trait PartPerChild: Child {
 /// about), with the counts of their panics, restarts and lost batches.
 pub(crate) struct Children<C: Child> {
     by_key: FxHashMap<C::Key, ActorRef<C::Msg>>,
-    by_actor: FxHashMap<ActorId, C::Key>,
+    /// By the children's local pids (children are spawned in this process, so their pids are
+    /// unique here): 8 bytes a key where the whole `ActorId` took 24, per active person.
+    by_actor: FxHashMap<u64, C::Key>,
     supervision: SupervisionCounters,
 }
 
@@ -152,7 +152,7 @@ impl<C: Child> Children<C> {
     ) -> Result<ActorRef<C::Msg>, ActorProcessingErr> {
         let key = C::key(&args);
         let (actor, _) = Actor::spawn_linked(None, child, args, supervisor).await?;
-        self.by_actor.insert(actor.get_id(), key);
+        self.by_actor.insert(actor.get_id().pid(), key);
         self.by_key.insert(key, actor.clone());
         Ok(actor)
     }
@@ -160,7 +160,7 @@ impl<C: Child> Children<C> {
     /// Stops the child of `key` for `reason`, forgotten first so that it is not restarted.
     pub(crate) fn stop(&mut self, key: C::Key, reason: &str) {
         if let Some(actor) = self.by_key.remove(&key) {
-            self.by_actor.remove(&actor.get_id());
+            self.by_actor.remove(&actor.get_id().pid());
             actor.stop(Some(reason.into()));
         }
     }
@@ -198,7 +198,7 @@ impl<C: Child> Children<C> {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
-                let Some(key) = self.by_actor.remove(&cell.get_id()) else {
+                let Some(key) = self.by_actor.remove(&cell.get_id().pid()) else {
                     return Ok(());
                 };
                 self.supervision.panics += 1;
@@ -212,7 +212,7 @@ impl<C: Child> Children<C> {
                 self.supervision.restarts += 1;
             }
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if let Some(key) = self.by_actor.remove(&cell.get_id()) {
+                if let Some(key) = self.by_actor.remove(&cell.get_id().pid()) {
                     self.by_key.remove(&key);
                 }
             }
