@@ -145,8 +145,18 @@ struct HotPoint {
     /// µs since the Unix epoch.
     recorded_at: Micros,
     person: PersonId,
+    /// [`id_tag`] of the event id: the duplicate check reads the cold column only on a match.
+    id_tag: u32,
     /// Whether this zone is the point's home zone.
     home: bool,
+}
+
+/// A 32-bit digest of an event id, kept in the padding of [`HotPoint`]. All 16 bytes are
+/// folded in: client ids may be time-ordered (UUID v7), alike in their first bytes.
+fn id_tag(id: &Uuid) -> u32 {
+    let (a, b) = id.as_u64_pair();
+    let x = a ^ b;
+    (x ^ (x >> 32)) as u32
 }
 
 /// The rest of a retained point, read only for a co-location, a duplicate or a copy out.
@@ -201,6 +211,7 @@ impl CellPoints {
             ecef: *ecef,
             recorded_at: copy.recorded_at,
             person: copy.person,
+            id_tag: id_tag(&copy.event_id),
             home: copy.home,
         });
         self.cold.push(ColdPoint {
@@ -485,7 +496,9 @@ impl ZoneIndex {
     ) -> Arrival {
         let e = &routed.event;
         if let Some(cell) = self.cells.get(&routed.fine_cell) {
-            if cell.cold.iter().any(|p| p.event_id == e.event_id) {
+            let tag = id_tag(&e.event_id);
+            let mut same = cell.hot.iter().zip(&cell.cold);
+            if same.any(|(h, c)| h.id_tag == tag && c.event_id == e.event_id) {
                 self.counters.duplicates += 1;
                 return Arrival::Duplicate;
             }
@@ -564,19 +577,30 @@ impl ZoneIndex {
         // An event is matched once: a stored copy that is also retained as the retained one,
         // one stored several times (a retried send) as its first copy.
         let mut matched: FxHashSet<Uuid> = FxHashSet::default();
-        for cell in neighbors {
-            let Some(points) = self.cells.get(cell) else {
-                continue;
-            };
-            for (i, p) in points.hot.iter().enumerate() {
-                if late {
-                    matched.insert(points.cold[i].event_id);
-                }
-                if !candidate(p.home, p.person, p.recorded_at) {
-                    continue;
-                }
-                if let Some(distance_m) = ecef.within(&p.ecef, radius_m) {
-                    meet(&points.copy(i), distance_m);
+        // Neighbors are looked up a batch at a time, each cell's first points read before any
+        // is scanned: the cache misses of a batch then overlap instead of following one another.
+        const BATCH: usize = 16;
+        for batch in neighbors.chunks(BATCH) {
+            let mut cells: [Option<&CellPoints>; BATCH] = [None; BATCH];
+            let mut warm = 0;
+            for (slot, cell) in cells.iter_mut().zip(batch) {
+                *slot = self.cells.get(cell);
+                warm ^= slot
+                    .and_then(|c| c.hot.first())
+                    .map_or(0, |h| h.recorded_at);
+            }
+            std::hint::black_box(warm);
+            for points in cells.iter().flatten() {
+                for (i, p) in points.hot.iter().enumerate() {
+                    if late {
+                        matched.insert(points.cold[i].event_id);
+                    }
+                    if !candidate(p.home, p.person, p.recorded_at) {
+                        continue;
+                    }
+                    if let Some(distance_m) = ecef.within(&p.ecef, radius_m) {
+                        meet(&points.copy(i), distance_m);
+                    }
                 }
             }
         }
