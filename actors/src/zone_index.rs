@@ -134,11 +134,164 @@ impl From<&RetainedPoint> for StoredCopy {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// What the candidate scan reads of a retained point: 48 bytes. The Earth-centred position
+/// stays exact (`f64`): an `f32` offset from the cell would save 16 bytes a point, but the
+/// co-locations it lets through must then be decided on the exact position computed again
+/// from the degrees, and that trigonometry cost the engine about 2 % (docs/benchmarks.md,
+/// "Memory per retained point").
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HotPoint {
+    ecef: Ecef,
+    /// µs since the Unix epoch.
+    recorded_at: Micros,
+    person: PersonId,
+    /// [`id_tag`] of the event id: the duplicate check reads the cold column only on a match.
+    id_tag: u32,
+    /// Whether this zone is the point's home zone.
+    home: bool,
+}
+
+/// A 32-bit digest of an event id, kept in the padding of [`HotPoint`]. All 16 bytes are
+/// folded in: client ids may be time-ordered (UUID v7), alike in their first bytes.
+fn id_tag(id: &Uuid) -> u32 {
+    let (a, b) = id.as_u64_pair();
+    let x = a ^ b;
+    (x ^ (x >> 32)) as u32
+}
+
+/// The rest of a retained point, read only for a co-location, a duplicate or a copy out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ColdPoint {
+    event_id: Uuid,
+    /// WGS84 degrees.
+    lat: f64,
+    lon: f64,
+}
+
+// The per-point budget of docs/benchmarks.md ("Memory per retained point").
+const _: () =
+    assert!(std::mem::size_of::<HotPoint>() == 48 && std::mem::size_of::<ColdPoint>() == 32);
+
+/// One fine cell's points, in the order they were retained, as two columns of the same length.
+#[derive(Debug, Clone, PartialEq)]
 struct CellPoints {
-    points: Vec<RetainedPoint>,
+    hot: Vec<HotPoint>,
+    cold: Vec<ColdPoint>,
     /// The eviction bucket this cell is filed under: that of its oldest point.
     bucket: Micros,
+}
+
+impl CellPoints {
+    /// An empty cell.
+    fn new() -> Self {
+        Self {
+            hot: Vec::new(),
+            cold: Vec::new(),
+            bucket: Micros::MAX,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.hot.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.hot.is_empty()
+    }
+
+    /// Appends `copy`, at `ecef` (its exact position). The cell grows by a quarter, not
+    /// double: a cell holds a handful of points, and doubling left a third of them unused.
+    fn push(&mut self, copy: &StoredCopy, ecef: &Ecef) {
+        if self.hot.len() == self.hot.capacity() {
+            let more = (self.hot.len() / 4).max(1);
+            self.hot.reserve_exact(more);
+            self.cold.reserve_exact(more);
+        }
+        self.hot.push(HotPoint {
+            ecef: *ecef,
+            recorded_at: copy.recorded_at,
+            person: copy.person,
+            id_tag: id_tag(&copy.event_id),
+            home: copy.home,
+        });
+        self.cold.push(ColdPoint {
+            event_id: copy.event_id,
+            lat: copy.lat,
+            lon: copy.lon,
+        });
+    }
+
+    /// The `i`th point as it is stored.
+    fn copy(&self, i: usize) -> StoredCopy {
+        let (h, c) = (&self.hot[i], &self.cold[i]);
+        StoredCopy {
+            event_id: c.event_id,
+            person: h.person,
+            recorded_at: h.recorded_at,
+            lat: c.lat,
+            lon: c.lon,
+            home: h.home,
+        }
+    }
+
+    fn copies(&self) -> impl Iterator<Item = StoredCopy> + '_ {
+        (0..self.len()).map(|i| self.copy(i))
+    }
+
+    /// Keeps the points `keep` accepts, in their order; returns how many were removed.
+    fn retain(&mut self, keep: impl Fn(&HotPoint) -> bool) -> usize {
+        let len = self.len();
+        let mut kept = 0;
+        for i in 0..len {
+            if keep(&self.hot[i]) {
+                self.hot.swap(kept, i);
+                self.cold.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.hot.truncate(kept);
+        self.cold.truncate(kept);
+        // Give back room left unused.
+        if self.hot.capacity() > kept + kept / 2 + 1 {
+            self.hot.shrink_to(kept + kept / 4);
+            self.cold.shrink_to(kept + kept / 4);
+        }
+        len - kept
+    }
+
+    fn oldest(&self) -> Option<Micros> {
+        self.hot.iter().map(|p| p.recorded_at).min()
+    }
+}
+
+/// A cell as the index's own serde form keeps it (the form of the index before points were
+/// packed): its points as [`RetainedPoint`]s, that is [`StoredCopy`]s.
+#[derive(Serialize, Deserialize)]
+struct StoredCell {
+    points: Vec<RetainedPoint>,
+    bucket: Micros,
+}
+
+impl Serialize for CellPoints {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        StoredCell {
+            points: self.copies().map(|c| c.point()).collect(),
+            bucket: self.bucket,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for CellPoints {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let stored = StoredCell::deserialize(d)?;
+        let mut cell = CellPoints::new();
+        for p in &stored.points {
+            cell.push(&StoredCopy::from(p), &p.ecef);
+        }
+        cell.bucket = stored.bucket;
+        Ok(cell)
+    }
 }
 
 /// Counters of one zone, for its state view and metrics.
@@ -224,7 +377,7 @@ impl ZoneIndex {
     pub fn points_by_slice(&self, wanted: impl Fn(i64) -> bool) -> BTreeMap<i64, CellPointList> {
         let mut by_slice: BTreeMap<i64, BTreeMap<FineCell, Vec<RetainedPoint>>> = BTreeMap::new();
         for (cell, points) in &self.cells {
-            for p in &points.points {
+            for p in points.copies() {
                 let slice = snapshot_slice(p.recorded_at);
                 if wanted(slice) {
                     by_slice
@@ -232,7 +385,7 @@ impl ZoneIndex {
                         .or_default()
                         .entry(*cell)
                         .or_default()
-                        .push(*p);
+                        .push(p.point());
                 }
             }
         }
@@ -263,16 +416,17 @@ impl ZoneIndex {
             scratch_index: FxHashMap::default(),
         };
         for (cell_id, points) in cells {
-            let cell = index.cells.entry(cell_id).or_insert_with(|| CellPoints {
-                points: Vec::new(),
-                bucket: Micros::MAX,
-            });
+            if points.is_empty() {
+                continue;
+            }
+            let cell = index.cells.entry(cell_id).or_insert_with(CellPoints::new);
             index.retained += points.len();
-            cell.points.extend(points);
+            for p in &points {
+                cell.push(&StoredCopy::from(p), &p.ecef);
+            }
         }
-        index.cells.retain(|_, cell| !cell.points.is_empty());
         for (cell_id, cell) in &mut index.cells {
-            let oldest = cell.points.iter().map(|p| p.recorded_at).min();
+            let oldest = cell.oldest();
             cell.bucket = oldest.unwrap_or(Micros::MAX).div_euclid(BUCKET_US);
             index.buckets.entry(cell.bucket).or_default().push(*cell_id);
         }
@@ -342,7 +496,9 @@ impl ZoneIndex {
     ) -> Arrival {
         let e = &routed.event;
         if let Some(cell) = self.cells.get(&routed.fine_cell) {
-            if cell.points.iter().any(|p| p.event_id == e.event_id) {
+            let tag = id_tag(&e.event_id);
+            let mut same = cell.hot.iter().zip(&cell.cold);
+            if same.any(|(h, c)| h.id_tag == tag && c.event_id == e.event_id) {
                 self.counters.duplicates += 1;
                 return Arrival::Duplicate;
             }
@@ -363,7 +519,6 @@ impl ZoneIndex {
         } else {
             self.counters.ghost_events += 1;
         }
-        let mut found = 0u32;
         let mut summaries = std::mem::take(&mut self.scratch);
         let mut index = std::mem::take(&mut self.scratch_index);
         summaries.clear();
@@ -384,17 +539,14 @@ impl ZoneIndex {
             }
         };
         let (window_us, radius_m) = (self.window_us, self.radius_m);
-        let mut consider = |p: &RetainedPoint| {
-            // Nobody to tell when neither event is home here.
-            if !(routed.home || p.home) || p.person == e.person_id {
-                return;
-            }
-            if (p.recorded_at - e.recorded_at).abs() > window_us {
-                return;
-            }
-            let Some(distance_m) = ecef.within(&p.ecef, radius_m) else {
-                return;
-            };
+        // Nobody to tell when neither event is home here; a person does not meet itself.
+        let candidate = |home: bool, person: PersonId, recorded_at: Micros| {
+            (routed.home || home)
+                && person != e.person_id
+                && (recorded_at - e.recorded_at).abs() <= window_us
+        };
+        let mut found = 0u32;
+        let mut meet = |p: &StoredCopy, distance_m: f64| {
             found += 1;
             let time = p.recorded_at.max(e.recorded_at);
             if routed.home {
@@ -425,20 +577,39 @@ impl ZoneIndex {
         // An event is matched once: a stored copy that is also retained as the retained one,
         // one stored several times (a retried send) as its first copy.
         let mut matched: FxHashSet<Uuid> = FxHashSet::default();
-        for cell in neighbors {
-            let Some(points) = self.cells.get(cell) else {
-                continue;
-            };
-            for p in &points.points {
-                if late {
-                    matched.insert(p.event_id);
+        // Neighbors are looked up a batch at a time, each cell's first points read before any
+        // is scanned: the cache misses of a batch then overlap instead of following one another.
+        const BATCH: usize = 16;
+        for batch in neighbors.chunks(BATCH) {
+            let mut cells: [Option<&CellPoints>; BATCH] = [None; BATCH];
+            let mut warm = 0;
+            for (slot, cell) in cells.iter_mut().zip(batch) {
+                *slot = self.cells.get(cell);
+                warm ^= slot
+                    .and_then(|c| c.hot.first())
+                    .map_or(0, |h| h.recorded_at);
+            }
+            std::hint::black_box(warm);
+            for points in cells.iter().flatten() {
+                for (i, p) in points.hot.iter().enumerate() {
+                    if late {
+                        matched.insert(points.cold[i].event_id);
+                    }
+                    if !candidate(p.home, p.person, p.recorded_at) {
+                        continue;
+                    }
+                    if let Some(distance_m) = ecef.within(&p.ecef, radius_m) {
+                        meet(&points.copy(i), distance_m);
+                    }
                 }
-                consider(p);
             }
         }
         for copy in stored {
-            if matched.insert(copy.event_id) {
-                consider(&copy.point());
+            if matched.insert(copy.event_id) && candidate(copy.home, copy.person, copy.recorded_at)
+            {
+                if let Some(distance_m) = ecef.within(&copy.point().ecef, radius_m) {
+                    meet(copy, distance_m);
+                }
             }
         }
         if late {
@@ -453,19 +624,8 @@ impl ZoneIndex {
         let cell = self
             .cells
             .entry(routed.fine_cell)
-            .or_insert_with(|| CellPoints {
-                points: Vec::new(),
-                bucket: Micros::MAX,
-            });
-        cell.points.push(RetainedPoint {
-            ecef,
-            recorded_at: e.recorded_at,
-            person: e.person_id,
-            event_id: e.event_id,
-            lat: e.lat,
-            lon: e.lon,
-            home: routed.home,
-        });
+            .or_insert_with(CellPoints::new);
+        cell.push(&StoredCopy::of(routed), &ecef);
         // File the cell under the bucket of its oldest point: it is revisited once that bucket
         // falls out of the window, then refiled under its new oldest point.
         if bucket < cell.bucket {
@@ -505,24 +665,16 @@ impl ZoneIndex {
                 if cell.bucket != bucket {
                     continue;
                 }
-                let before = cell.points.len();
                 if let Some(into) = evicted_out.as_deref_mut() {
-                    into.extend(
-                        cell.points
-                            .iter()
-                            .filter(|p| p.recorded_at < horizon)
-                            .map(StoredCopy::from),
-                    );
+                    into.extend(cell.copies().filter(|p| p.recorded_at < horizon));
                 }
-                cell.points.retain(|p| p.recorded_at >= horizon);
-                let evicted = before - cell.points.len();
+                let evicted = cell.retain(|p| p.recorded_at >= horizon);
                 self.retained -= evicted;
                 self.counters.evicted += evicted as u64;
-                if cell.points.is_empty() {
+                if cell.is_empty() {
                     self.cells.remove(&cell_id);
                 } else {
-                    let oldest = cell.points.iter().map(|p| p.recorded_at).min();
-                    let b = oldest.unwrap_or(horizon).div_euclid(BUCKET_US);
+                    let b = cell.oldest().unwrap_or(horizon).div_euclid(BUCKET_US);
                     cell.bucket = b;
                     self.buckets.entry(b).or_default().push(cell_id);
                 }
@@ -539,10 +691,8 @@ impl ZoneIndex {
         }
         let mut removed = 0;
         self.cells.retain(|_, cell| {
-            let before = cell.points.len();
-            cell.points.retain(|p| !persons.contains(&p.person));
-            removed += before - cell.points.len();
-            !cell.points.is_empty()
+            removed += cell.retain(|p| !persons.contains(&p.person));
+            !cell.is_empty()
         });
         self.retained -= removed;
         removed
@@ -550,14 +700,10 @@ impl ZoneIndex {
 
     /// The retained points, oldest first, at most `limit` of them.
     pub fn points(&self, limit: usize) -> Vec<RetainedPoint> {
-        let mut all: Vec<RetainedPoint> = self
-            .cells
-            .values()
-            .flat_map(|c| c.points.iter().copied())
-            .collect();
+        let mut all: Vec<StoredCopy> = self.cells.values().flat_map(CellPoints::copies).collect();
         all.sort_by_key(|p| (p.recorded_at, p.event_id));
         all.truncate(limit);
-        all
+        all.iter().map(StoredCopy::point).collect()
     }
 
     /// How many fine cells hold points.
@@ -1056,6 +1202,49 @@ mod tests {
         z.evict(T0 + 1_000 * MICROS_PER_S);
         assert_eq!((z.retained(), z.cells()), (0, 0));
         assert_eq!(z.counters().evicted, 100);
+    }
+
+    #[test]
+    fn a_cell_keeps_its_points_in_order_through_eviction_forgetting_serde_and_restore() {
+        let params = EngineParams::default();
+        let grid = ZoneGrid::new(&params);
+        let mut cache = CellCache::new(grid);
+        let first = routed(&grid, event(1, 48.0, 11.0, 0));
+        let mut z = ZoneIndex::new(first.zone, &params);
+        let mut out = Vec::new();
+        // 40 points in one or two cells, persons 1..=5, over 80 s: cells grow past their
+        // first capacities and shrink again.
+        for i in 0..40 {
+            let e = routed(&grid, event(1 + i % 5, 48.0 + 1e-6 * i as f64, 11.0, 2 * i));
+            z.insert(&e, cache.neighbors(e.fine_cell), &mut out);
+        }
+        z.evict(T0 + 110 * MICROS_PER_S);
+        let erased: FxHashSet<PersonId> = [3].into_iter().collect();
+        // Horizon 50 s: points 25..40 stay, of which 27, 32 and 37 are person 3's.
+        assert_eq!(z.forget(&erased), 3);
+        let kept = z.points(usize::MAX);
+        assert_eq!(kept.len(), 12);
+        assert!(kept
+            .iter()
+            .all(|p| p.person != 3 && p.recorded_at >= T0 + 50 * MICROS_PER_S));
+        // Each point as it was retained, its position bit for bit.
+        for p in &kept {
+            assert_eq!(*p, StoredCopy::from(p).point());
+        }
+        let bytes = postcard::to_allocvec(&z).expect("encodes");
+        let back: ZoneIndex = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(back.points(usize::MAX), kept);
+        let by_cell: Vec<(FineCell, Vec<RetainedPoint>)> = z
+            .points_by_slice(|_| true)
+            .into_values()
+            .flatten()
+            .collect();
+        let restored = ZoneIndex::restore(z.meta(), by_cell);
+        assert_eq!(restored.points(usize::MAX), kept);
+        assert_eq!(
+            (restored.retained(), restored.cells()),
+            (z.retained(), z.cells())
+        );
     }
 
     #[test]

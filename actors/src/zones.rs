@@ -26,6 +26,9 @@ pub type FineCell = u64;
 /// outlines and in the tangent-plane projection can only add zones, never miss one.
 const BASE_SLACK_M: f64 = 0.01;
 
+/// How many fine-cell outlines a [`CellCache`] keeps at most (about 200 bytes each).
+const OUTLINE_CACHE_CELLS: usize = 16_384;
+
 /// The two H3 resolutions in use and the radius they were chosen for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ZoneGrid {
@@ -237,6 +240,13 @@ impl CellCache {
     }
 
     fn outline(&mut self, cell: FineCell) -> &[Ecef] {
+        // Outlines serve only to compute a cell's neighbors (once per cell) and the halo of
+        // border points; kept for every cell seen, they cost more than the neighbor lists
+        // (about 30 bytes per retained point in memory-probe). A bounded set keeps the
+        // outlines of the cells computed lately, which are the ones nearby cells need next.
+        if self.outlines.len() >= OUTLINE_CACHE_CELLS && !self.outlines.contains_key(&cell) {
+            self.outlines.clear();
+        }
         self.outlines.entry(cell).or_insert_with(|| {
             let index = CellIndex::try_from(cell).expect("fine cells come from this grid");
             index

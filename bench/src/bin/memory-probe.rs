@@ -1,5 +1,6 @@
-//! `memory-probe`: live heap bytes per retained zone point, per person actor and per empty ractor
-//! actor (the runtime's floor), measured with a counting allocator. The last line is one JSON object with the figures.
+//! `memory-probe`: live heap bytes per retained zone point (all of them, and apart the router's
+//! fine-cell cache and the zone partition's index and cache), per person actor and per empty
+//! ractor actor (the runtime's floor), measured with a counting allocator. The last line is one JSON object with the figures.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,7 +14,7 @@ use udaconnect_actors::actors::person::{
     PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
 };
 use udaconnect_actors::domain::{derived_event_id, LocationEvent, MICROS_PER_S};
-use udaconnect_actors::messages::{PersonBatch, PersonUpdate};
+use udaconnect_actors::messages::{PersonBatch, PersonUpdate, RoutedEvent};
 use udaconnect_actors::zone_index::ZonePartition;
 use udaconnect_actors::{EngineParams, Router};
 use udaconnect_bench::rss_bytes;
@@ -245,17 +246,32 @@ fn main() {
     let mut partition = ZonePartition::new(0, &params, 1, false);
     let rss0 = rss_bytes();
     let before = live();
+    // What the router keeps (its fine-cell cache, the ingest side's) is counted apart too.
+    let mut router_bytes = 0i64;
     for chunk_start in (0..args.points).step_by(10_000) {
         let chunk: Vec<LocationEvent> = (chunk_start..(chunk_start + 10_000).min(args.points))
             .map(|i| event(i as i64 + 1, i))
             .collect();
+        let at = live();
         let routed = router.route_batch(&chunk);
+        let handed_out: usize = routed
+            .iter()
+            .map(|r| r.capacity() * std::mem::size_of::<RoutedEvent>())
+            .sum::<usize>()
+            + routed.capacity() * std::mem::size_of::<Vec<RoutedEvent>>();
+        router_bytes += live() - at - handed_out as i64;
         drop(partition.process(&routed[0]));
     }
     let retained = partition.retained();
-    let point_bytes = (live() - before) as f64 / retained.max(1) as f64;
+    let per_point = |bytes: i64| bytes as f64 / retained.max(1) as f64;
+    let point_bytes = per_point(live() - before);
+    let router_point_bytes = per_point(router_bytes);
     let point_rss = (rss_bytes() - rss0) as f64 / retained.max(1) as f64;
-    eprintln!("{retained} points retained: {point_bytes:.0} heap bytes each ({point_rss:.0} RSS)");
+    eprintln!(
+        "{retained} points retained: {point_bytes:.0} heap bytes each ({point_rss:.0} RSS), \
+         of which the router's fine-cell cache {router_point_bytes:.0} and the zone partition {:.0}",
+        point_bytes - router_point_bytes
+    );
     drop(partition);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -349,6 +365,8 @@ fn main() {
             "retained_points": retained,
             "bytes_per_retained_point": point_bytes.round(),
             "rss_bytes_per_retained_point": point_rss.round(),
+            "router_bytes_per_retained_point": router_point_bytes.round(),
+            "zone_bytes_per_retained_point": (point_bytes - router_point_bytes).round(),
             "person_actors": args.persons,
             "bytes_per_person_actor": actor_bytes.round(),
             "rss_bytes_per_person_actor": actor_rss.round(),
