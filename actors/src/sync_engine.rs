@@ -272,6 +272,11 @@ impl Engine {
         self.zones.iter().map(ZonePartition::retained).sum()
     }
 
+    /// Candidates probed over all zone partitions ([`crate::zone_index::ZoneIndex::probed`]).
+    pub fn probed(&self) -> u64 {
+        self.zones.iter().map(ZonePartition::probed).sum()
+    }
+
     /// Persons held over all person partitions.
     pub fn persons(&self) -> usize {
         self.persons.iter().map(PersonPartition::persons).sum()

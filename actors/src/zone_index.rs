@@ -327,6 +327,10 @@ pub struct ZoneIndex {
     scratch: Vec<ColocationSummary>,
     #[serde(skip)]
     scratch_index: FxHashMap<(PersonId, PersonId), usize>,
+    /// Candidates probed: retained points of the neighbor cells (and stored copies) that
+    /// arrivals looked at, since this index was made (not kept in snapshots).
+    #[serde(skip)]
+    probed: u64,
 }
 
 fn summing_default() -> bool {
@@ -357,6 +361,7 @@ impl ZoneIndex {
             counters: ZoneCounters::default(),
             scratch: Vec::new(),
             scratch_index: FxHashMap::default(),
+            probed: 0,
         }
     }
 
@@ -414,6 +419,7 @@ impl ZoneIndex {
             counters: meta.counters,
             scratch: Vec::new(),
             scratch_index: FxHashMap::default(),
+            probed: 0,
         };
         for (cell_id, points) in cells {
             if points.is_empty() {
@@ -441,6 +447,12 @@ impl ZoneIndex {
     /// How many points are retained.
     pub fn retained(&self) -> usize {
         self.retained
+    }
+
+    /// Candidates probed since this index was made: the retained points of the neighbor cells,
+    /// and the stored copies, that arrivals looked at (not kept in snapshots).
+    pub fn probed(&self) -> u64 {
+        self.probed
     }
 
     /// Counters since the zone started (restored with snapshots).
@@ -580,6 +592,7 @@ impl ZoneIndex {
         // Neighbors are looked up a batch at a time, each cell's first points read before any
         // is scanned: the cache misses of a batch then overlap instead of following one another.
         const BATCH: usize = 16;
+        let mut probed = 0u64;
         for batch in neighbors.chunks(BATCH) {
             let mut cells: [Option<&CellPoints>; BATCH] = [None; BATCH];
             let mut warm = 0;
@@ -591,6 +604,7 @@ impl ZoneIndex {
             }
             std::hint::black_box(warm);
             for points in cells.iter().flatten() {
+                probed += points.hot.len() as u64;
                 for (i, p) in points.hot.iter().enumerate() {
                     if late {
                         matched.insert(points.cold[i].event_id);
@@ -604,6 +618,7 @@ impl ZoneIndex {
                 }
             }
         }
+        probed += stored.len() as u64;
         for copy in stored {
             if matched.insert(copy.event_id) && candidate(copy.home, copy.person, copy.recorded_at)
             {
@@ -620,6 +635,7 @@ impl ZoneIndex {
         self.scratch = summaries;
         self.scratch_index = index;
         self.counters.colocations += u64::from(found);
+        self.probed += probed;
         let bucket = e.recorded_at.div_euclid(BUCKET_US);
         let cell = self
             .cells
@@ -883,6 +899,8 @@ pub struct ZonePartition {
     evicted: Option<FxHashMap<ZoneId, Vec<StoredCopy>>>,
     clock: EventClock,
     counters: PartitionCounters,
+    /// Candidates probed by the zones dropped so far (emptied by eviction).
+    probed_dropped: u64,
 }
 
 impl ZonePartition {
@@ -902,6 +920,7 @@ impl ZonePartition {
             evicted: keep_copies.then(FxHashMap::default),
             clock: EventClock::new(params),
             counters: PartitionCounters::default(),
+            probed_dropped: 0,
         }
     }
 
@@ -957,7 +976,15 @@ impl ZonePartition {
         if let Some(evicted) = self.evicted.as_mut() {
             evicted.retain(|_, log| !log.is_empty());
         }
-        self.zones.retain(|_, z| z.retained() > 0);
+        let mut dropped = 0;
+        self.zones.retain(|_, z| {
+            let keep = z.retained() > 0;
+            if !keep {
+                dropped += z.probed();
+            }
+            keep
+        });
+        self.probed_dropped += dropped;
         ZoneBatchOutput {
             person_batches: pack_updates(
                 updates,
@@ -972,6 +999,7 @@ impl ZonePartition {
     /// The end of the input: the watermark jumps to the end of time and everything is evicted.
     pub fn finish(&mut self) -> ZoneBatchOutput {
         self.clock.finish();
+        self.probed_dropped += self.zones.values().map(ZoneIndex::probed).sum::<u64>();
         self.zones.clear();
         ZoneBatchOutput {
             person_batches: pack_updates(
@@ -987,6 +1015,12 @@ impl ZonePartition {
     /// Points retained over all zones.
     pub fn retained(&self) -> usize {
         self.zones.values().map(ZoneIndex::retained).sum()
+    }
+
+    /// Candidates probed by this partition's zones since it was made ([`ZoneIndex::probed`]),
+    /// the dropped ones included.
+    pub fn probed(&self) -> u64 {
+        self.probed_dropped + self.zones.values().map(ZoneIndex::probed).sum::<u64>()
     }
 
     /// The partition's counters.

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use udaconnect_actors::domain::LocationEvent;
-use udaconnect_actors::{Engine, EngineOptions, EngineParams};
+use udaconnect_actors::zone_index::ZonePartition;
+use udaconnect_actors::{Engine, EngineOptions, EngineParams, Router};
 use udaconnect_bench::engine_run::{
     run_actor_engine, ActorRun, Conference, ConferenceSpec, Progress,
 };
@@ -106,6 +107,9 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         "sync" => run_sync(args, &params, &events),
         other => anyhow::bail!("--engine must be `actors` or `sync`, not `{other}`"),
     };
+    let probed = figures
+        .probed
+        .unwrap_or_else(|| zone_stage_probes(args, &params, &events));
     let mut json = serde_json::json!({
         "engine": args.engine,
         "attendees": args.attendees,
@@ -124,6 +128,7 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         "elapsed_s": figures.elapsed_s,
         "events_per_s": (events.len() as f64 / figures.elapsed_s).round(),
         "ns_per_event": (figures.elapsed_s * 1e9 / events.len().max(1) as f64).round(),
+        "candidates_per_event": probed as f64 / events.len().max(1) as f64,
         "colocations": figures.colocations,
         "episodes": figures.episodes,
         "notifications": figures.notifications,
@@ -147,10 +152,28 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
 
 struct Figures {
     elapsed_s: f64,
+    /// Candidates the zones probed (retained points looked at by arrivals), when counted.
+    probed: Option<u64>,
     colocations: u64,
     episodes: usize,
     notifications: u64,
     table: Vec<udaconnect_actors::domain::Episode>,
+}
+
+/// The candidates the zone stage probes on `events` (untimed): the zone partitions alone, over
+/// the same routing and batches as the engines (the actor engine's zones do the same work, but
+/// their counts are not gathered from the actors).
+fn zone_stage_probes(args: &Args, params: &EngineParams, events: &[LocationEvent]) -> u64 {
+    let mut router = Router::new(params, args.zone_partitions);
+    let mut zones: Vec<ZonePartition> = (0..args.zone_partitions)
+        .map(|p| ZonePartition::new(p, params, args.person_partitions, false))
+        .collect();
+    for chunk in events.chunks(args.batch) {
+        for (p, routed) in router.route_batch(chunk).iter().enumerate() {
+            drop(zones[p].process(routed));
+        }
+    }
+    zones.iter().map(ZonePartition::probed).sum()
 }
 
 fn run_actors(
@@ -173,6 +196,7 @@ fn run_actors(
     );
     Ok(Figures {
         elapsed_s: figures.elapsed_s,
+        probed: None,
         colocations: figures.colocations,
         episodes: figures.episodes.len(),
         notifications: figures.notifications,
@@ -204,6 +228,7 @@ fn run_sync(args: &Args, params: &EngineParams, events: &[LocationEvent]) -> Fig
     table.sort_by_key(|e| e.key());
     Figures {
         elapsed_s,
+        probed: Some(engine.probed()),
         colocations: stats.colocations,
         episodes: table.len(),
         notifications: stats.notifications,
