@@ -355,25 +355,28 @@ fn main() {
         "{passivated} passivated persons: {passivated_bytes:.0} heap bytes each \
          ({passivated_rss:.0} RSS); process RSS {rss_end} bytes"
     );
+    // A part measured over nothing (its count 0) prints null, not a quotient of noise.
+    let per = |measured: bool, v: f64| measured.then(|| v.round());
+    let (points, actors, passivated_any) = (retained > 0, args.persons > 0, passivated > 0);
     println!(
         "{}",
         serde_json::json!({
             "passivated_persons": passivated,
-            "bytes_per_passivated_person": passivated_bytes.round(),
-            "rss_bytes_per_passivated_person": passivated_rss.round(),
+            "bytes_per_passivated_person": per(passivated_any, passivated_bytes),
+            "rss_bytes_per_passivated_person": per(passivated_any, passivated_rss),
             "rss_bytes_with_passivated_persons": rss_end,
             "retained_points": retained,
-            "bytes_per_retained_point": point_bytes.round(),
-            "rss_bytes_per_retained_point": point_rss.round(),
-            "router_bytes_per_retained_point": router_point_bytes.round(),
-            "zone_bytes_per_retained_point": (point_bytes - router_point_bytes).round(),
+            "bytes_per_retained_point": per(points, point_bytes),
+            "rss_bytes_per_retained_point": per(points, point_rss),
+            "router_bytes_per_retained_point": per(points, router_point_bytes),
+            "zone_bytes_per_retained_point": per(points, point_bytes - router_point_bytes),
             "person_actors": args.persons,
-            "bytes_per_person_actor": actor_bytes.round(),
-            "rss_bytes_per_person_actor": actor_rss.round(),
-            "bytes_per_empty_actor": floor_bytes.round(),
-            "bytes_per_linked_empty_actor": linked_bytes.round(),
-            "rss_bytes_per_linked_empty_actor": linked_rss.round(),
-            "rss_bytes_per_empty_actor": floor_rss.round(),
+            "bytes_per_person_actor": per(actors, actor_bytes),
+            "rss_bytes_per_person_actor": per(actors, actor_rss),
+            "bytes_per_empty_actor": per(actors, floor_bytes),
+            "bytes_per_linked_empty_actor": per(actors, linked_bytes),
+            "rss_bytes_per_linked_empty_actor": per(actors, linked_rss),
+            "rss_bytes_per_empty_actor": per(actors, floor_rss),
         })
     );
 }
