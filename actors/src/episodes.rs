@@ -303,7 +303,7 @@ fn summary_key(c: &ColocationSummary) -> u64 {
 }
 
 /// A passivated person's state, packed: the postcard bytes of its [`PersonState`], the same
-/// bytes as its snapshot part (about 100 bytes for a person seen once with no episode, where
+/// bytes as its snapshot part (under 100 bytes for a person seen once with no episode, where
 /// the live state takes about 250 and its actor about 7,500 more). A person is passivated only
 /// with every episode closed, so the packed state is read again only when the person reports
 /// again, a closed episode's retention ends, a snapshot or a view asks for it, or an erasure

@@ -20,6 +20,8 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -129,12 +131,44 @@ struct Args {
     admin_url: String,
 }
 
+/// Set by SIGINT or SIGTERM: the peers stop at their next event, so that the servers this bench
+/// started are stopped and its database dropped (the default action would leave them behind).
+static INTERRUPTED: std::sync::LazyLock<Arc<AtomicBool>> =
+    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
+
+/// An error once a signal asked the bench to stop.
+fn check_interrupted() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !INTERRUPTED.load(Ordering::Relaxed),
+        "interrupted by a signal"
+    );
+    Ok(())
+}
+
+/// SIGINT and SIGTERM set [`INTERRUPTED`] instead of ending the process.
+fn watch_signals() -> anyhow::Result<()> {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&INTERRUPTED))
+            .context("failed to handle SIGINT and SIGTERM")?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = watch_signals() {
+        eprintln!("peer-bench: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(&args) {
-        Ok(json) => {
+        Ok((json, failed)) => {
             println!("{json}");
-            ExitCode::SUCCESS
+            if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("peer-bench: failed: {}", failed.join(", "));
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("peer-bench: {e:#}");
@@ -143,7 +177,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> anyhow::Result<Value> {
+/// The figures, and the peers that failed (a peer that cannot be built or installed here is
+/// skipped with its reason, not failed).
+fn run(args: &Args) -> anyhow::Result<(Value, Vec<String>)> {
     anyhow::ensure!(args.engine_batch > 0, "--engine-batch must be at least 1");
     anyhow::ensure!(
         args.engine_pipelined_batch > 0,
@@ -178,6 +214,7 @@ fn run(args: &Args) -> anyhow::Result<Value> {
     anyhow::ensure!(!events.is_empty(), "the conference has no events");
 
     let mut results = serde_json::Map::new();
+    let mut failed = Vec::new();
     // The engine first: its peak memory is this process's, before the oracle's tables exist.
     let engine_run = if peers.contains(&Peer::Engine) {
         Some(run_engine(args, &params, &events)?)
@@ -185,6 +222,7 @@ fn run(args: &Args) -> anyhow::Result<Value> {
         None
     };
 
+    check_interrupted()?;
     eprintln!("oracle: brute force over {} events", events.len());
     let started = Instant::now();
     let truth = oracle(&events, &params);
@@ -209,10 +247,11 @@ fn run(args: &Args) -> anyhow::Result<Value> {
     if peers.contains(&Peer::Redis) {
         results.insert(
             "redis".into(),
-            skipped_on_error(
+            failed_on_error(
                 "redis",
                 run_redis(args, &events, &first, slices, &params, &truth_pairs, late),
-            ),
+                &mut failed,
+            )?,
         );
     }
     if peers.contains(&Peer::Postgis) {
@@ -221,53 +260,64 @@ fn run(args: &Args) -> anyhow::Result<Value> {
             .build()?;
         results.insert(
             "postgis".into(),
-            skipped_on_error(
+            failed_on_error(
                 "postgis",
                 runtime.block_on(run_postgis(args, &events, &first, &params, &truth_pairs)),
-            ),
+                &mut failed,
+            )?,
         );
     }
     if peers.contains(&Peer::Tile38) {
         results.insert(
             "tile38".into(),
-            skipped_on_error(
+            failed_on_error(
                 "tile38",
                 run_tile38(args, &events, &first, slices, &params, &truth_pairs, late),
-            ),
+                &mut failed,
+            )?,
         );
     }
 
-    Ok(json!({
-        "tool": "peer-bench",
-        "attendees": args.attendees,
-        "duration_s": args.duration_s,
-        "booths": config.booths,
-        "talk_probability": config.talk_probability,
-        "report_interval_s": config.report_interval_s,
-        "seed": args.seed,
-        "events": events.len(),
-        "retried_events": retries,
-        "zones": zones,
-        "zone_resolution": args.zone_resolution,
-        "radius_m": params.radius_m,
-        "window_s": params.window_s,
-        "lateness_s": params.lateness_s,
-        "episode_gap_s": params.episode_gap_s,
-        "oracle_pairs": truth_pairs.len(),
-        "oracle_episodes": truth.episodes.len(),
-        "oracle_s": round3(oracle_s),
-        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "peers": results,
-    }))
+    Ok((
+        json!({
+            "tool": "peer-bench",
+            "attendees": args.attendees,
+            "duration_s": args.duration_s,
+            "booths": config.booths,
+            "talk_probability": config.talk_probability,
+            "report_interval_s": config.report_interval_s,
+            "seed": args.seed,
+            "events": events.len(),
+            "retried_events": retries,
+            "zones": zones,
+            "zone_resolution": args.zone_resolution,
+            "radius_m": params.radius_m,
+            "window_s": params.window_s,
+            "lateness_s": params.lateness_s,
+            "episode_gap_s": params.episode_gap_s,
+            "oracle_pairs": truth_pairs.len(),
+            "oracle_episodes": truth.episodes.len(),
+            "oracle_s": round3(oracle_s),
+            "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "peers": results,
+        }),
+        failed,
+    ))
 }
 
-/// A peer that could not run is reported as skipped, with the reason, so that the others'
-/// figures still come out.
-fn skipped_on_error(name: &str, result: anyhow::Result<Value>) -> Value {
-    result.unwrap_or_else(|e| {
-        eprintln!("{name}: skipped: {e:#}");
-        json!({ "skipped": format!("{e:#}") })
-    })
+/// A peer that failed is reported with its error, so that the others' figures still come out,
+/// and counted in `failed` (the bench then exits with a failure); a signal stops the whole run.
+fn failed_on_error(
+    name: &str,
+    result: anyhow::Result<Value>,
+    failed: &mut Vec<String>,
+) -> anyhow::Result<Value> {
+    check_interrupted()?;
+    Ok(result.unwrap_or_else(|e| {
+        eprintln!("{name}: failed: {e:#}");
+        failed.push(name.to_owned());
+        json!({ "failed": format!("{e:#}") })
+    }))
 }
 
 fn round3(v: f64) -> f64 {
@@ -571,6 +621,7 @@ fn run_slices(
     let mut found = Vec::new();
     let started = Instant::now();
     for (i, e) in events.iter().enumerate() {
+        check_interrupted()?;
         let sent = Instant::now();
         let mut pipe = redis::pipe();
         let own = slices.of(e.recorded_at);
@@ -836,6 +887,7 @@ async fn postgis_per_event(
     let mut progress = Progress::new("postgis", events.len());
     let started = Instant::now();
     for (i, e) in events.iter().enumerate() {
+        check_interrupted()?;
         let t = chrono::DateTime::from_timestamp_micros(e.recorded_at)
             .with_context(|| format!("event {i}: time out of range"))?;
         let sent = Instant::now();
