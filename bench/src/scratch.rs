@@ -24,12 +24,12 @@ pub struct Leftovers {
     pub prefixes: Vec<String>,
 }
 
-/// A connection to the maintenance database at `admin_url`; errors name the server (password
-/// redacted).
-pub async fn admin_client(admin_url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(admin_url, NoTls)
+/// A connection to the database at `url` (the benches' maintenance database or one of theirs);
+/// errors name the server (password redacted).
+pub async fn pg_client(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .with_context(|| format!("postgres at {} is unreachable", redact_url(admin_url)))?;
+        .with_context(|| format!("postgres at {} is unreachable", redact_url(url)))?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -42,7 +42,7 @@ pub async fn fresh(
 ) -> anyhow::Result<Config> {
     let id = Uuid::new_v4().simple().to_string();
     let name = format!("udaconnect_bench_{id}");
-    admin_client(admin_url)
+    pg_client(admin_url)
         .await?
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
@@ -58,7 +58,7 @@ pub async fn fresh(
 /// Drops the databases and deletes the topics of `leftovers`; what cannot be removed is said on
 /// stderr, never an error (a bench's figures matter more than its clean-up).
 pub async fn cleanup(base: &Config, admin_url: &str, leftovers: &Leftovers) {
-    if let Ok(admin) = admin_client(admin_url).await {
+    if let Ok(admin) = pg_client(admin_url).await {
         for db in &leftovers.databases {
             if let Err(e) = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::{json, Value};
-use tokio_postgres::NoTls;
 use udaconnect::Config;
+use udaconnect_bench::scratch::pg_client;
 use udaconnect_bench::{percentile, with_database};
 use uuid::Uuid;
 
@@ -75,17 +75,6 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
-        format!(
-            "postgres at {} is unreachable",
-            udaconnect::config::redact_url(url)
-        )
-    })?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
 async fn run(cli: &Cli) -> anyhow::Result<Value> {
     let base = Config::load(None)?;
     let admin_url = match &cli.admin_url {
@@ -93,7 +82,7 @@ async fn run(cli: &Cli) -> anyhow::Result<Value> {
         None => with_database(base.database_url.expose(), "postgres")?,
     };
     let name = format!("udaconnect_bench_history_{}", Uuid::new_v4().simple());
-    let admin = connect(&admin_url).await?;
+    let admin = pg_client(&admin_url).await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
@@ -192,8 +181,8 @@ impl Lcg {
 // they run (set up, warm up, measure, drain, verify, report), sharing the timings and counts
 // they report; split, each step would take and return a dozen of them.
 async fn measure(cli: &Cli, base: &Config, url: &str) -> anyhow::Result<Value> {
-    let db = connect(url).await?;
-    udaconnect::store::migrate(&mut connect(url).await?)
+    let db = pg_client(url).await?;
+    udaconnect::store::migrate(&mut pg_client(url).await?)
         .await
         .context("failed to migrate")?;
     let load = populate(cli, &db).await?;

@@ -317,26 +317,9 @@ fn main() {
                 updates,
                 watermark: T0,
             };
-            sup.call(
-                |reply| PersonSupervisorMsg::Batch {
-                    batches: vec![batch],
-                    next_offset: 0,
-                    permit: None,
-                    done: Some(reply),
-                },
-                None,
-            )
-            .await
-            .expect("batch");
+            apply(&sup, batch).await;
         }
-        let view = sup
-            .call(PersonSupervisorMsg::View, None)
-            .await
-            .expect("view");
-        let active = match view {
-            ractor::rpc::CallResult::Success(v) => v.active_persons,
-            _ => 0,
-        };
+        let active = view(&sup).await.active_persons;
         let bytes = (live() - before) as f64 / active.max(1) as f64;
         let rss = (rss_bytes() - rss0) as f64 / active.max(1) as f64;
         eprintln!(

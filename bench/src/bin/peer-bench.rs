@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
-use tokio_postgres::NoTls;
 use udaconnect_actors::domain::{LocationEvent, MICROS_PER_S};
 use udaconnect_actors::oracle::{oracle, OracleResult};
 use udaconnect_actors::EngineParams;
@@ -38,6 +37,7 @@ use udaconnect_bench::peers::{
     compare_engine, compare_pairs, event_pair, first_copies, free_port, max_boundary_error_m,
     oracle_pairs, EventPair, Latency, PairComparison, ServerProcess, TimeSlices,
 };
+use udaconnect_bench::scratch::pg_client;
 use udaconnect_bench::{
     peak_rss_bytes, peak_rss_bytes_of, reset_peak_rss, rss_bytes, with_database,
 };
@@ -243,15 +243,18 @@ fn run(args: &Args) -> anyhow::Result<(Value, Vec<String>)> {
     if let Some(engine) = engine_run {
         results.insert("engine".into(), engine.figures(&truth));
     }
-    let late = late_events(&events, params.lateness_s);
+    let resp = Workload {
+        events: &events,
+        first: &first,
+        slices,
+        params: &params,
+        truth: &truth_pairs,
+        late: late_events(&events, params.lateness_s),
+    };
     if peers.contains(&Peer::Redis) {
         results.insert(
             "redis".into(),
-            failed_on_error(
-                "redis",
-                run_redis(args, &events, &first, slices, &params, &truth_pairs, late),
-                &mut failed,
-            )?,
+            failed_on_error("redis", run_redis(args, resp), &mut failed)?,
         );
     }
     if peers.contains(&Peer::Postgis) {
@@ -270,11 +273,7 @@ fn run(args: &Args) -> anyhow::Result<(Value, Vec<String>)> {
     if peers.contains(&Peer::Tile38) {
         results.insert(
             "tile38".into(),
-            failed_on_error(
-                "tile38",
-                run_tile38(args, &events, &first, slices, &params, &truth_pairs, late),
-                &mut failed,
-            )?,
+            failed_on_error("tile38", run_tile38(args, resp), &mut failed)?,
         );
     }
 
@@ -511,6 +510,22 @@ fn parse_member(m: &str) -> Option<(u32, i64, i64)> {
 }
 
 impl GeoDialect {
+    /// The peer's name (its figures' key, its server's name).
+    fn name(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Tile38 => "tile38",
+        }
+    }
+
+    /// Its commands to add, search and drop a slice.
+    fn commands(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Redis => ("GEOADD", "GEOSEARCH", "DEL"),
+            Self::Tile38 => ("SET", "NEARBY", "DROP"),
+        }
+    }
+
     fn add(self, pipe: &mut redis::Pipeline, key: &str, member: &str, e: &LocationEvent) {
         match self {
             // GEOADD takes longitude first.
@@ -662,15 +677,62 @@ fn run_slices(
     Ok((pairs, latencies, started.elapsed().as_secs_f64(), dropped))
 }
 
-fn run_redis(
-    args: &Args,
-    events: &[LocationEvent],
-    first: &[u32],
+/// What a RESP peer is measured on.
+#[derive(Clone, Copy)]
+struct Workload<'a> {
+    events: &'a [LocationEvent],
+    first: &'a [u32],
     slices: TimeSlices,
-    params: &EngineParams,
-    truth: &HashSet<EventPair>,
+    params: &'a EngineParams,
+    truth: &'a HashSet<EventPair>,
+    /// Events later than the lateness (reported, not treated apart).
     late: u64,
+}
+
+/// Runs the slice queries of `dialect` ([`run_slices`]) on `server`, then stops it: the figures
+/// of the peer, its pairs checked against the oracle.
+fn measure_slices(
+    dialect: GeoDialect,
+    server: ServerProcess,
+    con: &mut redis::Connection,
+    w: Workload<'_>,
 ) -> anyhow::Result<Value> {
+    let name = dialect.name();
+    let (pairs, latencies, elapsed_s, dropped) =
+        run_slices(name, dialect, con, w.events, w.first, w.slices, w.params)?;
+    // Redis's own count of its peak, beside the process's.
+    let used_memory_peak = match dialect {
+        GeoDialect::Redis => {
+            let memory: String = redis::cmd("INFO").arg("memory").query(con)?;
+            info_field(&memory, "used_memory_peak").and_then(|v| v.parse::<u64>().ok())
+        }
+        GeoDialect::Tile38 => None,
+    };
+    let peak = server.peak_rss_bytes();
+    server.stop();
+    let checked = Checked {
+        events: w.events,
+        found: &pairs,
+        truth: w.truth,
+        radius_m: w.params.radius_m,
+    };
+    let mut figures = checked.figures(elapsed_s, Latency::of(latencies), peak);
+    figures["peak_memory_is"] = json!(format!("VmHWM of the {name}-server process"));
+    if let Some(bytes) = used_memory_peak {
+        figures["used_memory_peak_bytes"] = json!(bytes);
+    }
+    figures["round_trips_per_event"] = json!(1);
+    let (add, search, drop) = dialect.commands();
+    figures["commands_per_event"] = json!(format!(
+        "{add} + {} {search} (+ {drop} of expired slices)",
+        w.slices.around(0).count()
+    ));
+    figures["slices_dropped"] = json!(dropped);
+    figures["late_events"] = json!(w.late);
+    Ok(figures)
+}
+
+fn run_redis(args: &Args, w: Workload<'_>) -> anyhow::Result<Value> {
     let port = free_port()?;
     let mut server = ServerProcess::start("redis", &args.redis_server, |dir| {
         [
@@ -696,36 +758,8 @@ fn run_redis(
         "redis: redis-server {version} (pid {}) on port {port}; one pipeline per event",
         server.pid()
     );
-    let (pairs, latencies, elapsed_s, dropped) = run_slices(
-        "redis",
-        GeoDialect::Redis,
-        &mut con,
-        events,
-        first,
-        slices,
-        params,
-    )?;
-    let memory: String = redis::cmd("INFO").arg("memory").query(&mut con)?;
-    let peak = server.peak_rss_bytes();
-    server.stop();
-    let checked = Checked {
-        events,
-        found: &pairs,
-        truth,
-        radius_m: params.radius_m,
-    };
-    let mut figures = checked.figures(elapsed_s, Latency::of(latencies), peak);
+    let mut figures = measure_slices(GeoDialect::Redis, server, &mut con, w)?;
     figures["server"] = json!(format!("redis-server {version}"));
-    figures["peak_memory_is"] = json!("VmHWM of the redis-server process");
-    figures["used_memory_peak_bytes"] =
-        json!(info_field(&memory, "used_memory_peak").and_then(|v| v.parse::<u64>().ok()));
-    figures["round_trips_per_event"] = json!(1);
-    figures["commands_per_event"] = json!(format!(
-        "GEOADD + {} GEOSEARCH (+ DEL of expired slices)",
-        slices.around(0).count()
-    ));
-    figures["slices_dropped"] = json!(dropped);
-    figures["late_events"] = json!(late);
     Ok(figures)
 }
 
@@ -735,15 +769,7 @@ fn info_field(info: &str, field: &str) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
-fn run_tile38(
-    args: &Args,
-    events: &[LocationEvent],
-    first: &[u32],
-    slices: TimeSlices,
-    params: &EngineParams,
-    truth: &HashSet<EventPair>,
-    late: u64,
-) -> anyhow::Result<Value> {
+fn run_tile38(args: &Args, w: Workload<'_>) -> anyhow::Result<Value> {
     let Some(binary) = args.tile38_server.as_deref().filter(|p| p.exists()) else {
         let reason = args
             .tile38_skip_reason
@@ -774,47 +800,10 @@ fn run_tile38(
         binary.display(),
         server.pid()
     );
-    let (pairs, latencies, elapsed_s, dropped) = run_slices(
-        "tile38",
-        GeoDialect::Tile38,
-        &mut con,
-        events,
-        first,
-        slices,
-        params,
-    )?;
-    let peak = server.peak_rss_bytes();
-    server.stop();
-    let checked = Checked {
-        events,
-        found: &pairs,
-        truth,
-        radius_m: params.radius_m,
-    };
-    let mut figures = checked.figures(elapsed_s, Latency::of(latencies), peak);
-    figures["peak_memory_is"] = json!("VmHWM of the tile38-server process");
-    figures["round_trips_per_event"] = json!(1);
-    figures["commands_per_event"] = json!(format!(
-        "SET + {} NEARBY (+ DROP of expired slices)",
-        slices.around(0).count()
-    ));
-    figures["slices_dropped"] = json!(dropped);
-    figures["late_events"] = json!(late);
-    Ok(figures)
+    measure_slices(GeoDialect::Tile38, server, &mut con, w)
 }
 
 // ----------------------------------------------------------------------------------- PostGIS
-
-async fn connect_pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
-        format!(
-            "postgres at {} is unreachable",
-            udaconnect::config::redact_url(url)
-        )
-    })?;
-    tokio::spawn(connection);
-    Ok(client)
-}
 
 async fn run_postgis(
     args: &Args,
@@ -824,7 +813,7 @@ async fn run_postgis(
     truth: &HashSet<EventPair>,
 ) -> anyhow::Result<Value> {
     let name = format!("peer_bench_{}", std::process::id());
-    let admin = connect_pg(&args.admin_url).await?;
+    let admin = pg_client(&args.admin_url).await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
@@ -847,7 +836,7 @@ async fn postgis_per_event(
     params: &EngineParams,
     truth: &HashSet<EventPair>,
 ) -> anyhow::Result<Value> {
-    let db = connect_pg(url).await?;
+    let db = pg_client(url).await?;
     db.batch_execute(
         "CREATE EXTENSION IF NOT EXISTS postgis;
          CREATE TABLE peer_event (
