@@ -106,11 +106,25 @@ pub struct OpenEpisode {
 }
 
 /// One person's state: recent trajectory, open episodes per peer, recent summary ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Serialized (snapshots, passivation) as one flat record: person, trajectory, peers, recent
+/// summary ids, dirty peers, counters ([`StoredPersonState`]).
+#[derive(Debug, Clone)]
 pub struct PersonState {
     person: PersonId,
-    #[serde(with = "packed_trajectory")]
     trajectory: VecDeque<Sighting>,
+    /// Its episodes and the summaries it counted, allocated at its first co-location and
+    /// dropped when they are all forgotten: 8 bytes instead of 96 for a person without, and
+    /// this state lives in its actor's task, whose allocation comes in steps of 128 bytes
+    /// (tokio's task cell): 96 bytes more put a person actor a step higher, 128 bytes more
+    /// for every person (docs/benchmarks.md, "Person actors").
+    book: Option<Box<EpisodeBook>>,
+    counters: PersonCounters,
+}
+
+/// A person's episodes and the summary identities it counted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct EpisodeBook {
     /// Episodes by peer, in time order. Most peers have one, kept in the map's entry itself:
     /// a co-location then costs one lookup, not a lookup and a second allocation to read
     /// (that second read was half of `colocation`'s time in engine-bench's profile).
@@ -119,7 +133,82 @@ pub struct PersonState {
     /// identity ([`summary_key`]).
     recent: RecentSummaries,
     dirty_peers: Vec<PersonId>,
+}
+
+impl EpisodeBook {
+    fn is_empty(&self) -> bool {
+        self.peers.is_empty() && self.recent.keep.is_empty() && self.dirty_peers.is_empty()
+    }
+}
+
+/// The book of a person without one.
+static NO_BOOK: std::sync::LazyLock<EpisodeBook> = std::sync::LazyLock::new(EpisodeBook::default);
+
+/// [`PersonState`] as it is serialized: the fields in this order (the form of every snapshot
+/// format so far; postcard writes no names).
+#[derive(Serialize)]
+struct StoredPersonStateRef<'a> {
+    person: PersonId,
+    #[serde(serialize_with = "packed_trajectory::serialize_ref")]
+    trajectory: &'a VecDeque<Sighting>,
+    peers: &'a FxHashMap<PersonId, Segments>,
+    recent: &'a RecentSummaries,
+    dirty_peers: &'a Vec<PersonId>,
     counters: PersonCounters,
+}
+
+/// [`StoredPersonStateRef`], owned, to read.
+#[derive(Deserialize)]
+struct StoredPersonState {
+    person: PersonId,
+    #[serde(with = "packed_trajectory")]
+    trajectory: VecDeque<Sighting>,
+    peers: FxHashMap<PersonId, Segments>,
+    recent: RecentSummaries,
+    dirty_peers: Vec<PersonId>,
+    counters: PersonCounters,
+}
+
+impl Serialize for PersonState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let book = self.book();
+        StoredPersonStateRef {
+            person: self.person,
+            trajectory: &self.trajectory,
+            peers: &book.peers,
+            recent: &book.recent,
+            dirty_peers: &book.dirty_peers,
+            counters: self.counters,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PersonState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let stored = StoredPersonState::deserialize(d)?;
+        let book = EpisodeBook {
+            peers: stored.peers,
+            recent: stored.recent,
+            dirty_peers: stored.dirty_peers,
+        };
+        Ok(Self {
+            person: stored.person,
+            trajectory: stored.trajectory,
+            book: (!book.is_empty()).then(|| Box::new(book)),
+            counters: stored.counters,
+        })
+    }
+}
+
+/// Equal when they hold the same: a person without a book and one with an empty book are equal.
+impl PartialEq for PersonState {
+    fn eq(&self, other: &Self) -> bool {
+        self.person == other.person
+            && self.trajectory == other.trajectory
+            && self.counters == other.counters
+            && self.book() == other.book()
+    }
 }
 
 /// Summary identities ([`summary_key`]) counted, each with the time until which a replay may
@@ -208,6 +297,11 @@ mod packed_trajectory {
         lat: f64,
         lon: f64,
         zone: Option<ZoneId>,
+    }
+
+    /// [`serialize`] for a field that holds a reference.
+    pub fn serialize_ref<S: Serializer>(t: &&VecDeque<Sighting>, s: S) -> Result<S::Ok, S::Error> {
+        serialize(t, s)
     }
 
     pub fn serialize<S: Serializer>(t: &VecDeque<Sighting>, s: S) -> Result<S::Ok, S::Error> {
@@ -337,10 +431,27 @@ impl PersonState {
         Self {
             person,
             trajectory: VecDeque::new(),
-            peers: FxHashMap::default(),
-            recent: RecentSummaries::default(),
-            dirty_peers: Vec::new(),
+            book: None,
             counters: PersonCounters::default(),
+        }
+    }
+
+    /// Its episode book (an empty one when it has none).
+    fn book(&self) -> &EpisodeBook {
+        self.book.as_deref().unwrap_or(&NO_BOOK)
+    }
+
+    /// Whether an episode changed since the last [`PersonState::flush`].
+    fn has_dirty_peers(&self) -> bool {
+        self.book
+            .as_ref()
+            .is_some_and(|b| !b.dirty_peers.is_empty())
+    }
+
+    /// Drops the episode book once it holds nothing.
+    fn drop_book_if_empty(&mut self) {
+        if self.book.as_ref().is_some_and(|b| b.is_empty()) {
+            self.book = None;
         }
     }
 
@@ -429,7 +540,8 @@ impl PersonState {
         } else {
             c.first
         };
-        if !self.recent.insert(key, keep_until, min_watermark) {
+        let book = self.book.get_or_insert_with(Box::default);
+        if !book.recent.insert(key, keep_until, min_watermark) {
             self.counters.repeats += u64::from(c.count);
             return None;
         }
@@ -437,7 +549,7 @@ impl PersonState {
         if capture {
             out.accepted.push(*c);
         }
-        let segments = self.peers.entry(c.peer).or_default();
+        let segments = book.peers.entry(c.peer).or_default();
         // A peer is listed in `dirty_peers` once, while any of its episodes is dirty.
         let was_dirty = segments.iter().any(|s| s.dirty);
         let first = segments.partition_point(|s| s.last.saturating_add(gap_us) < c.first);
@@ -464,7 +576,7 @@ impl PersonState {
                 },
             );
             if !was_dirty {
-                self.dirty_peers.push(c.peer);
+                book.dirty_peers.push(c.peer);
             }
             return Some(if closed {
                 deadline.saturating_add(params.closed_retention_us)
@@ -520,7 +632,7 @@ impl PersonState {
                 seg.update.get_or_insert_with(Vec::new).extend(replaced);
             }
             if !was_dirty {
-                self.dirty_peers.push(c.peer);
+                book.dirty_peers.push(c.peer);
             }
         }
         if reopened {
@@ -533,8 +645,11 @@ impl PersonState {
 
     /// Emits the changed open episodes for the sink.
     pub fn flush(&mut self, out: &mut PersonOutput) {
-        for peer in self.dirty_peers.drain(..) {
-            let Some(segments) = self.peers.get_mut(&peer) else {
+        let Some(book) = self.book.as_deref_mut() else {
+            return;
+        };
+        for peer in book.dirty_peers.drain(..) {
+            let Some(segments) = book.peers.get_mut(&peer) else {
                 continue;
             };
             for seg in segments.iter_mut().filter(|s| s.dirty) {
@@ -560,8 +675,9 @@ impl PersonState {
         let mut next: Option<Micros> = None;
         let mut sooner = |t: Micros| next = Some(next.map_or(t, |n: Micros| n.min(t)));
         let person = self.person;
+        let book = self.book.as_deref_mut()?;
         let mut emptied = Vec::new();
-        for (&peer, segments) in self.peers.iter_mut() {
+        for (&peer, segments) in book.peers.iter_mut() {
             segments.retain_mut(|seg| {
                 let deadline = seg.last.saturating_add(gap_us);
                 let forget_at = deadline.saturating_add(params.closed_retention_us);
@@ -594,9 +710,10 @@ impl PersonState {
             }
         }
         for peer in emptied {
-            self.peers.remove(&peer);
+            book.peers.remove(&peer);
         }
-        self.recent.sweep(min_watermark);
+        book.recent.sweep(min_watermark);
+        self.drop_book_if_empty();
         next
     }
 
@@ -604,20 +721,26 @@ impl PersonState {
     /// change or notification is emitted for them); true when any was held. The summary
     /// identities of [`RecentSummaries`] are hashes and age out at the watermark.
     pub fn forget_peers(&mut self, persons: &FxHashSet<PersonId>) -> bool {
-        let before = self.peers.len();
-        self.peers.retain(|peer, _| !persons.contains(peer));
-        self.dirty_peers.retain(|peer| !persons.contains(peer));
-        self.peers.len() != before
+        let Some(book) = self.book.as_deref_mut() else {
+            return false;
+        };
+        let before = book.peers.len();
+        book.peers.retain(|peer, _| !persons.contains(peer));
+        book.dirty_peers.retain(|peer| !persons.contains(peer));
+        let forgot = book.peers.len() != before;
+        self.drop_book_if_empty();
+        forgot
     }
 
     /// Whether any episode is open.
     pub fn has_open_episodes(&self) -> bool {
-        self.peers.values().flatten().any(|s| !s.closed)
+        self.book().peers.values().flatten().any(|s| !s.closed)
     }
 
     /// The open episodes, by peer then start.
     pub fn open_episodes(&self) -> Vec<OpenEpisode> {
         let mut v: Vec<OpenEpisode> = self
+            .book()
             .peers
             .iter()
             .flat_map(|(&peer, segs)| {
@@ -637,7 +760,7 @@ impl PersonState {
     /// Every peer the person holds an episode with, open or closed (kept until the late path
     /// can no longer reshape it), in ascending order.
     pub fn peers(&self) -> Vec<PersonId> {
-        let mut peers: Vec<PersonId> = self.peers.keys().copied().collect();
+        let mut peers: Vec<PersonId> = self.book().peers.keys().copied().collect();
         peers.sort_unstable();
         peers
     }
@@ -878,7 +1001,7 @@ impl PersonPartition {
                 .or_insert_with(|| PersonState::new(person));
             let before = state.counters.colocations;
             // Every batch ends with a flush that empties `dirty_peers`.
-            let was_clean = state.dirty_peers.is_empty();
+            let was_clean = !state.has_dirty_peers();
             for &(_, i) in &order[at..at + run] {
                 let update = &batch.updates[i as usize];
                 self.counters.updates += 1;
@@ -901,7 +1024,7 @@ impl PersonPartition {
                 }
             }
             self.counters.colocations += state.counters.colocations - before;
-            if was_clean && !state.dirty_peers.is_empty() {
+            if was_clean && state.has_dirty_peers() {
                 touched.push(person);
             }
             at += run;
@@ -1080,7 +1203,7 @@ mod tests {
         p.close(far, &r, &mut out);
         assert_eq!(kinds(&out), [Ended]);
         p.close(far + 1, &r, &mut out);
-        assert!(p.peers.is_empty(), "{:?}", p.peers);
+        assert!(p.book().peers.is_empty(), "{:?}", p.book);
     }
 
     #[test]
@@ -1095,9 +1218,9 @@ mod tests {
             let min = T0 + (t - lag) * S;
             p.colocation(&at(t, t as u128), false, min, min, &r, &mut out, false);
             assert!(
-                p.recent.keep.len() <= 2 * (lag as usize + 1) + MIN_SWEEP,
+                p.book().recent.keep.len() <= 2 * (lag as usize + 1) + MIN_SWEEP,
                 "{} kept at {t} s",
-                p.recent.keep.len()
+                p.book().recent.keep.len()
             );
         }
         assert_eq!(p.open_episodes().len(), 1);
@@ -1148,6 +1271,41 @@ mod tests {
             Some(T0 + 8 * S)
         );
         assert_eq!(p.counters().sightings, 41);
+    }
+
+    /// The bytes of a person's state are those every snapshot format so far wrote (postcard of
+    /// the fields person, trajectory, peers, recent summary ids, dirty peers, counters, in this
+    /// order; pinned from the state before the episode book was boxed): a stored snapshot and a
+    /// passivated person read back across the change.
+    #[test]
+    fn a_persons_bytes_are_the_ones_snapshots_stored_before() {
+        let r = rules();
+        let mut p = PersonState::new(1);
+        let mut out = PersonOutput::default();
+        let e = |t: i64| LocationEvent {
+            event_id: Uuid::from_u128(10_000 + t as u128),
+            person_id: 1,
+            lat: 35.08,
+            lon: -106.65,
+            recorded_at: T0 + t * S,
+            received_at: T0 + t * S,
+        };
+        p.sighting(&e(0), 0x0894_88d4_a2a3_ffff);
+        let seen_once = postcard::to_allocvec(&p).expect("encodes");
+        // Two co-locations with one peer, the second not flushed (a dirty peer).
+        p.colocation(&at(1, 1), false, T0, T0, &r, &mut out, false);
+        p.flush(&mut out);
+        p.colocation(&at(2, 2), false, T0, T0, &r, &mut out, false);
+        let met = postcard::to_allocvec(&p).expect("encodes");
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        // Only a person who met someone holds an episode book; both read back equal.
+        assert!(p.book.is_some() && PersonState::new(1).book.is_none());
+        for bytes in [&seen_once, &met] {
+            let back: PersonState = postcard::from_bytes(bytes).expect("decodes");
+            assert_eq!(postcard::to_allocvec(&back).expect("encodes"), *bytes);
+        }
+        let got = format!("{} {}", hex(&seen_once), hex(&met));
+        assert_eq!(got, "0201000000000000000000000000000027108080afa2dbffad060ad7a3703d8a41409a99999999a95ac001ffff8f95ca9aa2ca08000000010000000000 0201000000000000000000000000000027108080afa2dbffad060ad7a3703d8a41409a99999999a95ac001ffff8f95ca9aa2ca080104018089a9a3dbffad068092a3a4dbffad060200000000000000408089a9a3dbffad06100000000000000000000000000000000110000000000000000000000000000003e900000000000000000000000000000000018089a9a3dbffad06000000010002e9b38fa452f527cf8089a9a3dbffad068bf65b5ba3bab1da80897a00010200010000");
     }
 
     #[test]

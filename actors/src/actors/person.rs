@@ -48,9 +48,14 @@ const WRITER_QUEUE: usize = 4;
 /// Most episode changes the writer stores in one write.
 const MAX_CHANGES_PER_WRITE: usize = 100_000;
 
-/// A person actor: configuration only; its state is a [`PersonState`].
-pub struct PersonActor {
+/// A person actor: its partition's configuration, shared (8 bytes in each actor's task, where
+/// a copy took 24); its state is a [`PersonState`].
+pub struct PersonActor(Arc<PersonConfig>);
+
+/// What every person actor of a partition works with.
+struct PersonConfig {
     rules: EpisodeRules,
+    /// Keep accepted co-locations in the outputs (tests).
     capture: bool,
 }
 
@@ -125,12 +130,23 @@ impl Actor for PersonActor {
         Ok(state)
     }
 
-    async fn handle(
+    /// Handles `msg` at once and returns a ready future: nothing here awaits, and an `async`
+    /// body would keep the message (64 bytes) and its own arguments in every person actor's
+    /// task for as long as the actor lives (docs/benchmarks.md, "Person actors").
+    fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> impl std::future::Future<Output = Result<(), ActorProcessingErr>> + Send {
+        self.handle_now(msg, state);
+        std::future::ready(Ok(()))
+    }
+}
+
+impl PersonActor {
+    /// What [`Actor::handle`] does with `msg`, synchronously.
+    fn handle_now(&self, msg: PersonMsg, state: &mut PersonState) {
         match msg {
             PersonMsg::Apply {
                 updates,
@@ -150,9 +166,9 @@ impl Actor for PersonActor {
                                 matches!(u, PersonUpdate::LateColocations(_)),
                                 source_watermark,
                                 min_watermark,
-                                &self.rules,
+                                &self.0.rules,
                                 &mut out,
-                                self.capture,
+                                self.0.capture,
                             ) {
                                 deadline = Some(deadline.map_or(d, |x: Micros| x.min(d)));
                             }
@@ -168,7 +184,7 @@ impl Actor for PersonActor {
                 reply,
             } => {
                 let mut out = PersonOutput::default();
-                let next = state.close(min_watermark, &self.rules, &mut out);
+                let next = state.close(min_watermark, &self.0.rules, &mut out);
                 let _ = reply.send((out, next));
             }
             PersonMsg::View(reply) => {
@@ -182,13 +198,14 @@ impl Actor for PersonActor {
             }
             PersonMsg::Crash => panic!("person actor asked to crash"),
         }
-        Ok(())
     }
 }
 
 impl Child for PersonActor {
     type Key = PersonId;
     type Part = PersonState;
+    /// Event time of the person's latest update (µs since the Unix epoch), for passivation.
+    type Note = Micros;
     const KIND: &'static str = "person";
     const CALL_TIMEOUT: Duration = CALL_TIMEOUT;
 
@@ -273,16 +290,15 @@ pub struct PersonSupervisorArgs {
 /// A person supervisor's state.
 pub struct PersonSupervisorState {
     partition: u32,
-    rules: EpisodeRules,
+    /// Shared with its person actors.
+    config: Arc<PersonConfig>,
     passivate_after_us: Micros,
-    capture: bool,
     connections: Arc<dyn ConnectionSink>,
     watermarks: Watermarks,
     deadlines: Deadlines,
-    /// The active persons' actors, with their panics and restarts.
+    /// The active persons' actors, each with the event time of its latest update, and their
+    /// panics and restarts.
     actors: Children<PersonActor>,
-    /// Event time of each active person's latest update.
-    last_active: FxHashMap<PersonId, Micros>,
     /// Idle persons' states, packed.
     passivated: FxHashMap<PersonId, PassivatedPerson>,
     counters: PersonSupervisorCounters,
@@ -391,10 +407,7 @@ impl PersonSupervisorState {
         myself: &ActorRef<PersonSupervisorMsg>,
         state: PersonState,
     ) -> Result<ActorRef<PersonMsg>, ActorProcessingErr> {
-        let actor = PersonActor {
-            rules: self.rules,
-            capture: self.capture,
-        };
+        let actor = PersonActor(Arc::clone(&self.config));
         self.actors.spawn(actor, state, myself.get_cell()).await
     }
 
@@ -413,7 +426,7 @@ impl PersonSupervisorState {
         // push at a time, the per-person vectors were a visible part of the profile).
         let mut updates = batch.updates;
         updates.sort_by_key(PersonUpdate::person);
-        let mut by_person: Vec<(PersonId, Vec<PersonUpdate>)> = Vec::new();
+        let mut by_person: Vec<(PersonId, Micros, Vec<PersonUpdate>)> = Vec::new();
         let mut rest = updates.as_slice();
         while let Some(first) = rest.first() {
             let person = first.person();
@@ -427,15 +440,16 @@ impl PersonSupervisorState {
                 })
                 .max()
                 .expect("a run holds one update at least");
-            let active = self.last_active.entry(person).or_insert(t);
-            *active = (*active).max(t);
-            by_person.push((person, mine.to_vec()));
+            by_person.push((person, t, mine.to_vec()));
             rest = after;
         }
         let mut calls = Vec::with_capacity(by_person.len());
-        for (person, updates) in by_person {
+        for (person, t, updates) in by_person {
             self.changed.insert(person);
             let actor = self.actor(myself, person).await?;
+            if let Some(active) = self.actors.note_mut(&person) {
+                *active = (*active).max(t);
+            }
             calls.push(async move {
                 let r = actor
                     .call(
@@ -493,7 +507,7 @@ impl PersonSupervisorState {
                 });
             } else if let Some(packed) = self.passivated.get_mut(&person) {
                 let mut state = packed.unpack();
-                if let Some(next) = state.close(min, &self.rules, out) {
+                if let Some(next) = state.close(min, &self.config.rules, out) {
                     self.deadlines.push(next, person);
                 }
                 *packed = PassivatedPerson::pack(&state);
@@ -517,14 +531,13 @@ impl PersonSupervisorState {
     async fn passivate_idle(&mut self, min: Micros) {
         let horizon = min.saturating_sub(self.passivate_after_us);
         let idle: Vec<PersonId> = self
-            .last_active
-            .iter()
+            .actors
+            .notes()
             .filter(|(_, &t)| t < horizon)
             .map(|(&p, _)| p)
             .collect();
         for person in idle {
             let Some(actor) = self.actors.get(&person).cloned() else {
-                self.last_active.remove(&person);
                 continue;
             };
             let Some(state) = success(actor.call(PersonMsg::Snapshot, Some(CALL_TIMEOUT)).await)
@@ -534,7 +547,6 @@ impl PersonSupervisorState {
             if state.has_open_episodes() {
                 continue;
             }
-            self.last_active.remove(&person);
             self.actors.stop(person, "passivated");
             self.passivated
                 .insert(person, PassivatedPerson::pack(&state));
@@ -562,7 +574,7 @@ impl PersonSupervisorState {
             }
             self.pending_changes.extend_from_slice(&out.changes);
         }
-        if self.capture {
+        if self.config.capture {
             self.captured.extend(out);
         }
     }
@@ -599,7 +611,6 @@ impl PersonSupervisorState {
                 self.actors.stop(person, "erased");
             }
             let passivated = self.passivated.remove(&person).is_some();
-            self.last_active.remove(&person);
             self.changed.remove(&person);
             touched += u64::from(active || passivated);
         }
@@ -631,7 +642,7 @@ impl PersonSupervisorState {
         if touched > 0 {
             self.complete_next = true;
         }
-        if self.capture {
+        if self.config.capture {
             self.captured.changes.retain(|c| !involves(c));
         }
         if failed > 0 {
@@ -722,14 +733,15 @@ impl Actor for PersonSupervisor {
         );
         let mut state = PersonSupervisorState {
             partition: args.partition,
-            rules: EpisodeRules::of(&args.params),
+            config: Arc::new(PersonConfig {
+                rules: EpisodeRules::of(&args.params),
+                capture: args.capture,
+            }),
             passivate_after_us: i64::from(args.passivate_after_s) * MICROS_PER_S,
-            capture: args.capture,
             connections: args.connections,
             watermarks: Watermarks::new(args.zone_partitions),
             deadlines: Deadlines::default(),
             actors: Children::new(),
-            last_active: FxHashMap::default(),
             passivated: FxHashMap::default(),
             counters: PersonSupervisorCounters::default(),
             next_offset: 0,
@@ -841,12 +853,12 @@ impl Actor for PersonSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         // A failed person actor restarts with an empty state, which the next snapshot, even an
         // incremental one, must hold: the person counts as changed.
-        let (rules, capture, changed) = (state.rules, state.capture, &mut state.changed);
+        let (config, changed) = (&state.config, &mut state.changed);
         state
             .actors
             .supervise(event, state.partition, myself.get_cell(), |person| {
                 changed.insert(person);
-                (PersonActor { rules, capture }, PersonState::new(person))
+                (PersonActor(Arc::clone(config)), PersonState::new(person))
             })
             .await
     }
@@ -858,5 +870,135 @@ impl Actor for PersonSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         state.actors.stop_all();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parent that keeps person actors as the person supervisor does (with [`Children`]),
+    /// to watch what ractor's supervision events do to them.
+    struct Parent(Arc<PersonConfig>);
+
+    /// The live children with their notes (ascending), how many stopped children were not
+    /// heard to terminate yet, and the supervision counters.
+    type Look = (Vec<(PersonId, Micros)>, usize, SupervisionCounters);
+
+    enum ParentMsg {
+        Spawn(PersonId, Micros, RpcReplyPort<()>),
+        Stop(PersonId),
+        Crash(PersonId),
+        Look(RpcReplyPort<Look>),
+    }
+
+    impl Actor for Parent {
+        type Msg = ParentMsg;
+        type State = Children<PersonActor>;
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<ParentMsg>,
+            _args: (),
+        ) -> Result<Children<PersonActor>, ActorProcessingErr> {
+            Ok(Children::new())
+        }
+
+        async fn handle(
+            &self,
+            myself: ActorRef<ParentMsg>,
+            msg: ParentMsg,
+            children: &mut Children<PersonActor>,
+        ) -> Result<(), ActorProcessingErr> {
+            match msg {
+                ParentMsg::Spawn(person, note, reply) => {
+                    let actor = PersonActor(Arc::clone(&self.0));
+                    children
+                        .spawn(actor, PersonState::new(person), myself.get_cell())
+                        .await?;
+                    *children.note_mut(&person).expect("just spawned") = note;
+                    let _ = reply.send(());
+                }
+                ParentMsg::Stop(person) => children.stop(person, "test"),
+                ParentMsg::Crash(person) => children.crash(person),
+                ParentMsg::Look(reply) => {
+                    let mut live: Vec<(PersonId, Micros)> =
+                        children.notes().map(|(&p, &t)| (p, t)).collect();
+                    live.sort_unstable();
+                    let _ = reply.send((live, children.stopping(), children.supervision()));
+                }
+            }
+            Ok(())
+        }
+
+        async fn handle_supervisor_evt(
+            &self,
+            myself: ActorRef<ParentMsg>,
+            event: SupervisionEvent,
+            children: &mut Children<PersonActor>,
+        ) -> Result<(), ActorProcessingErr> {
+            let config = Arc::clone(&self.0);
+            children
+                .supervise(event, 0, myself.get_cell(), |person| {
+                    (PersonActor(config), PersonState::new(person))
+                })
+                .await
+        }
+    }
+
+    /// What the parent says once `done` holds of it (asked every 10 ms, for up to 5 s).
+    async fn look_until(parent: &ActorRef<ParentMsg>, done: impl Fn(&Look) -> bool) -> Look {
+        for _ in 0..500 {
+            let look = parent.call(ParentMsg::Look, None).await.expect("answers");
+            let ractor::rpc::CallResult::Success(look) = look else {
+                panic!("the parent did not answer");
+            };
+            if done(&look) {
+                return look;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the parent never got there");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopped_children_are_forgotten_when_heard_and_a_failed_one_restarts_with_its_note() {
+        let config = Arc::new(PersonConfig {
+            rules: EpisodeRules::of(&EngineParams::default()),
+            capture: false,
+        });
+        let (parent, task) = Actor::spawn(None, Parent(config), ())
+            .await
+            .expect("spawns");
+        for person in 1..=20 {
+            parent
+                .call(|r| ParentMsg::Spawn(person, person * 10, r), None)
+                .await
+                .expect("spawned");
+        }
+        for person in 1..=10 {
+            parent.cast(ParentMsg::Stop(person)).expect("sent");
+        }
+        // Every stopped child's termination is heard: none stays listed as stopping.
+        let (live, stopping, counters) =
+            look_until(&parent, |(_, stopping, _)| *stopping == 0).await;
+        let expected: Vec<(PersonId, Micros)> = (11..=20).map(|p| (p, p * 10)).collect();
+        assert_eq!((live, stopping), (expected.clone(), 0));
+        assert_eq!(
+            counters,
+            SupervisionCounters::default(),
+            "a stop is not a failure"
+        );
+
+        // A child that panics is found among the live ones, counted and restarted under its
+        // key with its note.
+        parent.cast(ParentMsg::Crash(15)).expect("sent");
+        let (live, stopping, counters) = look_until(&parent, |(_, _, c)| c.restarts == 1).await;
+        assert_eq!((live, stopping), (expected, 0));
+        assert_eq!((counters.panics, counters.lost_batches), (1, 1));
+
+        parent.stop(None);
+        let _ = task.await;
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::de::DeserializeOwned;
 
 use crate::actors::ports::{PendingSnapshot, SnapshotBlob};
@@ -58,6 +58,9 @@ pub(crate) trait Child: Actor {
     /// A child's state as a snapshot part holds it ([`crate::zone_index::ZoneIndex`],
     /// [`crate::episodes::PersonState`]).
     type Part: DeserializeOwned + Send + 'static;
+    /// What the supervisor keeps beside each live child (the person supervisor: the event time
+    /// of the person's latest update, for passivation).
+    type Note: Copy + Default + Send + Sync + 'static;
     /// The kind's name in errors ("zone", "person").
     const KIND: &'static str;
     /// How long the supervisor waits for a child's answer.
@@ -85,13 +88,24 @@ pub(crate) trait PartPerChild: Child {
     fn stored_key(key: Self::Key) -> i64;
 }
 
-/// A supervisor's live children, by key and by actor id (to know whom a supervision event is
-/// about), with the counts of their panics, restarts and lost batches.
+/// A live child and what its supervisor keeps beside it.
+struct Live<C: Child> {
+    actor: ActorRef<C::Msg>,
+    note: C::Note,
+}
+
+/// A supervisor's live children by key, with the counts of their panics, restarts and lost
+/// batches.
+///
+/// There is no map from actor to key (it cost 22 bytes per active person): a supervision
+/// event about a child this supervisor stopped on purpose is recognized by its pid in
+/// `stopping`, held only until that event arrives; any other event (a panic, an unexpected
+/// stop: rare) finds its child by a scan of the live children.
 pub(crate) struct Children<C: Child> {
-    by_key: FxHashMap<C::Key, ActorRef<C::Msg>>,
-    /// By the children's local pids (children are spawned in this process, so their pids are
-    /// unique here): 8 bytes a key where the whole `ActorId` took 24, per active person.
-    by_actor: FxHashMap<u64, C::Key>,
+    by_key: FxHashMap<C::Key, Live<C>>,
+    /// Local pids of children stopped by [`Children::stop`] whose termination has not been
+    /// heard yet (children are spawned in this process, so their pids are unique here).
+    stopping: FxHashSet<u64>,
     supervision: SupervisionCounters,
 }
 
@@ -100,14 +114,24 @@ impl<C: Child> Children<C> {
     pub(crate) fn new() -> Self {
         Self {
             by_key: FxHashMap::default(),
-            by_actor: FxHashMap::default(),
+            stopping: FxHashSet::default(),
             supervision: SupervisionCounters::default(),
         }
     }
 
     /// The live child of `key`, if any.
     pub(crate) fn get(&self, key: &C::Key) -> Option<&ActorRef<C::Msg>> {
-        self.by_key.get(key)
+        self.by_key.get(key).map(|live| &live.actor)
+    }
+
+    /// The note kept beside the live child of `key`, if any, to change.
+    pub(crate) fn note_mut(&mut self, key: &C::Key) -> Option<&mut C::Note> {
+        self.by_key.get_mut(key).map(|live| &mut live.note)
+    }
+
+    /// The live children's keys and notes, in no particular order.
+    pub(crate) fn notes(&self) -> impl Iterator<Item = (&C::Key, &C::Note)> {
+        self.by_key.iter().map(|(key, live)| (key, &live.note))
     }
 
     /// How many children are live.
@@ -129,7 +153,7 @@ impl<C: Child> Children<C> {
 
     /// The live children, in no particular order.
     pub(crate) fn actors(&self) -> impl Iterator<Item = &ActorRef<C::Msg>> {
-        self.by_key.values()
+        self.by_key.values().map(|live| &live.actor)
     }
 
     /// Panics, restarts and lost batches so far.
@@ -150,33 +174,72 @@ impl<C: Child> Children<C> {
         args: C::Arguments,
         supervisor: ActorCell,
     ) -> Result<ActorRef<C::Msg>, ActorProcessingErr> {
+        self.spawn_noted(child, args, supervisor, C::Note::default())
+            .await
+    }
+
+    /// [`Children::spawn`], with `note` kept beside the child.
+    async fn spawn_noted(
+        &mut self,
+        child: C,
+        args: C::Arguments,
+        supervisor: ActorCell,
+        note: C::Note,
+    ) -> Result<ActorRef<C::Msg>, ActorProcessingErr> {
         let key = C::key(&args);
         let (actor, _) = Actor::spawn_linked(None, child, args, supervisor).await?;
-        self.by_actor.insert(actor.get_id().pid(), key);
-        self.by_key.insert(key, actor.clone());
+        self.by_key.insert(
+            key,
+            Live {
+                actor: actor.clone(),
+                note,
+            },
+        );
         Ok(actor)
     }
 
     /// Stops the child of `key` for `reason`, forgotten first so that it is not restarted.
     pub(crate) fn stop(&mut self, key: C::Key, reason: &str) {
-        if let Some(actor) = self.by_key.remove(&key) {
-            self.by_actor.remove(&actor.get_id().pid());
-            actor.stop(Some(reason.into()));
+        if let Some(live) = self.by_key.remove(&key) {
+            self.stopping.insert(live.actor.get_id().pid());
+            live.actor.stop(Some(reason.into()));
         }
     }
 
     /// Stops every child (the supervisor's `post_stop`).
     pub(crate) fn stop_all(&self) {
-        for actor in self.by_key.values() {
-            actor.stop(None);
+        for live in self.by_key.values() {
+            live.actor.stop(None);
         }
+    }
+
+    /// How many children stopped on purpose have not been heard to terminate yet.
+    #[cfg(test)]
+    pub(crate) fn stopping(&self) -> usize {
+        self.stopping.len()
     }
 
     /// Makes the child of `key`, if live, panic (tests of the restart path).
     pub(crate) fn crash(&self, key: C::Key) {
-        if let Some(actor) = self.by_key.get(&key) {
-            let _ = actor.cast(C::crash_request());
+        if let Some(live) = self.by_key.get(&key) {
+            let _ = live.actor.cast(C::crash_request());
         }
+    }
+
+    /// Forgets the live child `cell` is, if it is one of them (a scan: see [`Children`]);
+    /// returns its key and note. A child stopped on purpose is not live any more: its pid
+    /// leaves `stopping` and nothing is returned.
+    fn forget_cell(&mut self, cell: &ActorCell) -> Option<(C::Key, C::Note)> {
+        let pid = cell.get_id().pid();
+        if self.stopping.remove(&pid) {
+            return None;
+        }
+        let key = self
+            .by_key
+            .iter()
+            .find(|(_, live)| live.actor.get_id().pid() == pid)
+            .map(|(key, _)| *key)?;
+        self.by_key.remove(&key).map(|live| (key, live.note))
     }
 
     /// Handles a supervision event of partition `partition`'s supervisor `supervisor`: a child
@@ -198,23 +261,20 @@ impl<C: Child> Children<C> {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
-                let Some(key) = self.by_actor.remove(&cell.get_id().pid()) else {
+                let Some((key, note)) = self.forget_cell(&cell) else {
                     return Ok(());
                 };
                 self.supervision.panics += 1;
-                self.by_key.remove(&key);
                 C::log_restart(partition, key, &error);
                 // What it held is gone: its effects are lost until the partition replays from
                 // its last snapshot (the pipeline's job; `lost_batches` tells).
                 self.supervision.lost_batches += 1;
                 let (child, args) = fresh(key);
-                self.spawn(child, args, supervisor).await?;
+                self.spawn_noted(child, args, supervisor, note).await?;
                 self.supervision.restarts += 1;
             }
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if let Some(key) = self.by_actor.remove(&cell.get_id().pid()) {
-                    self.by_key.remove(&key);
-                }
+                self.forget_cell(&cell);
             }
             _ => {}
         }
@@ -234,7 +294,7 @@ impl<C: Child> Children<C> {
     ) -> Result<Vec<(C::Key, C::Part)>, ActorProcessingErr> {
         let calls = keys
             .into_iter()
-            .filter_map(|key| self.by_key.get(&key).map(|actor| (key, actor)))
+            .filter_map(|key| self.get(&key).map(|actor| (key, actor)))
             .map(|(key, actor)| async move {
                 let answer = actor.call(C::snapshot_request, Some(C::CALL_TIMEOUT)).await;
                 (key, answer)

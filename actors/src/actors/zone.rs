@@ -161,6 +161,7 @@ impl Actor for ZoneActor {
 impl Child for ZoneActor {
     type Key = ZoneId;
     type Part = ZoneIndex;
+    type Note = ();
     const KIND: &'static str = "zone";
     const CALL_TIMEOUT: Duration = CALL_TIMEOUT;
 

@@ -7,14 +7,19 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
+use futures::future::BoxFuture;
 use mimalloc::MiMalloc;
 use ractor::Actor;
 use udaconnect_actors::actors::in_process::MemoryConnections;
 use udaconnect_actors::actors::person::{
     PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
+    CHANGES_FLUSH_INTERVAL,
 };
-use udaconnect_actors::domain::{derived_event_id, LocationEvent, MICROS_PER_S};
-use udaconnect_actors::messages::{PersonBatch, PersonUpdate, RoutedEvent};
+use udaconnect_actors::actors::ports::{ConnectionSink, PortError};
+use udaconnect_actors::domain::{
+    derived_event_id, Closest, ColocationSummary, LocationEvent, Notification, MICROS_PER_S,
+};
+use udaconnect_actors::messages::{EpisodeChange, PersonBatch, PersonUpdate, RoutedEvent};
 use udaconnect_actors::zone_index::ZonePartition;
 use udaconnect_actors::{EngineParams, Router};
 use udaconnect_bench::rss_bytes;
@@ -108,9 +113,10 @@ impl Actor for Empty {
 /// linked to one parent actor (as a supervisor links its children), which ractor pays for too.
 async fn empty_actor_floor(count: i64, linked: bool) -> (f64, f64) {
     let (parent, parent_task) = Actor::spawn(None, Empty, ()).await.expect("spawn");
+    // The probe's own list of the actors is made first: it is not the actors' cost.
+    let mut actors = Vec::with_capacity(count as usize);
     let rss0 = rss_bytes();
     let before = live();
-    let mut actors = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let (actor, handle) = if linked {
             Actor::spawn_linked(None, Empty, (), parent.get_cell()).await
@@ -156,6 +162,103 @@ async fn view(sup: &ractor::ActorRef<PersonSupervisorMsg>) -> PersonPartitionVie
         ractor::rpc::CallResult::Success(v) => v,
         other => panic!("the person supervisor did not answer its view: {other:?}"),
     }
+}
+
+/// A connection sink that keeps nothing: what a person holds is measured without the rows and
+/// notifications the sink would store.
+struct Discard;
+
+impl ConnectionSink for Discard {
+    fn store<'a>(
+        &'a self,
+        _partition: u32,
+        _changes: &'a [EpisodeChange],
+    ) -> BoxFuture<'a, Result<(), PortError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _partition: u32,
+        _notifications: &'a [Notification],
+    ) -> BoxFuture<'a, Result<(), PortError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// Heap and RSS bytes per person actor, `count` of them in one person partition, each seen
+/// once; `met`: each also with one co-location with another person (one open episode; measured
+/// once the supervisor has handed the episodes' changes to the sink).
+async fn person_actors(params: EngineParams, count: i64, met: bool) -> (f64, f64) {
+    let args_p = PersonSupervisorArgs {
+        partition: 0,
+        params,
+        zone_partitions: 1,
+        connections: Arc::new(Discard),
+        passivate_after_s: 86_400,
+        capture: false,
+        snapshot: None,
+    };
+    let (sup, sup_task) = Actor::spawn(None, PersonSupervisor, args_p)
+        .await
+        .expect("spawn");
+    let rss0 = rss_bytes();
+    let before = live();
+    for start in (1..=count).step_by(10_000) {
+        let mut updates = Vec::new();
+        for p in start..(start + 10_000).min(count + 1) {
+            let own = event(p, p as usize);
+            updates.push(PersonUpdate::Sighting {
+                event: own,
+                zone: 0,
+            });
+            if met {
+                // The person next to it (1 with 2, 3 with 4, ...), 1 m away.
+                let peer = if p % 2 == 1 { p + 1 } else { p - 1 };
+                let theirs = event(peer, peer as usize);
+                updates.push(PersonUpdate::Colocations(ColocationSummary {
+                    person: p,
+                    peer,
+                    arriving_event: own.event_id,
+                    zone: 0,
+                    count: 1,
+                    first: own.recorded_at,
+                    last: own.recorded_at,
+                    closest: Closest {
+                        distance_m: 1.0,
+                        time: own.recorded_at,
+                        own_event: own.event_id,
+                        peer_event: theirs.event_id,
+                        lat: own.lat,
+                        lon: own.lon,
+                    },
+                }));
+            }
+        }
+        let batch = PersonBatch {
+            source: 0,
+            updates,
+            watermark: T0,
+        };
+        apply(&sup, batch).await;
+    }
+    if met {
+        tokio::time::sleep(CHANGES_FLUSH_INTERVAL + std::time::Duration::from_secs(1)).await;
+    }
+    let active = view(&sup).await.active_persons;
+    let bytes = (live() - before) as f64 / active.max(1) as f64;
+    let rss = (rss_bytes() - rss0) as f64 / active.max(1) as f64;
+    let what = if met {
+        "one sighting and one open episode"
+    } else {
+        "one sighting"
+    };
+    eprintln!("{active} person actors: {bytes:.0} heap bytes each ({rss:.0} RSS), {what} each");
+    sup.stop(None);
+    let _ = sup_task.await;
+    // Its actors stop with it; their memory is freed as their tasks end.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    (bytes, rss)
 }
 
 /// Heap and RSS bytes per passivated person, `count` of them in one person partition: rounds of
@@ -290,47 +393,8 @@ fn main() {
         "{} empty ractor actors: {floor_bytes:.0} heap bytes each ({floor_rss:.0} RSS)",
         args.persons
     );
-    let (actor_bytes, actor_rss) = runtime.block_on(async {
-        let args_p = PersonSupervisorArgs {
-            partition: 0,
-            params,
-            zone_partitions: 1,
-            connections: Arc::new(MemoryConnections::new(false)),
-            passivate_after_s: 86_400,
-            capture: false,
-            snapshot: None,
-        };
-        let (sup, sup_task) = Actor::spawn(None, PersonSupervisor, args_p)
-            .await
-            .expect("spawn");
-        let rss0 = rss_bytes();
-        let before = live();
-        for start in (1..=args.persons).step_by(10_000) {
-            let updates: Vec<PersonUpdate> = (start..(start + 10_000).min(args.persons + 1))
-                .map(|p| PersonUpdate::Sighting {
-                    event: event(p, p as usize),
-                    zone: 0,
-                })
-                .collect();
-            let batch = PersonBatch {
-                source: 0,
-                updates,
-                watermark: T0,
-            };
-            apply(&sup, batch).await;
-        }
-        let active = view(&sup).await.active_persons;
-        let bytes = (live() - before) as f64 / active.max(1) as f64;
-        let rss = (rss_bytes() - rss0) as f64 / active.max(1) as f64;
-        eprintln!(
-            "{active} person actors: {bytes:.0} heap bytes each ({rss:.0} RSS), one sighting each"
-        );
-        sup.stop(None);
-        let _ = sup_task.await;
-        // Its actors stop with it; their memory is freed as their tasks end.
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        (bytes, rss)
-    });
+    let (actor_bytes, actor_rss) = runtime.block_on(person_actors(params, args.persons, false));
+    let (met_bytes, _) = runtime.block_on(person_actors(params, args.persons, true));
     let (passivated_bytes, passivated_rss, passivated, rss_end) = runtime.block_on(
         passivated_persons(params, args.passivated, args.passivation_round),
     );
@@ -355,6 +419,7 @@ fn main() {
             "zone_bytes_per_retained_point": per(points, point_bytes - router_point_bytes),
             "person_actors": args.persons,
             "bytes_per_person_actor": per(actors, actor_bytes),
+            "bytes_per_person_actor_with_an_episode": per(actors, met_bytes),
             "rss_bytes_per_person_actor": per(actors, actor_rss),
             "bytes_per_empty_actor": per(actors, floor_bytes),
             "bytes_per_linked_empty_actor": per(actors, linked_bytes),
