@@ -21,7 +21,9 @@ use crate::domain::{
     Closest, ColocationSummary, Episode, LocationEvent, Micros, Notification, NotificationKind,
     PersonId, MICROS_PER_S,
 };
-use crate::messages::{EpisodeChange, PersonBatch, PersonOutput, PersonUpdate};
+use crate::messages::{
+    EpisodeChange, PersonBatch, PersonOutput, PersonRun, PersonRuns, PersonUpdate,
+};
 use crate::params::EngineParams;
 use crate::zones::{mix64, ZoneId};
 
@@ -957,6 +959,8 @@ pub struct PersonPartition {
     deadlines: Deadlines,
     counters: PersonPartitionCounters,
     capture: bool,
+    /// A batch's updates grouped per person (kept between batches, for its room).
+    runs: PersonRuns,
 }
 
 impl PersonPartition {
@@ -970,6 +974,7 @@ impl PersonPartition {
             deadlines: Deadlines::default(),
             counters: PersonPartitionCounters::default(),
             capture,
+            runs: PersonRuns::default(),
         }
     }
 
@@ -983,18 +988,12 @@ impl PersonPartition {
         let mut touched: Vec<PersonId> = Vec::new();
         // Each person's updates in a row (in their batch order), so that a person's state is
         // looked up once per batch rather than once per update, as the actor engine's
-        // supervisor groups them per person actor.
-        let mut order: Vec<(PersonId, u32)> = batch
-            .updates
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.person(), i as u32))
-            .collect();
-        order.sort_unstable();
+        // supervisor groups them per person actor ([`PersonRuns`]).
+        self.runs.group(&batch.updates);
+        let (order, runs) = self.runs.in_person_order();
         let mut at = 0;
-        while at < order.len() {
-            let person = order[at].0;
-            let run = order[at..].iter().take_while(|(p, _)| *p == person).count();
+        for PersonRun { person, len, .. } in runs {
+            let run = len as usize;
             let state = self
                 .persons
                 .entry(person)
@@ -1002,7 +1001,7 @@ impl PersonPartition {
             let before = state.counters.colocations;
             // Every batch ends with a flush that empties `dirty_peers`.
             let was_clean = !state.has_dirty_peers();
-            for &(_, i) in &order[at..at + run] {
+            for &i in &order[at..at + run] {
                 let update = &batch.updates[i as usize];
                 self.counters.updates += 1;
                 match update {
