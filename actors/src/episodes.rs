@@ -15,6 +15,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
+use thin_vec::ThinVec;
 use uuid::Uuid;
 
 use crate::domain::{
@@ -58,9 +59,10 @@ struct Segment {
     count: u32,
     closest: Closest,
     /// The `started_at` under which the sink last stored it, if it did.
-    stored_start: Option<Micros>,
-    /// Stored rows that merged into this one, to remove at the next flush.
-    absorbed: Vec<Micros>,
+    stored_start: StoredStart,
+    /// Stored rows that merged into this one, to remove at the next flush (a `ThinVec`: 8
+    /// bytes, where a `Vec` took 24 in every episode and is almost always empty).
+    absorbed: ThinVec<Micros>,
     dirty: bool,
     /// Closed (announced as ended) and kept only for late co-locations to reshape, until the
     /// minimum watermark is `closed_retention_us` past its deadline.
@@ -69,7 +71,43 @@ struct Segment {
     /// one batch announces each episode once, with its figures at the end of the batch).
     announced: bool,
     /// A `connection.updated` is due at the flush, replacing these announced starts.
-    update: Option<Vec<Micros>>,
+    update: Option<ThinVec<Micros>>,
+}
+
+// A segment is 112 bytes (152 with an `Option` start and `Vec`s), so a peers map slot is 128:
+// the size of the map of a person who met people (docs/benchmarks.md, "Person actors").
+const _: () = assert!(std::mem::size_of::<Segment>() == 112);
+
+/// The `started_at` (µs since the Unix epoch) under which the sink last stored an episode, if
+/// it did: `Micros::MIN` for none, 8 bytes where an `Option` took 16. Serialized as an
+/// `Option<Micros>` (the snapshots' form); a stored `Micros::MIN` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StoredStart(Micros);
+
+impl StoredStart {
+    const NONE: Self = Self(Micros::MIN);
+
+    fn get(self) -> Option<Micros> {
+        (self != Self::NONE).then_some(self.0)
+    }
+}
+
+impl Serialize for StoredStart {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredStart {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Option::<Micros>::deserialize(d)? {
+            None => Ok(Self::NONE),
+            Some(Micros::MIN) => Err(serde::de::Error::custom(
+                "an episode stored under the earliest time there is",
+            )),
+            Some(t) => Ok(Self(t)),
+        }
+    }
 }
 
 /// A person's episodes with one peer, in time order (serialized as a sequence, like a `Vec`).
@@ -569,8 +607,8 @@ impl PersonState {
                     last: c.last,
                     count: c.count,
                     closest: c.closest,
-                    stored_start: None,
-                    absorbed: Vec::new(),
+                    stored_start: StoredStart::NONE,
+                    absorbed: ThinVec::new(),
                     dirty: true,
                     closed,
                     announced: false,
@@ -608,7 +646,7 @@ impl PersonState {
             seg.last = seg.last.max(m.last);
             seg.count += m.count;
             seg.closest = seg.closest.min(m.closest);
-            seg.absorbed.extend(m.stored_start);
+            seg.absorbed.extend(m.stored_start.get());
             seg.absorbed.extend(m.absorbed);
             if let Some(r) = m.update {
                 replaced.extend(r);
@@ -631,7 +669,7 @@ impl PersonState {
         if stored_changed || reshaped_closed {
             seg.dirty = true;
             if seg.announced {
-                seg.update.get_or_insert_with(Vec::new).extend(replaced);
+                seg.update.get_or_insert_with(ThinVec::new).extend(replaced);
             }
             if !was_dirty {
                 book.dirty_peers.push(c.peer);
@@ -808,7 +846,8 @@ fn announce(
                 Vec::new(),
             ));
         }
-    } else if let Some(mut replaces) = seg.update.take() {
+    } else if let Some(replaces) = seg.update.take() {
+        let mut replaces = Vec::from(replaces);
         replaces.sort_unstable();
         replaces.dedup();
         counters.updated += 1;
@@ -846,15 +885,15 @@ fn change_of(
     seg: &mut Segment,
     ended_at: Option<Micros>,
 ) -> EpisodeChange {
-    let mut replaces = std::mem::take(&mut seg.absorbed);
-    if let Some(stored) = seg.stored_start {
+    let mut replaces = Vec::from(std::mem::take(&mut seg.absorbed));
+    if let Some(stored) = seg.stored_start.get() {
         if stored != seg.start {
             replaces.push(stored);
         }
     }
     replaces.sort_unstable();
     replaces.dedup();
-    seg.stored_start = Some(seg.start);
+    seg.stored_start = StoredStart(seg.start);
     seg.dirty = false;
     EpisodeChange {
         episode: episode_of(person, peer, seg, ended_at),
@@ -990,9 +1029,9 @@ impl PersonPartition {
         // looked up once per batch rather than once per update, as the actor engine's
         // supervisor groups them per person actor ([`PersonRuns`]).
         self.runs.group(&batch.updates);
-        let (order, runs) = self.runs.in_person_order();
+        let order = self.runs.in_person_order();
         let mut at = 0;
-        for PersonRun { person, len, .. } in runs {
+        for &PersonRun { person, len, .. } in self.runs.runs() {
             let run = len as usize;
             let state = self
                 .persons
@@ -1303,6 +1342,14 @@ mod tests {
             let back: PersonState = postcard::from_bytes(bytes).expect("decodes");
             assert_eq!(postcard::to_allocvec(&back).expect("encodes"), *bytes);
         }
+        // An episode's stored start is an `Option` on the wire; the one value it cannot hold
+        // is refused, not read as "never stored".
+        let stored = |t: Option<Micros>| {
+            postcard::from_bytes::<StoredStart>(&postcard::to_allocvec(&t).expect("encodes"))
+        };
+        assert_eq!(stored(None).expect("none").get(), None);
+        assert_eq!(stored(Some(T0)).expect("a time").get(), Some(T0));
+        assert!(stored(Some(Micros::MIN)).is_err());
         let got = format!("{} {}", hex(&seen_once), hex(&met));
         assert_eq!(got, "0201000000000000000000000000000027108080afa2dbffad060ad7a3703d8a41409a99999999a95ac001ffff8f95ca9aa2ca08000000010000000000 0201000000000000000000000000000027108080afa2dbffad060ad7a3703d8a41409a99999999a95ac001ffff8f95ca9aa2ca080104018089a9a3dbffad068092a3a4dbffad060200000000000000408089a9a3dbffad06100000000000000000000000000000000110000000000000000000000000000003e900000000000000000000000000000000018089a9a3dbffad06000000010002e9b38fa452f527cf8089a9a3dbffad068bf65b5ba3bab1da80897a00010200010000");
     }

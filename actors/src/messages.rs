@@ -123,9 +123,9 @@ impl PersonUpdate {
 }
 
 /// A batch's updates grouped per person, the way both engines apply a batch: one person at a
-/// time, persons ascending, each person's updates in their batch order. Found with one hash
-/// lookup per update and no move of an update (a sort of the 136-byte updates moved each
-/// several times); its room is kept for the next batch.
+/// time, persons in the order of their first update, each person's updates in their batch
+/// order. Found with one hash lookup per update and no move of an update (a sort of the
+/// 136-byte updates moved each several times); the grouping's room is kept for the next batch.
 #[derive(Debug, Default)]
 pub struct PersonRuns {
     /// One run per person, in the order of their first update.
@@ -139,6 +139,7 @@ pub struct PersonRuns {
 /// One person's updates in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PersonRun {
+    /// Whose updates these are.
     pub person: PersonId,
     /// How many updates.
     pub len: u32,
@@ -181,24 +182,21 @@ impl PersonRuns {
         &self.run_of_update
     }
 
-    /// The updates' indices in the batch, each person's together in batch order, persons
-    /// ascending; with each person's run.
-    pub fn in_person_order(&self) -> (Vec<u32>, Vec<PersonRun>) {
-        let mut ascending: Vec<u32> = (0..self.runs.len() as u32).collect();
-        ascending.sort_unstable_by_key(|&r| self.runs[r as usize].person);
-        let mut next = vec![0u32; self.runs.len()];
+    /// The updates' indices in the batch, each person's together in batch order, persons in
+    /// the order of [`PersonRuns::runs`] (a new vector each call).
+    pub fn in_person_order(&self) -> Vec<u32> {
+        let mut next = Vec::with_capacity(self.runs.len());
         let mut at = 0;
-        for &r in &ascending {
-            next[r as usize] = at;
-            at += self.runs[r as usize].len;
+        for run in &self.runs {
+            next.push(at);
+            at += run.len;
         }
         let mut order = vec![0u32; self.run_of_update.len()];
         for (i, &r) in self.run_of_update.iter().enumerate() {
             order[next[r as usize] as usize] = i as u32;
             next[r as usize] += 1;
         }
-        let runs = ascending.iter().map(|&r| self.runs[r as usize]).collect();
-        (order, runs)
+        order
     }
 }
 
@@ -259,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_groups_per_person_in_batch_order_persons_ascending() {
+    fn a_batch_groups_per_person_in_batch_order_persons_in_order_of_their_first_update() {
         let mut runs = PersonRuns::default();
         // An earlier grouping is forgotten.
         runs.group(&[sighting(9, 1), sighting(9, 2)]);
@@ -278,10 +276,8 @@ mod tests {
         };
         assert_eq!(runs.runs(), [run(3, 2, 50), run(1, 2, 40), run(2, 1, 30)]);
         assert_eq!(runs.run_of_update(), [0, 1, 0, 2, 1]);
-        let (order, ascending) = runs.in_person_order();
-        assert_eq!(order, [1, 4, 3, 0, 2]);
-        assert_eq!(ascending, [run(1, 2, 40), run(2, 1, 30), run(3, 2, 50)]);
+        assert_eq!(runs.in_person_order(), [0, 2, 1, 4, 3]);
         runs.group(&[]);
-        assert!(runs.runs().is_empty() && runs.in_person_order().0.is_empty());
+        assert!(runs.runs().is_empty() && runs.in_person_order().is_empty());
     }
 }

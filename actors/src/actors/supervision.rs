@@ -232,6 +232,10 @@ impl<C: Child> Children<C> {
     fn forget_cell(&mut self, cell: &ActorCell) -> Option<(C::Key, C::Note)> {
         let pid = cell.get_id().pid();
         if self.stopping.remove(&pid) {
+            // A passivation wave may have listed many: give the room back once all are heard.
+            if self.stopping.is_empty() && self.stopping.capacity() > 1024 {
+                self.stopping.shrink_to_fit();
+            }
             return None;
         }
         let key = self

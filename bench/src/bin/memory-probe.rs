@@ -398,10 +398,12 @@ fn main() {
     let (passivated_bytes, passivated_rss, passivated, rss_end) = runtime.block_on(
         passivated_persons(params, args.passivated, args.passivation_round),
     );
-    eprintln!(
-        "{passivated} passivated persons: {passivated_bytes:.0} heap bytes each \
-         ({passivated_rss:.0} RSS); process RSS {rss_end} bytes"
-    );
+    if passivated > 0 {
+        eprintln!(
+            "{passivated} passivated persons: {passivated_bytes:.0} heap bytes each \
+             ({passivated_rss:.0} RSS); process RSS {rss_end} bytes"
+        );
+    }
     // A part measured over nothing (its count 0) prints null, not a quotient of noise.
     let per = |measured: bool, v: f64| measured.then(|| v.round());
     let (points, actors, passivated_any) = (retained > 0, args.persons > 0, passivated > 0);
