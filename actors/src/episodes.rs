@@ -1145,6 +1145,18 @@ mod tests {
         }
     }
 
+    /// Person 1's own event `t_s` seconds after `T0`, at one place.
+    fn own_event(t_s: i64) -> LocationEvent {
+        LocationEvent {
+            event_id: Uuid::from_u128(10_000 + t_s as u128),
+            person_id: 1,
+            lat: 35.08,
+            lon: -106.65,
+            recorded_at: T0 + t_s * S,
+            received_at: T0 + t_s * S,
+        }
+    }
+
     fn kinds(out: &PersonOutput) -> Vec<NotificationKind> {
         out.notifications.iter().map(|n| n.kind).collect()
     }
@@ -1320,15 +1332,7 @@ mod tests {
         let r = rules();
         let mut p = PersonState::new(1);
         let mut out = PersonOutput::default();
-        let e = |t: i64| LocationEvent {
-            event_id: Uuid::from_u128(10_000 + t as u128),
-            person_id: 1,
-            lat: 35.08,
-            lon: -106.65,
-            recorded_at: T0 + t * S,
-            received_at: T0 + t * S,
-        };
-        p.sighting(&e(0), 0x0894_88d4_a2a3_ffff);
+        p.sighting(&own_event(0), 0x0894_88d4_a2a3_ffff);
         let seen_once = postcard::to_allocvec(&p).expect("encodes");
         // Two co-locations with one peer, the second not flushed (a dirty peer).
         p.colocation(&at(1, 1), false, T0, T0, &r, &mut out, false);
@@ -1398,15 +1402,7 @@ mod tests {
         let r = rules();
         let mut p = PersonState::new(1);
         let mut out = PersonOutput::default();
-        let e = |t: i64| LocationEvent {
-            event_id: Uuid::from_u128(10_000 + t as u128),
-            person_id: 1,
-            lat: 35.08,
-            lon: -106.65,
-            recorded_at: T0 + t * S,
-            received_at: T0 + t * S,
-        };
-        p.sighting(&e(0), 0x0894_88d4_a2a3_ffff);
+        p.sighting(&own_event(0), 0x0894_88d4_a2a3_ffff);
         let once = PassivatedPerson::pack(&p);
         assert_eq!(once.unpack(), p);
         assert!(
@@ -1415,7 +1411,7 @@ mod tests {
             once.packed_len()
         );
         for t in 1..20i64 {
-            p.sighting(&e(t), 0x0894_88d4_a2a3_ffff);
+            p.sighting(&own_event(t), 0x0894_88d4_a2a3_ffff);
             p.colocation(&at(t, t as u128), false, T0, T0, &r, &mut out, false);
         }
         p.flush(&mut out);

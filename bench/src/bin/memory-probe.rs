@@ -10,14 +10,14 @@ use clap::Parser;
 use futures::future::BoxFuture;
 use mimalloc::MiMalloc;
 use ractor::Actor;
-use udaconnect_actors::actors::in_process::MemoryConnections;
 use udaconnect_actors::actors::person::{
     PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
     CHANGES_FLUSH_INTERVAL,
 };
 use udaconnect_actors::actors::ports::{ConnectionSink, PortError};
 use udaconnect_actors::domain::{
-    derived_event_id, Closest, ColocationSummary, LocationEvent, Notification, MICROS_PER_S,
+    derived_event_id, ColocationReport, ColocationSummary, LocationEvent, Notification,
+    MICROS_PER_S,
 };
 use udaconnect_actors::messages::{EpisodeChange, PersonBatch, PersonUpdate, RoutedEvent};
 use udaconnect_actors::zone_index::ZonePartition;
@@ -186,22 +186,34 @@ impl ConnectionSink for Discard {
     }
 }
 
-/// Heap and RSS bytes per person actor, `count` of them in one person partition, each seen
-/// once; `met`: each also with one co-location with another person (one open episode; measured
-/// once the supervisor has handed the episodes' changes to the sink).
-async fn person_actors(params: EngineParams, count: i64, met: bool) -> (f64, f64) {
-    let args_p = PersonSupervisorArgs {
+/// A person partition's supervisor fed by one zone partition, its episodes and notifications
+/// handed to [`Discard`], persons passivated after `passivate_after_s` idle (event time).
+async fn person_partition(
+    params: EngineParams,
+    passivate_after_s: u32,
+) -> (
+    ractor::ActorRef<PersonSupervisorMsg>,
+    tokio::task::JoinHandle<()>,
+) {
+    let args = PersonSupervisorArgs {
         partition: 0,
         params,
         zone_partitions: 1,
         connections: Arc::new(Discard),
-        passivate_after_s: 86_400,
+        passivate_after_s,
         capture: false,
         snapshot: None,
     };
-    let (sup, sup_task) = Actor::spawn(None, PersonSupervisor, args_p)
+    Actor::spawn(None, PersonSupervisor, args)
         .await
-        .expect("spawn");
+        .expect("the person supervisor starts")
+}
+
+/// Heap and RSS bytes per person actor, `count` of them in one person partition, each seen
+/// once; `met`: each also with one co-location with another person (one open episode; measured
+/// once the supervisor has handed the episodes' changes to the sink).
+async fn person_actors(params: EngineParams, count: i64, met: bool) -> (f64, f64) {
+    let (sup, sup_task) = person_partition(params, 86_400).await;
     let rss0 = rss_bytes();
     let before = live();
     for start in (1..=count).step_by(10_000) {
@@ -215,24 +227,21 @@ async fn person_actors(params: EngineParams, count: i64, met: bool) -> (f64, f64
             if met {
                 // The person next to it (1 with 2, 3 with 4, ...), 1 m away.
                 let peer = if p % 2 == 1 { p + 1 } else { p - 1 };
-                let theirs = event(peer, peer as usize);
-                updates.push(PersonUpdate::Colocations(ColocationSummary {
+                let report = ColocationReport {
                     person: p,
+                    own_event: own.event_id,
                     peer,
-                    arriving_event: own.event_id,
-                    zone: 0,
-                    count: 1,
-                    first: own.recorded_at,
-                    last: own.recorded_at,
-                    closest: Closest {
-                        distance_m: 1.0,
-                        time: own.recorded_at,
-                        own_event: own.event_id,
-                        peer_event: theirs.event_id,
-                        lat: own.lat,
-                        lon: own.lon,
-                    },
-                }));
+                    peer_event: event(peer, peer as usize).event_id,
+                    time: own.recorded_at,
+                    distance_m: 1.0,
+                    lat: own.lat,
+                    lon: own.lon,
+                };
+                updates.push(PersonUpdate::Colocations(ColocationSummary::of(
+                    &report,
+                    own.event_id,
+                    0,
+                )));
             }
         }
         let batch = PersonBatch {
@@ -271,18 +280,7 @@ async fn passivated_persons(
     round: i64,
 ) -> (f64, f64, usize, u64) {
     let passivate_after_s = 60;
-    let args_p = PersonSupervisorArgs {
-        partition: 0,
-        params,
-        zone_partitions: 1,
-        connections: Arc::new(MemoryConnections::new(false)),
-        passivate_after_s,
-        capture: false,
-        snapshot: None,
-    };
-    let (sup, _) = Actor::spawn(None, PersonSupervisor, args_p)
-        .await
-        .expect("spawn");
+    let (sup, _) = person_partition(params, passivate_after_s).await;
     let rss0 = rss_bytes();
     let before = live();
     let round = round.max(1);
