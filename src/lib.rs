@@ -1,6 +1,7 @@
 //! The `udaconnect` service: configuration, start-up wiring, Kafka I/O, the PostgreSQL store,
 //! the REST and gRPC front ends and the command line (docs/design.md §8).
 
+pub mod allocator;
 pub mod auth;
 pub mod cli;
 pub mod cluster;

@@ -116,7 +116,7 @@ pub const MAX_UPDATES_PER_RECORD: usize = 2_000;
 impl PersonUpdateSink for KafkaPersonUpdates {
     fn publish<'a>(
         &'a self,
-        batches: &'a [(u32, PersonBatch)],
+        batches: &'a [(u32, Arc<PersonBatch>)],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
             let mut records: Vec<OutRecord<'_>> = Vec::with_capacity(batches.len());
@@ -914,7 +914,7 @@ impl StageRecords for PersonRecords {
                     if !erased.is_empty() {
                         batch.updates.retain(|u| !u.involves_any(&erased));
                     }
-                    batches.push(batch)
+                    batches.push(Arc::new(batch))
                 }
                 Err(e) => {
                     worker.dead_letter(&record, &e.to_string()).await;

@@ -34,14 +34,14 @@ pub struct InProcessUpdates {
 impl PersonUpdateSink for InProcessUpdates {
     fn publish<'a>(
         &'a self,
-        batches: &'a [(u32, PersonBatch)],
+        batches: &'a [(u32, Arc<PersonBatch>)],
     ) -> BoxFuture<'a, Result<(), PortError>> {
         Box::pin(async move {
             for (q, batch) in batches {
                 let handle = &self.persons[*q as usize];
                 handle
                     .send(|permit| PersonSupervisorMsg::Batch {
-                        batches: vec![batch.clone()],
+                        batches: vec![Arc::clone(batch)],
                         next_offset: 0,
                         permit: Some(permit),
                         done: None,

@@ -1,6 +1,8 @@
 //! Ports: how the actors reach the outside. The binary implements them with Kafka and
 //! PostgreSQL; tests and benches implement them in memory.
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -79,10 +81,12 @@ pub trait LocationSink: Send + Sync + 'static {
 
 /// Where the zone stage sends per-person updates (the `person-updates` topic).
 pub trait PersonUpdateSink: Send + Sync + 'static {
-    /// Sends each batch to its person partition, in order.
+    /// Sends each batch to its person partition, in order. The batches are shared, so a sink
+    /// in the same process hands them on without copying their updates, and a retry sends
+    /// the same ones.
     fn publish<'a>(
         &'a self,
-        batches: &'a [(u32, PersonBatch)],
+        batches: &'a [(u32, Arc<PersonBatch>)],
     ) -> BoxFuture<'a, Result<(), PortError>>;
 }
 

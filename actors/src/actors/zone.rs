@@ -24,11 +24,11 @@ use crate::actors::ports::{
 use crate::actors::supervision::{flag_unfinished, restore_header, Child, Children};
 use crate::actors::{SupervisionCounters, Writer};
 use crate::domain::Micros;
-use crate::messages::{LateCopy, PersonBatch, PersonSet, PersonUpdate, RoutedEvent, SeenCopy};
+use crate::messages::{LateCopy, PersonBatch, PersonSet, RoutedEvent, SeenCopy};
 use crate::params::EngineParams;
 use crate::zone_index::{
-    admit, pack_updates, snapshot_slice, CellPointList, EventClock, PartitionCounters,
-    RetainedPoint, StoredCopy, ZoneCounters, ZoneIndex, ZoneMeta,
+    admit, snapshot_slice, CellPointList, EventClock, PartitionCounters, RetainedPoint, StoredCopy,
+    UpdatesByPartition, ZoneCounters, ZoneIndex, ZoneMeta,
 };
 use crate::zones::{CellCache, ZoneGrid, ZoneId};
 
@@ -52,6 +52,9 @@ pub struct ZoneActor;
 pub struct ZoneState {
     index: ZoneIndex,
     cache: CellCache,
+    /// How many updates the last batch found for each person partition: the room the next
+    /// batch's lists start with ([`UpdatesByPartition::new`]).
+    room: Vec<usize>,
 }
 
 /// A copy handed to a zone actor, in arrival order: a late one comes with the stored copies of
@@ -63,11 +66,13 @@ pub struct Arriving {
 
 /// Messages of a zone actor.
 pub enum ZoneMsg {
-    /// The zone's copies of a batch, in arrival order; evict at `watermark` afterwards.
+    /// The zone's copies of a batch, in arrival order; evict at `watermark` afterwards. Replies
+    /// with the updates found, split over `person_partitions` partitions.
     Batch {
         events: Vec<Arriving>,
         watermark: Micros,
-        reply: RpcReplyPort<Vec<PersonUpdate>>,
+        person_partitions: u32,
+        reply: RpcReplyPort<UpdatesByPartition>,
     },
     /// Evict at `watermark` (the partition moved on without input for this zone).
     Evict {
@@ -113,6 +118,7 @@ impl Actor for ZoneActor {
         Ok(ZoneState {
             index,
             cache: CellCache::new(grid),
+            room: Vec::new(),
         })
     }
 
@@ -126,9 +132,10 @@ impl Actor for ZoneActor {
             ZoneMsg::Batch {
                 events,
                 watermark,
+                person_partitions,
                 reply,
             } => {
-                let mut out = Vec::new();
+                let mut out = UpdatesByPartition::new(person_partitions, &state.room);
                 for Arriving { routed, stored } in &events {
                     let neighbors = state.cache.neighbors(routed.fine_cell);
                     match stored {
@@ -139,6 +146,7 @@ impl Actor for ZoneActor {
                     };
                 }
                 state.index.evict(watermark);
+                state.room = out.sizes();
                 // The supervisor may have given up waiting; nothing else to do then.
                 let _ = reply.send(out);
             }
@@ -451,7 +459,7 @@ impl ZoneSupervisorState {
         myself: &ActorRef<ZoneSupervisorMsg>,
         events: Vec<SeenCopy>,
     ) -> Result<(), ActorProcessingErr> {
-        let mut updates = Vec::new();
+        let mut found = Vec::new();
         let mut admitted = Vec::with_capacity(events.len());
         admit(
             &mut self.clock,
@@ -509,6 +517,7 @@ impl ZoneSupervisorState {
             });
         }
         let watermark = self.clock.watermark();
+        let person_partitions = self.person_partitions;
         let mut calls = Vec::with_capacity(per_zone.len());
         for (zone, events) in per_zone.drain() {
             let actor = self.zone(myself, zone).await?;
@@ -518,6 +527,7 @@ impl ZoneSupervisorState {
                         |reply| ZoneMsg::Batch {
                             events,
                             watermark,
+                            person_partitions,
                             reply,
                         },
                         Some(CALL_TIMEOUT),
@@ -528,7 +538,7 @@ impl ZoneSupervisorState {
         let called = calls.len();
         for result in join_all(calls).await {
             match result {
-                Ok(ractor::rpc::CallResult::Success(out)) => updates.extend(out),
+                Ok(ractor::rpc::CallResult::Success(out)) => found.push(out),
                 Ok(_) | Err(_) => {
                     // The zone actor died or timed out: its updates for this batch are lost
                     // until the partition replays from its snapshot, which the view reports.
@@ -547,6 +557,7 @@ impl ZoneSupervisorState {
         }
         let stored = self.locations.stored_so_far().await;
         self.unconfirmed.push_back((stored, kept));
+        let updates = UpdatesByPartition::concat(self.person_partitions, found);
         self.publish(updates, watermark).await;
         Ok(())
     }
@@ -557,19 +568,20 @@ impl ZoneSupervisorState {
         for actor in self.zones.actors() {
             let _ = actor.cast(ZoneMsg::Evict { watermark });
         }
-        self.publish(Vec::new(), watermark).await;
+        let nothing = UpdatesByPartition::new(self.person_partitions, &[]);
+        self.publish(nothing, watermark).await;
     }
 
-    /// Sends `updates` packed per person partition, each followed by `watermark`, retrying
+    /// Sends `updates`, one batch per person partition, each followed by `watermark`, retrying
     /// until the sink takes them.
-    async fn publish(&mut self, updates: Vec<PersonUpdate>, watermark: Micros) {
+    async fn publish(&mut self, updates: UpdatesByPartition, watermark: Micros) {
         let partition = self.partition;
-        let batches: Vec<(u32, PersonBatch)> =
-            pack_updates(updates, partition, watermark, self.person_partitions)
-                .into_iter()
-                .enumerate()
-                .map(|(q, b)| (q as u32, b))
-                .collect();
+        let batches: Vec<(u32, Arc<PersonBatch>)> = updates
+            .into_batches(partition, watermark)
+            .into_iter()
+            .enumerate()
+            .map(|(q, b)| (q as u32, Arc::new(b)))
+            .collect();
         let sink = &self.updates;
         let ((), retries) = retry("publishing person updates", partition, || {
             sink.publish(&batches)

@@ -65,6 +65,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    udaconnect::allocator::tune();
     let args = Args::parse();
     match run(&args) {
         Ok(json) => {

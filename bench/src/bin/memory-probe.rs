@@ -141,7 +141,7 @@ async fn empty_actor_floor(count: i64, linked: bool) -> (f64, f64) {
 async fn apply(sup: &ractor::ActorRef<PersonSupervisorMsg>, batch: PersonBatch) {
     sup.call(
         |reply| PersonSupervisorMsg::Batch {
-            batches: vec![batch],
+            batches: vec![std::sync::Arc::new(batch)],
             next_offset: 0,
             permit: None,
             done: Some(reply),
@@ -333,6 +333,7 @@ async fn passivated_persons(
 }
 
 fn main() {
+    udaconnect::allocator::tune();
     let args = Args::parse();
     // Points: a long window keeps every point; radius 1 m keeps co-locations (output) small.
     let params = EngineParams {

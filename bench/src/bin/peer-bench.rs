@@ -155,6 +155,7 @@ fn watch_signals() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    udaconnect::allocator::tune();
     let args = Args::parse();
     if let Err(e) = watch_signals() {
         eprintln!("peer-bench: {e:#}");
