@@ -846,10 +846,11 @@ pub fn admit(
 }
 
 /// A zone batch's person updates, split by destination person partition as they are found
-/// ([`person_partition`] of each update's person), each partition's in the order found. Each
-/// update is written once where it will be sent from: a list of the batch's updates split
-/// afterwards wrote every 136-byte update twice, into pages the kernel had to clear first (a
-/// fifth of engine-bench's profile was the kernel clearing pages).
+/// ([`person_partition`] of each update's person), each partition's in the order found. An
+/// update is written into its partition's list when found, and copied once more only when
+/// several zones' lists are joined ([`UpdatesByPartition::concat`]); a list of the batch's
+/// updates split afterwards wrote every 136-byte update twice more, into pages the kernel had
+/// to clear first (a fifth of engine-bench's profile was the kernel clearing pages).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UpdatesByPartition {
     parts: Vec<Vec<PersonUpdate>>,
@@ -871,7 +872,7 @@ impl UpdatesByPartition {
         self.parts.iter().map(Vec::len).collect()
     }
 
-    /// All updates, in no particular order across partitions.
+    /// How many updates, over all partitions.
     pub fn len(&self) -> usize {
         self.parts.iter().map(Vec::len).sum()
     }
@@ -881,9 +882,10 @@ impl UpdatesByPartition {
         self.parts.iter().all(Vec::is_empty)
     }
 
-    /// The lists of `all`, partition by partition, in the order of `all`: each update moved
-    /// once, into a list of its exact final size (or not at all when one list holds them).
-    /// Every element must be for the same number of partitions as `person_partitions`.
+    /// The lists of `all`, partition by partition, in the order of `all`: each update copied
+    /// once, into a list of its exact final size, or not at all when one list holds all of its
+    /// partition's (moved). Empty lists are dropped, with the room they had. Every element
+    /// must be for the same number of partitions as `person_partitions`.
     pub fn concat(person_partitions: u32, all: Vec<UpdatesByPartition>) -> Self {
         let n = person_partitions.max(1) as usize;
         debug_assert!(all.iter().all(|u| u.parts.len() == n));
@@ -896,6 +898,9 @@ impl UpdatesByPartition {
         let mut out = Self::new(person_partitions, &[]);
         for u in all {
             for (q, part) in u.parts.into_iter().enumerate() {
+                if part.is_empty() {
+                    continue;
+                }
                 let into = &mut out.parts[q];
                 if into.is_empty() && part.len() == sizes[q] {
                     *into = part;

@@ -247,6 +247,38 @@ async fn views_and_restarts() {
     engine.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persons_updates_are_applied_in_their_batch_order() {
+    // Two reports of person 1 stamped with the same time at two places, with another
+    // person's report between them, in one batch: the trajectory keeps equal times in the
+    // order they were applied, so the last location is the later report only if the person
+    // actor read its updates in batch order.
+    let at = |person, lat: f64| LocationEvent {
+        event_id: derived_event_id(person, T0, lat, -106.6511),
+        person_id: person,
+        lat,
+        lon: -106.6511,
+        recorded_at: T0,
+        received_at: T0,
+    };
+    let options = ActorEngineOptions {
+        zone_partitions: 1,
+        person_partitions: 1,
+        ..ActorEngineOptions::default()
+    };
+    for (first, second) in [(35.0845, 35.08455), (35.08455, 35.0845)] {
+        let mut engine = ActorEngine::start(&params(), options, None).await.unwrap();
+        let batch = [at(1, first), at(2, 35.0846), at(1, second)];
+        engine.ingest(&batch).await.unwrap();
+        engine.settle().await.unwrap();
+        let view = engine.person(1).await.unwrap().expect("person 1 is known");
+        let lats: Vec<f64> = view.trajectory.iter().map(|s| s.lat).collect();
+        assert_eq!(lats, [first, second]);
+        assert_eq!(view.last_location.map(|s| s.lat), Some(second));
+        engine.stop().await;
+    }
+}
+
 /// An incremental person snapshot (what `begin_checkpoint` asks for), captured.
 async fn incremental_snapshot_request(
     engine: &ActorEngine,

@@ -1,9 +1,10 @@
 //! Stage one: `ZoneSupervisor` (one per zone partition) and `ZoneActor` (one per zone).
 //!
 //! The supervisor decides lateness in arrival order with the partition's event clock, hands
-//! each zone its part of the batch, waits for all of them, then sends the per-person updates
-//! packed per person partition followed by its watermark, and only then takes the next batch:
-//! a partition's updates are in input order. Home events go to the partition's location
+//! each zone its part of the batch, waits for all of them, then sends the per-person updates,
+//! one batch per person partition followed by its watermark, and only then takes the next
+//! batch: each zone's updates are in the input order of its copies, the zones' one after the
+//! other (in the order their replies are joined). Home events go to the partition's location
 //! writer, which stores what has queued up in one write at a time (nothing waits for
 //! PostgreSQL on the way to a notification); a snapshot is finished only once the home events
 //! it covers are stored.
