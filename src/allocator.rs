@@ -38,15 +38,15 @@ pub fn tune() {
     }
 }
 
-/// mimalloc's current purge delay, milliseconds.
-pub fn purge_delay_ms() -> c_long {
-    // SAFETY: reads an integer option of the allocator.
-    unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// mimalloc's current purge delay, milliseconds.
+    fn purge_delay_ms() -> c_long {
+        // SAFETY: reads an integer option of the allocator.
+        unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+    }
 
     #[test]
     fn the_purge_delay_option_is_the_one_tuned_and_starts_at_mimallocs_default() {

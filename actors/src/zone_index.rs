@@ -872,16 +872,6 @@ impl UpdatesByPartition {
         self.parts.iter().map(Vec::len).collect()
     }
 
-    /// How many updates, over all partitions.
-    pub fn len(&self) -> usize {
-        self.parts.iter().map(Vec::len).sum()
-    }
-
-    /// Whether no partition holds an update.
-    pub fn is_empty(&self) -> bool {
-        self.parts.iter().all(Vec::is_empty)
-    }
-
     /// The lists of `all`, partition by partition, in the order of `all`: each update copied
     /// once, into a list of its exact final size, or not at all when one list holds all of its
     /// partition's (moved). Empty lists are dropped, with the room they had. Every element
@@ -1409,8 +1399,8 @@ mod tests {
         let mut b = UpdatesByPartition::new(partitions, &[]);
         b.extend(second.iter().copied());
         let empty = UpdatesByPartition::new(partitions, &[]);
-        assert_eq!(a.len(), 40);
-        assert!(empty.is_empty());
+        assert_eq!(a.sizes().iter().sum::<usize>(), 40);
+        assert!(empty.sizes().iter().all(|&n| n == 0));
         let all = UpdatesByPartition::concat(partitions, vec![empty, a, b]);
         assert_eq!(all.sizes().iter().sum::<usize>(), 80);
         let batches = all.into_batches(5, T0);
