@@ -716,6 +716,16 @@ impl PersonState {
         let mut sooner = |t: Micros| next = Some(next.map_or(t, |n: Micros| n.min(t)));
         let person = self.person;
         let book = self.book.as_deref_mut()?;
+        // Room for every episode that closes now, at once: grown push by push, the outputs of
+        // a watermark jump that closes every episode took twice their size in fresh memory.
+        let closing = book
+            .peers
+            .values()
+            .flatten()
+            .filter(|seg| !seg.closed && seg.last.saturating_add(gap_us) < min_watermark)
+            .count();
+        out.changes.reserve(closing);
+        out.notifications.reserve(closing);
         let mut emptied = Vec::new();
         for (&peer, segments) in book.peers.iter_mut() {
             segments.retain_mut(|seg| {

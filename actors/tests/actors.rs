@@ -279,6 +279,58 @@ async fn a_persons_updates_are_applied_in_their_batch_order() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persons_due_together_asked_in_small_waves_give_the_same_outputs() {
+    // Waves of 3 persons, about 30 per person partition: closing episodes and passivating
+    // run in many waves, each wave's outputs emitted before the next, in the middle of a
+    // batch; what comes out must be what the default wave (all at once here) gives.
+    let events = crowd(60, 30, 1);
+    let expected = oracle(&events, &params());
+    let options = ActorEngineOptions {
+        zone_partitions: 2,
+        person_partitions: 2,
+        capacity: 2,
+        passivate_after_s: 120,
+        capture: true,
+        keep_copies: true,
+    };
+    let mut outputs = Vec::new();
+    for wave in [3, udaconnect_actors::actors::person::WAVE] {
+        let mut engine =
+            ActorEngine::start_in_waves(&params(), options, None, Default::default(), wave)
+                .await
+                .unwrap();
+        for chunk in events.chunks(97) {
+            engine.ingest(chunk).await.unwrap();
+        }
+        engine.finish().await.unwrap();
+        assert_eq!(engine.episodes(), expected.episodes, "wave {wave}");
+        let mut notifications: Vec<_> = engine
+            .notifications()
+            .iter()
+            .map(|n| (n.id, n.kind.as_str(), n.episode.key()))
+            .collect();
+        assert_eq!(notifications.len() as u64, engine.notification_count());
+        notifications.sort();
+        let persons = engine.person_partitions().await.unwrap();
+        let passivations: u64 = persons.iter().map(|p| p.counters.passivations).sum();
+        let changes: u64 = persons.iter().map(|p| p.counters.changes).sum();
+        assert!(passivations > 3, "wave {wave}: {passivations} passivations");
+        outputs.push((notifications, passivations, changes));
+        engine.stop().await;
+    }
+    let [(small, p3, c3), (all, p, c)] = &outputs[..] else {
+        unreachable!("two runs")
+    };
+    assert!(small.len() > 2 * expected.episodes.len());
+    assert_eq!(
+        (small.len(), p3, c3),
+        (all.len(), p, c),
+        "notifications, passivations and changes, wave 3 against the default"
+    );
+    assert!(small == all, "the same notifications, ids included");
+}
+
 /// An incremental person snapshot (what `begin_checkpoint` asks for), captured.
 async fn incremental_snapshot_request(
     engine: &ActorEngine,

@@ -16,7 +16,7 @@ use ractor::{Actor, ActorRef};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use udaconnect_actors::actors::person::{
-    PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
+    PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg, WAVE,
 };
 use udaconnect_actors::actors::ports::{
     retry, ConnectionSink, LocationSink, PendingSnapshot, PersonUpdateSink, PortError,
@@ -885,6 +885,7 @@ impl WorkerFactory for PersonStage {
                 passivate_after_s: self.passivate_after_s,
                 capture: false,
                 snapshot,
+                wave: WAVE,
             },
             |reply| PersonSupervisorMsg::Snapshot {
                 complete: false,

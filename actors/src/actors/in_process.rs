@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap;
 
 use crate::actors::person::{
     PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg, PersonView,
-    CALL_TIMEOUT,
+    CALL_TIMEOUT, WAVE,
 };
 use crate::actors::ports::{
     ConnectionSink, LocationSink, PersonUpdateSink, PortError, SnapshotBlob,
@@ -277,6 +277,18 @@ impl ActorEngine {
         snapshot: Option<EngineSnapshot>,
         table: EpisodeTable,
     ) -> Result<Self, ActorProcessingErr> {
+        Self::start_in_waves(params, options, snapshot, table, WAVE).await
+    }
+
+    /// Like [`ActorEngine::start_with_table`], the person supervisors asking at most `wave`
+    /// person actors at once when more are due ([`WAVE`] otherwise; tests make it small).
+    pub async fn start_in_waves(
+        params: &EngineParams,
+        options: ActorEngineOptions,
+        snapshot: Option<EngineSnapshot>,
+        table: EpisodeTable,
+        wave: usize,
+    ) -> Result<Self, ActorProcessingErr> {
         params.validate()?;
         let zp = options.zone_partitions.max(1);
         let pp = options.person_partitions.max(1);
@@ -294,6 +306,7 @@ impl ActorEngine {
                 snapshot: snapshot
                     .as_ref()
                     .and_then(|s| s.persons.get(q as usize).cloned()),
+                wave,
             };
             let (actor, _) = Actor::spawn(None, PersonSupervisor, args).await?;
             persons.push(Arc::new(PartitionHandle::new(actor, options.capacity)));

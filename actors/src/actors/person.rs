@@ -50,6 +50,12 @@ const WRITER_QUEUE: usize = 4;
 /// Most episode changes the writer stores in one write.
 const MAX_CHANGES_PER_WRITE: usize = 100_000;
 
+/// Person actors asked at once when more are due together (closing episodes, passivating):
+/// when the watermark jumps, every person may be due, and their outputs, gathered all at once
+/// and then joined, were hundreds of MB of fresh memory (docs/benchmarks.md). With more than
+/// one wave due, the outputs are emitted after each wave.
+pub const WAVE: usize = 2_048;
+
 /// A person actor: its partition's configuration, shared (8 bytes in each actor's task, where
 /// a copy took 24); its state is a [`PersonState`].
 pub struct PersonActor(Arc<PersonConfig>);
@@ -83,8 +89,11 @@ pub enum PersonMsg {
         reply: RpcReplyPort<(PersonOutput, Option<Micros>)>,
     },
     View(RpcReplyPort<PersonView>),
-    /// Hands the state over (snapshots, passivation).
+    /// Hands the state over (snapshots).
     Snapshot(RpcReplyPort<PersonState>),
+    /// Packs the state for passivation, or `None` while an episode is still open (packed in
+    /// place: a copy of the state first touched as much fresh memory again).
+    Passivate(RpcReplyPort<Option<PassivatedPerson>>),
     /// Forgets the episodes with these persons as the peer ([`PersonState::forget_peers`]);
     /// replies whether any was held.
     ForgetPeers {
@@ -202,6 +211,10 @@ impl PersonActor {
             PersonMsg::Snapshot(reply) => {
                 let _ = reply.send(state.clone());
             }
+            PersonMsg::Passivate(reply) => {
+                let packed = (!state.has_open_episodes()).then(|| PassivatedPerson::pack(state));
+                let _ = reply.send(packed);
+            }
             PersonMsg::ForgetPeers { persons, reply } => {
                 let _ = reply.send(state.forget_peers(&persons));
             }
@@ -294,6 +307,8 @@ pub struct PersonSupervisorArgs {
     /// Keep accepted co-locations in the outputs (tests).
     pub capture: bool,
     pub snapshot: Option<SnapshotBlob>,
+    /// Person actors asked at once when more are due ([`WAVE`]; at least 1).
+    pub wave: usize,
 }
 
 /// A person supervisor's state.
@@ -310,6 +325,8 @@ pub struct PersonSupervisorState {
     actors: Children<PersonActor>,
     /// A batch's updates grouped per person (kept between batches, for its room).
     runs: PersonRuns,
+    /// Person actors asked at once when more are due ([`WAVE`]).
+    wave: usize,
     /// Idle persons' states, packed.
     passivated: FxHashMap<PersonId, PassivatedPerson>,
     counters: PersonSupervisorCounters,
@@ -422,12 +439,13 @@ impl PersonSupervisorState {
         self.actors.spawn(actor, state, myself.get_cell()).await
     }
 
-    /// Applies one batch, adding its changes and notifications to `out`.
+    /// Applies one batch, adding the outputs of the persons it reached to `out` (one part
+    /// per person, joined once by [`PersonOutput::concat`]).
     async fn process(
         &mut self,
         myself: &ActorRef<PersonSupervisorMsg>,
         batch: &Arc<PersonBatch>,
-        out: &mut PersonOutput,
+        out: &mut Vec<PersonOutput>,
     ) -> Result<(), ActorProcessingErr> {
         self.counters.batches += 1;
         self.counters.updates += batch.updates.len() as u64;
@@ -477,7 +495,7 @@ impl PersonSupervisorState {
             match result {
                 Some((o, deadline, accepted)) => {
                     self.counters.colocations += accepted;
-                    out.extend(o);
+                    out.push(o);
                     if let Some(d) = deadline {
                         self.deadlines.push(d, person);
                     }
@@ -489,47 +507,64 @@ impl PersonSupervisorState {
         self.watermarks.advance(batch.source, batch.watermark);
         let min = self.watermarks.min();
         if min > before {
-            self.close_due(min, out).await;
+            self.close_due(myself, min, out).await;
             self.passivate_idle(min).await;
         }
         Ok(())
     }
 
-    async fn close_due(&mut self, min: Micros, out: &mut PersonOutput) {
+    /// Closes what `min` allows for the persons due, a wave of them at a time ([`WAVE`]),
+    /// adding their outputs to `out`; when more than one wave is due, emits `out` after each
+    /// (in order, what the batch gathered before included).
+    async fn close_due(
+        &mut self,
+        myself: &ActorRef<PersonSupervisorMsg>,
+        min: Micros,
+        out: &mut Vec<PersonOutput>,
+    ) {
         let due = self.deadlines.due(min);
-        let mut calls = Vec::new();
-        for person in due {
-            self.changed.insert(person);
-            if let Some(actor) = self.actors.get(&person).cloned() {
-                calls.push(async move {
-                    let r = actor
-                        .call(
-                            |reply| PersonMsg::Close {
-                                min_watermark: min,
-                                reply,
-                            },
-                            Some(CALL_TIMEOUT),
-                        )
-                        .await;
-                    (person, success(r))
-                });
-            } else if let Some(packed) = self.passivated.get_mut(&person) {
-                let mut state = packed.unpack();
-                if let Some(next) = state.close(min, &self.config.rules, out) {
-                    self.deadlines.push(next, person);
-                }
-                *packed = PassivatedPerson::pack(&state);
-            }
-        }
-        for (person, result) in join_all(calls).await {
-            match result {
-                Some((o, next)) => {
-                    out.extend(o);
-                    if let Some(next) = next {
+        let waves = due.len() > self.wave;
+        for wave in due.chunks(self.wave) {
+            let mut calls = Vec::with_capacity(wave.len());
+            for &person in wave {
+                self.changed.insert(person);
+                if let Some(actor) = self.actors.get(&person).cloned() {
+                    calls.push(async move {
+                        let r = actor
+                            .call(
+                                |reply| PersonMsg::Close {
+                                    min_watermark: min,
+                                    reply,
+                                },
+                                Some(CALL_TIMEOUT),
+                            )
+                            .await;
+                        (person, success(r))
+                    });
+                } else if let Some(packed) = self.passivated.get_mut(&person) {
+                    let mut state = packed.unpack();
+                    let mut closed = PersonOutput::default();
+                    if let Some(next) = state.close(min, &self.config.rules, &mut closed) {
                         self.deadlines.push(next, person);
                     }
+                    *packed = PassivatedPerson::pack(&state);
+                    out.push(closed);
                 }
-                None => self.actors.lost_batch(),
+            }
+            for (person, result) in join_all(calls).await {
+                match result {
+                    Some((o, next)) => {
+                        out.push(o);
+                        if let Some(next) = next {
+                            self.deadlines.push(next, person);
+                        }
+                    }
+                    None => self.actors.lost_batch(),
+                }
+            }
+            if waves {
+                let parts = std::mem::take(out);
+                self.emit(myself, PersonOutput::concat(parts)).await;
             }
         }
     }
@@ -544,21 +579,24 @@ impl PersonSupervisorState {
             .filter(|(_, &t)| t < horizon)
             .map(|(&p, _)| p)
             .collect();
-        for person in idle {
-            let Some(actor) = self.actors.get(&person).cloned() else {
-                continue;
-            };
-            let Some(state) = success(actor.call(PersonMsg::Snapshot, Some(CALL_TIMEOUT)).await)
-            else {
-                continue;
-            };
-            if state.has_open_episodes() {
-                continue;
+        for wave in idle.chunks(self.wave) {
+            let calls: Vec<_> = wave
+                .iter()
+                .filter_map(|&person| {
+                    let actor = self.actors.get(&person)?.clone();
+                    Some(async move {
+                        let r = actor.call(PersonMsg::Passivate, Some(CALL_TIMEOUT)).await;
+                        (person, success(r).flatten())
+                    })
+                })
+                .collect();
+            for (person, packed) in join_all(calls).await {
+                // `None`: an episode is open, or the actor did not answer (kept active).
+                let Some(packed) = packed else { continue };
+                self.actors.stop(person, "passivated");
+                self.passivated.insert(person, packed);
+                self.counters.passivations += 1;
             }
-            self.actors.stop(person, "passivated");
-            self.passivated
-                .insert(person, PassivatedPerson::pack(&state));
-            self.counters.passivations += 1;
         }
     }
 
@@ -584,7 +622,11 @@ impl PersonSupervisorState {
                 myself.send_after(CHANGES_FLUSH_INTERVAL, || PersonSupervisorMsg::FlushChanges);
             }
             // Moved: the captured copy above, in tests, is the only clone.
-            self.pending_changes.extend(out.changes);
+            if self.pending_changes.is_empty() {
+                self.pending_changes = out.changes;
+            } else {
+                self.pending_changes.extend(out.changes);
+            }
         }
     }
 
@@ -752,6 +794,7 @@ impl Actor for PersonSupervisor {
             deadlines: Deadlines::default(),
             actors: Children::new(),
             runs: PersonRuns::default(),
+            wave: args.wave.max(1),
             passivated: FxHashMap::default(),
             counters: PersonSupervisorCounters::default(),
             next_offset: 0,
@@ -795,11 +838,11 @@ impl Actor for PersonSupervisor {
                 permit,
                 done,
             } => {
-                let mut out = PersonOutput::default();
+                let mut out = Vec::new();
                 for batch in &batches {
                     state.process(&myself, batch, &mut out).await?;
                 }
-                state.emit(&myself, out).await;
+                state.emit(&myself, PersonOutput::concat(out)).await;
                 state.next_offset = next_offset;
                 drop(permit);
                 if let Some(done) = done {

@@ -12,7 +12,7 @@ use mimalloc::MiMalloc;
 use ractor::Actor;
 use udaconnect_actors::actors::person::{
     PersonPartitionView, PersonSupervisor, PersonSupervisorArgs, PersonSupervisorMsg,
-    CHANGES_FLUSH_INTERVAL,
+    CHANGES_FLUSH_INTERVAL, WAVE,
 };
 use udaconnect_actors::actors::ports::{ConnectionSink, PortError};
 use udaconnect_actors::domain::{
@@ -203,6 +203,7 @@ async fn person_partition(
         passivate_after_s,
         capture: false,
         snapshot: None,
+        wave: WAVE,
     };
     Actor::spawn(None, PersonSupervisor, args)
         .await
