@@ -716,8 +716,10 @@ impl PersonState {
         let mut sooner = |t: Micros| next = Some(next.map_or(t, |n: Micros| n.min(t)));
         let person = self.person;
         let book = self.book.as_deref_mut()?;
-        // Room for every episode that closes now, at once: grown push by push, the outputs of
-        // a watermark jump that closes every episode took twice their size in fresh memory.
+        // Room for the change and the `ended` notification of every episode that closes now,
+        // at once: grown push by push, the outputs of a watermark jump that closes every
+        // episode took twice their size in fresh memory. (An episode never announced adds a
+        // `started` too, which may still grow the notifications.)
         let closing = book
             .peers
             .values()

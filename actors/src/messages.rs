@@ -238,7 +238,7 @@ impl PersonOutput {
     }
 
     /// One output holding `parts` in order, each of its vectors allocated once at its final
-    /// size (one part is moved, not copied). Appending the parts one by one instead doubled
+    /// size (a single part is returned as it is). Appending the parts one by one instead doubled
     /// the vectors of a whole batch's changes and notifications again and again: at the end
     /// of a conference, hundreds of MB of fresh memory per partition (docs/benchmarks.md).
     pub fn concat(mut parts: Vec<PersonOutput>) -> PersonOutput {

@@ -280,8 +280,9 @@ impl ActorEngine {
         Self::start_in_waves(params, options, snapshot, table, WAVE).await
     }
 
-    /// Like [`ActorEngine::start_with_table`], the person supervisors asking at most `wave`
-    /// person actors at once when more are due ([`WAVE`] otherwise; tests make it small).
+    /// Like [`ActorEngine::start_with_table`] (which passes [`WAVE`]), the person supervisors
+    /// asking at most `wave` person actors at once when more are due, and emitting after each
+    /// such wave (tests make it small to run many waves).
     pub async fn start_in_waves(
         params: &EngineParams,
         options: ActorEngineOptions,

@@ -91,8 +91,9 @@ pub enum PersonMsg {
     View(RpcReplyPort<PersonView>),
     /// Hands the state over (snapshots).
     Snapshot(RpcReplyPort<PersonState>),
-    /// Packs the state for passivation, or `None` while an episode is still open (packed in
-    /// place: a copy of the state first touched as much fresh memory again).
+    /// Packs the state for passivation: the packed bytes, or `None` while an episode is still
+    /// open. The actor keeps its state; the caller stops it. (Packing here spares sending a
+    /// copy of the whole state to the supervisor, which touched as much fresh memory again.)
     Passivate(RpcReplyPort<Option<PassivatedPerson>>),
     /// Forgets the episodes with these persons as the peer ([`PersonState::forget_peers`]);
     /// replies whether any was held.
@@ -307,7 +308,8 @@ pub struct PersonSupervisorArgs {
     /// Keep accepted co-locations in the outputs (tests).
     pub capture: bool,
     pub snapshot: Option<SnapshotBlob>,
-    /// Person actors asked at once when more are due ([`WAVE`]; at least 1).
+    /// Person actors asked at once when more are due ([`WAVE`] in the service; 0 counts as 1).
+    /// A smaller wave holds less at once and publishes a batch's notifications in more calls.
     pub wave: usize,
 }
 
@@ -515,7 +517,8 @@ impl PersonSupervisorState {
 
     /// Closes what `min` allows for the persons due, a wave of them at a time ([`WAVE`]),
     /// adding their outputs to `out`; when more than one wave is due, emits `out` after each
-    /// (in order, what the batch gathered before included).
+    /// (in order, what the batch gathered before included: notifications published, changes
+    /// handed to the writer, which waits for room in its queue).
     async fn close_due(
         &mut self,
         myself: &ActorRef<PersonSupervisorMsg>,
@@ -565,6 +568,9 @@ impl PersonSupervisorState {
             if waves {
                 let parts = std::mem::take(out);
                 self.emit(myself, PersonOutput::concat(parts)).await;
+                // The changes too: left pending, every wave's would wait for the end of the
+                // batch message, all together.
+                self.flush_changes().await;
             }
         }
     }
