@@ -4,8 +4,8 @@
 //! The supervisor groups a batch's updates by person, lets the persons' actors work in
 //! parallel, then advances the source's watermark and asks the persons whose deadlines the
 //! minimum watermark passed to close episodes. Notifications go to the [`ConnectionSink`]
-//! before the next batch is taken. Episode changes wait up to [`CHANGES_FLUSH_INTERVAL`] and
-//! are written together (many changes to one episode become one row write) by the
+//! before the next batch is taken. Episode changes wait up to [`CHANGES_FLUSH_INTERVAL`] (less
+//! when persons due together are asked in waves: see [`WAVE`]) and are written together (many changes to one episode become one row write) by the
 //! partition's writer task, in order, while the supervisor goes on; a snapshot is finished
 //! only once the changes it covers are stored.
 
@@ -518,7 +518,7 @@ impl PersonSupervisorState {
     /// Closes what `min` allows for the persons due, a wave of them at a time ([`WAVE`]),
     /// adding their outputs to `out`; when more than one wave is due, emits `out` after each
     /// (in order, what the batch gathered before included: notifications published, changes
-    /// handed to the writer, which waits for room in its queue).
+    /// handed to the writer, the supervisor waiting for room in its queue).
     async fn close_due(
         &mut self,
         myself: &ActorRef<PersonSupervisorMsg>,
