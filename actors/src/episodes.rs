@@ -74,6 +74,19 @@ struct Segment {
     update: Option<ThinVec<Micros>>,
 }
 
+impl Segment {
+    /// When the episode closes unless a co-location extends it: its last co-location plus the
+    /// episode gap, µs since the Unix epoch.
+    fn deadline(&self, gap_us: Micros) -> Micros {
+        self.last.saturating_add(gap_us)
+    }
+
+    /// Whether the episode is open and `min_watermark` passed its deadline: it closes now.
+    fn closes_before(&self, gap_us: Micros, min_watermark: Micros) -> bool {
+        !self.closed && self.deadline(gap_us) < min_watermark
+    }
+}
+
 // A segment is 112 bytes (152 with an `Option` start and `Vec`s), so a peers map slot is 128:
 // the size of the map of a person who met people (docs/benchmarks.md, "Person actors").
 const _: () = assert!(std::mem::size_of::<Segment>() == 112);
@@ -658,7 +671,7 @@ impl PersonState {
                 replaced.push(before);
             }
         }
-        let deadline = seg.last.saturating_add(gap_us);
+        let deadline = seg.deadline(gap_us);
         let reopened = reshaped_closed && deadline >= min_watermark;
         seg.closed = reshaped_closed && !reopened;
         // A stored open episode that only grew keeps its row until it closes (history shows
@@ -724,14 +737,14 @@ impl PersonState {
             .peers
             .values()
             .flatten()
-            .filter(|seg| !seg.closed && seg.last.saturating_add(gap_us) < min_watermark)
+            .filter(|seg| seg.closes_before(gap_us, min_watermark))
             .count();
         out.changes.reserve(closing);
         out.notifications.reserve(closing);
         let mut emptied = Vec::new();
         for (&peer, segments) in book.peers.iter_mut() {
             segments.retain_mut(|seg| {
-                let deadline = seg.last.saturating_add(gap_us);
+                let deadline = seg.deadline(gap_us);
                 let forget_at = deadline.saturating_add(params.closed_retention_us);
                 if seg.closed {
                     if forget_at < min_watermark && !seg.dirty {
@@ -740,7 +753,7 @@ impl PersonState {
                     sooner(forget_at);
                     return true;
                 }
-                if deadline < min_watermark {
+                if seg.closes_before(gap_us, min_watermark) {
                     announce(person, peer, seg, &mut self.counters, out);
                     seg.closed = true;
                     let change = change_of(person, peer, seg, Some(seg.last));

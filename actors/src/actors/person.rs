@@ -5,9 +5,10 @@
 //! parallel, then advances the source's watermark and asks the persons whose deadlines the
 //! minimum watermark passed to close episodes. Notifications go to the [`ConnectionSink`]
 //! before the next batch is taken. Episode changes wait up to [`CHANGES_FLUSH_INTERVAL`] (less
-//! when persons due together are asked in waves: see [`WAVE`]) and are written together (many changes to one episode become one row write) by the
-//! partition's writer task, in order, while the supervisor goes on; a snapshot is finished
-//! only once the changes it covers are stored.
+//! when persons due together are asked in waves: see [`WAVE`]) and are written together (many
+//! changes to one episode become one row write) by the partition's writer task, in order,
+//! while the supervisor goes on; a snapshot is finished only once the changes it covers are
+//! stored.
 
 use std::sync::Arc;
 use std::time::Duration;
