@@ -23,7 +23,7 @@ use crate::domain::{
     PersonId, MICROS_PER_S,
 };
 use crate::messages::{
-    EpisodeChange, PersonBatch, PersonOutput, PersonRun, PersonRuns, PersonUpdate,
+    updates_at, EpisodeChange, PersonBatch, PersonOutput, PersonRun, PersonRuns, PersonUpdate,
 };
 use crate::params::EngineParams;
 use crate::zones::{mix64, ZoneId};
@@ -1065,8 +1065,7 @@ impl PersonPartition {
             let before = state.counters.colocations;
             // Every batch ends with a flush that empties `dirty_peers`.
             let was_clean = !state.has_dirty_peers();
-            for &i in &order[at..at + run] {
-                let update = &batch.updates[i as usize];
+            for update in updates_at(&batch.updates, &order[at..at + run]) {
                 self.counters.updates += 1;
                 match update {
                     PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),

@@ -200,6 +200,52 @@ impl PersonRuns {
     }
 }
 
+/// How many updates ahead of its use [`updates_at`] asks the CPU to fetch an update.
+const PREFETCH_AHEAD: usize = 4;
+
+/// The updates of `updates` at `indices`, in the order of `indices` (one person's run of a
+/// [`PersonRuns`] grouping), each one asked of the memory [`PREFETCH_AHEAD`] updates before it
+/// is read. A run's updates lie scattered over the batch (136 bytes each, the batch tens of
+/// megabytes), so each was a cache miss when its person read it: the load of the update was
+/// three quarters of the person actor's own time in engine-bench's profile
+/// (docs/benchmarks.md, "Proximity engine"). Panics when an index is out of range.
+pub fn updates_at<'a>(
+    updates: &'a [PersonUpdate],
+    indices: &'a [u32],
+) -> impl Iterator<Item = &'a PersonUpdate> + 'a {
+    for &i in indices.iter().take(PREFETCH_AHEAD) {
+        prefetch(&updates[i as usize]);
+    }
+    indices.iter().enumerate().map(move |(k, &i)| {
+        if let Some(&ahead) = indices.get(k + PREFETCH_AHEAD) {
+            prefetch(&updates[ahead as usize]);
+        }
+        &updates[i as usize]
+    })
+}
+
+/// Asks the CPU to bring every cache line of `item` into its caches, without waiting for it;
+/// nothing elsewhere than on x86-64.
+#[inline(always)]
+fn prefetch<T>(item: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE: usize = 64;
+        let start = std::ptr::from_ref(item).cast::<i8>();
+        let mut offset = 0;
+        while offset < std::mem::size_of::<T>() + LINE - 1 {
+            // SAFETY: a prefetch is a hint: it reads nothing into the program and never faults,
+            // whatever the address; the addresses here are those of `item`'s own bytes (and at
+            // most the line after its last byte, when `item` does not start on a line).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+            offset += LINE;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = item;
+}
+
 /// What one zone partition sends one person partition after a batch: the updates for persons
 /// of that partition, then the zone partition's watermark (no later update from `source` will
 /// carry a co-location earlier than it).

@@ -7,7 +7,7 @@ pub mod ports;
 mod supervision;
 pub mod zone;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,7 +26,8 @@ pub struct Writer<T> {
 }
 
 enum WriterMsg<T> {
-    Write(Vec<T>),
+    /// Items to store, in order, as parts (each non-empty).
+    Write(Vec<Vec<T>>),
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -56,7 +57,9 @@ impl<T: Send + Sync + 'static> Writer<T> {
                 let mut next = Some(first);
                 while let Some(msg) = next.take() {
                     match msg {
-                        WriterMsg::Write(items) => pending.extend(items),
+                        WriterMsg::Write(parts) => {
+                            parts.into_iter().for_each(|p| pending.extend(p))
+                        }
                         WriterMsg::Barrier(done) => barriers.push(done),
                     }
                     if pending.len() < max_per_write {
@@ -78,7 +81,15 @@ impl<T: Send + Sync + 'static> Writer<T> {
 
     /// Hands `items` over, waiting for room in the queue; `false` when the task is gone.
     pub async fn write(&self, items: Vec<T>) -> bool {
-        items.is_empty() || self.queue.send(WriterMsg::Write(items)).await.is_ok()
+        self.write_parts(vec![items]).await
+    }
+
+    /// Hands `parts` over, stored as one list in their order (the writer copies each into
+    /// the list it keeps for its writes, so they are never joined first); waits for room in
+    /// the queue; `false` when the task is gone.
+    pub async fn write_parts(&self, mut parts: Vec<Vec<T>>) -> bool {
+        parts.retain(|p| !p.is_empty());
+        parts.is_empty() || self.queue.send(WriterMsg::Write(parts)).await.is_ok()
     }
 
     /// Resolves once everything handed over so far is stored.
@@ -91,6 +102,81 @@ impl<T: Send + Sync + 'static> Writer<T> {
     /// How many writes had to be tried again (the store away).
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+}
+
+/// The answers of many actors to one request each (the persons of a batch), gathered in one
+/// place: each actor fills its own slot through its [`Answer`], and the last one to answer
+/// wakes the caller once. ractor's `call` made a reply channel, a timer and a task of the
+/// caller's join per actor, a tenth of the person stage's time in engine-bench's profile
+/// (docs/benchmarks.md, "Proximity engine").
+pub struct Answers<T> {
+    board: Arc<Board<T>>,
+}
+
+struct Board<T> {
+    slots: std::sync::Mutex<Vec<Option<T>>>,
+    /// Slots whose [`Answer`] was neither sent nor dropped yet.
+    waiting: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// One actor's slot of [`Answers`]: [`Answer::send`] fills it; dropped unsent (the actor
+/// failed, or the message never reached it), the slot stays empty and counts as answered.
+pub struct Answer<T> {
+    board: Arc<Board<T>>,
+    slot: usize,
+}
+
+impl<T> Answers<T> {
+    /// Room for `slots` answers; [`Answers::answer`] must be taken once for each slot, in any
+    /// order, or [`Answers::gather`] waits for its whole timeout.
+    pub fn new(slots: usize) -> Self {
+        Self {
+            board: Arc::new(Board {
+                slots: std::sync::Mutex::new((0..slots).map(|_| None).collect()),
+                waiting: AtomicUsize::new(slots),
+                done: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
+    /// The handle that fills slot `slot` (below the number of slots).
+    pub fn answer(&self, slot: usize) -> Answer<T> {
+        Answer {
+            board: Arc::clone(&self.board),
+            slot,
+        }
+    }
+
+    /// Waits until every slot is answered or dropped, or `timeout` passes, and returns the
+    /// slots in order: `None` for an actor that did not answer (failed, or too late).
+    pub async fn gather(self, timeout: std::time::Duration) -> Vec<Option<T>> {
+        if self.board.waiting.load(Ordering::Acquire) > 0 {
+            // The last answer stores a permit when nobody waits yet: no wake-up is lost.
+            let _ = tokio::time::timeout(timeout, self.board.done.notified()).await;
+        }
+        let mut slots = self.board.slots.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *slots)
+    }
+}
+
+impl<T> Answer<T> {
+    /// Fills the slot with `value`.
+    pub fn send(self, value: T) {
+        let mut slots = self.board.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Empty once the caller gathered (it stopped waiting): the answer is too late.
+        if let Some(slot) = slots.get_mut(self.slot) {
+            *slot = Some(value);
+        }
+    }
+}
+
+impl<T> Drop for Answer<T> {
+    fn drop(&mut self) {
+        if self.board.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.board.done.notify_one();
+        }
     }
 }
 
@@ -151,11 +237,59 @@ impl<M: Message> PartitionHandle<M> {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_come_back_in_slot_order_whoever_answers_first_and_a_dropped_one_is_empty() {
+        let answers: Answers<u32> = Answers::new(4);
+        let handles: Vec<Answer<u32>> = (0..4).map(|slot| answers.answer(slot)).collect();
+        let mut handles = handles.into_iter();
+        let (a0, a1, a2, a3) = (
+            handles.next().expect("0"),
+            handles.next().expect("1"),
+            handles.next().expect("2"),
+            handles.next().expect("3"),
+        );
+        // Answered from other tasks, the last slot first; slot 1's actor fails (its answer is
+        // dropped unsent).
+        let tasks = [
+            tokio::spawn(async move { a3.send(30) }),
+            tokio::spawn(async move { drop(a1) }),
+            tokio::spawn(async move { a0.send(0) }),
+            tokio::spawn(async move { a2.send(20) }),
+        ];
+        // The caller is woken by the last answer, long before its own timeout.
+        let got = tokio::time::timeout(
+            Duration::from_secs(60),
+            answers.gather(Duration::from_secs(3_600)),
+        )
+        .await
+        .expect("woken by the last answer, not by the timeout");
+        assert_eq!(got, vec![Some(0), None, Some(20), Some(30)]);
+        for t in tasks {
+            t.await.expect("answered");
+        }
+        // Nobody to ask: nothing to wait for.
+        let none: Answers<u32> = Answers::new(0);
+        assert!(none.gather(Duration::from_secs(3_600)).await.is_empty());
+    }
+
     #[tokio::test]
-    async fn a_writer_stores_in_order_coalesces_what_queued_and_answers_barriers_after() {
+    async fn an_answer_that_never_comes_leaves_its_slot_empty_after_the_timeout() {
+        let answers: Answers<&str> = Answers::new(2);
+        answers.answer(0).send("on time");
+        let late = answers.answer(1);
+        let got = answers.gather(Duration::from_millis(20)).await;
+        assert_eq!(got, vec![Some("on time"), None]);
+        // Answering after the caller gave up is harmless.
+        late.send("too late");
+    }
+
+    #[tokio::test]
+    async fn a_writer_stores_in_order_coalesces_what_queued_parts_included_and_answers_barriers_after(
+    ) {
         // The store blocks until the test lets it go, so that batches queue up behind it.
         let stored: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -182,11 +316,16 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(writer.write(vec![2, 3]).await);
         assert!(writer.write(vec![]).await);
-        assert!(writer.write(vec![4]).await);
+        // Parts are stored as one list, in order; empty ones are nothing to write.
+        assert!(writer.write_parts(vec![vec![4], vec![], vec![5, 6]]).await);
+        assert!(writer.write_parts(vec![vec![], vec![]]).await);
         let mut barrier = writer.stored_so_far().await;
         assert!(barrier.try_recv().is_err(), "nothing is stored yet");
         gate.add_permits(2);
         barrier.await.expect("answered");
-        assert_eq!(*stored.lock().expect("lock"), vec![vec![1], vec![2, 3, 4]]);
+        assert_eq!(
+            *stored.lock().expect("lock"),
+            vec![vec![1], vec![2, 3, 4, 5, 6]]
+        );
     }
 }

@@ -25,14 +25,15 @@ use crate::actors::ports::{
 use crate::actors::supervision::{
     flag_unfinished, restore_header, restore_parts, Child, Children, PartPerChild,
 };
-use crate::actors::{SupervisionCounters, Writer};
+use crate::actors::{Answer, Answers, SupervisionCounters, Writer};
 use crate::domain::{Micros, PersonId, MICROS_PER_S};
 use crate::episodes::{
     Deadlines, EpisodeRules, OpenEpisode, PassivatedPerson, PersonCounters, PersonState, Sighting,
     Watermarks,
 };
 use crate::messages::{
-    EpisodeChange, PersonBatch, PersonOutput, PersonRun, PersonRuns, PersonSet, PersonUpdate,
+    updates_at, EpisodeChange, PersonBatch, PersonOutput, PersonRun, PersonRuns, PersonSet,
+    PersonUpdate,
 };
 use crate::params::EngineParams;
 use crate::zones::ZoneId;
@@ -82,12 +83,12 @@ pub enum PersonMsg {
         run: std::ops::Range<u32>,
         source_watermark: Micros,
         min_watermark: Micros,
-        reply: RpcReplyPort<(PersonOutput, Option<Micros>, u64)>,
+        reply: Answer<(PersonOutput, Option<Micros>, u64)>,
     },
     /// Close what `min_watermark` allows; replies with the output and the next deadline.
     Close {
         min_watermark: Micros,
-        reply: RpcReplyPort<(PersonOutput, Option<Micros>)>,
+        reply: Answer<(PersonOutput, Option<Micros>)>,
     },
     View(RpcReplyPort<PersonView>),
     /// Hands the state over (snapshots).
@@ -176,8 +177,8 @@ impl PersonActor {
                 let mut out = PersonOutput::default();
                 let mut deadline: Option<Micros> = None;
                 let before = state.counters().colocations;
-                for &i in &order[run.start as usize..run.end as usize] {
-                    let u = &batch.updates[i as usize];
+                let run = &order[run.start as usize..run.end as usize];
+                for u in updates_at(&batch.updates, run) {
                     match u {
                         PersonUpdate::Sighting { event, zone } => state.sighting(event, *zone),
                         PersonUpdate::Colocations(c) | PersonUpdate::LateColocations(c) => {
@@ -197,7 +198,7 @@ impl PersonActor {
                 }
                 state.flush(&mut out);
                 let accepted = state.counters().colocations - before;
-                let _ = reply.send((out, deadline, accepted));
+                reply.send((out, deadline, accepted));
             }
             PersonMsg::Close {
                 min_watermark,
@@ -205,7 +206,7 @@ impl PersonActor {
             } => {
                 let mut out = PersonOutput::default();
                 let next = state.close(min_watermark, &self.0.rules, &mut out);
-                let _ = reply.send((out, next));
+                reply.send((out, next));
             }
             PersonMsg::View(reply) => {
                 let _ = reply.send(person_view(state, false));
@@ -336,9 +337,11 @@ pub struct PersonSupervisorState {
     next_offset: u64,
     port_retries: u64,
     captured: PersonOutput,
-    /// Episode changes not handed to the writer yet, in order, and whether a flush is
-    /// scheduled.
-    pending_changes: Vec<EpisodeChange>,
+    /// Episode changes not handed to the writer yet, in order, as the emissions made them
+    /// (kept apart, not joined: a list grown emission by emission took fresh memory at each
+    /// doubling, a tenth of engine-bench's profile with the kernel clearing it), and whether a
+    /// flush is scheduled.
+    pending_changes: Vec<Vec<EpisodeChange>>,
     flush_scheduled: bool,
     /// Stores episode changes (`connection`), in order.
     writer: Writer<EpisodeChange>,
@@ -461,13 +464,16 @@ impl PersonSupervisorState {
         self.runs.group(&batch.updates);
         let order = Arc::new(self.runs.in_person_order());
         let runs: Vec<PersonRun> = self.runs.runs().to_vec();
-        let mut calls = Vec::with_capacity(runs.len());
+        let answers = Answers::new(runs.len());
         let mut at = 0;
-        for PersonRun {
-            person,
-            len,
-            latest: t,
-        } in runs
+        for (
+            slot,
+            &PersonRun {
+                person,
+                len,
+                latest,
+            },
+        ) in runs.iter().enumerate()
         {
             let run = at..at + len;
             at += len;
@@ -475,26 +481,21 @@ impl PersonSupervisorState {
             self.changed.insert(person);
             let actor = self.actor(myself, person).await?;
             if let Some(active) = self.actors.note_mut(&person) {
-                *active = (*active).max(t);
+                *active = (*active).max(latest);
             }
-            calls.push(async move {
-                let r = actor
-                    .call(
-                        |reply| PersonMsg::Apply {
-                            batch,
-                            order,
-                            run,
-                            source_watermark,
-                            min_watermark,
-                            reply,
-                        },
-                        Some(CALL_TIMEOUT),
-                    )
-                    .await;
-                (person, success(r))
+            // Not delivered (the actor stopped): the message and its answer are dropped, and
+            // the slot stays empty.
+            let _ = actor.send_message(PersonMsg::Apply {
+                batch,
+                order,
+                run,
+                source_watermark,
+                min_watermark,
+                reply: answers.answer(slot),
             });
         }
-        for (person, result) in join_all(calls).await {
+        let results = answers.gather(CALL_TIMEOUT).await;
+        for (person, result) in runs.iter().map(|r| r.person).zip(results) {
             match result {
                 Some((o, deadline, accepted)) => {
                     self.counters.colocations += accepted;
@@ -529,22 +530,11 @@ impl PersonSupervisorState {
         let due = self.deadlines.due(min);
         let waves = due.len() > self.wave;
         for wave in due.chunks(self.wave) {
-            let mut calls = Vec::with_capacity(wave.len());
+            let mut active = Vec::with_capacity(wave.len());
             for &person in wave {
                 self.changed.insert(person);
                 if let Some(actor) = self.actors.get(&person).cloned() {
-                    calls.push(async move {
-                        let r = actor
-                            .call(
-                                |reply| PersonMsg::Close {
-                                    min_watermark: min,
-                                    reply,
-                                },
-                                Some(CALL_TIMEOUT),
-                            )
-                            .await;
-                        (person, success(r))
-                    });
+                    active.push((person, actor));
                 } else if let Some(packed) = self.passivated.get_mut(&person) {
                     let mut state = packed.unpack();
                     let mut closed = PersonOutput::default();
@@ -555,7 +545,15 @@ impl PersonSupervisorState {
                     out.push(closed);
                 }
             }
-            for (person, result) in join_all(calls).await {
+            let answers = Answers::new(active.len());
+            for (slot, (_, actor)) in active.iter().enumerate() {
+                let _ = actor.send_message(PersonMsg::Close {
+                    min_watermark: min,
+                    reply: answers.answer(slot),
+                });
+            }
+            let results = answers.gather(CALL_TIMEOUT).await;
+            for ((person, _), result) in active.into_iter().zip(results) {
                 match result {
                     Some((o, next)) => {
                         out.push(o);
@@ -629,11 +627,7 @@ impl PersonSupervisorState {
                 myself.send_after(CHANGES_FLUSH_INTERVAL, || PersonSupervisorMsg::FlushChanges);
             }
             // Moved: the captured copy above, in tests, is the only clone.
-            if self.pending_changes.is_empty() {
-                self.pending_changes = out.changes;
-            } else {
-                self.pending_changes.extend(out.changes);
-            }
+            self.pending_changes.push(out.changes);
         }
     }
 
@@ -643,7 +637,7 @@ impl PersonSupervisorState {
             return;
         }
         let changes = std::mem::take(&mut self.pending_changes);
-        if !self.writer.write(changes).await {
+        if !self.writer.write_parts(changes).await {
             tracing::error!(partition = self.partition, "the episode writer is gone");
         }
     }
@@ -660,7 +654,10 @@ impl PersonSupervisorState {
         let involves = |c: &EpisodeChange| {
             persons.contains(&c.episode.person) || persons.contains(&c.episode.peer)
         };
-        self.pending_changes.retain(|c| !involves(c));
+        for part in &mut self.pending_changes {
+            part.retain(|c| !involves(c));
+        }
+        self.pending_changes.retain(|part| !part.is_empty());
         let _ = self.stored_so_far().await.await;
         let mut touched = 0u64;
         for &person in persons.iter() {
