@@ -233,13 +233,12 @@ fn prefetch<T>(item: &T) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         const LINE: usize = 64;
         let start = std::ptr::from_ref(item).cast::<i8>();
-        let mut offset = 0;
-        while offset < std::mem::size_of::<T>() + LINE - 1 {
+        // The lines from the one of `item`'s first byte to the one of its last.
+        let lines = (start as usize % LINE + std::mem::size_of::<T>()).div_ceil(LINE);
+        for line in 0..lines {
             // SAFETY: a prefetch is a hint: it reads nothing into the program and never faults,
-            // whatever the address; the addresses here are those of `item`'s own bytes (and at
-            // most the line after its last byte, when `item` does not start on a line).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
-            offset += LINE;
+            // whatever the address; each address here is in a line holding bytes of `item`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line * LINE)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -116,12 +116,16 @@ impl<T: Send + Sync + 'static> Writer<T> {
 /// (docs/benchmarks.md, "Proximity engine").
 pub struct Answers<T> {
     board: Arc<Board<T>>,
+    /// Slots handed out so far ([`Answers::answer`]).
+    handed: usize,
 }
 
 struct Board<T> {
     slots: std::sync::Mutex<Vec<Option<T>>>,
     /// Slots whose [`Answer`] was neither sent nor dropped yet.
     waiting: AtomicUsize,
+    /// How many slots the board has.
+    waiting_at_start: usize,
     done: tokio::sync::Notify,
 }
 
@@ -133,20 +137,30 @@ pub struct Answer<T> {
 }
 
 impl<T> Answers<T> {
-    /// Room for `slots` answers; [`Answers::answer`] must be taken once for each slot, in any
-    /// order, or [`Answers::gather`] waits for its whole timeout.
+    /// Room for `slots` answers; [`Answers::answer`] must be taken for each slot, or
+    /// [`Answers::gather`] waits for its whole timeout.
     pub fn new(slots: usize) -> Self {
         Self {
+            handed: 0,
             board: Arc::new(Board {
                 slots: std::sync::Mutex::new((0..slots).map(|_| None).collect()),
                 waiting: AtomicUsize::new(slots),
+                waiting_at_start: slots,
                 done: tokio::sync::Notify::new(),
             }),
         }
     }
 
-    /// The handle that fills slot `slot` (below the number of slots).
-    pub fn answer(&self, slot: usize) -> Answer<T> {
+    /// The handle of the next slot, in order: the first call's fills slot 0. Panics when
+    /// every slot was handed out already (a slot answered twice, or one past the end, would
+    /// let [`Answers::gather`] return before the others answered).
+    pub fn answer(&mut self) -> Answer<T> {
+        let slot = self.handed;
+        assert!(
+            slot < self.board.waiting_at_start,
+            "all {slot} slots of the board were handed out already"
+        );
+        self.handed += 1;
         Answer {
             board: Arc::clone(&self.board),
             slot,
@@ -247,8 +261,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn answers_come_back_in_slot_order_whoever_answers_first_and_a_dropped_one_is_empty() {
-        let answers: Answers<u32> = Answers::new(4);
-        let handles: Vec<Answer<u32>> = (0..4).map(|slot| answers.answer(slot)).collect();
+        let mut answers: Answers<u32> = Answers::new(4);
+        let handles: Vec<Answer<u32>> = (0..4).map(|_| answers.answer()).collect();
         let mut handles = handles.into_iter();
         let (a0, a1, a2, a3) = (
             handles.next().expect("0"),
@@ -282,13 +296,21 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_that_never_comes_leaves_its_slot_empty_after_the_timeout() {
-        let answers: Answers<&str> = Answers::new(2);
-        answers.answer(0).send("on time");
-        let late = answers.answer(1);
+        let mut answers: Answers<&str> = Answers::new(2);
+        answers.answer().send("on time");
+        let late = answers.answer();
         let got = answers.gather(Duration::from_millis(20)).await;
         assert_eq!(got, vec![Some("on time"), None]);
         // Answering after the caller gave up is harmless.
         late.send("too late");
+    }
+
+    #[test]
+    #[should_panic(expected = "handed out already")]
+    fn a_board_hands_out_each_slot_once() {
+        let mut answers: Answers<u32> = Answers::new(1);
+        let _first = answers.answer();
+        let _one_too_many = answers.answer();
     }
 
     #[tokio::test]

@@ -464,16 +464,13 @@ impl PersonSupervisorState {
         self.runs.group(&batch.updates);
         let order = Arc::new(self.runs.in_person_order());
         let runs: Vec<PersonRun> = self.runs.runs().to_vec();
-        let answers = Answers::new(runs.len());
+        let mut answers = Answers::new(runs.len());
         let mut at = 0;
-        for (
-            slot,
-            &PersonRun {
-                person,
-                len,
-                latest,
-            },
-        ) in runs.iter().enumerate()
+        for &PersonRun {
+            person,
+            len,
+            latest,
+        } in &runs
         {
             let run = at..at + len;
             at += len;
@@ -491,7 +488,7 @@ impl PersonSupervisorState {
                 run,
                 source_watermark,
                 min_watermark,
-                reply: answers.answer(slot),
+                reply: answers.answer(),
             });
         }
         let results = answers.gather(CALL_TIMEOUT).await;
@@ -545,11 +542,11 @@ impl PersonSupervisorState {
                     out.push(closed);
                 }
             }
-            let answers = Answers::new(active.len());
-            for (slot, (_, actor)) in active.iter().enumerate() {
+            let mut answers = Answers::new(active.len());
+            for (_, actor) in &active {
                 let _ = actor.send_message(PersonMsg::Close {
                     min_watermark: min,
-                    reply: answers.answer(slot),
+                    reply: answers.answer(),
                 });
             }
             let results = answers.gather(CALL_TIMEOUT).await;
